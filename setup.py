@@ -1,0 +1,65 @@
+"""xtf-kernels: fused masked cross-entropy kernels and explainable token-level noise filtering.
+
+The native CPU backend (csrc/) is compiled on first use with torch.utils.cpp_extension and
+ninja, into a per-user cache, so installation needs no compiler and no torch at build time.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = {}
+exec((here / "xtf_kernels" / "_version.py").read_text(), version)
+
+setup(
+    name="xtf-kernels",
+    version=version["__version__"],
+    description="Fused masked cross-entropy kernels with per-token statistics, and XTF token filtering",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["xtf_kernels", "xtf_kernels.*"]),
+    package_data={"xtf_kernels": ["csrc/*.cpp", "csrc/*.h", "py.typed"]},
+    include_package_data=True,
+    # A range, never a pin: a user's own CUDA torch satisfies it and is kept. The CPU set-up
+    # commands in the README pin torch==2.13.0 explicitly.
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "pybind11>=2.10",
+        "ninja>=1.11",
+    ],
+    extras_require={
+        "xtf": [
+            "transformers>=4.46",
+            "tokenizers>=0.20",
+            "pyarrow>=14",
+            "matplotlib>=3.7",
+        ],
+        "train": ["transformers>=4.46", "accelerate>=0.34"],
+        "trl": ["trl>=0.12"],
+        "peft": ["peft>=0.12"],
+        "bench": ["matplotlib>=3.7"],
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "scikit-image>=0.22",
+            "ruff>=0.5",
+            "transformers>=4.46",
+            "tokenizers>=0.20",
+            "pyarrow>=14",
+            "matplotlib>=3.7",
+            "accelerate>=0.34",
+        ],
+    },
+    entry_points={"console_scripts": ["xtf=xtf_kernels.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
