@@ -1,0 +1,104 @@
+"""The contract every masked-CE backend implements.
+
+The front end (:mod:`xtf_kernels.ops`) does everything that is the same for all backends:
+validation, flattening, the causal shift, ignore/keep/select handling, row compaction, the
+loss formula, reductions, scattering statistics back. A backend only sees *compacted* 2-D
+problems whose rows are all valid (labels in ``[0, V)``) and implements two primitives:
+
+``forward(x, w, b, y, cfg, n_grad)``
+    One sweep over the vocabulary for every row of ``x``. Returns per-row fp32 statistics
+    (``lse``, ``gold`` logit, ``entropy``, ``sum_logits``). When ``n_grad > 0`` it also
+    returns the gradient of ``sum_i loss_i`` over the first ``n_grad`` rows (unit upstream
+    gradient): ``dx`` ``[n_grad, D]`` in ``x.dtype``, ``dw`` ``[V, D]`` fp32 and ``db`` ``[V]``
+    fp32 (or None without bias). This is the Liger-style "gradient during the forward"
+    path: three GEMMs per kept row in total. Rows past ``n_grad`` are scored only.
+
+``backward(x, w, b, y, lse, row_scale, cfg)``
+    Recompute the logits of the given rows and return ``dx`` (``x.dtype``), ``dw`` (fp32),
+    ``db`` (fp32 or None) of ``sum_i row_scale[i] * loss_i``. Used when the keep mask is only
+    known after the statistics (``select``) or when the upstream gradient is per token
+    (``reduction="none"``).
+
+Per-row math (z = logits after the optional softcap ``c * tanh(raw / c)``)::
+
+    lse     = logsumexp_v z_v
+    gold    = z_y
+    entropy = lse - sum_v softmax(z)_v z_v
+    sum_logits = sum_v z_v
+    loss    = lse - (1 - ls) * gold - ls * sum_logits / V + zl * lse**2
+    dloss/dz_v = softmax_v * (1 + 2 zl lse) - (1 - ls) [v == y] - ls / V
+    dloss/draw_v = dloss/dz_v * (1 - (z_v / c)**2)            (softcap only)
+
+All accumulation (lse, statistics, dW, db) is fp32 whatever the input dtype. A backend may
+hand ``dw`` back already cast to ``w.dtype`` when every partial sum of it was accumulated in
+fp32 before that single rounding (e.g. a vocabulary-blocked backward that forms each block
+of dW in one GEMM over all rows); the front end casts whatever it gets to ``w.dtype``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class CEConfig:
+    """Options of one masked-CE call that the backends need."""
+
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    #: target number of fp32 logits elements held at once (rows x vocab); backends size
+    #: their row chunks / vocab blocks from it. 2**26 elements = 256 MiB of fp32.
+    chunk_elems: int = 1 << 26
+
+
+class ForwardOut(NamedTuple):
+    lse: torch.Tensor  # [M] fp32
+    gold: torch.Tensor  # [M] fp32 (after softcap)
+    entropy: torch.Tensor  # [M] fp32
+    sum_logits: torch.Tensor  # [M] fp32
+    dx: torch.Tensor | None  # [n_grad, D] x.dtype
+    dw: torch.Tensor | None  # [V, D] fp32 (or w.dtype once accumulated in fp32)
+    db: torch.Tensor | None  # [V] fp32
+
+
+class GradOut(NamedTuple):
+    dx: torch.Tensor  # [M, D] x.dtype
+    dw: torch.Tensor  # [V, D] fp32 (or w.dtype once accumulated in fp32)
+    db: torch.Tensor | None  # [V] fp32
+
+
+class Backend(Protocol):
+    name: str
+
+    def available(self) -> tuple[bool, str]:
+        """(usable here?, reason when not)."""
+        ...
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+        """Whether this backend can run tensors of this device/dtype (reason when not)."""
+        ...
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        cfg: CEConfig,
+        n_grad: int,
+    ) -> ForwardOut: ...
+
+    def backward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        lse: torch.Tensor,
+        row_scale: torch.Tensor,
+        cfg: CEConfig,
+    ) -> GradOut: ...

@@ -1,0 +1,174 @@
+"""Chunked pure-PyTorch backend: runs on any device, never holds more than one chunk of logits.
+
+Readable by design: it is also the second oracle of the test suite. The forward walks row
+chunks over the full vocabulary (``chunk_rows x V`` fp32 logits at a time); the backward
+recompute walks vocabulary blocks with one GEMM over all kept rows per block, so every
+block of dW is accumulated in fp32 inside a single GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import CEConfig, ForwardOut, GradOut
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: CEConfig) -> torch.Tensor:
+    """fp32 logits of ``x @ w.T (+ b)`` after the optional softcap, shape [rows, cols]."""
+    z = (x @ w.t()).to(_acc(x.dtype))
+    if b is not None:
+        z += b.to(z.dtype)
+    if cfg.softcap is not None:
+        z.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+    return z
+
+
+def _dlogits_(
+    p: torch.Tensor,
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    scale: torch.Tensor | None,
+    gold_col: torch.Tensor,
+    gold_hit: torch.Tensor | None,
+    V: int,
+    cfg: CEConfig,
+) -> torch.Tensor:
+    """Turn the softmax ``p`` [r, c] into d(scale * loss)/d(raw logits), in place.
+
+    ``gold_col`` holds, per row, the column of the gold token inside this block; ``gold_hit``
+    says which rows have their gold token in the block (None: all of them).
+    """
+    if cfg.z_loss:
+        p.mul_((1.0 + 2.0 * cfg.z_loss * lse).unsqueeze(1))
+    if cfg.label_smoothing:
+        p.sub_(cfg.label_smoothing / V)
+    rows = torch.arange(p.shape[0], device=p.device)
+    onehot = torch.full((p.shape[0],), 1.0 - cfg.label_smoothing, device=p.device, dtype=p.dtype)
+    if gold_hit is not None:
+        onehot = onehot * gold_hit
+        gold_col = gold_col.clamp(0, p.shape[1] - 1)
+    p[rows, gold_col] -= onehot
+    if cfg.softcap is not None:
+        # d/draw [c * tanh(raw / c)] = 1 - tanh^2 = 1 - (z / c)^2
+        p.mul_(1.0 - (z / cfg.softcap).square_())
+    if scale is not None:
+        p.mul_(scale.unsqueeze(1))
+    return p
+
+
+class TorchBackend:
+    """The reference chunked implementation (see :mod:`xtf_kernels.backends.base`)."""
+
+    name = "torch"
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+        return True, ""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        cfg: CEConfig,
+        n_grad: int,
+    ) -> ForwardOut:
+        M, D = x.shape
+        V = w.shape[0]
+        dev = x.device
+        acc = _acc(x.dtype)
+        lse = torch.empty(M, device=dev, dtype=acc)
+        gold = torch.empty_like(lse)
+        ent = torch.empty_like(lse)
+        zsum = torch.empty_like(lse)
+        dx = x.new_empty(n_grad, D) if n_grad else None
+        dw = torch.zeros(V, D, device=dev, dtype=acc) if n_grad else None
+        db = torch.zeros(V, device=dev, dtype=acc) if (n_grad and b is not None) else None
+        rows = max(1, min(M, cfg.chunk_elems // max(V, 1)))
+        for s in range(0, M, rows):
+            e = min(M, s + rows)
+            z = _logits(x[s:e], w, b, cfg)
+            c_lse = torch.logsumexp(z, dim=1)
+            p = torch.exp(z - c_lse.unsqueeze(1))
+            lse[s:e] = c_lse
+            gold[s:e] = z.gather(1, y[s:e].unsqueeze(1)).squeeze(1)
+            ent[s:e] = c_lse - (p * z).sum(1)
+            zsum[s:e] = z.sum(1)
+            g = min(e, n_grad) - s
+            if g > 0:
+                dz = _dlogits_(p[:g], z[:g], c_lse[:g], None, y[s : s + g], None, V, cfg)
+                dzc = dz.to(x.dtype)
+                dx[s : s + g] = dzc @ w
+                if x.dtype == acc:
+                    dw.addmm_(dzc.t(), x[s : s + g])
+                else:
+                    dw += (dzc.t() @ x[s : s + g]).to(acc)
+                if db is not None:
+                    db += dz.sum(0)
+            del z, p
+        return ForwardOut(lse, gold, ent, zsum, dx, dw, db)
+
+    def backward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        lse: torch.Tensor,
+        row_scale: torch.Tensor,
+        cfg: CEConfig,
+    ) -> GradOut:
+        M, D = x.shape
+        V = w.shape[0]
+        dev = x.device
+        acc = _acc(x.dtype)
+        dx_acc = torch.zeros(M, D, device=dev, dtype=acc)
+        dw = torch.empty(V, D, device=dev, dtype=w.dtype)
+        db = torch.empty(V, device=dev, dtype=acc) if b is not None else None
+        if M == 0:
+            dw.zero_()
+            if db is not None:
+                db.zero_()
+            return GradOut(dx_acc.to(x.dtype), dw, db)
+        # vocabulary blocks of >= 256 columns; rows chunked only when M alone exceeds the budget
+        vb = max(256, cfg.chunk_elems // M)
+        rc = max(1, min(M, cfg.chunk_elems // min(vb, V)))
+        for v0 in range(0, V, vb):
+            v1 = min(V, v0 + vb)
+            wb = w[v0:v1]
+            bb = b[v0:v1] if b is not None else None
+            dw_blk = torch.zeros(v1 - v0, D, device=dev, dtype=acc) if rc < M else None
+            for s in range(0, M, rc):
+                e = min(M, s + rc)
+                z = _logits(x[s:e], wb, bb, cfg)
+                p = torch.exp(z - lse[s:e].unsqueeze(1))
+                ys = y[s:e]
+                hit = ((ys >= v0) & (ys < v1)).to(acc)
+                dz = _dlogits_(p, z, lse[s:e], row_scale[s:e], ys - v0, hit, V, cfg)
+                dzc = dz.to(x.dtype)
+                if x.dtype == acc:
+                    dx_acc[s:e].addmm_(dzc, wb)
+                else:
+                    dx_acc[s:e] += (dzc @ wb).to(acc)
+                part = dzc.t() @ x[s:e]
+                if dw_blk is None:
+                    dw[v0:v1] = part
+                else:
+                    dw_blk += part.to(acc)
+                if db is not None:
+                    if s == 0:
+                        db[v0:v1] = dz.sum(0)
+                    else:
+                        db[v0:v1] += dz.sum(0)
+                del z, p
+            if dw_blk is not None:
+                dw[v0:v1] = dw_blk
+        return GradOut(dx_acc.to(x.dtype), dw, db)

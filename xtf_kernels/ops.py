@@ -1,0 +1,345 @@
+"""The fused linear + masked cross-entropy: :class:`MaskedCE` and its entry point :func:`masked_ce`.
+
+Everything backend-independent lives here (see :mod:`xtf_kernels.backends.base` for the
+split): flattening and the causal shift, ignore / keep / select, row compaction (only kept
+rows ever reach the gradient code), the loss formula and reductions, and scattering the
+per-token statistics back to the labels' shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._validate import check_labels_in_range, check_select_output, validate
+from .backends import CEConfig, resolve_backend
+from .config import get_options
+from .stats import TokenStats
+
+SelectFn = Callable[[TokenStats], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MaskedCESpec:
+    """Non-tensor arguments of :class:`MaskedCE` (see :func:`masked_ce` for their meaning)."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    shift: bool = False
+    select: SelectFn | None = None
+    backend: str = "auto"
+    #: statistics wanted for masked (not kept) tokens too; False lets the forward skip them
+    stats: bool = True
+
+
+def _nan(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+class MaskedCE(torch.autograd.Function):
+    """``torch.autograd.Function`` for the fused masked CE.
+
+    ``MaskedCE.apply(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items,
+    spec)`` returns ``(loss, logprob, prob, entropy, lse, logprob_delta, relevance, keep)``
+    where the statistics are detached fp32 tensors with the labels' shape; ``logprob_delta``
+    and ``relevance`` are empty tensors when ``ref_logprobs`` / ``task_vector`` are None.
+    Inputs are not validated here: :func:`masked_ce` is the validated entry point.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        ref_logprobs: torch.Tensor | None,
+        task_vector: torch.Tensor | None,
+        num_items: int | float | torch.Tensor | None,
+        spec: MaskedCESpec,
+    ):
+        opts = get_options()
+        lead = tuple(labels.shape)
+        dev = hidden.device
+        D = hidden.shape[-1]
+        V = weight.shape[0]
+        h2 = hidden.reshape(-1, D)
+        y = labels.reshape(-1)
+        n_tok = y.numel()
+        flat = torch.arange(n_tok, device=dev)
+
+        # which label positions are scored, and which hidden row predicts each of them
+        valid = y != spec.ignore_index
+        if spec.shift:
+            L = lead[-1]
+            valid &= (flat % L) != 0
+            src_all = flat - 1
+        else:
+            src_all = flat
+        if opts.check_labels:
+            check_labels_in_range(y, valid, V, spec.ignore_index)
+        kept = valid if keep is None else valid & keep.reshape(-1)
+
+        need_grad_in = ctx.needs_input_grad[:2] + (ctx.needs_input_grad[3],)
+        need_grad = any(need_grad_in)
+        need_stats = spec.select is not None or spec.stats
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        be = resolve_backend(spec.backend, dev, hidden.dtype)
+        cfg = CEConfig(
+            softcap=spec.softcap,
+            label_smoothing=float(spec.label_smoothing),
+            z_loss=float(spec.z_loss),
+            chunk_elems=opts.chunk_elems,
+        )
+        w = weight.contiguous()
+        b = bias.contiguous() if bias is not None else None
+
+        # row order for the backend: kept rows first, then scored-but-masked rows
+        kept_pos = kept.nonzero().squeeze(1)
+        if need_stats:
+            other_pos = (valid & ~kept).nonzero().squeeze(1)
+            pos = torch.cat([kept_pos, other_pos])
+        else:
+            pos = kept_pos
+        n_kept = kept_pos.numel()
+        grad_now = (
+            need_grad
+            and spec.select is None
+            and spec.reduction != "none"
+            and opts.grad_in_forward
+        )
+        x = h2.index_select(0, src_all.index_select(0, pos))
+        ys = y.index_select(0, pos)
+        fo = be.forward(x, w, b, ys, cfg, n_kept if grad_now else 0)
+
+        # scatter statistics to label positions
+        lse = _nan((n_tok,), dev, acc)
+        gold = _nan((n_tok,), dev, acc)
+        ent = _nan((n_tok,), dev, acc)
+        zsum = _nan((n_tok,), dev, acc)
+        lse[pos] = fo.lse
+        gold[pos] = fo.gold
+        ent[pos] = fo.entropy
+        zsum[pos] = fo.sum_logits
+        logprob = gold - lse
+        prob = logprob.exp()
+        delta = None
+        if ref_logprobs is not None:
+            delta = logprob - ref_logprobs.reshape(-1).to(acc)
+        relevance = None
+        if task_vector is not None:
+            relevance = _nan((n_tok,), dev, acc)
+            xs = x.to(acc)
+            tv = task_vector.to(dev, acc)
+            relevance[pos] = torch.nn.functional.cosine_similarity(xs, tv.unsqueeze(0), dim=1)
+
+        if spec.select is not None:
+            stats = TokenStats(
+                logprob=logprob.view(lead),
+                prob=prob.view(lead),
+                entropy=ent.view(lead),
+                lse=lse.view(lead),
+                logprob_delta=None if delta is None else delta.view(lead),
+                relevance=None if relevance is None else relevance.view(lead),
+                keep=kept.view(lead).clone(),
+            )
+            sel = check_select_output(spec.select(stats), lead, dev)
+            kept = kept & sel.reshape(-1)
+            kept_pos = kept.nonzero().squeeze(1)
+            n_kept = kept_pos.numel()
+
+        # per-token loss on kept rows
+        ls = float(spec.label_smoothing)
+        tok_loss = lse - (1.0 - ls) * gold
+        if ls:
+            tok_loss = tok_loss - ls * zsum / V
+        if spec.z_loss:
+            tok_loss = tok_loss + float(spec.z_loss) * lse.square()
+        tok_loss = torch.where(kept, tok_loss, torch.zeros((), device=dev))
+
+        if spec.reduction == "none":
+            loss = tok_loss.view(lead)
+            divisor = None
+        else:
+            total = tok_loss.sum()
+            if spec.reduction == "sum":
+                loss = total
+                divisor = None
+            else:
+                if num_items is None:
+                    divisor = torch.as_tensor(max(n_kept, 1), dtype=acc, device=dev)
+                else:
+                    divisor = torch.as_tensor(num_items, dtype=acc, device=dev)
+                loss = total / divisor
+
+        ctx.spec = spec
+        ctx.cfg = cfg
+        ctx.be = be
+        ctx.grad_now = grad_now
+        ctx.lead = lead
+        ctx.hidden_shape = tuple(hidden.shape)
+        ctx.has_bias = bias is not None
+        ctx.n_kept = n_kept
+        ctx.need_grad_in = need_grad_in
+        if need_grad:
+            src_kept = src_all.index_select(0, kept_pos)
+            if grad_now:
+                ctx.save_for_backward(src_kept, fo.dx, fo.dw, fo.db, divisor)
+            else:
+                # kept rows are a prefix of `pos` unless select dropped some: recompute their order
+                ctx.save_for_backward(
+                    src_kept, h2, w, b, y.index_select(0, kept_pos), lse.index_select(0, kept_pos),
+                    kept_pos, divisor,
+                )
+        out_delta = delta.view(lead) if delta is not None else torch.empty(0, device=dev)
+        out_rel = relevance.view(lead) if relevance is not None else torch.empty(0, device=dev)
+        outs = (
+            loss,
+            logprob.view(lead),
+            prob.view(lead),
+            ent.view(lead),
+            lse.view(lead),
+            out_delta,
+            out_rel,
+            kept.view(lead),
+        )
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
+        spec = ctx.spec
+        need_h, need_w, need_b = ctx.need_grad_in
+        dtype = None
+        if ctx.grad_now:
+            src_kept, dx_k, dw, db, divisor = ctx.saved_tensors
+            scale = grad_loss.to(dw.dtype)
+            if divisor is not None:
+                scale = scale / divisor
+            dtype = dx_k.dtype
+            dh = None
+            if need_h:
+                rows = _prod(ctx.hidden_shape[:-1])
+                dh = torch.zeros((rows, ctx.hidden_shape[-1]), dtype=dtype, device=dx_k.device)
+                dh.index_add_(0, src_kept, (dx_k.to(dw.dtype) * scale).to(dtype))
+                dh = dh.view(ctx.hidden_shape)
+            dW = (dw * scale).to(dtype) if need_w else None
+            dB = (db * scale).to(dtype) if (need_b and db is not None) else None
+            return dh, dW, None, dB, None, None, None, None, None
+        src_kept, h2, w, b, y_k, lse_k, kept_pos, divisor = ctx.saved_tensors
+        dtype = h2.dtype
+        acc = lse_k.dtype
+        if spec.reduction == "none":
+            row_scale = grad_loss.reshape(-1).to(acc).index_select(0, kept_pos)
+        else:
+            g = grad_loss.to(acc)
+            if divisor is not None:
+                g = g / divisor
+            row_scale = g.expand(kept_pos.numel()).contiguous()
+        x = h2.index_select(0, src_kept)
+        go = ctx.be.backward(x, w, b, y_k, lse_k, row_scale, ctx.cfg)
+        dh = None
+        if need_h:
+            dh = torch.zeros_like(h2)
+            dh.index_add_(0, src_kept, go.dx.to(dtype))
+            dh = dh.view(ctx.hidden_shape)
+        dW = go.dw.to(dtype) if need_w else None
+        dB = go.db.to(dtype) if (need_b and go.db is not None) else None
+        return dh, dW, None, dB, None, None, None, None, None
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def masked_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    shift: bool = False,
+    ref_logprobs: torch.Tensor | None = None,
+    task_vector: torch.Tensor | None = None,
+    select: SelectFn | None = None,
+    return_stats: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` over kept tokens, never materialising logits.
+
+    Args:
+        hidden: ``[..., D]`` float32 / bfloat16 / float16 final hidden states.
+        weight: ``[V, D]`` LM-head weight, same dtype as ``hidden``.
+        labels: ``[...]`` integer target ids (``hidden``'s leading shape).
+        bias: optional ``[V]`` LM-head bias, same dtype.
+        keep: optional ``[...]`` bool; False = masked (noisy) token: no loss, no gradient,
+            statistics still computed.
+        ignore_index: labels equal to it are ignored (prompt / padding): no loss, NaN stats.
+        reduction: ``"mean"`` (sum over kept tokens / ``num_items``), ``"sum"`` or
+            ``"none"`` (per-token fp32 loss with the labels' shape, 0 where not kept).
+        num_items: divisor for ``"mean"`` (e.g. the global kept-token count under gradient
+            accumulation / data parallelism); default: the number of kept tokens here.
+            A batch with no kept token gives 0.0 with zero gradients.
+        label_smoothing: in ``[0, 1)``, as in ``F.cross_entropy``.
+        z_loss: adds ``z_loss * lse**2`` per kept token.
+        softcap: logits -> ``softcap * tanh(logits / softcap)`` (Gemma 2 style).
+        shift: causal-LM shift inside: label position ``t`` is predicted from
+            ``hidden[..., t-1, :]``; position 0 of each sequence is ignored. ``keep``,
+            ``ref_logprobs`` and all statistics are aligned with label positions.
+        ref_logprobs: ``[...]`` a reference model's gold-token log-probs -> ``logprob_delta``.
+        task_vector: ``[D]`` -> ``relevance`` = cosine(hidden row, task_vector).
+        select: ``callable(TokenStats) -> bool [...]`` called once inside the forward with
+            the statistics of every non-ignored token; its mask is AND-ed with ``keep``.
+        return_stats: also return a :class:`TokenStats`.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"native"``.
+
+    Returns:
+        ``loss`` (0-d fp32, or ``[...]`` for ``"none"``), or ``(loss, TokenStats)``.
+    """
+    validate(
+        hidden, weight, labels, bias, keep, ignore_index, reduction, num_items, label_smoothing,
+        z_loss, softcap, shift, ref_logprobs, task_vector, select, return_stats, backend,
+    )
+    spec = MaskedCESpec(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+        shift=shift,
+        select=select,
+        backend=backend,
+        stats=return_stats,
+    )
+    if isinstance(num_items, torch.Tensor):
+        num_items = num_items.detach()
+    outs = MaskedCE.apply(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, spec)
+    loss = outs[0]
+    if not return_stats:
+        return loss
+    stats = TokenStats(
+        logprob=outs[1],
+        prob=outs[2],
+        entropy=outs[3],
+        lse=outs[4],
+        logprob_delta=outs[5] if ref_logprobs is not None else None,
+        relevance=outs[6] if task_vector is not None else None,
+        keep=outs[7],
+    )
+    return loss, stats
