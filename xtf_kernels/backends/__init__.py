@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from functools import cache, lru_cache
+from functools import cache
 
 import torch
 
