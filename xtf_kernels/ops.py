@@ -187,7 +187,9 @@ class MaskedCE(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.n_kept = n_kept
         ctx.need_grad_in = need_grad_in
-        if need_grad:
+        if need_grad and n_kept == 0:
+            ctx.zero_like = (h2[:0], w, b)
+        elif need_grad:
             src_kept = src_all.index_select(0, kept_pos)
             if grad_now:
                 ctx.save_for_backward(src_kept, fo.dx, fo.dw, fo.db, divisor)
@@ -216,7 +218,14 @@ class MaskedCE(torch.autograd.Function):
     def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
         spec = ctx.spec
         need_h, need_w, need_b = ctx.need_grad_in
-        dtype = None
+        if ctx.n_kept == 0:  # nothing kept: zero gradients, no kernel launched
+            h2, w, b = ctx.zero_like
+            return (
+                torch.zeros(ctx.hidden_shape, dtype=h2.dtype, device=h2.device) if need_h else None,
+                torch.zeros_like(w) if need_w else None,
+                None, torch.zeros_like(b) if (need_b and b is not None) else None,
+                None, None, None, None, None,
+            )
         if ctx.grad_now:
             src_kept, dx_k, dw, db, divisor = ctx.saved_tensors
             scale = grad_loss.to(dw.dtype)
@@ -329,6 +338,9 @@ def masked_ce(
     )
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.detach()
+    if not torch.is_grad_enabled():  # scoring pass: make sure no gradient work is done
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
     outs = MaskedCE.apply(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, spec)
     loss = outs[0]
     if not return_stats:

@@ -1,0 +1,287 @@
+"""masked_ce against the float64 unfused reference, for every available backend.
+
+Criterion (as the strongest peers test): |ref - ours| <= |ref - same-dtype PyTorch| + tol,
+elementwise, for the loss, every statistic and every gradient.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xtf_kernels
+from xtf_kernels import TokenStats, masked_ce
+from xtf_kernels.backends import load_backend
+
+from ._reference import reference_masked_ce
+
+TOL = {
+    torch.float32: (2e-5, 2e-4),  # (atol, rtol)
+    torch.float16: (2e-3, 2e-2),
+    torch.bfloat16: (2e-2, 5e-2),
+}
+
+
+def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
+    out = [torch.float32, torch.float16]
+    be = load_backend(backend)
+    if be.supports(torch.device(device), torch.bfloat16)[0]:
+        out.append(torch.bfloat16)
+    return [d for d in out if be.supports(torch.device(device), d)[0]]
+
+
+def assert_close_crit(name, ours, ref, same, dtype):
+    atol, rtol = TOL[dtype]
+    ours = ours.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    same = same.detach().double().cpu()
+    nan_ref = torch.isnan(ref)
+    assert torch.equal(torch.isnan(ours), nan_ref), f"{name}: NaN pattern differs from the reference"
+    ours, ref, same = ours[~nan_ref], ref[~nan_ref], same[~nan_ref]
+    if ours.numel() == 0:
+        return
+    same = torch.nan_to_num(same, nan=0.0, posinf=0.0, neginf=0.0)
+    bound = (ref - same).abs() + atol + rtol * ref.abs()
+    err = (ref - ours).abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{name}: max excess error {worst:.3e} (max err {err.max().item():.3e})"
+
+
+def make_inputs(N, D, V, dtype, device, *, lead=None, seed=0, ignore_frac=0.2, keep_frac=0.7, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    shape = lead if lead is not None else (N,)
+    n = 1
+    for s in shape:
+        n *= s
+    hidden = (torch.randn(*shape, D, generator=g) * 0.5).to(dtype)
+    weight = (torch.randn(V, D, generator=g) * (1.0 / D**0.5)).to(dtype)
+    labels = torch.randint(0, V, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = -100
+    keep = torch.rand(shape, generator=g) < keep_frac
+    b = (torch.randn(V, generator=g) * 0.1).to(dtype) if bias else None
+    ref_lp = -torch.rand(shape, generator=g) * 5
+    tv = torch.randn(D, generator=g)
+    to = lambda t: None if t is None else t.to(device)
+    return to(hidden), to(weight), to(labels), to(b), to(keep), to(ref_lp), to(tv)
+
+
+def run_case(backend, device, dtype, *, N=37, D=24, V=1000, lead=None, reduction="mean", opts=None,
+             use_keep=True, bias=False, grad_in_forward=True, seed=0, num_items=None, select=None,
+             stats_args=False):
+    opts = opts or {}
+    h, w, y, b, keep, ref_lp, tv = make_inputs(N, D, V, dtype, device, lead=lead, seed=seed, bias=bias)
+    if not use_keep:
+        keep = None
+    kwargs = dict(bias=b, keep=keep, reduction=reduction, num_items=num_items, select=select, **opts)
+    if stats_args:
+        kwargs.update(ref_logprobs=ref_lp, task_vector=tv)
+
+    def leaves(dt):
+        ls = [h.detach().to(dt).requires_grad_(), w.detach().to(dt).requires_grad_()]
+        ls.append(b.detach().to(dt).requires_grad_() if b is not None else None)
+        return ls
+
+    def grads(loss, params, g_up):
+        ps = [p for p in params if p is not None]
+        gs = torch.autograd.grad(loss, ps, g_up, allow_unused=False)
+        return list(gs)
+
+    # ours
+    hh, ww, bb = leaves(dtype)
+    kw = dict(kwargs, bias=bb)
+    with xtf_kernels.options(grad_in_forward=grad_in_forward, chunk_elems=4096):
+        loss, stats = masked_ce(hh, ww, y, return_stats=True, backend=backend, **kw)
+    g_up = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)).to(device) if reduction == "none" else None
+    g_ours = grads(loss, [hh, ww, bb], g_up.to(loss.dtype) if g_up is not None else None)
+
+    # float64 reference and same-dtype PyTorch
+    out = {}
+    for tag, dt in (("ref", torch.float64), ("same", dtype)):
+        ph, pw, pb = leaves(dt if tag == "ref" else dtype)
+        kw = dict(kwargs, bias=pb)
+        if tag == "ref":
+            ph, pw = ph.cpu().detach().requires_grad_(), pw.cpu().detach().requires_grad_()
+            if pb is not None:
+                pb = pb.cpu().detach().requires_grad_()
+            kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in dict(kwargs, bias=pb).items()}
+            yy = y.cpu()
+        else:
+            ph, pw = ph.cpu().float().to(dtype).detach().requires_grad_(), pw.cpu().to(dtype).detach().requires_grad_()
+            if pb is not None:
+                pb = pb.cpu().to(dtype).detach().requires_grad_()
+            kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in dict(kwargs, bias=pb).items()}
+            yy = y.cpu()
+        rl, rs = reference_masked_ce(ph, pw, yy, dtype=dt, **kw)
+        gu = None if g_up is None else g_up.cpu().to(rl.dtype)
+        try:
+            rg = grads(rl, [ph, pw, pb], gu)
+        except RuntimeError:  # fp16 autograd on CPU can be unsupported for some ops
+            rg = [torch.zeros_like(p) for p in (ph, pw, pb) if p is not None]
+        out[tag] = (rl, rs, rg)
+    (rl, rs, rg), (sl, ss, sg) = out["ref"], out["same"]
+    assert_close_crit("loss", loss, rl, sl, dtype)
+    for f in ("logprob", "prob", "entropy", "lse", "logprob_delta", "relevance"):
+        ours_f = getattr(stats, f)
+        if rs[f] is None:
+            assert ours_f is None, f
+            continue
+        assert_close_crit(f, ours_f, rs[f], ss[f], dtype)
+    assert torch.equal(stats.keep.cpu(), rs["keep"]), "keep mask differs"
+    for name, go, gr, gs in zip(("d_hidden", "d_weight", "d_bias"), g_ours, rg, sg):
+        assert go.dtype == dtype, f"{name}: dtype {go.dtype}"
+        assert_close_crit(name, go, gr, gs, dtype)
+    return loss, stats
+
+
+OPTION_CASES = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.1},
+    "zloss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 3.0},
+    "everything": {"label_smoothing": 0.05, "z_loss": 1e-4, "softcap": 5.0},
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options_fp32(backend, device, case, reduction):
+    run_case(backend, device, torch.float32, reduction=reduction, opts=OPTION_CASES[case],
+             bias=(case == "everything"), stats_args=(case == "plain"))
+
+
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_dtypes_and_paths(backend, device, grad_in_forward):
+    for dtype in dtypes_for(backend, device):
+        run_case(backend, device, dtype, bias=True, grad_in_forward=grad_in_forward,
+                 opts={"softcap": 4.0, "label_smoothing": 0.1})
+
+
+@pytest.mark.parametrize("N,D,V", [(5, 16, 1), (9, 16, 3), (1, 24, 1000), (33, 40, 4099), (17, 20, 257)])
+def test_odd_shapes(backend, device, N, D, V):
+    run_case(backend, device, torch.float32, N=N, D=D, V=V, bias=True)
+
+
+def test_shift_3d(backend, device):
+    loss, stats = run_case(backend, device, torch.float32, lead=(3, 11), opts={"shift": True}, stats_args=True)
+    assert torch.isnan(stats.logprob[:, 0]).all() and not stats.keep[:, 0].any()
+
+
+def test_reduction_none_with_shift_and_keep(backend, device):
+    run_case(backend, device, torch.float32, lead=(2, 13), reduction="none", opts={"shift": True, "z_loss": 1e-3})
+
+
+def test_all_masked_gives_zero(backend, device):
+    h, w, y, b, keep, _, _ = make_inputs(12, 16, 50, torch.float32, device, bias=True)
+    h.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    for kp in (torch.zeros_like(keep), None):
+        yy = y if kp is not None else torch.full_like(y, -100)
+        loss, stats = masked_ce(h, w, yy, bias=b, keep=kp, return_stats=True, backend=backend)
+        assert loss.item() == 0.0
+        gh, gw, gb = torch.autograd.grad(loss, [h, w, b])
+        assert torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0 and torch.count_nonzero(gb) == 0
+        assert not stats.keep.any()
+        if kp is not None:  # masked tokens are still scored
+            assert torch.isfinite(stats.logprob[y != -100]).all()
+
+
+def test_none_masked_equals_no_keep(backend, device):
+    h, w, y, _, keep, _, _ = make_inputs(20, 16, 64, torch.float32, device)
+    a = masked_ce(h, w, y, keep=torch.ones_like(keep), backend=backend)
+    c = masked_ce(h, w, y, backend=backend)
+    torch.testing.assert_close(a, c)
+
+
+def test_select(backend, device):
+    h, w, y, _, keep, _, _ = make_inputs(40, 16, 64, torch.float32, device, seed=3)
+    ref_loss, ref_stats = reference_masked_ce(h.cpu(), w.cpu(), y.cpu(), keep=keep.cpu())
+    lp = ref_stats["logprob"][~torch.isnan(ref_stats["logprob"])].sort().values
+    # a threshold in the widest gap near the median, so float error cannot flip a token
+    mid = len(lp) // 2
+    gaps = lp[mid - 3 : mid + 3].diff()
+    i = int(gaps.argmax()) + mid - 3
+    thr = float((lp[i] + lp[i + 1]) / 2)
+    calls = []
+
+    def select(s: TokenStats) -> torch.Tensor:
+        calls.append(s)
+        return s.logprob < thr
+
+    run_case(backend, device, torch.float32, N=40, D=16, V=64, seed=3, select=select)
+    calls.clear()
+    hh = h.clone().requires_grad_()
+    masked_ce(hh, w, y, keep=keep, select=select, backend=backend).backward()
+    assert len(calls) == 1  # once per call, inside the forward
+    assert isinstance(calls[0], TokenStats)
+    assert torch.equal(calls[0].keep, (y != -100) & keep)
+
+
+def test_num_items_and_accumulation(backend, device):
+    """Two micro-batches with num_items = global kept count == one batch with "mean"."""
+    h, w, y, _, keep, _, _ = make_inputs(30, 16, 64, torch.float32, device, seed=5)
+    w1 = w.clone().requires_grad_()
+    full = masked_ce(h, w1, y, keep=keep, backend=backend)
+    (g_full,) = torch.autograd.grad(full, [w1])
+    total = int(((y != -100) & keep).sum())
+    w2 = w.clone().requires_grad_()
+    acc = 0
+    for sl in (slice(0, 11), slice(11, 30)):
+        part = masked_ce(h[sl], w2, y[sl], keep=keep[sl], num_items=total, backend=backend)
+        part.backward()
+        acc = acc + part.detach()
+    torch.testing.assert_close(acc, full.detach())
+    torch.testing.assert_close(w2.grad, g_full)
+    nt = masked_ce(h, w, y, keep=keep, num_items=torch.tensor(total), backend=backend)
+    torch.testing.assert_close(nt, full.detach())
+
+
+def test_no_grad_does_no_gradient_work(backend, device, monkeypatch):
+    be = load_backend(backend)
+    seen = []
+    orig_fwd, orig_bwd = be.forward, be.backward
+    monkeypatch.setattr(be, "forward", lambda *a: (seen.append(("fwd", a[-1])), orig_fwd(*a))[1])
+    monkeypatch.setattr(be, "backward", lambda *a: (seen.append(("bwd",)), orig_bwd(*a))[1])
+    h, w, y, _, keep, _, _ = make_inputs(10, 16, 32, torch.float32, device)
+    hh = h.clone().requires_grad_()
+    with torch.no_grad():
+        masked_ce(hh, w, y, keep=keep, backend=backend)
+    masked_ce(h, w, y, keep=keep, backend=backend)  # nothing requires grad
+    assert seen == [("fwd", 0), ("fwd", 0)]
+
+
+def test_gradient_work_scales_with_kept_rows(backend, device, monkeypatch):
+    """Masked rows never reach the gradient code: rows are compacted."""
+    be = load_backend(backend)
+    rows = []
+    orig_fwd, orig_bwd = be.forward, be.backward
+    monkeypatch.setattr(be, "forward", lambda *a: (rows.append(("fwd", a[0].shape[0], a[-1])), orig_fwd(*a))[1])
+    monkeypatch.setattr(be, "backward", lambda *a: (rows.append(("bwd", a[0].shape[0])), orig_bwd(*a))[1])
+    h, w, y, _, keep, _, _ = make_inputs(50, 16, 32, torch.float32, device, ignore_frac=0.0, keep_frac=0.5)
+    n_kept = int(keep.sum())
+    w.requires_grad_()
+    masked_ce(h, w, y, keep=keep, backend=backend).backward()
+    assert rows[-1] == ("fwd", n_kept, n_kept)  # no statistics wanted: only kept rows are touched
+    rows.clear()
+    with xtf_kernels.options(grad_in_forward=False):
+        masked_ce(h, w, y, keep=keep, backend=backend, return_stats=True)[0].backward()
+    assert rows == [("fwd", 50, 0), ("bwd", n_kept)]
+
+
+def test_nonfinite_hidden_gives_nonfinite_loss(backend, device):
+    h, w, y, _, _, _, _ = make_inputs(8, 16, 32, torch.float32, device, ignore_frac=0.0)
+    h[3, 2] = float("nan")
+    loss = masked_ce(h, w, y, backend=backend)
+    assert not torch.isfinite(loss)
+    h[3, 2] = float("inf")
+    assert not torch.isfinite(masked_ce(h, w, y, backend=backend))
+
+
+def test_stats_dtype_and_detached(backend, device):
+    h, w, y, _, _, _, _ = make_inputs(8, 16, 32, torch.float32, device)
+    h.requires_grad_()
+    _, s = masked_ce(h, w, y, return_stats=True, backend=backend)
+    for f in ("logprob", "prob", "entropy", "lse"):
+        t = getattr(s, f)
+        assert t.dtype == torch.float32 and not t.requires_grad and t.shape == y.shape
+    assert s.logprob_delta is None and s.relevance is None and s.keep.dtype == torch.bool
