@@ -6,7 +6,25 @@ ninja, into a per-user cache, so installation needs no compiler and no torch at 
 
 from pathlib import Path
 
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithCsrc(build_py):
+    """Copy the top-level csrc/ sources into the wheel as xtf_kernels/csrc/ (compiled on first use)."""
+
+    def run(self) -> None:
+        super().run()
+        src = Path(__file__).parent / "csrc"
+        if src.is_dir():
+            dst = Path(self.build_lib) / "xtf_kernels" / "csrc"
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                if f.suffix in (".cpp", ".h", ".hpp"):
+                    shutil.copy2(f, dst / f.name)
+
 
 here = Path(__file__).parent
 version = {}
@@ -56,6 +74,7 @@ setup(
             "accelerate>=0.34",
         ],
     },
+    cmdclass={"build_py": BuildPyWithCsrc},
     entry_points={"console_scripts": ["xtf=xtf_kernels.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

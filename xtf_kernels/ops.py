@@ -72,19 +72,9 @@ class MaskedCE(torch.autograd.Function):
         h2 = hidden.reshape(-1, D)
         y = labels.reshape(-1)
         n_tok = y.numel()
-        flat = torch.arange(n_tok, device=dev)
-
-        # which label positions are scored, and which hidden row predicts each of them
-        valid = y != spec.ignore_index
-        if spec.shift:
-            L = lead[-1]
-            valid &= (flat % L) != 0
-            src_all = flat - 1
-        else:
-            src_all = flat
+        valid, kept, src_all = _positions(labels, keep, spec.ignore_index, spec.shift)
         if opts.check_labels:
             check_labels_in_range(y, valid, V, spec.ignore_index)
-        kept = valid if keep is None else valid & keep.reshape(-1)
 
         need_grad_in = ctx.needs_input_grad[:2] + (ctx.needs_input_grad[3],)
         need_grad = any(need_grad_in)
@@ -242,25 +232,52 @@ class MaskedCE(torch.autograd.Function):
             dB = (db * scale).to(dtype) if (need_b and db is not None) else None
             return dh, dW, None, dB, None, None, None, None, None
         src_kept, h2, w, b, y_k, lse_k, kept_pos, divisor = ctx.saved_tensors
-        dtype = h2.dtype
-        acc = lse_k.dtype
-        if spec.reduction == "none":
-            row_scale = grad_loss.reshape(-1).to(acc).index_select(0, kept_pos)
-        else:
-            g = grad_loss.to(acc)
-            if divisor is not None:
-                g = g / divisor
-            row_scale = g.expand(kept_pos.numel()).contiguous()
-        x = h2.index_select(0, src_kept)
-        go = ctx.be.backward(x, w, b, y_k, lse_k, row_scale, ctx.cfg)
-        dh = None
-        if need_h:
-            dh = torch.zeros_like(h2)
-            dh.index_add_(0, src_kept, go.dx.to(dtype))
-            dh = dh.view(ctx.hidden_shape)
-        dW = go.dw.to(dtype) if need_w else None
-        dB = go.db.to(dtype) if (need_b and go.db is not None) else None
+        dh, dW, dB = _recompute_grads(
+            ctx.be, ctx.cfg, spec.reduction, grad_loss, divisor, h2, w, b, y_k, lse_k, src_kept,
+            kept_pos, ctx.hidden_shape, (need_h, need_w, need_b),
+        )
         return dh, dW, None, dB, None, None, None, None, None
+
+
+def _positions(
+    labels: torch.Tensor, keep: torch.Tensor | None, ignore_index: int, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat (valid, kept, src): scored label positions, kept ones, the hidden row predicting each."""
+    y = labels.reshape(-1)
+    flat = torch.arange(y.numel(), device=labels.device)
+    valid = y != ignore_index
+    if shift:
+        valid &= (flat % labels.shape[-1]) != 0
+        src = flat - 1
+    else:
+        src = flat
+    kept = valid if keep is None else valid & keep.reshape(-1)
+    return valid, kept, src
+
+
+def _recompute_grads(be, cfg, reduction, grad_loss, divisor, h2, w, b, y_k, lse_k, src_kept,
+                     kept_pos, hidden_shape, need):
+    """Gradients by recomputing the logits of the kept rows: returns (d_hidden, d_weight, d_bias)."""
+    need_h, need_w, need_b = need
+    dtype = h2.dtype
+    acc = lse_k.dtype
+    if reduction == "none":
+        row_scale = grad_loss.reshape(-1).to(acc).index_select(0, kept_pos)
+    else:
+        g = grad_loss.to(acc)
+        if divisor is not None:
+            g = g / divisor
+        row_scale = g.expand(kept_pos.numel()).contiguous()
+    x = h2.index_select(0, src_kept)
+    go = be.backward(x, w, b, y_k, lse_k, row_scale, cfg)
+    dh = None
+    if need_h:
+        dh = torch.zeros_like(h2)
+        dh.index_add_(0, src_kept, go.dx.to(dtype))
+        dh = dh.view(hidden_shape)
+    dW = go.dw.to(dtype) if need_w else None
+    dB = go.db.to(dtype) if (need_b and go.db is not None) else None
+    return dh, dW, dB
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -341,7 +358,12 @@ def masked_ce(
     if not torch.is_grad_enabled():  # scoring pass: make sure no gradient work is done
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None
-    outs = MaskedCE.apply(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, spec)
+    if select is None and torch.compiler.is_compiling():
+        from ._compile import compiled_masked_ce
+
+        outs = compiled_masked_ce(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, spec)
+    else:
+        outs = MaskedCE.apply(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, spec)
     loss = outs[0]
     if not return_stats:
         return loss
