@@ -4,9 +4,8 @@ The native CPU backend (csrc/) is compiled on first use with torch.utils.cpp_ext
 ninja, into a per-user cache, so installation needs no compiler and no torch at build time.
 """
 
-from pathlib import Path
-
 import shutil
+from pathlib import Path
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
@@ -72,6 +71,9 @@ setup(
             "pyarrow>=14",
             "matplotlib>=3.7",
             "accelerate>=0.34",
+            "trl>=0.12",
+            "peft>=0.12",
+            "datasets>=2.18",
         ],
     },
     cmdclass={"build_py": BuildPyWithCsrc},
