@@ -304,3 +304,42 @@ def test_bf16_weight_grad_does_not_degrade_with_chunk_count(backend, device):
             errs.append(((ww.grad.double().cpu() - ref_g).abs().max() / ref_g.abs().max()).item())
     # one bf16 rounding of the result is ~2**-8 relative; bf16 accumulation over 64 chunks is far worse
     assert max(errs) < 2**-7, errs
+
+
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_rowwise_select_single_pass(backend, device, with_extras, monkeypatch):
+    """A rowwise select gives the same result as the global one, without a backward recompute."""
+    h, w, y, _, keep, ref_lp, tv = make_inputs(64, 16, 96, torch.float32, device, seed=7)
+    ref_loss, ref_stats = reference_masked_ce(h.cpu(), w.cpu(), y.cpu(), keep=keep.cpu())
+    lp = ref_stats["logprob"][~torch.isnan(ref_stats["logprob"])].sort().values
+    mid = len(lp) // 2
+    i = int(lp[mid - 3 : mid + 3].diff().argmax()) + mid - 3
+    thr = float((lp[i] + lp[i + 1]) / 2)
+
+    def rule(s):
+        m = s.logprob < thr
+        if with_extras:
+            m = m & (s.logprob_delta > -1e9) & (s.relevance > -2)
+        return m
+
+    extras = dict(ref_logprobs=ref_lp, task_vector=tv) if with_extras else {}
+    results = []
+    be = load_backend(backend)
+    calls = []
+    orig_bwd = be.backward
+    monkeypatch.setattr(be, "backward", lambda *a: (calls.append(1), orig_bwd(*a))[1])
+    for sel in (rule, xtf_kernels.rowwise(lambda s: rule(s))):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with xtf_kernels.options(chunk_elems=96 * 5):
+            loss, st = masked_ce(hh, ww, y, keep=keep, select=sel, return_stats=True, backend=backend,
+                                 **extras)
+        loss.backward()
+        results.append((loss.detach(), st, hh.grad, ww.grad))
+    (l1, s1, gh1, gw1), (l2, s2, gh2, gw2) = results
+    torch.testing.assert_close(l1, l2)
+    assert torch.equal(s1.keep, s2.keep) and 0 < int(s2.keep.sum()) < int(keep.sum())
+    torch.testing.assert_close(s1.entropy, s2.entropy, equal_nan=True)
+    torch.testing.assert_close(gh1, gh2)
+    torch.testing.assert_close(gw1, gw2)
+    has_rowwise = hasattr(be, "forward_rowwise")
+    assert len(calls) == (1 if has_rowwise else 2)  # the global select recomputes; rowwise does not

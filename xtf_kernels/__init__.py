@@ -8,7 +8,7 @@ Public API::
 from ._version import __version__
 from .backends import backend_status
 from .config import Options, get_options, options, set_options
-from .ops import MaskedCE, MaskedCESpec, masked_ce
+from .ops import MaskedCE, MaskedCESpec, masked_ce, rowwise
 from .stats import TokenStats
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "get_options",
     "masked_ce",
     "options",
+    "rowwise",
     "set_options",
 ]

@@ -106,7 +106,28 @@ class MaskedCE(torch.autograd.Function):
         )
         x = h2.index_select(0, src_all.index_select(0, pos))
         ys = y.index_select(0, pos)
-        fo = be.forward(x, w, b, ys, cfg, n_kept if grad_now else 0)
+        rowwise = (
+            spec.select is not None
+            and getattr(spec.select, "rowwise", False)
+            and need_grad
+            and spec.reduction != "none"
+            and opts.grad_in_forward
+            and hasattr(be, "forward_rowwise")
+        )
+        if rowwise:
+            # a per-token select rule is applied chunk by chunk while the logits are in memory:
+            # statistics, selection and gradient from one logits GEMM
+            fo, sel = be.forward_rowwise(
+                x, w, b, ys, cfg,
+                _chunk_selector(spec.select, x, pos, kept, ref_logprobs, task_vector, acc),
+            )
+            kept_pos = pos[sel]
+            kept = torch.zeros_like(kept)
+            kept[kept_pos] = True
+            n_kept = kept_pos.numel()
+            grad_now = True
+        else:
+            fo = be.forward(x, w, b, ys, cfg, n_kept if grad_now else 0)
 
         # scatter statistics to label positions
         lse = _nan((n_tok,), dev, acc)
@@ -129,7 +150,7 @@ class MaskedCE(torch.autograd.Function):
             tv = task_vector.to(dev, acc)
             relevance[pos] = torch.nn.functional.cosine_similarity(xs, tv.unsqueeze(0), dim=1)
 
-        if spec.select is not None:
+        if spec.select is not None and not rowwise:
             stats = TokenStats(
                 logprob=logprob.view(lead),
                 prob=prob.view(lead),
@@ -237,6 +258,55 @@ class MaskedCE(torch.autograd.Function):
             kept_pos, ctx.hidden_shape, (need_h, need_w, need_b),
         )
         return dh, dW, None, dB, None, None, None, None, None
+
+
+def rowwise(select: SelectFn) -> SelectFn:
+    """Mark a ``select`` rule as per-token (its decision for a token depends only on that token).
+
+    A rowwise rule receives :class:`TokenStats` of any shape (masked_ce calls it on chunks of
+    1-D statistics while the chunk's logits are in memory) and must return a bool mask of
+    that shape. Statistics, selection and gradient then come from ONE logits GEMM (the
+    gradient is formed in the forward). Threshold rules (XTF's KN rule, entropy, excess
+    loss) are rowwise; rank-based rules (keep the top k%) are not.
+
+    Usable as a decorator: ``@rowwise def kn(s): return s.prob <= 0.95``.
+    """
+    if not callable(select):
+        raise TypeError(f"select: expected a callable, got {type(select).__name__}")
+    try:
+        select.rowwise = True  # type: ignore[attr-defined]
+        return select
+    except AttributeError:  # e.g. a builtin or a bound method: wrap it
+        def wrapped(stats: TokenStats) -> torch.Tensor:
+            return select(stats)
+
+        wrapped.rowwise = True  # type: ignore[attr-defined]
+        return wrapped
+
+
+def _chunk_selector(select, x, pos, kept, ref_logprobs, task_vector, acc):
+    """Adapt a rowwise ``select`` to the backend's ``row_select(start, end, lse, gold, ent)``."""
+    kept_rows = kept.index_select(0, pos)
+    ref_rows = None if ref_logprobs is None else ref_logprobs.reshape(-1).to(acc).index_select(0, pos)
+    tv = None if task_vector is None else task_vector.to(x.device, acc).unsqueeze(0)
+
+    def row_select(s: int, e: int, lse: torch.Tensor, gold: torch.Tensor, ent: torch.Tensor):
+        lp = gold - lse
+        stats = TokenStats(
+            logprob=lp,
+            prob=lp.exp(),
+            entropy=ent,
+            lse=lse,
+            logprob_delta=None if ref_rows is None else lp - ref_rows[s:e],
+            relevance=None if tv is None else torch.nn.functional.cosine_similarity(
+                x[s:e].to(acc), tv, dim=1
+            ),
+            keep=kept_rows[s:e].clone(),
+        )
+        mask = check_select_output(select(stats), (e - s,), x.device)
+        return mask & kept_rows[s:e]
+
+    return row_select
 
 
 def _positions(

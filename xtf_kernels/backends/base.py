@@ -19,6 +19,13 @@ problems whose rows are all valid (labels in ``[0, V)``) and implements two prim
     known after the statistics (``select``) or when the upstream gradient is per token
     (``reduction="none"``).
 
+Optional: ``forward_rowwise(x, w, b, y, cfg, row_select) -> (ForwardOut, sel)``
+    Like ``forward`` but the gradient rows are chosen chunk by chunk by
+    ``row_select(start, end, lse, gold, entropy) -> bool [end - start]`` while the chunk's
+    logits are in memory (a per-token ``select`` rule: one logits GEMM for statistics,
+    selection and gradient). ``dx`` holds the selected rows in row order; ``sel`` is bool [M].
+    Backends without it fall back to ``forward`` + ``backward`` (recompute of the kept rows).
+
 Per-row math (z = logits after the optional softcap ``c * tanh(raw / c)``)::
 
     lse     = logsumexp_v z_v

@@ -8,9 +8,13 @@ block of dW is accumulated in fp32 inside a single GEMM.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .base import CEConfig, ForwardOut, GradOut
+
+RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -81,6 +85,40 @@ class TorchBackend:
         cfg: CEConfig,
         n_grad: int,
     ) -> ForwardOut:
+        def grad_rows(s, e, lse, gold, ent):
+            return torch.arange(max(0, min(e, n_grad) - s), device=x.device)
+
+        fo, _ = self._sweep(x, w, b, y, cfg, grad_rows if n_grad else None)
+        return fo
+
+    def forward_rowwise(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        cfg: CEConfig,
+        row_select: RowSelect,
+    ) -> tuple[ForwardOut, torch.Tensor]:
+        """Forward whose gradient rows are chosen chunk by chunk by ``row_select``.
+
+        ``row_select(start, end, lse, gold, entropy) -> bool [end - start]`` sees each chunk's
+        statistics while its logits are still in memory, so a per-token rule (the XTF KN rule,
+        an entropy or excess-loss threshold) costs one logits GEMM in total. Returns the
+        forward output (``dx`` for the selected rows, in row order) and the bool [M] selection.
+        """
+        sel = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+        def grad_rows(s, e, lse, gold, ent):
+            m = row_select(s, e, lse, gold, ent)
+            sel[s:e] = m
+            return m.nonzero().squeeze(1)
+
+        fo, _ = self._sweep(x, w, b, y, cfg, grad_rows)
+        return fo, sel
+
+    def _sweep(self, x, w, b, y, cfg: CEConfig, grad_rows) -> tuple[ForwardOut, None]:
+        """Row chunks over the full vocabulary: statistics, and the gradient of chosen rows."""
         M, D = x.shape
         V = w.shape[0]
         dev = x.device
@@ -89,9 +127,10 @@ class TorchBackend:
         gold = torch.empty_like(lse)
         ent = torch.empty_like(lse)
         zsum = torch.empty_like(lse)
-        dx = x.new_empty(n_grad, D) if n_grad else None
-        dw = torch.zeros(V, D, device=dev, dtype=acc) if n_grad else None
-        db = torch.zeros(V, device=dev, dtype=acc) if (n_grad and b is not None) else None
+        want = grad_rows is not None
+        dx_parts: list[torch.Tensor] = []
+        dw = torch.zeros(V, D, device=dev, dtype=acc) if want else None
+        db = torch.zeros(V, device=dev, dtype=acc) if (want and b is not None) else None
         rows = max(1, min(M, cfg.chunk_elems // max(V, 1)))
         for s in range(0, M, rows):
             e = min(M, s + rows)
@@ -102,19 +141,28 @@ class TorchBackend:
             gold[s:e] = z.gather(1, y[s:e].unsqueeze(1)).squeeze(1)
             ent[s:e] = c_lse - (p * z).sum(1)
             zsum[s:e] = z.sum(1)
-            g = min(e, n_grad) - s
-            if g > 0:
-                dz = _dlogits_(p[:g], z[:g], c_lse[:g], None, y[s : s + g], None, V, cfg)
-                dzc = dz.to(x.dtype)
-                dx[s : s + g] = dzc @ w
-                if x.dtype == acc:
-                    dw.addmm_(dzc.t(), x[s : s + g])
-                else:
-                    dw += (dzc.t() @ x[s : s + g]).to(acc)
-                if db is not None:
-                    db += dz.sum(0)
+            if want:
+                g = grad_rows(s, e, c_lse, gold[s:e], ent[s:e])
+                if g.numel():
+                    full = g.numel() == e - s
+                    pg = p if full else p.index_select(0, g)
+                    zg = z if full else z.index_select(0, g)
+                    xg = x[s:e] if full else x[s:e].index_select(0, g)
+                    dz = _dlogits_(pg, zg, c_lse.index_select(0, g), None,
+                                   y[s:e].index_select(0, g), None, V, cfg)
+                    dzc = dz.to(x.dtype)
+                    dx_parts.append(dzc @ w)
+                    if x.dtype == acc:
+                        dw.addmm_(dzc.t(), xg)
+                    else:
+                        dw += (dzc.t() @ xg).to(acc)
+                    if db is not None:
+                        db += dz.sum(0)
             del z, p
-        return ForwardOut(lse, gold, ent, zsum, dx, dw, db)
+        dx = None
+        if want:
+            dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
+        return ForwardOut(lse, gold, ent, zsum, dx, dw, db), None
 
     def backward(
         self,
