@@ -499,8 +499,12 @@ def _patched_call(
     if want_logits:
         fields["logits"] = out["logits"]
     result = type(out)(loss=loss, **fields)
-    # not a dataclass field: kept out of to_tuple(), reachable as an attribute
-    object.__setattr__(result, "xtf_stats", stats if want_stats else None)
+    if want_stats:
+        # an extra key (after the model's own fields): survives the output re-packing that
+        # mixed-precision wrappers (accelerate's convert_outputs_to_fp32) do
+        result["xtf_stats"] = stats
+    else:
+        object.__setattr__(result, "xtf_stats", None)
     if return_dict is False:
         return result.to_tuple()
     return result

@@ -1,0 +1,84 @@
+"""TRL integration: ``XTFSFTTrainer``, TRL's ``SFTTrainer`` whose loss is :func:`masked_ce`.
+
+TRL's ``SFTTrainer`` patches the model with its own fused LM head and calls
+``model(..., fused_lm_head=True)``; that path knows nothing of a keep mask. ``XTFSFTTrainer``
+(``XTFTrainerMixin`` + ``SFTTrainer``) puts :func:`~xtf_kernels.integrations.apply_xtf` on
+top, and its ``compute_loss`` calls the patched forward, so the loss is the mean over kept
+tokens (global under gradient accumulation and data parallelism, see
+:class:`~xtf_kernels.integrations.transformers.XTFTrainerMixin`). It logs ``entropy`` (mean
+over scored tokens, from the same fused pass) and ``xtf/kept_fraction``; TRL's
+``mean_token_accuracy`` needs an argmax over the vocabulary and is not logged.
+
+Data: pre-tokenised records (``input_ids``, ``labels``, ``keep``: what ``xtf export``
+writes) with ``data_collator=XTFCollator(pad_id)`` and
+``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)``.
+TRL is an optional dependency (``pip install xtf-kernels[trl]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .transformers import XTFTrainerMixin
+
+
+def _make_sft_class() -> type:
+    try:
+        from trl import SFTTrainer
+    except ImportError as exc:  # pragma: no cover - optional dependency
+        raise ImportError(
+            "XTFSFTTrainer needs TRL: pip install 'xtf-kernels[trl]' (trl>=0.12)"
+        ) from exc
+
+    def compute_loss(
+        self: Any,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        mode = "train" if self.model.training else "eval"
+        inputs = {**inputs, "use_cache": False}
+        if num_items_in_batch is not None:
+            inputs["num_items_in_batch"] = num_items_in_batch
+        outputs = model(**inputs, xtf_return_stats=True)
+        loss = outputs.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # as Trainer.compute_loss: num_items counts every rank's tokens, DDP averages
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        stats = outputs.xtf_stats
+        if stats is not None:
+            scored = ~torch.isnan(stats.lse)
+            n_scored = self.accelerator.gather_for_metrics(scored.sum()).sum()
+            ent = self.accelerator.gather_for_metrics(
+                torch.nan_to_num(stats.entropy, nan=0.0).sum()
+            ).sum()
+            kept = self.accelerator.gather_for_metrics(stats.keep.sum()).sum()
+            n = float(n_scored)
+            self._metrics[mode]["entropy"].append(float(ent) / n if n else 0.0)
+            self._metrics[mode]["xtf/kept_fraction"].append(float(kept) / n if n else 0.0)
+        if mode == "train" and "attention_mask" in inputs:
+            seen = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += seen // getattr(self, "_tp_size", 1)
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+    return type(
+        "XTFSFTTrainer",
+        (XTFTrainerMixin, SFTTrainer),
+        {
+            "__doc__": "TRL ``SFTTrainer`` training with XTF keep masks (see the module docstring).",
+            "__module__": __name__,
+            "compute_loss": compute_loss,
+        },
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "XTFSFTTrainer":  # built lazily: importing this module does not import TRL
+        cls = _make_sft_class()
+        globals()["XTFSFTTrainer"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
