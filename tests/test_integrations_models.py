@@ -1,0 +1,235 @@
+"""apply_xtf on tiny random-init HF causal LMs: loss and every gradient equal the unpatched model's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tests._tiny import make_tiny_model  # noqa: E402
+from xtf_kernels.integrations.transformers import (  # noqa: E402
+    apply_xtf,
+    get_patch,
+    is_patched,
+    revert,
+)
+
+V = 384
+
+
+def _phi_with_bias() -> torch.nn.Module:
+    """Phi: an LM head with a bias (PhiForCausalLM's lm_head has bias=True)."""
+    cfg = transformers.PhiConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert m.get_output_embeddings().bias is not None
+    with torch.no_grad():  # make the bias matter
+        m.get_output_embeddings().bias.normal_(0, 0.5)
+    return m
+
+
+def _model(arch: str) -> torch.nn.Module:
+    if arch == "phi-bias":
+        m = _phi_with_bias()
+    elif arch == "gemma2-softcap5":  # a softcap small enough to bend the logits
+        m = make_tiny_model("gemma2", vocab_size=V, final_logit_softcapping=5.0)
+    else:
+        m = make_tiny_model(arch, vocab_size=V)
+    m.config._attn_implementation = "eager"
+    return m.float().train()
+
+
+def _batch(seed: int = 0, B: int = 3, L: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, L), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # prompt
+    labels[1, -3:] = -100  # right padding
+    att = torch.ones(B, L, dtype=torch.long)
+    att[1, -3:] = 0
+    keep = torch.rand(B, L, generator=g) > 0.35
+    return ids, att, labels, keep
+
+
+def _grads(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(ref: torch.nn.Module, got: torch.nn.Module) -> None:
+    gr, gg = _grads(ref), _grads(got)
+    assert set(gr) == set(gg) and len(gr) == sum(p.requires_grad for p in ref.parameters())
+    for n in gr:
+        torch.testing.assert_close(gg[n], gr[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+ARCHS = ["llama", "qwen2", "mistral", "gemma2", "gemma2-softcap5", "phi-bias"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_and_all_grads_match_unpatched(arch: str) -> None:
+    ref = _model(arch)
+    got = apply_xtf(copy.deepcopy(ref))
+    ids, att, labels, keep = _batch()
+    out_ref = ref(input_ids=ids, attention_mask=att, labels=labels)
+    out_ref.loss.backward()
+    out = got(input_ids=ids, attention_mask=att, labels=labels)
+    out.loss.backward()
+    assert out.logits is None  # no [tokens x vocab] logits unless asked
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(ref, got)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi-bias"])
+def test_keep_mask_and_num_items_match_masked_labels(arch: str) -> None:
+    """keep=False == label -100; num_items_in_batch divides the sum exactly as HF does."""
+    ref = _model(arch)
+    got = apply_xtf(copy.deepcopy(ref))
+    ids, att, labels, keep = _batch(seed=1)
+    num = torch.tensor(57)
+    ref_labels = labels.masked_fill(~keep, -100)
+    out_ref = ref(input_ids=ids, attention_mask=att, labels=ref_labels, num_items_in_batch=num)
+    out_ref.loss.backward()
+    out = got(input_ids=ids, attention_mask=att, labels=labels, xtf_keep=keep, num_items_in_batch=num)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(ref, got)
+
+
+def test_tied_weights_gradient_reaches_embedding() -> None:
+    ref = make_tiny_model("llama", vocab_size=V, tie_word_embeddings=True).train()
+    got = apply_xtf(copy.deepcopy(ref))
+    assert got.get_output_embeddings().weight is got.get_input_embeddings().weight
+    ids, att, labels, _ = _batch(seed=2)
+    ref(input_ids=ids, attention_mask=att, labels=labels).loss.backward()
+    got(input_ids=ids, attention_mask=att, labels=labels).loss.backward()
+    _assert_same_grads(ref, got)
+
+
+def test_logits_on_request_stats_and_return_dict() -> None:
+    ref = _model("gemma2-softcap5")
+    got = apply_xtf(copy.deepcopy(ref))
+    ids, att, labels, keep = _batch(seed=3)
+    with torch.no_grad():
+        out_ref = ref(input_ids=ids, attention_mask=att, labels=labels)
+        out = got(input_ids=ids, attention_mask=att, labels=labels, xtf_return_logits=True,
+                  xtf_return_stats=True, xtf_keep=keep)
+        tup = got(input_ids=ids, attention_mask=att, labels=labels, return_dict=False)
+    torch.testing.assert_close(out.logits, out_ref.logits)  # softcapped logits, as the model's
+    st = out.xtf_stats
+    logp = torch.log_softmax(out_ref.logits.double(), -1)[:, :-1]
+    gold = logp.gather(-1, labels[:, 1:].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    scored = labels[:, 1:] != -100
+    torch.testing.assert_close(st.logprob[:, 1:][scored].double(), gold[scored], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(st.logprob[:, 0]).all()
+    assert torch.equal(st.keep[:, 1:], (scored & keep[:, 1:]))
+    assert isinstance(tup, tuple)
+    torch.testing.assert_close(tup[0], out_ref.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_to_keep_and_shift_labels() -> None:
+    ref = _model("qwen2")
+    got = apply_xtf(copy.deepcopy(ref))
+    ids, att, labels, _ = _batch(seed=4)
+    k = 5
+    with torch.no_grad():
+        out_ref = ref(input_ids=ids, labels=labels[:, -k:], logits_to_keep=k)
+        window = got(input_ids=ids, labels=labels[:, -k:], logits_to_keep=k)
+        full = got(input_ids=ids, labels=labels, logits_to_keep=k)  # sliced to the last k
+        sref = ref(input_ids=ids, labels=labels)
+        pre = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        shifted = got(input_ids=ids, labels=labels, shift_labels=pre)
+    torch.testing.assert_close(window.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shifted.loss, sref.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_generation_unchanged_and_revert() -> None:
+    m = _model("llama").eval()
+    ids = torch.randint(3, V, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = m(input_ids=ids).logits
+        gen_before = m.generate(ids, max_new_tokens=4, do_sample=False)
+    apply_xtf(m)
+    assert is_patched(m) and get_patch(m).keep_key == "xtf_keep"
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, before)
+        assert torch.equal(m.generate(ids, max_new_tokens=4, do_sample=False), gen_before)
+    revert(m)
+    assert not is_patched(m) and "forward" not in m.__dict__
+    with torch.no_grad():
+        out = m(input_ids=ids, labels=ids)
+    assert out.logits is not None  # the original forward again
+
+
+def test_zero_num_items() -> None:
+    m = apply_xtf(_model("llama"))
+    ids, att, labels, keep = _batch(seed=6)
+    none_kept = torch.zeros_like(keep)
+    out = m(input_ids=ids, labels=labels, xtf_keep=none_kept, num_items_in_batch=torch.tensor(0))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.parameters())
+    with pytest.raises(ValueError, match="num_items_in_batch: got 0 but this micro-batch has"):
+        m(input_ids=ids, labels=labels, num_items_in_batch=0)
+
+
+def test_bad_inputs() -> None:
+    m = _model("llama")
+    ids, att, labels, keep = _batch(seed=7)
+    apply_xtf(m)
+    with pytest.raises(ValueError, match="already patched"):
+        apply_xtf(m)
+    with pytest.raises(ValueError, match=r"xtf_keep: expected shape \(3, 11\)"):
+        m(input_ids=ids, labels=labels, xtf_keep=keep[:, :-1])
+    with pytest.raises(TypeError, match="xtf_keep: expected a bool"):
+        m(input_ids=ids, labels=labels, xtf_keep=keep.float())
+    with pytest.raises(ValueError, match="given without labels"):
+        m(input_ids=ids, xtf_keep=keep)
+    with pytest.raises(ValueError, match="labels: expected shape"):
+        m(input_ids=ids, labels=labels[:, :-2])
+    revert(m)
+    with pytest.raises(ValueError, match="unpatched"):
+        revert(m)
+    no_head = _model("llama")
+    no_head.lm_head = torch.nn.Identity()
+    with pytest.raises(TypeError, match="nn.Linear LM head"):
+        apply_xtf(no_head)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        apply_xtf("llama")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="get_output_embeddings"):
+        apply_xtf(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="keep_key"):
+        apply_xtf(_model("llama"), keep_key="not an identifier")
+
+
+def test_signature_carries_keep_key_and_peft_is_unwrapped() -> None:
+    import inspect
+
+    m = apply_xtf(_model("llama"), keep_key="my_keep")
+    params = inspect.signature(m.forward).parameters
+    assert "my_keep" in params and "labels" in params
+    assert any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    peft = pytest.importorskip("peft")
+    base = _model("llama")
+    ref = copy.deepcopy(base)
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8, init_lora_weights=False)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(base, cfg)
+    torch.manual_seed(0)
+    pref = peft.get_peft_model(ref, cfg)
+    apply_xtf(pm)
+    assert is_patched(pm.get_base_model())
+    ids, att, labels, keep = _batch(seed=8)
+    a = pm(input_ids=ids, attention_mask=att, labels=labels, xtf_keep=keep)
+    b = pref(input_ids=ids, attention_mask=att, labels=labels.masked_fill(~keep, -100))
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(pref, pm)
