@@ -304,7 +304,11 @@ def apply_xtf(
             params.append(inspect.Parameter(extra, inspect.Parameter.KEYWORD_ONLY, default=None))
     if not var_kw:
         var_kw = [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
-    xtf_forward.__signature__ = inner_sig.replace(parameters=params + var_kw)  # type: ignore[attr-defined]
+    # the function's own signature starts with self, which binding to the model drops
+    self_param = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    xtf_forward.__signature__ = inner_sig.replace(  # type: ignore[attr-defined]
+        parameters=self_param + params + var_kw
+    )
     xtf_forward.__doc__ = (
         f"{type(target).__name__}.forward patched by xtf_kernels apply_xtf (keep_key={keep_key!r})."
     )
@@ -561,6 +565,15 @@ class XTFTrainerMixin:
             from ..xtf.dynamic import DynamicXTFCallback
 
             self.add_callback(DynamicXTFCallback(policy))  # type: ignore[attr-defined]
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        from .collator import KEEP_FIELDS, REF_FIELDS
+
+        cols = self._signature_columns  # type: ignore[has-type]
+        for name in (*KEEP_FIELDS, *REF_FIELDS):  # record fields XTFCollator reads
+            if name not in cols:
+                cols.append(name)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
         key = self.xtf_keep_key

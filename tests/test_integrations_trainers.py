@@ -1,0 +1,133 @@
+"""HF Trainer / TRL SFTTrainer with apply_xtf: same losses as without it, GA 1 and 4."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from tests._tiny import make_tiny_model, make_tokenizer  # noqa: E402
+from xtf_kernels.integrations.collator import XTFCollator  # noqa: E402
+from xtf_kernels.integrations.transformers import XTFTrainerMixin, apply_xtf  # noqa: E402
+from xtf_kernels.xtf.dynamic import DynamicXTF  # noqa: E402
+
+MAX_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def records(tok):
+    """xtf-export-like records: ragged lengths, a prompt (-100), a keep mask with ~30% masked."""
+    g = torch.Generator().manual_seed(0)
+    recs = []
+    for _ in range(24):
+        n = int(torch.randint(6, 15, (1,), generator=g))
+        ids = torch.randint(3, len(tok), (n,), generator=g).tolist()
+        p = int(torch.randint(1, 4, (1,), generator=g))
+        labels = [-100] * p + ids[p:]
+        keep = (torch.rand(n, generator=g) > 0.3).tolist()
+        recs.append({"input_ids": ids, "labels": labels, "keep": keep})
+    return recs
+
+
+def _args(cls, tmp_path, ga: int, **extra):
+    return cls(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
+        gradient_accumulation_steps=ga, max_steps=MAX_STEPS, learning_rate=1e-2, report_to=[],
+        logging_steps=1, save_strategy="no", use_cpu=True, seed=0, data_seed=0, bf16=False,
+        **extra,
+    )
+
+
+def _losses(trainer) -> list[float]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    out = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(out) == MAX_STEPS
+    return out
+
+
+def _model(tok, patch: bool = False):
+    torch.manual_seed(0)
+    m = make_tiny_model("llama", vocab_size=len(tok)).train()
+    return apply_xtf(m) if patch else m
+
+
+@pytest.mark.parametrize("ga", [1, 4])
+def test_hf_trainer_same_losses_with_and_without_patch(tmp_path, tok, records, ga: int) -> None:
+    ds = datasets.Dataset.from_list(records)
+    masked = XTFCollator(tok.pad_token_id, apply_keep_to_labels=True)  # keep folded into labels
+    args = _args(transformers.TrainingArguments, tmp_path, ga)
+    base = _losses(transformers.Trainer(model=_model(tok), args=args, train_dataset=ds, data_collator=masked))
+    patched = _losses(
+        transformers.Trainer(model=_model(tok, patch=True), args=args, train_dataset=ds, data_collator=masked)
+    )
+    torch.testing.assert_close(patched, base, rtol=2e-5, atol=2e-5)
+    # the keep mask carried through the batch (labels untouched) gives the same run; the
+    # column survives remove_unused_columns because the patched forward's signature names it
+    from xtf_kernels.integrations.transformers import XTFTrainer
+
+    carried = XTFCollator(tok.pad_token_id)
+    xtf = _losses(XTFTrainer(model=_model(tok), args=args, train_dataset=ds, data_collator=carried))
+    torch.testing.assert_close(xtf, base, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("ga", [1, 4])
+def test_trl_sft_trainer_same_losses(tmp_path, tok, records, ga: int) -> None:
+    trl = pytest.importorskip("trl")
+    from xtf_kernels.integrations.trl import XTFSFTTrainer
+
+    ds = datasets.Dataset.from_list(records)
+    args = _args(trl.SFTConfig, tmp_path, ga, remove_unused_columns=False,
+                 dataset_kwargs={"skip_prepare_dataset": True})
+    base_tr = trl.SFTTrainer(model=_model(tok), args=args, train_dataset=ds, processing_class=tok,
+                             data_collator=XTFCollator(tok.pad_token_id, apply_keep_to_labels=True))
+    base = _losses(base_tr)
+    xtf_tr = XTFSFTTrainer(model=_model(tok), args=args, train_dataset=ds, processing_class=tok,
+                           data_collator=XTFCollator(tok.pad_token_id))
+    xtf = _losses(xtf_tr)
+    torch.testing.assert_close(xtf, base, rtol=2e-5, atol=2e-5)
+    logged = [h for h in xtf_tr.state.log_history if "loss" in h]
+    assert all(0.5 < h["xtf/kept_fraction"] < 0.9 for h in logged)
+    ref_ent = [h["entropy"] for h in base_tr.state.log_history if "loss" in h]
+    # TRL averages entropy over label tokens, we over scored tokens (kept or masked): close
+    assert all(abs(a["entropy"] - b) < 0.05 for a, b in zip(logged, ref_ent))
+
+
+def test_dynamic_policy_logs_per_rule_fractions(tmp_path, tok, records) -> None:
+    ds = datasets.Dataset.from_list(records)
+    from xtf_kernels.integrations.transformers import XTFTrainer
+
+    policy = DynamicXTF(kn_threshold=0.999, entropy_min=5.9)  # both fire on a random model
+    tr = XTFTrainer(model=_model(tok), args=_args(transformers.TrainingArguments, tmp_path, 2),
+                    train_dataset=ds, data_collator=XTFCollator(tok.pad_token_id), xtf_select=policy)
+    _losses(tr)
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(policy.history) == MAX_STEPS  # one record per optimizer step (2 micro-batches)
+    assert policy.calls == 2 * MAX_STEPS
+    for h, rec in zip(logs, policy.history):
+        assert h["xtf/masked_kn"] == pytest.approx(rec["kn"])
+        assert h["xtf/masked_entropy"] == pytest.approx(rec["entropy"])
+        assert h["xtf/masked_any"] == pytest.approx(rec["any"])
+        assert 0.0 < rec["entropy"] < 1.0 and rec["any"] >= max(rec["kn"], rec["entropy"])
+
+
+def test_mixin_counts_only_kept_tokens(tmp_path, tok, records) -> None:
+    from xtf_kernels.integrations.transformers import XTFTrainer
+
+    coll = XTFCollator(tok.pad_token_id)
+    batches = [coll(records[0:2]), coll(records[2:4])]
+    tr = XTFTrainer(model=_model(tok), args=_args(transformers.TrainingArguments, tmp_path, 2))
+    n = tr._get_num_items_in_batch(batches, torch.device("cpu"))
+    want = sum(((b["labels"] != -100) & b["xtf_keep"])[:, 1:].sum() for b in batches)
+    assert int(n) == int(want)
+    assert isinstance(tr, XTFTrainerMixin)
