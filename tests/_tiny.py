@@ -184,3 +184,33 @@ def make_tiny_model_dir(
     if save_tokenizer:
         tok.save_pretrained(out)
     return out
+
+
+def eager_received_attention(model, input_ids, attention_mask, *, layers=None, reduce="mean_over_queries"):
+    """Oracle / fallback for ``collect_received_attention`` from eager ``output_attentions=True``.
+
+    fp32 ``[B, L]``: attention received by each key position, averaged over the valid query
+    positions that attend to it (causal: the later, non-padding queries; ``reduce="sum"``: the
+    raw summed mass), then over heads and the chosen layers; 0 at padding. Materialises the
+    [B, H, L, L] probabilities, so it is for tiny test models only.
+    """
+    prev = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True, use_cache=False)
+    finally:
+        model.set_attn_implementation(prev)
+    atts = out.attentions
+    idx = range(len(atts)) if layers is None else layers
+    m = attention_mask.to(torch.float32)
+    total = None
+    for i in idx:
+        a = atts[i].float() * m[:, None, :, None]  # zero padded queries
+        recv = a.sum(dim=2)  # [B, H, L] summed over queries
+        if reduce == "mean_over_queries":
+            seen = (a > 0).sum(dim=2).clamp_min(1).float()
+            recv = recv / seen
+        r = recv.mean(dim=1)
+        total = r if total is None else total + r
+    return (total / len(list(idx))) * m

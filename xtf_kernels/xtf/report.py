@@ -1,0 +1,251 @@
+"""``build_report``: a self-contained HTML page (and PNG plots) for a scored XTF run.
+
+The page embeds everything (CSS, JS, plots as base64 PNG): per-example responses with masked
+tokens coloured by reason and their scores on hover, histograms of the three scores with the
+thresholds used, the overlap of the rules, and a search / filter box.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .export import load_token_table
+from .rules import reason_names
+
+__all__ = ["build_report", "make_plots"]
+
+_COLORS = {0: "transparent", 1: "#f4a3a3", 2: "#9cc3f5", 3: "#c9a3f4", 4: "#f7e08a", 5: "#f7b77a", 6: "#a8e6a1", 7: "#bdbdbd"}
+_NAMES = {0: "kept", 1: "RI", 2: "KN", 3: "RI+KN", 4: "TR", 5: "RI+TR", 6: "KN+TR", 7: "RI+KN+TR"}
+
+
+def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> dict[str, bytes]:
+    """Histograms of S_RI, S_KN, S_TR with their thresholds, and the rule-overlap bars; saved as PNG.
+
+    Returns ``{name: png bytes}`` (also written to ``plot_dir/<name>.png``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    resp = cols["is_response"].astype(bool)
+    thr = summary["thresholds"]
+    out: dict[str, bytes] = {}
+
+    def save(fig, name: str) -> None:
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        out[name] = buf.getvalue()
+        (plot_dir / f"{name}.png").write_bytes(out[name])
+
+    def clean(a):
+        a = np.asarray(a, dtype=np.float64)[resp]
+        return a[~np.isnan(a)]
+
+    ri = clean(cols["ri"])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(ri, bins=60, color="#d9534f", alpha=0.8)
+    fences = np.unique(np.asarray(cols["ri_fence"], dtype=np.float64)[resp])
+    fences = fences[~np.isnan(fences)]
+    if fences.size:
+        ax.axvline(float(np.median(fences)), color="k", ls="--", label=f"median per-sequence fence (k={thr['ri']['k']})")
+        ax.legend(fontsize=7)
+    ax.set_title("S_RI: attention received (response tokens)")
+    ax.set_xlabel("S_RI")
+    ax.set_ylabel("tokens")
+    save(fig, "hist_ri")
+
+    kn = clean(cols["kn"])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(kn, bins=np.linspace(0, 1, 51), color="#337ab7", alpha=0.8)
+    ax.axvline(thr["kn"]["threshold"], color="k", ls="--", label=f"mask S_KN < {thr['kn']['threshold']}")
+    ax.set_title("S_KN = 1 - p(gold)")
+    ax.set_xlabel("S_KN")
+    ax.set_ylabel("tokens")
+    ax.legend(fontsize=7)
+    save(fig, "hist_kn")
+
+    tr = clean(cols["tr"])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(tr, bins=np.linspace(0, 1, 65), color="#f0ad4e", alpha=0.85)
+    ts = thr["tr"].get("thresholds") or []
+    for t in ts:
+        ax.axvline(t, color="k", ls="--")
+    rng = thr["tr"].get("masked_range")
+    if rng:
+        lo = 0.0 if rng[0] is None else rng[0]
+        hi = 1.0 if rng[1] is None else rng[1]
+        ax.axvspan(lo, hi, color="#999", alpha=0.25, label="masked Multi-Otsu class")
+        ax.legend(fontsize=7)
+    ax.set_title("S_TR: task relevance (Multi-Otsu thresholds)")
+    ax.set_xlabel("S_TR")
+    ax.set_ylabel("tokens")
+    save(fig, "hist_tr")
+
+    comb = summary["overlap"]["combinations"]
+    names = [n for n in ("RI", "KN", "TR", "RI+KN", "RI+TR", "KN+TR", "RI+KN+TR")]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bits = {v: k for k, v in _NAMES.items()}
+    ax.bar(names, [comb.get(n, 0) for n in names], color=[_COLORS[bits[n]] for n in names], edgecolor="k")
+    ax.set_title("Masked tokens by exact combination of rules")
+    ax.set_ylabel("tokens")
+    ax.tick_params(axis="x", labelrotation=30)
+    save(fig, "overlap")
+    return out
+
+
+def _fmt(x) -> str:
+    return "nan" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{float(x):.4g}"
+
+
+def build_report(
+    out_dir: str | os.PathLike,
+    dest: str | os.PathLike | None = None,
+    *,
+    max_examples: int = 200,
+    show_prompt: bool = True,
+) -> Path:
+    """Write the HTML report of a scored run.
+
+    Args:
+        out_dir: a scored run directory (``tokens/`` shards and ``summary.json``).
+        dest: HTML path (default ``out_dir/report/index.html``); PNGs go next to it.
+        max_examples: examples rendered (the first ones by id); the statistics use all tokens.
+        show_prompt: render prompt tokens (greyed) before each response.
+
+    Returns:
+        Path of the HTML file.
+    """
+    out = Path(out_dir)
+    if not isinstance(max_examples, int) or max_examples < 1:
+        raise ValueError(f"max_examples: expected a positive int, got {max_examples!r}")
+    summ_path = out / "summary.json"
+    if not summ_path.is_file():
+        raise FileNotFoundError(f"out_dir: {summ_path} not found; run `xtf score` first")
+    summary = json.loads(summ_path.read_text())
+    dest = Path(dest) if dest is not None else out / "report" / "index.html"
+    t = load_token_table(out)
+    cols = {c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names}
+    pngs = make_plots(cols, summary, dest.parent)
+
+    ex = cols["example_id"]
+    order = np.lexsort((cols["position"], ex))
+    uniq, starts = np.unique(ex[order], return_index=True)
+    bounds = np.append(starts, order.size)
+    blocks = []
+    for i, e in enumerate(uniq[:max_examples]):
+        rows = order[bounds[i] : bounds[i + 1]]
+        spans = []
+        bits_seen = 0
+        text = []
+        for r in rows:
+            tok = str(cols["token_text"][r])
+            text.append(tok)
+            if not cols["is_response"][r]:
+                if show_prompt:
+                    spans.append(f'<span class="p">{html.escape(tok)}</span>')
+                continue
+            b = int(cols["reasons"][r])
+            bits_seen |= b
+            why = ",".join(reason_names(b)) or "kept"
+            tip = (f"{why} | RI={_fmt(cols['ri'][r])} (fence {_fmt(cols['ri_fence'][r])}) "
+                   f"KN={_fmt(cols['kn'][r])} TR={_fmt(cols['tr'][r])} id={int(cols['token_id'][r])}")
+            spans.append(f'<span class="t r{b}" title="{html.escape(tip)}">{html.escape(tok)}</span>')
+        n_resp = int(cols["is_response"][rows].sum())
+        n_mask = int((cols["reasons"][rows] > 0).sum())
+        blocks.append(
+            f'<div class="ex" data-bits="{bits_seen}" data-text="{html.escape("".join(text).lower())}">'
+            f'<div class="hd">example {int(e)} &middot; {n_resp} response tokens, {n_mask} masked</div>'
+            f'<div class="body">{"".join(spans)}</div></div>'
+        )
+    tok = summary["tokens"]
+    frac = summary["masked_fraction"]
+    pairs = summary["overlap"]["pairs"]
+    comb = summary["overlap"]["combinations"]
+    thr = summary["thresholds"]
+    img = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in pngs.items()}
+    legend = "".join(
+        f'<span class="t r{b}" style="margin-right:6px">{_NAMES[b]}</span>' for b in range(1, 8)
+    )
+    pair_rows = "".join(
+        f"<tr><td>{k}</td><td>{v['both']}</td><td>{v['jaccard']:.3f}</td><td>{v['overlap_of_smaller']:.3f}</td></tr>"
+        for k, v in pairs.items()
+    )
+    comb_rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in comb.items())
+    more = "" if len(uniq) <= max_examples else f"<p>Showing {max_examples} of {len(uniq)} examples.</p>"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>XTF report</title>
+<style>
+body{{font-family:system-ui,Segoe UI,Helvetica,Arial,sans-serif;margin:20px;color:#222;max-width:1200px}}
+h1{{font-size:22px}} h2{{font-size:17px;margin-top:22px}}
+table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+.cards{{display:flex;gap:12px;flex-wrap:wrap}} .card{{background:#f5f5f5;border-radius:6px;padding:8px 14px}}
+.card b{{display:block;font-size:20px}}
+.plots img{{width:380px;margin:4px;border:1px solid #ddd}}
+.ex{{border:1px solid #ddd;border-radius:6px;margin:8px 0;padding:6px 10px}}
+.hd{{font-size:12px;color:#666;margin-bottom:4px}}
+.body{{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;line-height:1.6}}
+.p{{color:#999}} .t{{border-radius:3px;padding:0 1px}}
+{"".join(f".r{b}{{background:{c}}}" for b, c in _COLORS.items())}
+.t.r0:hover,.t:hover{{outline:1px solid #333}}
+#controls{{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #ddd}}
+</style></head><body>
+<h1>XTF token filtering report</h1>
+<p>Method: {html.escape(summary.get("paper", ""))}. Masked = any rule fires (union); prompt tokens are never trained on.</p>
+<div class="cards">
+<div class="card">examples<b>{summary["examples"]["scored"]}</b></div>
+<div class="card">response tokens<b>{tok["response"]}</b></div>
+<div class="card">masked (any)<b>{tok["masked"]} ({frac["any"]:.1%})</b></div>
+<div class="card">RI<b>{summary["masked"]["RI"]} ({frac["RI"]:.1%})</b></div>
+<div class="card">KN<b>{summary["masked"]["KN"]} ({frac["KN"]:.1%})</b></div>
+<div class="card">TR<b>{summary["masked"]["TR"]} ({frac["TR"]:.1%})</b></div>
+</div>
+<h2>Thresholds</h2>
+<p>RI: per sequence S_RI &lt; Q1 - {thr["ri"]["k"]}&middot;IQR &middot; KN: S_KN &lt; {thr["kn"]["threshold"]} &middot;
+TR: Multi-Otsu thresholds {html.escape(json.dumps(thr["tr"].get("thresholds")))}, masked class range {html.escape(json.dumps(thr["tr"].get("masked_range")))} ({html.escape(str(thr["tr"].get("metric")))} distance)</p>
+<h2>Score distributions</h2>
+<div class="plots"><img alt="RI histogram" src="{img["hist_ri"]}"><img alt="KN histogram" src="{img["hist_kn"]}"><img alt="TR histogram" src="{img["hist_tr"]}"><img alt="rule overlap" src="{img["overlap"]}"></div>
+<h2>Overlap of the rules</h2>
+<div class="cards"><table><tr><th>pair</th><th>both</th><th>Jaccard</th><th>of smaller</th></tr>{pair_rows}</table>
+<table><tr><th>exact reasons</th><th>tokens</th></tr>{comb_rows}</table></div>
+<h2>Examples</h2>
+<div id="controls"><input id="q" type="search" placeholder="search text..." size="40">
+<label><input type="checkbox" class="f" value="1">RI</label>
+<label><input type="checkbox" class="f" value="2">KN</label>
+<label><input type="checkbox" class="f" value="4">TR</label>
+<span style="font-size:12px;color:#666">(only examples with a token masked by a checked rule)</span>
+<span id="count"></span><div style="margin-top:4px">{legend}</div></div>
+{more}
+<div id="examples">{"".join(blocks)}</div>
+<script>
+(function(){{
+  var q=document.getElementById('q'), boxes=document.querySelectorAll('.f'), exs=document.querySelectorAll('.ex');
+  function update(){{
+    var s=q.value.toLowerCase(), m=0, n=0;
+    boxes.forEach(function(b){{ if(b.checked) m|=parseInt(b.value); }});
+    exs.forEach(function(e){{
+      var ok=(!s || e.dataset.text.indexOf(s)>=0) && (!m || (parseInt(e.dataset.bits)&m));
+      e.style.display=ok?'':'none'; if(ok) n++;
+    }});
+    document.getElementById('count').textContent=' '+n+' shown';
+  }}
+  q.addEventListener('input',update); boxes.forEach(function(b){{b.addEventListener('change',update);}}); update();
+}})();
+</script>
+</body></html>
+"""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, dest)
+    return dest

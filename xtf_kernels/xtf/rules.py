@@ -1,0 +1,218 @@
+"""The three XTF noise rules, their union and the per-token reason bitmask.
+
+A response token is masked (label -> ignore index) when ANY enabled rule fires:
+
+* RI (reasoning importance, Eq. 5): per sequence, over its response tokens,
+  ``S_RI < Q1 - k * (Q3 - Q1)`` (quartiles by linear interpolation, ``k = 1.0`` default).
+* KN (knowledge novelty, Eq. 6): ``S_KN < kn_threshold`` (0.05: the base model already gives
+  the gold token P > 0.95).
+* TR (task relevance, Eq. 7): Multi-Otsu on the dataset's S_TR values (3 classes); the class
+  with the second-smallest mean (class index 1 of the ordered classes) is masked.
+
+Prompt tokens are never trained on: their ``keep`` is False and their reason bitmask is 0.
+NaN scores never fire a rule.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .multiotsu import digitize
+
+__all__ = ["Reason", "RuleConfig", "ri_fence_mask", "kn_mask", "tr_mask", "apply_rules", "overlap_counts", "reason_names"]
+
+
+class Reason(enum.IntFlag):
+    """Bits of the per-token reason mask (``reasons`` column): why a token was masked."""
+
+    RI = 1
+    KN = 2
+    TR = 4
+
+
+def reason_names(bits: int) -> list[str]:
+    """Names of the set bits, e.g. ``reason_names(5) == ["RI", "TR"]``."""
+    return [r.name for r in (Reason.RI, Reason.KN, Reason.TR) if int(bits) & int(r)]
+
+
+_RULES = ("ri", "kn", "tr")
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """Thresholds of the three rules (defaults: the method note's reading of the paper).
+
+    Attributes:
+        ri_k: fence multiplier k in ``Q1 - k * IQR`` (1.0; 1.5 is Tukey's fence).
+        kn_threshold: mask when ``S_KN < kn_threshold``.
+        tr_classes: Multi-Otsu classes.
+        tr_masked_class: which class (0 = lowest mean) is masked; 1 = second-smallest mean.
+        tr_nbins: bins of the fixed [0, 1] histogram of S_TR.
+        enabled: rules in force, a subset of ("ri", "kn", "tr") (ablations).
+    """
+
+    ri_k: float = 1.0
+    kn_threshold: float = 0.05
+    tr_classes: int = 3
+    tr_masked_class: int = 1
+    tr_nbins: int = 256
+    enabled: tuple[str, ...] = field(default=_RULES)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ri_k, (int, float)) or not np.isfinite(self.ri_k) or self.ri_k < 0:
+            raise ValueError(f"ri_k: expected a finite number >= 0, got {self.ri_k!r}")
+        if not isinstance(self.kn_threshold, (int, float)) or not 0.0 <= self.kn_threshold <= 1.0:
+            raise ValueError(f"kn_threshold: expected a number in [0, 1], got {self.kn_threshold!r}")
+        if not isinstance(self.tr_classes, int) or self.tr_classes < 2:
+            raise ValueError(f"tr_classes: expected an int >= 2, got {self.tr_classes!r}")
+        if not isinstance(self.tr_masked_class, int) or not 0 <= self.tr_masked_class < self.tr_classes:
+            raise ValueError(
+                f"tr_masked_class: expected an int in [0, {self.tr_classes}), got {self.tr_masked_class!r}"
+            )
+        if not isinstance(self.tr_nbins, int) or self.tr_nbins < self.tr_classes:
+            raise ValueError(f"tr_nbins: expected an int >= tr_classes, got {self.tr_nbins!r}")
+        en = tuple(self.enabled)
+        if not set(en) <= set(_RULES):
+            raise ValueError(f"enabled: expected a subset of {_RULES}, got {en!r}")
+        object.__setattr__(self, "enabled", tuple(r for r in _RULES if r in en))
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form."""
+        d = asdict(self)
+        d["enabled"] = list(self.enabled)
+        return d
+
+
+def _as1d(name: str, a, dtype=None) -> np.ndarray:
+    arr = np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array, got shape {arr.shape}")
+    return arr
+
+
+def ri_fence_mask(
+    ri: np.ndarray, example_id: np.ndarray, is_response: np.ndarray, k: float = 1.0
+) -> tuple[np.ndarray, dict[int, float]]:
+    """RI rule: per sequence, response tokens below ``Q1 - k * (Q3 - Q1)``.
+
+    Args:
+        ri: float ``[N]`` attention-received scores (one row per token of the table).
+        example_id: int ``[N]`` sequence of each row (rows need not be sorted).
+        is_response: bool ``[N]``; only response tokens enter the quartiles and can fire.
+        k: fence multiplier.
+
+    Returns:
+        (bool ``[N]`` fired, ``{example_id: fence}`` for sequences with response tokens).
+    """
+    ri = _as1d("ri", ri, np.float64)
+    ex = _as1d("example_id", example_id)
+    resp = _as1d("is_response", is_response, bool)
+    if not (ri.shape == ex.shape == resp.shape):
+        raise ValueError(f"ri, example_id, is_response: expected equal lengths, got {ri.shape}, {ex.shape}, {resp.shape}")
+    fired = np.zeros(ri.shape, dtype=bool)
+    fences: dict[int, float] = {}
+    sel = np.flatnonzero(resp & ~np.isnan(ri))
+    if sel.size == 0:
+        return fired, fences
+    order = sel[np.argsort(ex[sel], kind="stable")]
+    uniq, starts = np.unique(ex[order], return_index=True)
+    bounds = np.append(starts, order.size)
+    for i, e in enumerate(uniq):
+        rows = order[bounds[i] : bounds[i + 1]]
+        q1, q3 = np.percentile(ri[rows], [25.0, 75.0])
+        fence = q1 - float(k) * (q3 - q1)
+        fences[int(e)] = float(fence)
+        fired[rows] = ri[rows] < fence
+    return fired, fences
+
+
+def kn_mask(kn: np.ndarray, is_response: np.ndarray, threshold: float = 0.05) -> np.ndarray:
+    """KN rule: response tokens with ``S_KN < threshold`` (bool ``[N]``; NaN never fires)."""
+    kn = _as1d("kn", kn, np.float64)
+    resp = _as1d("is_response", is_response, bool)
+    if kn.shape != resp.shape:
+        raise ValueError(f"kn, is_response: expected equal lengths, got {kn.shape}, {resp.shape}")
+    with np.errstate(invalid="ignore"):
+        return resp & (kn < float(threshold))
+
+
+def tr_mask(
+    tr: np.ndarray, is_response: np.ndarray, thresholds: np.ndarray | None, masked_class: int = 1
+) -> np.ndarray:
+    """TR rule: response tokens whose Multi-Otsu class (``np.digitize(tr, thresholds)``) is ``masked_class``.
+
+    ``thresholds=None`` (S_TR could not be thresholded, e.g. constant) never fires.
+    """
+    tr = _as1d("tr", tr, np.float64)
+    resp = _as1d("is_response", is_response, bool)
+    if tr.shape != resp.shape:
+        raise ValueError(f"tr, is_response: expected equal lengths, got {tr.shape}, {resp.shape}")
+    if thresholds is None:
+        return np.zeros(tr.shape, dtype=bool)
+    cls = digitize(tr, np.asarray(thresholds, dtype=np.float64))
+    return resp & (cls == int(masked_class))
+
+
+def apply_rules(
+    table: dict[str, np.ndarray],
+    config: RuleConfig | None = None,
+    tr_thresholds: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the enabled rules to a score table.
+
+    Args:
+        table: mapping with 1-D columns ``example_id`` (int), ``is_response`` (bool), ``ri``,
+            ``kn``, ``tr`` (float; NaN = not scored). A pyarrow Table converted with
+            ``{c: t[c].to_numpy() for c in t.column_names}`` works.
+        config: thresholds (default :class:`RuleConfig`).
+        tr_thresholds: Multi-Otsu thresholds of S_TR (from the whole dataset).
+
+    Returns:
+        (``reasons`` uint8 ``[N]`` bitmask of :class:`Reason`, ``keep`` bool ``[N]``: response
+        token and no rule fired).
+    """
+    cfg = config or RuleConfig()
+    if not isinstance(cfg, RuleConfig):
+        raise TypeError(f"config: expected a RuleConfig, got {type(cfg).__name__}")
+    for c in ("example_id", "is_response", "ri", "kn", "tr"):
+        if c not in table:
+            raise ValueError(f"table: missing column {c!r}")
+    resp = np.asarray(table["is_response"], dtype=bool)
+    reasons = np.zeros(resp.shape, dtype=np.uint8)
+    if "ri" in cfg.enabled:
+        fired, _ = ri_fence_mask(table["ri"], table["example_id"], resp, cfg.ri_k)
+        reasons |= np.where(fired, np.uint8(Reason.RI), np.uint8(0))
+    if "kn" in cfg.enabled:
+        reasons |= np.where(kn_mask(table["kn"], resp, cfg.kn_threshold), np.uint8(Reason.KN), np.uint8(0))
+    if "tr" in cfg.enabled:
+        fired = tr_mask(table["tr"], resp, tr_thresholds, cfg.tr_masked_class)
+        reasons |= np.where(fired, np.uint8(Reason.TR), np.uint8(0))
+    keep = resp & (reasons == 0)
+    return reasons, keep
+
+
+def overlap_counts(reasons: np.ndarray, is_response: np.ndarray) -> dict[str, int]:
+    """Counts of response tokens per rule, per pair and per exact reason combination.
+
+    Keys: ``"RI"``, ``"KN"``, ``"TR"`` (fired, possibly with others), ``"RI&KN"``, ``"RI&TR"``,
+    ``"KN&TR"``, ``"RI&KN&TR"``, ``"masked"``, ``"kept"``, ``"response"`` and ``"only:<bits>"``
+    for each of the 8 exact bitmasks 0..7.
+    """
+    r = np.asarray(reasons, dtype=np.int64)[np.asarray(is_response, dtype=bool)]
+    counts = np.bincount(r, minlength=8)[:8]
+    out: dict[str, int] = {f"only:{b}": int(counts[b]) for b in range(8)}
+    bits = np.arange(8)
+
+    def n(mask: int) -> int:
+        return int(counts[(bits & mask) == mask].sum())
+
+    out.update(
+        {"RI": n(1), "KN": n(2), "TR": n(4), "RI&KN": n(3), "RI&TR": n(5), "KN&TR": n(6), "RI&KN&TR": n(7)}
+    )
+    out["response"] = int(counts.sum())
+    out["kept"] = int(counts[0])
+    out["masked"] = out["response"] - out["kept"]
+    return out

@@ -1,0 +1,228 @@
+"""The three XTF attribute scorers, computed with the frozen base model.
+
+* :func:`reasoning_importance`: attention received per key position, from
+  :func:`xtf_kernels.attention.collect_received_attention` (no [L x L] matrices).
+* :func:`knowledge_novelty`: ``S_KN = 1 - p(gold)`` from :func:`xtf_kernels.masked_ce` on the
+  decoder's final hidden states and the LM head with ``shift=True`` (no logits materialised).
+* :class:`TaskRelevance`: ``S_TR = 1 - minmax(D(E[token], V))`` with ``V`` the mean
+  input-embedding row over the dataset's response-token occurrences, accumulated as a token-id
+  histogram (streamed; mergeable across ranks), D cosine (default) or euclidean distance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..ops import masked_ce
+
+__all__ = [
+    "reasoning_importance",
+    "decoder_hidden",
+    "knowledge_novelty",
+    "TaskRelevance",
+    "resolve_ri_fn",
+]
+
+RIFn = Callable[..., torch.Tensor]
+
+
+def resolve_ri_fn(ri_fn: RIFn | None = None) -> RIFn:
+    """The attention-received function: ``ri_fn`` or ``xtf_kernels.attention.collect_received_attention``."""
+    if ri_fn is not None:
+        if not callable(ri_fn):
+            raise TypeError(f"ri_fn: expected a callable, got {type(ri_fn).__name__}")
+        return ri_fn
+    try:
+        from ..attention import collect_received_attention
+    except ImportError as e:
+        raise ImportError(
+            "reasoning importance needs xtf_kernels.attention.collect_received_attention, "
+            f"which could not be imported ({e}); pass ri_fn= to use another implementation"
+        ) from e
+    return collect_received_attention
+
+
+def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError("input_ids: expected an int64/int32 tensor [B, L]")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected a tensor of shape {tuple(input_ids.shape)}")
+
+
+def reasoning_importance(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    layers: Sequence[int] | None = None,
+    reduce: str = "mean_over_queries",
+    ri_fn: RIFn | None = None,
+) -> torch.Tensor:
+    """S_RI: attention received by each position (fp32 ``[B, L]``, 0 at padding).
+
+    Args:
+        model: Hugging Face causal LM (the frozen base model).
+        input_ids: int ``[B, L]``; attention_mask: ``[B, L]`` (1 = token, 0 = padding).
+        layers: layer subset (None: all layers).
+        reduce: ``"mean_over_queries"`` (default: averaged over the queries that see the key)
+            or another mode supported by the attention module (e.g. raw summed mass).
+        ri_fn: override of ``collect_received_attention`` (same signature).
+    """
+    _check_batch(input_ids, attention_mask)
+    fn = resolve_ri_fn(ri_fn)
+    ri = fn(model, input_ids, attention_mask, layers=layers, reduce=reduce)
+    if not isinstance(ri, torch.Tensor) or tuple(ri.shape) != tuple(input_ids.shape):
+        raise ValueError(f"ri_fn: expected a tensor of shape {tuple(input_ids.shape)}, got {getattr(ri, 'shape', ri)!r}")
+    return ri.float()
+
+
+def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states ``[B, L, D]`` from the decoder, without the LM head."""
+    _check_batch(input_ids, attention_mask)
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if dec is None or dec is model:
+        raise ValueError("model: expected a causal LM with a decoder (get_decoder()) and an LM head")
+    out = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def lm_head_params(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None, float]:
+    """(weight [V, D], bias or None, final-logit softcap or None, hidden scale) of the LM head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError("model: has no LM head (get_output_embeddings() is None); load a *ForCausalLM checkpoint")
+    cfg = getattr(model, "config", None)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
+    return head.weight, getattr(head, "bias", None), softcap, scale
+
+
+def knowledge_novelty(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    hidden: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """S_KN = 1 - p(gold) under teacher forcing, plus log-prob and entropy, label-aligned.
+
+    Args:
+        model: causal LM; input_ids / attention_mask: ``[B, L]``.
+        hidden: final hidden states ``[B, L, D]`` if already computed (else the decoder is run).
+        ref_logprobs: fp32 ``[B, L]`` reference-model log-probs (gives ``logprob_delta``).
+        backend: masked_ce backend.
+
+    Returns:
+        dict of fp32 ``[B, L]`` tensors ``kn``, ``logprob``, ``entropy`` (and ``logprob_delta``
+        with ``ref_logprobs``); NaN at position 0 and at padding.
+    """
+    _check_batch(input_ids, attention_mask)
+    if hidden is None:
+        hidden = decoder_hidden(model, input_ids, attention_mask)
+    w, b, softcap, scale = lm_head_params(model)
+    h = hidden if scale == 1.0 else hidden * scale
+    labels = input_ids.long().masked_fill(attention_mask == 0, -100)
+    _, stats = masked_ce(
+        h, w.to(h.dtype), labels, bias=None if b is None else b.to(h.dtype), shift=True,
+        reduction="sum", softcap=softcap, ref_logprobs=ref_logprobs, return_stats=True, backend=backend,
+    )
+    out = {"kn": 1.0 - stats.prob.float(), "logprob": stats.logprob.float(), "entropy": stats.entropy.float()}
+    if stats.logprob_delta is not None:
+        out["logprob_delta"] = stats.logprob_delta.float()
+    return out
+
+
+class TaskRelevance:
+    """Dataset-level task relevance from a token-occurrence histogram over the vocabulary.
+
+    ``add(token_ids)`` streams response tokens; ``merge``/``counts`` can be summed across
+    ranks. :meth:`finalize` computes the domain vector ``V`` (mean input-embedding row over the
+    occurrences, or over ``domain_token_ids``), the distance of every vocabulary row to V, the
+    min/max over the tokens that occur in the dataset's responses and ``S_TR`` per token id.
+
+    Args:
+        vocab_size: rows of the input embedding.
+        metric: ``"cosine"`` (default) or ``"euclidean"``.
+    """
+
+    def __init__(self, vocab_size: int, metric: str = "cosine") -> None:
+        if not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+        if metric not in ("cosine", "euclidean"):
+            raise ValueError(f"metric: expected 'cosine' or 'euclidean', got {metric!r}")
+        self.vocab_size = vocab_size
+        self.metric = metric
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.tr: np.ndarray | None = None
+        self.info: dict[str, Any] = {}
+
+    def add(self, token_ids: np.ndarray) -> None:
+        """Count response-token occurrences (int ``[N]`` ids in [0, vocab_size))."""
+        ids = np.asarray(token_ids).reshape(-1).astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token_ids: expected ids in [0, {self.vocab_size})")
+        self.counts += np.bincount(ids, minlength=self.vocab_size)
+
+    @torch.no_grad()
+    def finalize(
+        self,
+        embedding: torch.Tensor,
+        domain_token_ids: Sequence[int] | None = None,
+        chunk_rows: int = 8192,
+    ) -> np.ndarray:
+        """Compute ``S_TR`` per vocabulary id (float64 ``[V]``; NaN for ids absent from responses).
+
+        Args:
+            embedding: input-embedding weight ``[V', D]`` with ``V' >= vocab_size``.
+            domain_token_ids: optional user-given domain words (token ids): V = their mean row.
+            chunk_rows: rows per distance chunk (memory bound).
+        """
+        if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or embedding.shape[0] < self.vocab_size:
+            raise ValueError(f"embedding: expected a [>= {self.vocab_size}, D] tensor")
+        E = embedding[: self.vocab_size]
+        present = self.counts > 0
+        total = int(self.counts.sum())
+        if total == 0:
+            raise ValueError("no response tokens were counted: cannot compute the domain vector")
+        dev = E.device
+        if domain_token_ids is not None:
+            ids = torch.as_tensor(list(domain_token_ids), dtype=torch.long, device=dev)
+            if ids.numel() == 0:
+                raise ValueError("domain_token_ids: expected at least one token id")
+            V = E.index_select(0, ids).double().mean(0)
+        else:
+            V = torch.zeros(E.shape[1], dtype=torch.float64, device=dev)
+            c = torch.from_numpy(self.counts).to(dev)
+            for s in range(0, self.vocab_size, chunk_rows):
+                V += (E[s : s + chunk_rows].double() * c[s : s + chunk_rows, None].double()).sum(0)
+            V /= total
+        dist = np.empty(self.vocab_size, dtype=np.float64)
+        for s in range(0, self.vocab_size, chunk_rows):
+            e = E[s : s + chunk_rows].double()
+            if self.metric == "cosine":
+                d = 1.0 - torch.nn.functional.cosine_similarity(e, V[None, :], dim=1, eps=1e-12)
+            else:
+                d = (e - V[None, :]).norm(dim=1)
+            dist[s : s + chunk_rows] = d.cpu().numpy()
+        dmin, dmax = float(dist[present].min()), float(dist[present].max())
+        tr = np.full(self.vocab_size, np.nan)
+        if dmax > dmin:
+            tr[present] = 1.0 - (dist[present] - dmin) / (dmax - dmin)
+        else:
+            tr[present] = 1.0
+        self.tr = tr
+        self.info = {
+            "metric": self.metric,
+            "distance_min": dmin,
+            "distance_max": dmax,
+            "domain": "words" if domain_token_ids is not None else "response_tokens",
+            "distinct_tokens": int(present.sum()),
+            "occurrences": total,
+        }
+        return tr
