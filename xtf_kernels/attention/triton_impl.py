@@ -1,0 +1,232 @@
+"""Triton kernels for attention received (CUDA; also runs in Triton's interpreter on CPU).
+
+Kernel 1 (one program per query tile and head): online log-sum-exp of the visible scores,
+written to an fp32 [B, Hq, L] buffer. Kernel 2 (one program per key tile and head): loops
+over the query tiles that can see the key tile, recomputes ``s = q.k * scale`` (softcapped),
+and accumulates ``exp(s - lse_i)`` over the queries into fp32 [B, Hq, L]. No [L, L] buffer is
+ever written; grouped-query attention reads the shared key head ``h // (Hq / Hkv)`` directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    """(can run on ``device``, reason when not)."""
+    if device.type == "cuda":
+        return True, ""
+    if interpreting():
+        return True, ""
+    return False, f"Triton needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter); got {device}"
+
+
+@triton.jit
+def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale
+    if HAS_SOFTCAP:
+        # softcap * tanh(s / softcap), tanh(x) = 2 * sigmoid(2x) - 1
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+    return s
+
+
+@triton.jit
+def _visible(offs_m, offs_n, vq, vk, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    d = offs_m[:, None] - offs_n[None, :]
+    ok = vq[:, None] & vk[None, :] & (offs_m[:, None] < L) & (offs_n[None, :] < L)
+    if CAUSAL:
+        ok = ok & (d >= 0)
+        if HAS_WINDOW:
+            ok = ok & (d < window)
+    else:
+        if HAS_WINDOW:
+            ok = ok & (d <= window) & (d >= -window)
+    return ok
+
+
+@triton.jit
+def _lse_kernel(
+    Q, K, VALID, LSE,
+    sqb, sqh, sql, sqd,
+    skb, skh, skl, skd,
+    L, Dh, Hq, G, scale, softcap, window,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // G
+    q0 = pid_m * BM
+    offs_m = q0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    in_m = offs_m < L
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sql + offs_d[None, :] * sqd,
+        mask=in_m[:, None] & (offs_d[None, :] < Dh),
+        other=0.0,
+    )
+    vq = tl.load(VALID + b * L + offs_m, mask=in_m, other=0) != 0
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    q1 = tl.minimum(q0 + BM, L)
+    lo = 0
+    hi = L
+    if CAUSAL:
+        hi = q1
+        if HAS_WINDOW:
+            lo = tl.maximum(q0 - window + 1, 0)
+    else:
+        if HAS_WINDOW:
+            lo = tl.maximum(q0 - window, 0)
+            hi = tl.minimum(q1 + window, L)
+    lo = (lo // BN) * BN
+    for start_n in range(lo, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        in_n = offs_n < L
+        k = tl.load(
+            K + b * skb + hk * skh + offs_n[:, None].to(tl.int64) * skl + offs_d[None, :] * skd,
+            mask=in_n[:, None] & (offs_d[None, :] < Dh),
+            other=0.0,
+        )
+        vk = tl.load(VALID + b * L + offs_n, mask=in_n, other=0) != 0
+        s = _scores(q, k, scale, softcap, HAS_SOFTCAP, IEEE)
+        ok = _visible(offs_m, offs_n, vq, vk, L, window, CAUSAL, HAS_WINDOW)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(p, axis=1)
+        m_i = m_new
+    # queries that see no key (padding) get lse 0; kernel 2 never uses them
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = m_safe + tl.log(tl.where(l_i > 0.0, l_i, 1.0))
+    tl.store(LSE + pid_bh.to(tl.int64) * L + offs_m, lse, mask=in_m)
+
+
+@triton.jit
+def _received_kernel(
+    Q, K, VALID, LSE, OUT,
+    sqb, sqh, sql, sqd,
+    skb, skh, skl, skd,
+    L, Dh, Hq, G, scale, softcap, window,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // G
+    k0 = pid_n * BN
+    offs_n = k0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    in_n = offs_n < L
+    k = tl.load(
+        K + b * skb + hk * skh + offs_n[:, None].to(tl.int64) * skl + offs_d[None, :] * skd,
+        mask=in_n[:, None] & (offs_d[None, :] < Dh),
+        other=0.0,
+    )
+    vk = tl.load(VALID + b * L + offs_n, mask=in_n, other=0) != 0
+    acc = tl.zeros([BN], tl.float32)
+    k1 = tl.minimum(k0 + BN, L)
+    lo = 0
+    hi = L
+    if CAUSAL:
+        lo = k0
+        if HAS_WINDOW:
+            hi = tl.minimum(k1 - 1 + window, L)
+    else:
+        if HAS_WINDOW:
+            lo = tl.maximum(k0 - window, 0)
+            hi = tl.minimum(k1 + window, L)
+    lo = (lo // BM) * BM
+    for start_m in range(lo, hi, BM):
+        offs_m = start_m + tl.arange(0, BM)
+        in_m = offs_m < L
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sql + offs_d[None, :] * sqd,
+            mask=in_m[:, None] & (offs_d[None, :] < Dh),
+            other=0.0,
+        )
+        vq = tl.load(VALID + b * L + offs_m, mask=in_m, other=0) != 0
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * L + offs_m, mask=in_m, other=0.0)
+        s = _scores(q, k, scale, softcap, HAS_SOFTCAP, IEEE)
+        ok = _visible(offs_m, offs_n, vq, vk, L, window, CAUSAL, HAS_WINDOW)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        acc += tl.sum(p, axis=0)
+    tl.store(OUT + pid_bh.to(tl.int64) * L + offs_n, acc, mask=in_n)
+
+
+def received_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    window: int | None,
+    softcap: float | None,
+    block: int | None,
+) -> torch.Tensor:
+    """Both kernels; fp32 [B, Hq, L] summed received mass (padding keys not yet zeroed).
+
+    q: [B, Hq, L, Dh], k: [B, Hkv, L, Dh] (any strides; fp64 is computed in fp32),
+    valid: bool [B, L]. ``block`` is the query and key tile (power of two >= 16).
+    """
+    ok, why = available(q.device)
+    if not ok:
+        raise RuntimeError(f"backend='triton' is not available here: {why}")
+    if q.dtype == torch.float64:
+        q, k = q.float(), k.float()
+    B, Hq, L, Dh = q.shape
+    Hkv = k.shape[1]
+    BD = max(16, triton.next_power_of_2(Dh))
+    if block is None:
+        block = 64 if BD <= 128 else 32
+    valid_i = valid.to(torch.int8).contiguous()
+    lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    common = dict(
+        L=L,
+        Dh=Dh,
+        Hq=Hq,
+        G=Hq // Hkv,
+        scale=float(scale),
+        softcap=float(softcap) if softcap is not None else 1.0,
+        window=int(window) if window is not None else 0,
+        CAUSAL=causal,
+        HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        IEEE=q.dtype == torch.float32,
+        BM=block,
+        BN=block,
+        BD=BD,
+    )
+    grid = (triton.cdiv(L, block), B * Hq)
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else _null():
+        _lse_kernel[grid](q, k, valid_i, lse, *q.stride(), *k.stride(), **common)
+        _received_kernel[grid](q, k, valid_i, lse, out, *q.stride(), *k.stride(), **common)
+    return out
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
