@@ -1,0 +1,62 @@
+"""torch.distributed (gloo, 2 spawned CPU processes): the output equals a single-process run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests._tiny import SAMPLE_TEXTS, eager_received_attention, make_tiny_model_dir
+
+pytestmark = pytest.mark.distributed
+
+
+def _ensure_attention() -> None:
+    try:
+        import xtf_kernels.attention  # noqa: F401
+    except ImportError:
+        mod = types.ModuleType("xtf_kernels.attention")
+        mod.collect_received_attention = eager_received_attention
+        sys.modules["xtf_kernels.attention"] = mod
+
+
+def _worker(rank: int, world: int, init_file: str, model_dir: str, data: str, out: str) -> None:
+    torch.set_num_threads(1)
+    _ensure_attention()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from xtf_kernels.xtf import score_dataset
+
+        score_dataset(model_dir, data, out, shard_size=2, batch_size=2, progress=False, device="cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_two_ranks_equal_single_process(tmp_path):
+    _ensure_attention()
+    from xtf_kernels.xtf import score_dataset
+
+    model_dir = make_tiny_model_dir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    with open(data, "w") as f:
+        for i in range(7):  # 4 shards of 2: rank 0 gets shards 0 and 2, rank 1 gets 1 and 3
+            f.write(json.dumps({"prompt": f"Q{i}:", "response": SAMPLE_TEXTS[i]}) + "\n")
+    single = tmp_path / "single"
+    score_dataset(model_dir, data, single, shard_size=2, batch_size=2, progress=False, device="cpu")
+    multi = tmp_path / "multi"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(model_dir), str(data), str(multi)), nprocs=2, join=True)
+    a, b = _files(single), _files(multi)
+    assert sorted(a) == sorted(b)
+    assert len([k for k in a if k.startswith("tokens/")]) == 4
+    for k in a:
+        assert a[k] == b[k], k
