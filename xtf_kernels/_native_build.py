@@ -1,0 +1,162 @@
+"""Compile-on-first-use of the native CPU kernels in ``csrc/`` (torch.utils.cpp_extension + ninja).
+
+The extension is built once per (sources, torch version, Python, compiler flags, host ISA)
+into a cache directory, ``$XTF_CACHE`` or ``~/.cache/xtf_kernels``, under a name derived from
+a hash of all of these; later imports load the cached ``.so`` without a compiler round trip.
+Concurrent first uses (threads of one process or several processes, e.g. pytest-xdist or
+torchrun workers) are serialised by a process lock plus an ``fcntl`` file lock on the build
+directory. A machine without a working C++ compiler, ninja or the sources gets a clear
+reason from :func:`native_status` instead of an exception at import time.
+
+Sources are looked up in a source checkout (``<repo>/csrc``) and in an installed wheel
+(``xtf_kernels/csrc``, copied there by setup.py). ``XTF_NATIVE_SOURCES`` overrides both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_SOURCES = ("masked_ce_cpu.cpp",)
+_CFLAGS = ("-O3", "-std=c++17", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno",
+           "-march=native", "-Wno-unknown-pragmas")
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def source_dir() -> Path | None:
+    """The directory holding the C++ sources, or None when none is found."""
+    env = os.environ.get("XTF_NATIVE_SOURCES")
+    cands = [Path(env)] if env else []
+    here = Path(__file__).resolve().parent
+    cands += [here / "csrc", here.parent / "csrc"]
+    for c in cands:
+        if all((c / s).is_file() for s in _SOURCES):
+            return c
+    return None
+
+
+def cache_root() -> Path:
+    """``$XTF_CACHE`` or ``~/.cache/xtf_kernels``."""
+    env = os.environ.get("XTF_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "xtf_kernels"
+
+
+def _cpu_flags() -> str:
+    """The host's CPU feature flags (part of the build key: the build uses -march=native)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_key(src: Path) -> str:
+    """Hash of everything that makes a build reusable: sources, torch, Python, flags, ISA."""
+    h = hashlib.sha256()
+    for s in _SOURCES:
+        h.update((src / s).read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(sys.version.encode())
+    h.update(" ".join(_CFLAGS).encode())
+    h.update(_cpu_flags().encode())
+    h.update(platform.machine().encode())
+    return h.hexdigest()[:16]
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX", "c++")
+    return shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive inter-process lock held while the block runs (fcntl where available)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - non-POSIX: the thread lock is all we have
+            pass
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ImportError):
+                import fcntl
+
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def load_native(verbose: bool = False) -> ModuleType:
+    """Build (first use) or load (cached) the native extension and return the module.
+
+    Raises:
+        RuntimeError: with the reason, when the sources, a compiler or ninja are missing, or
+            the build fails (the compiler output is included).
+    """
+    global _module, _error
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is not None:
+            return _module
+        if _error is not None:
+            raise RuntimeError(_error)
+        try:
+            _module = _build(verbose)
+        except Exception as exc:
+            _error = f"{type(exc).__name__}: {exc}".strip()
+            if len(_error) > 2000:
+                _error = _error[:1000] + " ... " + _error[-1000:]
+            raise RuntimeError(_error) from exc
+        return _module
+
+
+def _build(verbose: bool) -> ModuleType:
+    if os.environ.get("XTF_DISABLE_NATIVE", "0") not in ("", "0"):
+        raise RuntimeError("disabled by XTF_DISABLE_NATIVE")
+    src = source_dir()
+    if src is None:
+        raise RuntimeError("C++ sources (csrc/masked_ce_cpu.cpp) not found next to the package")
+    if _compiler() is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++/clang++)")
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not available (pip install ninja)")
+    key = build_key(src)
+    name = f"xtf_native_{key}"
+    build_dir = cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(build_dir / ".lock"):
+        return cpp_extension.load(
+            name=name,
+            sources=[str(src / s) for s in _SOURCES],
+            extra_cflags=list(_CFLAGS),
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+
+
+def native_status() -> tuple[bool, str]:
+    """(True, build description) when the extension loads here, else (False, why not)."""
+    try:
+        mod = load_native()
+    except RuntimeError as exc:
+        return False, str(exc)
+    return True, mod.build_info()

@@ -1,0 +1,333 @@
+"""Native CPU backend (``backend="native"``): ATen GEMMs around the C++ row kernels in ``csrc/``.
+
+Division of labour: every GEMM is ``torch.mm`` (oneDNN / MKL; bf16 stays bf16 inside the
+GEMM, accumulating in fp32), everything between the GEMMs is one call into the compiled
+extension (:mod:`xtf_kernels._native_build`): a single threaded, vectorised pass over each
+row of a logits chunk for the statistics and, in place, the gradient.
+
+Memory plan of the gradient-in-forward path (``Options.grad_in_forward=True``), for ``M``
+gradient rows, vocabulary ``V``, width ``D``:
+
+* fp32 inputs: row chunks of ``chunk_elems`` logits; ``dW`` (fp32, the output itself) is
+  accumulated by ``addmm_`` chunk after chunk. Extra memory: one chunk + dW.
+* bf16 / fp16 inputs: the gradient logits of all ``M`` rows are kept (``M x V`` in the input
+  dtype) whenever that costs no more than the fp32 ``[V, D]`` accumulator it replaces
+  (``2 M <= 4 D``, e.g. S2: 420 MB instead of 1.05 GB); ``dW`` is then ONE GEMM over all
+  rows, accumulated in fp32 inside the GEMM and rounded once. Otherwise rows are grouped
+  by ``chunk_elems`` and the groups' ``dW`` are summed in an fp32 accumulator.
+
+The recompute path (:meth:`NativeBackend.backward`) walks vocabulary blocks with one GEMM
+over all rows per block (every dW block accumulated in fp32 inside the GEMM): four GEMMs,
+no ``[V, D]`` fp32 buffer. float64 (gradcheck) is delegated to the torch backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .base import CEConfig, ForwardOut, GradOut
+
+RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _ext():
+    from .._native_build import load_native
+
+    return load_native()
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor) -> None:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x, w: expected [M, D] and [V, D], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"w: expected dtype {x.dtype} (as x), got {w.dtype}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y: expected shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"b: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x: expected a CPU tensor, got device {x.device}")
+
+
+class NativeBackend:
+    """C++/OpenMP CPU backend (see :mod:`xtf_kernels.backends.base` for the contract)."""
+
+    name = "native"
+
+    def available(self) -> tuple[bool, str]:
+        """(True, build info) once the extension is compiled / loaded, else (False, why)."""
+        from .._native_build import native_status
+
+        ok, why = native_status()
+        return (True, "") if ok else (False, why)
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+        """CPU tensors of float32 / bfloat16 / float16 (float64 is delegated to the torch path)."""
+        if torch.device(device).type != "cpu":
+            return False, "the native backend runs on the CPU only"
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            return False, f"unsupported dtype {dtype}"
+        return True, ""
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _budget_rows(cfg: CEConfig, cols: int, dtype: torch.dtype) -> int:
+        """Rows of ``cols`` logits in ``dtype`` that fit the ``chunk_elems`` fp32 byte budget."""
+        elem = torch.finfo(dtype).bits // 8
+        return max(1, (cfg.chunk_elems * 4) // max(1, cols * elem))
+
+    @staticmethod
+    def _torch():
+        from .torch_backend import TorchBackend
+
+        return TorchBackend()
+
+    def _stats_rows(self, x, w, bf, y, cfg, out, start: int) -> None:
+        """Statistics of rows ``start:`` of x (no gradient) into ``out`` = (lse, gold, ent, zsum)."""
+        M = x.shape[0]
+        V = w.shape[0]
+        if start >= M:
+            return
+        ext = _ext()
+        rows = min(M - start, self._budget_rows(cfg, V, x.dtype))
+        buf = torch.empty(rows, V, dtype=x.dtype)
+        wt = w.t()
+        for s in range(start, M, rows):
+            e = min(M, s + rows)
+            z = buf[: e - s]
+            torch.mm(x[s:e], wt, out=z)
+            st = ext.stats_and_grad(z, y[s:e], bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, 0)
+            for o, v in zip(out, st):
+                o[s:e] = v
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        cfg: CEConfig,
+        n_grad: int,
+    ) -> ForwardOut:
+        """Statistics of every row; gradient of the first ``n_grad`` rows (see the module doc).
+
+        Shapes: x [M, D], w [V, D], b [V] | None (all one float dtype), y [M] int64 in [0, V).
+        Returns fp32 [M] statistics, dx [n_grad, D] (x.dtype), dw [V, D] (fp32 for fp32
+        inputs, else x.dtype rounded once from fp32 sums), db [V] fp32.
+        """
+        _check(x, w, b, y)
+        if not 0 <= n_grad <= x.shape[0]:
+            raise ValueError(f"n_grad: expected a value in [0, {x.shape[0]}], got {n_grad}")
+        if x.dtype == torch.float64:
+            return self._torch().forward(x, w, b, y, cfg, n_grad)
+        M, D = x.shape
+        V = w.shape[0]
+        x = x.contiguous()
+        y = y.contiguous()
+        bf = b.float().contiguous() if b is not None else None
+        out = tuple(torch.empty(M, dtype=torch.float32) for _ in range(4))
+        dx = dw = db = None
+        if n_grad:
+            dx, dw, db = self._grad_rows(x[:n_grad], w, bf, y[:n_grad], cfg, out)
+        self._stats_rows(x, w, bf, y, cfg, out, n_grad)
+        return ForwardOut(*out, dx, dw, db)
+
+    def _grad_rows(self, x, w, bf, y, cfg, out, row_ids=None):
+        """Statistics and gradient (unit upstream) of all rows of x; returns (dx, dw, db).
+
+        ``row_ids`` (optional) maps the rows of x to the rows of ``out`` to fill.
+        """
+        ext = _ext()
+        M, D = x.shape
+        V = w.shape[0]
+        dt = x.dtype
+        wt = w.t()
+        db = torch.zeros(V, dtype=torch.float32) if bf is not None else None
+        dx = torch.empty(M, D, dtype=dt)
+
+        def put(s, e, st):
+            for o, v in zip(out, st):
+                if row_ids is None:
+                    o[s:e] = v
+                else:
+                    o[row_ids[s:e]] = v
+
+        if dt in _LOW and M * V * 2 <= max(cfg.chunk_elems * 4, V * D * 4):
+            # keep every row's gradient logits: dW is one GEMM over all rows (fp32 inside)
+            z = torch.mm(x, wt)
+            st = ext.stats_and_grad(z, y, bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, M)
+            put(0, M, st)
+            torch.mm(z, w, out=dx)
+            dw = torch.mm(z.t(), x)
+            if db is not None:
+                db += z.sum(0, dtype=torch.float32)
+            return dx, dw, db
+        rows = min(M, self._budget_rows(cfg, V, dt))
+        buf = torch.empty(rows, V, dtype=dt)
+        dw = torch.zeros(V, D, dtype=torch.float32)
+        for s in range(0, M, rows):
+            e = min(M, s + rows)
+            z = buf[: e - s]
+            torch.mm(x[s:e], wt, out=z)
+            st = ext.stats_and_grad(z, y[s:e], bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, e - s)
+            put(s, e, st)
+            torch.mm(z, w, out=dx[s:e])
+            if dt == torch.float32:
+                dw.addmm_(z.t(), x[s:e])
+            else:
+                dw += torch.mm(z.t(), x[s:e])
+            if db is not None:
+                db += z.sum(0, dtype=torch.float32)
+        del buf
+        if dt != torch.float32:
+            dw = dw.to(dt)  # every partial sum was fp32: one rounding
+        return dx, dw, db
+
+    def forward_rowwise(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        cfg: CEConfig,
+        row_select: RowSelect,
+    ) -> tuple[ForwardOut, torch.Tensor]:
+        """Forward whose gradient rows are chosen chunk by chunk by ``row_select``.
+
+        ``row_select(start, end, lse, gold, entropy) -> bool [end - start]`` sees each chunk's
+        fp32 statistics while its logits are in memory; selected rows get their gradient from
+        the same logits (one logits GEMM in total). Returns (ForwardOut with dx of the selected
+        rows in row order, bool [M] selection).
+        """
+        _check(x, w, b, y)
+        if x.dtype == torch.float64:
+            return self._torch().forward_rowwise(x, w, b, y, cfg, row_select)
+        ext = _ext()
+        M, D = x.shape
+        V = w.shape[0]
+        dt = x.dtype
+        x = x.contiguous()
+        y = y.contiguous()
+        bf = b.float().contiguous() if b is not None else None
+        out = tuple(torch.empty(M, dtype=torch.float32) for _ in range(4))
+        sel = torch.zeros(M, dtype=torch.bool)
+        wt = w.t()
+        rows = min(max(M, 1), self._budget_rows(cfg, V, dt))
+        buf = torch.empty(rows, V, dtype=dt)
+        # selected rows' gradient logits: kept all (pages only touched when used) when that is
+        # no larger than an fp32 [V, D] accumulator, else summed group by group
+        keep_all = dt in _LOW and M * V * 2 <= max(cfg.chunk_elems * 4, V * D * 4)
+        gbuf = torch.empty(M, V, dtype=dt) if keep_all else None
+        dw = None if keep_all else torch.zeros(V, D, dtype=torch.float32)
+        db = torch.zeros(V, dtype=torch.float32) if bf is not None else None
+        dx_parts: list[torch.Tensor] = []
+        n_sel = 0
+        for s in range(0, M, rows):
+            e = min(M, s + rows)
+            z = buf[: e - s]
+            torch.mm(x[s:e], wt, out=z)
+            st = ext.stats_and_grad(z, y[s:e], bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, 0)
+            for o, v in zip(out, st):
+                o[s:e] = v
+            m = row_select(s, e, st[0], st[1], st[2])
+            sel[s:e] = m
+            g = m.nonzero().squeeze(1)
+            k = g.numel()
+            if not k:
+                continue
+            if gbuf is not None:
+                zg = gbuf[n_sel : n_sel + k]
+            else:
+                zg = torch.empty(k, V, dtype=dt)
+            torch.index_select(z, 0, g, out=zg)
+            ext.grad_block_(zg, y[s:e].index_select(0, g), st[0].index_select(0, g), None, bf, 0, V,
+                            cfg.softcap, cfg.label_smoothing, cfg.z_loss)
+            dx_parts.append(torch.mm(zg, w))
+            if db is not None:
+                db += zg.sum(0, dtype=torch.float32)
+            if gbuf is None:
+                xg = x[s:e].index_select(0, g)
+                if dt == torch.float32:
+                    dw.addmm_(zg.t(), xg)
+                else:
+                    dw += torch.mm(zg.t(), xg)
+            n_sel += k
+        del buf
+        if gbuf is not None:
+            dw = torch.mm(gbuf[:n_sel].t(), x[sel]) if n_sel else torch.zeros(V, D, dtype=dt)
+            del gbuf
+        elif dt != torch.float32:
+            dw = dw.to(dt)
+        dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
+        return ForwardOut(*out, dx, dw, db), sel
+
+    # ------------------------------------------------------------------ backward
+    def backward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        lse: torch.Tensor,
+        row_scale: torch.Tensor,
+        cfg: CEConfig,
+    ) -> GradOut:
+        """Gradients of ``sum_i row_scale[i] * loss_i`` by vocabulary-blocked recompute.
+
+        Shapes: x [M, D], w [V, D], b [V] | None, y [M] int64, lse / row_scale [M] fp32.
+        Returns dx [M, D] (x.dtype), dw [V, D] (w.dtype; each block one GEMM over all rows,
+        fp32 inside), db [V] fp32 | None.
+        """
+        _check(x, w, b, y)
+        if x.dtype == torch.float64:
+            return self._torch().backward(x, w, b, y, lse, row_scale, cfg)
+        ext = _ext()
+        M, D = x.shape
+        V = w.shape[0]
+        dt = x.dtype
+        x = x.contiguous()
+        y = y.contiguous()
+        lse = lse.float().contiguous()
+        row_scale = row_scale.float().contiguous()
+        bf = b.float().contiguous() if b is not None else None
+        dw = torch.empty(V, D, dtype=dt)
+        db = torch.zeros(V, dtype=torch.float32) if b is not None else None
+        dx = torch.zeros(M, D, dtype=torch.float32)
+        if M == 0:
+            dw.zero_()
+            return GradOut(dx.to(dt), dw, db)
+        elem = torch.finfo(dt).bits // 8
+        budget = cfg.chunk_elems * 4
+        vb = min(V, max(256, budget // (M * elem)))
+        rc = max(1, min(M, budget // (vb * elem)))
+        buf = torch.empty(min(rc, M) * vb, dtype=dt)
+        for v0 in range(0, V, vb):
+            v1 = min(V, v0 + vb)
+            wb = w[v0:v1]
+            dw_blk = torch.zeros(v1 - v0, D, dtype=torch.float32) if rc < M else None
+            for s in range(0, M, rc):
+                e = min(M, s + rc)
+                z = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
+                torch.mm(x[s:e], wb.t(), out=z)
+                ext.grad_block_(z, y[s:e], lse[s:e], row_scale[s:e], bf, v0, V, cfg.softcap,
+                                cfg.label_smoothing, cfg.z_loss)
+                if dt == torch.float32:
+                    dx[s:e].addmm_(z, wb)
+                else:
+                    dx[s:e] += torch.mm(z, wb)
+                if dw_blk is None:
+                    torch.mm(z.t(), x[s:e], out=dw[v0:v1])
+                elif dt == torch.float32:
+                    dw_blk.addmm_(z.t(), x[s:e])
+                else:
+                    dw_blk += torch.mm(z.t(), x[s:e])
+                if db is not None:
+                    db[v0:v1] += z.sum(0, dtype=torch.float32)
+            if dw_blk is not None:
+                dw[v0:v1] = dw_blk
+        return GradOut(dx.to(dt), dw, db)
