@@ -213,3 +213,21 @@ def test_bad_model_dirs_and_existing_runs(model_dir, tmp_path):
         score_dataset(model_dir, data, out, batch_size=0)
     with pytest.raises(ValueError, match="max_examples"):
         build_report(out, max_examples=0)
+
+
+def test_cli_parser_and_demo_hook(capsys):
+    from xtf_kernels.cli import build_parser
+
+    ap = build_parser(with_demo=True)
+    sub = next(a for a in ap._actions if a.dest == "command")
+    assert {"score", "export", "report", "demo"} <= set(sub.choices)
+    a = ap.parse_args(["score", "--model", "m", "--data", "d.jsonl", "--out", "o", "--ri-layers", "0,1", "--rules", "kn,tr"])
+    assert a.ri_layers == [0, 1] and a.rules == "kn,tr" and a.dtype == "auto"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["score", "--model", "m"])  # --data and --out are required
+    try:
+        import xtf_kernels.demo.cli  # noqa: F401
+    except ModuleNotFoundError:
+        assert main(["demo"]) == 2 and "not available" in capsys.readouterr().err
+    assert main(["report", "/nonexistent/run"]) == 2
+    assert "summary.json not found" in capsys.readouterr().err
