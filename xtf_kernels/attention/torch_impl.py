@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 #: fp32 elements of one score tile (B * H * T * T) the default tile size aims for.
-TILE_ELEMS = 1 << 22
+TILE_ELEMS = 1 << 20
 
 
 def default_block(B: int, Hq: int, L: int) -> int:
@@ -58,8 +58,17 @@ def _allowed(
     valid: torch.Tensor,
     causal: bool,
     window: int | None,
-) -> torch.Tensor:
-    """Bool [B, 1, 1, Tq, Tk]: query i in [q0, q1) sees key j in [k0, k1)."""
+) -> torch.Tensor | None:
+    """Bool [B, 1, 1, Tq, Tk]: query i in [q0, q1) sees key j in [k0, k1); None when all do."""
+    # distances i - j range over [q0 - (k1 - 1), (q1 - 1) - k0]
+    dmin, dmax = q0 - (k1 - 1), (q1 - 1) - k0
+    if causal:
+        geometric_all = dmin >= 0 and (window is None or dmax < window)
+    else:
+        geometric_all = window is None or (-window <= dmin and dmax <= window)
+    vq, vk = valid[:, q0:q1], valid[:, k0:k1]
+    if geometric_all and bool(vq.all()) and bool(vk.all()):
+        return None
     dev = valid.device
     d = torch.arange(q0, q1, device=dev)[:, None] - torch.arange(k0, k1, device=dev)[None, :]
     if causal:
@@ -70,7 +79,7 @@ def _allowed(
         ok = d.abs() <= window
     else:
         ok = torch.ones_like(d, dtype=torch.bool)
-    ok = ok[None] & valid[:, q0:q1, None] & valid[:, None, k0:k1]
+    ok = ok[None] & vq[:, :, None] & vk[:, None, :]
     return ok[:, None, None]
 
 
@@ -80,9 +89,9 @@ def _scores(
     """qt [B, Hkv, G, Tq, D], kt [B, Hkv, Tk, D] -> scores [B, Hkv, G, Tq, Tk] (compute dtype)."""
     B, Hkv, G, Tq, D = qt.shape
     s = torch.matmul(qt.reshape(B, Hkv, G * Tq, D), kt.transpose(-1, -2))
-    s = s.view(B, Hkv, G, Tq, -1) * scale
+    s = s.view(B, Hkv, G, Tq, -1).mul_(scale)
     if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
+        s = s.div_(softcap).tanh_().mul_(softcap)
     return s
 
 
@@ -128,10 +137,12 @@ def row_lse(
         for k0 in range(lo, hi, block):
             k1 = min(hi, k0 + block)
             s = _scores(qt, k[:, :, k0:k1].to(cdt), scale, softcap)
-            s = s.masked_fill(~_allowed(q0, q1, k0, k1, valid, causal, window), float("-inf"))
+            allowed = _allowed(q0, q1, k0, k1, valid, causal, window)
+            if allowed is not None:
+                s = s.masked_fill_(~allowed, float("-inf"))
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s - m_safe[..., None])
+            p = s.sub_(m_safe[..., None]).exp_()
             alpha = torch.exp(m - m_safe)
             lsum = lsum * alpha + p.sum(-1)
             if acc is not None:
@@ -176,8 +187,11 @@ def received_sum(
         for q0 in range(lo, hi, block):
             q1 = min(hi, q0 + block)
             s = _scores(qg[:, :, :, q0:q1].to(cdt), kt, scale, softcap)
-            p = torch.exp(s - lse[..., q0:q1, None])
-            p = torch.where(_allowed(q0, q1, k0, k1, valid, causal, window), p, torch.zeros((), dtype=cdt, device=q.device))
+            p = s.sub_(lse[..., q0:q1, None]).exp_()
+            allowed = _allowed(q0, q1, k0, k1, valid, causal, window)
+            if allowed is not None:
+                # padding queries have lse = -inf -> exp = inf there; masked_fill clears it
+                p = p.masked_fill_(~allowed, 0.0)
             acc += p.sum(-2)
         out[..., k0:k1] = acc
     return out.flatten(1, 2).to(torch.float32)
