@@ -231,3 +231,22 @@ def test_cli_parser_and_demo_hook(capsys):
         assert main(["demo"]) == 2 and "not available" in capsys.readouterr().err
     assert main(["report", "/nonexistent/run"]) == 2
     assert "summary.json not found" in capsys.readouterr().err
+
+
+def test_module_api_one_decoder_forward_per_batch_no_logits(model_dir, tmp_path):
+    """RI and KN share one decoder forward per batch, and the LM head (logits) never runs."""
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    n = {"dec": 0, "head": 0}
+    h1 = m.get_decoder().register_forward_hook(lambda *a: n.__setitem__("dec", n["dec"] + 1))
+    h2 = m.get_output_embeddings().register_forward_hook(lambda *a: n.__setitem__("head", n["head"] + 1))
+    recs = [{"prompt": f"Q{i}:", "response": t} for i, t in enumerate(SAMPLE_TEXTS)]
+    s = score_dataset(m, recs, tmp_path / "o", tokenizer=tok, batch_size=4, progress=False, dtype="fp32")
+    h1.remove()
+    h2.remove()
+    assert n == {"dec": 3, "head": 0}  # 11 examples, batches of 4
+    assert s["examples"]["scored"] == len(SAMPLE_TEXTS)
+    with pytest.raises(ValueError, match="tokenizer: required"):
+        score_dataset(m, recs, tmp_path / "o2")
