@@ -66,7 +66,8 @@ def _model(tok, patch: bool = False):
 def test_hf_trainer_same_losses_with_and_without_patch(tmp_path, tok, records, ga: int) -> None:
     ds = datasets.Dataset.from_list(records)
     masked = XTFCollator(tok.pad_token_id, apply_keep_to_labels=True)  # keep folded into labels
-    args = _args(transformers.TrainingArguments, tmp_path, ga)
+    # the plain Trainer would drop the "keep" column before the collator folds it into labels
+    args = _args(transformers.TrainingArguments, tmp_path, ga, remove_unused_columns=False)
     base = _losses(transformers.Trainer(model=_model(tok), args=args, train_dataset=ds, data_collator=masked))
     patched = _losses(
         transformers.Trainer(model=_model(tok, patch=True), args=args, train_dataset=ds, data_collator=masked)
@@ -77,6 +78,7 @@ def test_hf_trainer_same_losses_with_and_without_patch(tmp_path, tok, records, g
     from xtf_kernels.integrations.transformers import XTFTrainer
 
     carried = XTFCollator(tok.pad_token_id)
+    args = _args(transformers.TrainingArguments, tmp_path, ga)  # remove_unused_columns=True
     xtf = _losses(XTFTrainer(model=_model(tok), args=args, train_dataset=ds, data_collator=carried))
     torch.testing.assert_close(xtf, base, rtol=2e-5, atol=2e-5)
 
@@ -97,7 +99,7 @@ def test_trl_sft_trainer_same_losses(tmp_path, tok, records, ga: int) -> None:
     xtf = _losses(xtf_tr)
     torch.testing.assert_close(xtf, base, rtol=2e-5, atol=2e-5)
     logged = [h for h in xtf_tr.state.log_history if "loss" in h]
-    assert all(0.5 < h["xtf/kept_fraction"] < 0.9 for h in logged)
+    assert all(0.3 < h["xtf/kept_fraction"] < 0.95 for h in logged)
     ref_ent = [h["entropy"] for h in base_tr.state.log_history if "loss" in h]
     # TRL averages entropy over label tokens, we over scored tokens (kept or masked): close
     assert all(abs(a["entropy"] - b) < 0.05 for a, b in zip(logged, ref_ent))
@@ -107,7 +109,13 @@ def test_dynamic_policy_logs_per_rule_fractions(tmp_path, tok, records) -> None:
     ds = datasets.Dataset.from_list(records)
     from xtf_kernels.integrations.transformers import XTFTrainer
 
-    policy = DynamicXTF(kn_threshold=0.999, entropy_min=5.9)  # both fire on a random model
+    # thresholds at the initial model's median entropy / gold prob: both rules fire on part
+    probe = _model(tok, patch=True)
+    with torch.no_grad():
+        st = probe(**XTFCollator(tok.pad_token_id)(records), xtf_return_stats=True).xtf_stats
+    ent_med = float(st.entropy[st.keep].median())
+    prob_med = float(st.prob[st.keep].median())
+    policy = DynamicXTF(kn_threshold=1.0 - prob_med, entropy_min=ent_med)
     tr = XTFTrainer(model=_model(tok), args=_args(transformers.TrainingArguments, tmp_path, 2),
                     train_dataset=ds, data_collator=XTFCollator(tok.pad_token_id), xtf_select=policy)
     _losses(tr)
@@ -118,7 +126,8 @@ def test_dynamic_policy_logs_per_rule_fractions(tmp_path, tok, records) -> None:
         assert h["xtf/masked_kn"] == pytest.approx(rec["kn"])
         assert h["xtf/masked_entropy"] == pytest.approx(rec["entropy"])
         assert h["xtf/masked_any"] == pytest.approx(rec["any"])
-        assert 0.0 < rec["entropy"] < 1.0 and rec["any"] >= max(rec["kn"], rec["entropy"])
+        assert 0.0 < rec["entropy"] < 1.0 and 0.0 < rec["kn"] < 1.0
+        assert max(rec["kn"], rec["entropy"]) <= rec["any"] < 1.0
 
 
 def test_mixin_counts_only_kept_tokens(tmp_path, tok, records) -> None:
