@@ -119,11 +119,12 @@ def test_no_mask_equals_all_ones_and_torch_equals_triton():
         torch.testing.assert_close(a, c, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs(dtype):
+def test_half_precision_inputs(dtype, backend):
     q, k, mask = _inputs(2, 4, 2, 33, 16, pad=True, seed=3, dtype=dtype)
     want = reference(q, k, mask=mask, window=6)
-    got = attention_received(q, k, attention_mask=mask, sliding_window=6, backend="torch", block=16)
+    got = attention_received(q, k, attention_mask=mask, sliding_window=6, backend=backend, block=16)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 

@@ -33,6 +33,9 @@ def available(device: torch.device) -> tuple[bool, str]:
 @triton.jit
 def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
     if IEEE:
+        # fp32 inputs (or bf16 upcast for the interpreter, whose bf16 dot is wrong)
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
@@ -212,7 +215,8 @@ def received_triton(
         CAUSAL=causal,
         HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None,
-        IEEE=q.dtype == torch.float32,
+        # Triton's CPU interpreter computes bf16 dot products wrongly (triton 3.x): upcast there
+        IEEE=q.dtype == torch.float32 or (q.device.type != "cuda" and q.dtype == torch.bfloat16),
         BM=block,
         BN=block,
         BD=BD,
