@@ -56,6 +56,7 @@ setup(
             "tokenizers>=0.20",
             "pyarrow>=14",
             "matplotlib>=3.7",
+            "datasets>=2.18",
         ],
         "train": ["transformers>=4.46", "accelerate>=0.34"],
         "trl": ["trl>=0.12"],
