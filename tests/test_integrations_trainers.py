@@ -140,3 +140,32 @@ def test_mixin_counts_only_kept_tokens(tmp_path, tok, records) -> None:
     want = sum(((b["labels"] != -100) & b["xtf_keep"])[:, 1:].sum() for b in batches)
     assert int(n) == int(want)
     assert isinstance(tr, XTFTrainerMixin)
+
+
+def test_accelerate_gradient_accumulation_with_global_divisor(tok, records) -> None:
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    from xtf_kernels.integrations.distributed import global_num_items
+
+    coll = XTFCollator(tok.pad_token_id)
+    micro = [coll(records[0:3]), coll(records[3:5])]
+    n = global_num_items(micro)
+    ref = _model(tok, patch=True)
+    for b in micro:
+        ref(**b, num_items_in_batch=n).loss.backward()
+    try:
+        acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=len(micro))
+        model = _model(tok, patch=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        model, opt = acc.prepare(model, opt)
+        for b in micro:
+            with acc.accumulate(model):
+                loss = model(**b, num_items_in_batch=n).loss
+                acc.backward(loss * acc.gradient_accumulation_steps)
+        got = {k: p.grad for k, p in acc.unwrap_model(model).named_parameters()}
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-5, atol=1e-7, msg=k)
