@@ -233,3 +233,17 @@ def test_signature_carries_keep_key_and_peft_is_unwrapped() -> None:
     b.loss.backward()
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
     _assert_same_grads(pref, pm)
+
+
+def test_deepcopy_of_patched_model_is_independent() -> None:
+    ref = _model("llama")
+    a = apply_xtf(copy.deepcopy(ref))
+    b = copy.deepcopy(a)
+    assert is_patched(b) and get_patch(b) is not get_patch(a)
+    ids, att, labels, keep = _batch(seed=9)
+    b(input_ids=ids, attention_mask=att, labels=labels, xtf_keep=keep).loss.backward()
+    assert all(p.grad is None for p in a.parameters())  # the copy ran its own weights
+    ref(input_ids=ids, attention_mask=att, labels=labels.masked_fill(~keep, -100)).loss.backward()
+    _assert_same_grads(ref, b)
+    revert(b)
+    assert is_patched(a) and not is_patched(b)

@@ -30,7 +30,6 @@ from ..ops import masked_ce
 from ..stats import TokenStats
 
 _PATCH_ATTR = "_xtf_patch"
-_MISSING = object()
 
 #: per-call keyword arguments understood by the patched forward (never passed to the model)
 CALL_KWARGS = ("xtf_return_logits", "xtf_return_stats")
@@ -50,6 +49,7 @@ class XTFPatch:
         return_logits: bool,
         return_stats: bool,
         backend: str,
+        had_prev: bool,
         prev_forward: Any,
         wrapper: Any,
     ) -> None:
@@ -61,8 +61,16 @@ class XTFPatch:
         self.return_logits = return_logits
         self.return_stats = return_stats
         self.backend = backend
+        #: whether the instance had its own ``forward`` before (e.g. another wrapper)
+        self.had_prev = had_prev
         self.prev_forward = prev_forward
         self.wrapper = wrapper
+
+    def inner_forward(self, model: nn.Module) -> Callable[..., Any]:
+        """The forward the patch wraps, bound to ``model`` (a deepcopy rebinds correctly)."""
+        if self.had_prev:
+            return self.prev_forward
+        return types.MethodType(type(model).forward, model)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -287,13 +295,16 @@ def apply_xtf(
     _linear_head(target)  # fail now, not at the first training step
     _text_config(target)
 
-    prev_forward = target.__dict__.get("forward", _MISSING)
-    inner_forward = target.forward  # bound class forward, or an earlier instance wrapper
-    inner_sig = inspect.signature(inner_forward)
-    state: dict[str, XTFPatch] = {}
+    had_prev = "forward" in target.__dict__
+    prev_forward = target.__dict__.get("forward")
+    inner_sig = inspect.signature(target.forward)
 
     def xtf_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return _patched_call(self, inner_forward, inner_sig, state["patch"], args, kwargs)
+        # everything is read from the instance, so copy.deepcopy(model) gets its own patch
+        patch = self.__dict__.get(_PATCH_ATTR)
+        if not isinstance(patch, XTFPatch):
+            raise RuntimeError("apply_xtf: patched forward called on a model without its patch state")
+        return _patched_call(self, patch.inner_forward(self), inner_sig, patch, args, kwargs)
 
     # The Trainer keeps only dataset columns named in forward's signature: add ours.
     params = [p for p in inner_sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
@@ -322,10 +333,10 @@ def apply_xtf(
         return_logits=return_logits,
         return_stats=return_stats,
         backend=backend,
+        had_prev=had_prev,
         prev_forward=prev_forward,
         wrapper=bound,
     )
-    state["patch"] = patch
     target.forward = bound
     target.__dict__[_PATCH_ATTR] = patch
     return model
@@ -350,7 +361,7 @@ def revert(model: nn.Module) -> nn.Module:
         raise RuntimeError(
             "model.forward was replaced after apply_xtf(); undo that wrapper before revert()"
         )
-    if patch.prev_forward is _MISSING:
+    if not patch.had_prev:
         del target.forward
     else:
         target.forward = patch.prev_forward
