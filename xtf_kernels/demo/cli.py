@@ -1,0 +1,94 @@
+"""``xtf demo`` / ``python -m xtf_kernels.demo``: the end-to-end comparison on embedded data.
+
+Examples::
+
+    xtf demo                          # default scale, 1 seed, <= 5 minutes on 2 CPU cores
+    xtf demo --smoke --out /tmp/demo  # CI-sized run, under a minute
+    xtf demo --scale medium --seeds 0 1 2 --ablation --out runs/medium
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+
+__all__ = ["add_parser", "build_parser", "main"]
+
+
+def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .run import SCALES
+
+    p.add_argument("--out", default=None, help="output directory (default: a new temporary directory)")
+    p.add_argument("--smoke", action="store_true", help="tiny CI-sized run (same as --scale smoke)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="default", help="model / data / budget preset")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (mean +/- std over them)")
+    p.add_argument("--ablation", action="store_true", help="also fine-tune with each rule alone and each pair")
+    p.add_argument("--finetune-steps", type=int, default=None, help="override the fine-tuning budget")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="override the pretraining budget")
+    p.add_argument("--baseline-ratio", type=float, default=None,
+                   help="kept fraction for SLM / Token Cleaning (default: XTF's kept fraction)")
+    p.add_argument("--scorer", choices=["auto", "framework", "builtin"], default="auto",
+                   help="XTF scorer: the xtf score pipeline (framework) or the demo's in-memory one")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="print only the table and the report path")
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``demo`` subcommand on an ``argparse`` subparsers object (used by ``xtf``)."""
+    if not hasattr(subparsers, "add_parser"):
+        raise TypeError("subparsers: expected the object returned by ArgumentParser.add_subparsers()")
+    p = subparsers.add_parser("demo", help="end-to-end XTF demo on generated math data (CPU, minutes)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure(p)
+    p.set_defaults(func=_run)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Stand-alone parser of ``python -m xtf_kernels.demo``."""
+    return _configure(argparse.ArgumentParser(prog="python -m xtf_kernels.demo", description=__doc__,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def _run(a: argparse.Namespace) -> int:
+    from .report import comparison_table, detection_table
+    from .run import SCALES, run_demo
+
+    cfg = SCALES["smoke" if a.smoke else a.scale]
+    over = {}
+    for flag, key in (("finetune_steps", "finetune_steps"), ("pretrain_steps", "pretrain_steps")):
+        v = getattr(a, flag)
+        if v is not None:
+            if v < 1:
+                raise ValueError(f"--{flag.replace('_', '-')}: expected a positive int, got {v}")
+            over[key] = v
+    if a.baseline_ratio is not None:
+        if not 0.0 < a.baseline_ratio <= 1.0:
+            raise ValueError(f"--baseline-ratio: expected a number in (0, 1], got {a.baseline_ratio}")
+        over["baseline_ratio"] = a.baseline_ratio
+    cfg = replace(cfg, ablation=bool(a.ablation), scorer=a.scorer, **over)
+    if any(s < 0 for s in a.seeds):
+        raise ValueError(f"--seeds: expected ints >= 0, got {a.seeds}")
+    out = a.out or tempfile.mkdtemp(prefix="xtf-demo-")
+    res = run_demo(cfg, out, a.seeds, progress=not a.no_progress, quiet=a.quiet)
+    print()
+    print(comparison_table(res))
+    print()
+    print(detection_table(res))
+    print(f"\nscorer: {res['scorer']}; {res['seconds']:.0f} s in total")
+    print(f"report: {out}/report.html")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m xtf_kernels.demo``; returns the exit status (2 on bad input)."""
+    a = build_parser().parse_args(argv)
+    try:
+        return _run(a)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"xtf demo: error: {e}", file=sys.stderr)
+        return 2
