@@ -119,9 +119,13 @@ def test_dynamic_policy_logs_per_rule_fractions(tmp_path, tok, records) -> None:
     tr = XTFTrainer(model=_model(tok), args=_args(transformers.TrainingArguments, tmp_path, 2),
                     train_dataset=ds, data_collator=XTFCollator(tok.pad_token_id), xtf_select=policy)
     _losses(tr)
+    n_calls = policy.calls
+    assert n_calls == 2 * MAX_STEPS  # one call per micro-batch
+    metrics = tr.evaluate(datasets.Dataset.from_list(records[:6]))  # masks apply, not recorded
+    assert metrics["eval_loss"] == metrics["eval_loss"] and policy.calls > n_calls
+    assert policy.step_summary() == {f"xtf/masked_{k}": 0.0 for k in ("kn", "entropy", "any")}
     logs = [h for h in tr.state.log_history if "loss" in h]
     assert len(policy.history) == MAX_STEPS  # one record per optimizer step (2 micro-batches)
-    assert policy.calls == 2 * MAX_STEPS
     for h, rec in zip(logs, policy.history):
         assert h["xtf/masked_kn"] == pytest.approx(rec["kn"])
         assert h["xtf/masked_entropy"] == pytest.approx(rec["entropy"])

@@ -577,6 +577,14 @@ class XTFTrainerMixin:
 
             self.add_callback(DynamicXTFCallback(policy))  # type: ignore[attr-defined]
 
+    def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Evaluation: a dynamic policy still masks, but its step statistics are not touched."""
+        policy = get_patch(self.model).select  # type: ignore[attr-defined]
+        if policy is not None and hasattr(policy, "paused"):
+            with policy.paused():
+                return super().prediction_step(*args, **kwargs)  # type: ignore[misc]
+        return super().prediction_step(*args, **kwargs)  # type: ignore[misc]
+
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # type: ignore[misc]
         from .collator import KEEP_FIELDS, REF_FIELDS

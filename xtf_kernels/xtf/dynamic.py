@@ -23,7 +23,9 @@ the fractions in the ``transformers.Trainer`` logs (``xtf/masked_kn`` etc.).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -97,6 +99,17 @@ class DynamicXTF:
         self._pending: list[dict[str, float]] = []
         self._acc: dict[str, torch.Tensor] = {}
         self.calls = 0
+        #: False while :meth:`paused` (evaluation): masks still apply, nothing is recorded
+        self.recording = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[DynamicXTF]:
+        """Context in which calls apply the rules but are not recorded (e.g. evaluation)."""
+        old, self.recording = self.recording, False
+        try:
+            yield self
+        finally:
+            self.recording = old
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -157,13 +170,15 @@ class DynamicXTF:
         masked = torch.zeros_like(cand)
         for m in masks.values():
             masked |= m
+        self.calls += 1
+        if not self.recording:
+            return ~masked
         acc = self._acc
         dev = cand.device
         counts = {"tokens": cand.sum(), "any": masked.sum(), **{k: m.sum() for k, m in masks.items()}}
         for k, v in counts.items():
             v = v.to(device=dev, dtype=torch.int64)
             acc[k] = acc[k] + v if k in acc else v
-        self.calls += 1
         return ~masked
 
     def end_step(self) -> dict[str, float]:
