@@ -179,6 +179,10 @@ WINDOWS = {
     "qwen2": [None, None],
     "mistral": [8, 8],
     "gemma2": [8, None],  # Gemma 2 alternates sliding/global layers; softcapping 50
+    "qwen2-window": [None, 6],  # Qwen2 with a sliding window on its upper layers only
+}
+ARCH_OVERRIDES = {
+    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
 }
 
 
@@ -215,7 +219,11 @@ def eager_received(model, arch, ids, mask, *, layers=None, reduce="mean_over_que
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    return {arch: make_tiny_model(arch, vocab_size=100) for arch in WINDOWS}
+    out = {}
+    for name in WINDOWS:
+        arch, over = ARCH_OVERRIDES.get(name, (name, {}))
+        out[name] = make_tiny_model(arch, vocab_size=100, **over)
+    return out
 
 
 @pytest.mark.parametrize("arch", list(WINDOWS))
