@@ -69,8 +69,8 @@ def _lse_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     hk = h // G
@@ -130,8 +130,8 @@ def _received_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     hk = h // G
@@ -221,7 +221,10 @@ def received_triton(
         BN=block,
         BD=BD,
     )
-    grid = (triton.cdiv(L, block), B * Hq)
+    if triton.cdiv(L, block) > 65535:
+        raise ValueError(f"q: sequence length {L} needs more than 65535 tiles of {block}; pass a larger block")
+    # heads on grid axis 0 (up to 2^31 - 1), tiles on axis 1 (up to 65535 tiles)
+    grid = (B * Hq, triton.cdiv(L, block))
     with torch.cuda.device(q.device) if q.device.type == "cuda" else _null():
         _lse_kernel[grid](q, k, valid_i, lse, *q.stride(), *k.stride(), **common)
         _received_kernel[grid](q, k, valid_i, lse, out, *q.stride(), *k.stride(), **common)
