@@ -32,22 +32,25 @@ namespace {
 
 constexpr int64_t kBlock = 2048;  // fp32 lane sums are folded into double every kBlock columns
 
+// the inner loops only vectorise when every helper is inlined into them
+#define XTF_INLINE inline __attribute__((always_inline))
+
 // ---------------------------------------------------------------------------------------
 // element conversion (vectorisable: plain integer / float arithmetic, no calls)
 // ---------------------------------------------------------------------------------------
-inline float bits_to_float(uint32_t u) {
+XTF_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
-inline uint32_t float_to_bits(float f) {
+XTF_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
 }
 
 template <typename T>
-inline float load(const T* p, int64_t i) {
+XTF_INLINE float load(const T* p, int64_t i) {
   if constexpr (std::is_same_v<T, float>) {
     return p[i];
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -58,7 +61,7 @@ inline float load(const T* p, int64_t i) {
 }
 
 template <typename T>
-inline void store(T* p, int64_t i, float v) {
+XTF_INLINE void store(T* p, int64_t i, float v) {
   if constexpr (std::is_same_v<T, float>) {
     p[i] = v;
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -72,9 +75,10 @@ inline void store(T* p, int64_t i, float v) {
 
 // exp(x) for x <= ~88: Cephes expf polynomial on x - n ln2, |r| <= ln2 / 2, ~1 ulp.
 // Underflows to exactly 0 below -87.3; NaN in gives NaN out.
-inline float fast_exp(float x) {
+XTF_INLINE float fast_exp(float x) {
   const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-  const float n = std::nearbyint(xc * 1.44269504088896341f);
+  // round to nearest through the 1.5 * 2^23 magic constant (vectorises, no libm call)
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -92,7 +96,7 @@ inline float fast_exp(float x) {
 }
 
 // c * tanh(raw / c) through one exp: tanh(t) = sign(t) (1 - 2 / (exp(2|t|) + 1)).
-inline float softcap_fn(float raw, float c, float inv_c) {
+XTF_INLINE float softcap_fn(float raw, float c, float inv_c) {
   const float t = raw * inv_c;
   const float a = t < 0.0f ? -t : t;
   const float e = fast_exp(2.0f * (a > 40.0f ? 40.0f : a));
@@ -112,11 +116,12 @@ struct Params {
 };
 
 // z of column j of a row: raw (+ bias) then softcap
-template <typename T>
-inline float zval(const T* row, const float* bias, int64_t j, const Params& P) {
+template <typename T, bool CAP, bool BIAS>
+XTF_INLINE float zval(const T* row, const float* bias, int64_t j, float cap, float inv_cap) {
   float v = load(row, j);
-  if (bias) v += bias[j];
-  return P.has_cap ? softcap_fn(v, P.cap, P.inv_cap) : v;
+  if constexpr (BIAS) v += bias[j];
+  if constexpr (CAP) v = softcap_fn(v, cap, inv_cap);
+  return v;
 }
 
 // Precise z (libm tanh) for the single gold element.
@@ -132,31 +137,24 @@ struct RowStats {
 };
 
 // Statistics of one full-vocabulary row (two sweeps: max, then exp-sums).
-template <typename T>
-RowStats row_stats(const T* row, const float* bias, int64_t C, int64_t y, const Params& P) {
+template <typename T, bool CAP, bool BIAS>
+RowStats row_stats_t(const T* row, const float* bias, int64_t C, int64_t y, const Params& P) {
+  const float cap = P.cap, inv_cap = P.inv_cap;
   float m = -std::numeric_limits<float>::infinity();
-  bool nan_seen = false;
-  if (!P.has_cap) {
-    // softcap is monotone, so without it the max of z is the max of raw + bias
+  // softcap is monotone: the max of z is softcap(max of raw + bias)
 #pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < C; ++j) {
-      float v = load(row, j) + (bias ? bias[j] : 0.0f);
-      m = v > m ? v : m;
-    }
-  } else {
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < C; ++j) {
-      float v = zval(row, bias, j, P);
-      m = v > m ? v : m;
-    }
+  for (int64_t j = 0; j < C; ++j) {
+    const float v = zval<T, false, BIAS>(row, bias, j, cap, inv_cap);
+    m = v > m ? v : m;
   }
+  if constexpr (CAP) m = softcap_fn(m, cap, inv_cap);
   double s = 0.0, t = 0.0, zs = 0.0;
   for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
     const int64_t j1 = std::min(C, j0 + kBlock);
     float bs = 0.0f, bt = 0.0f, bz = 0.0f;
 #pragma omp simd reduction(+ : bs, bt, bz)
     for (int64_t j = j0; j < j1; ++j) {
-      const float z = zval(row, bias, j, P);
+      const float z = zval<T, CAP, BIAS>(row, bias, j, cap, inv_cap);
       const float e = fast_exp(z - m);
       bs += e;
       bt += e * z;
@@ -166,19 +164,45 @@ RowStats row_stats(const T* row, const float* bias, int64_t C, int64_t y, const 
     t += bt;
     zs += bz;
   }
-  nan_seen = std::isnan(s) || std::isnan(zs) || !std::isfinite(m);
+  const bool bad = std::isnan(s) || std::isnan(zs) || !std::isfinite(m);
   RowStats r;
   const double lse = static_cast<double>(m) + std::log(s);
-  r.lse = nan_seen ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(lse);
-  if (std::isinf(m) && m > 0) r.lse = m;  // +inf logit: lse is +inf
+  r.lse = bad ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(lse);
+  if (std::isinf(m) && m > 0) r.lse = m;  // a +inf logit: lse is +inf
   r.gold = static_cast<float>(zval_precise(row, bias, y, P));
   r.entropy = static_cast<float>(lse - t / s);
   r.zsum = static_cast<float>(zs);
   return r;
 }
 
+template <typename T>
+RowStats row_stats(const T* row, const float* bias, int64_t C, int64_t y, const Params& P) {
+  if (P.has_cap) {
+    return bias ? row_stats_t<T, true, true>(row, bias, C, y, P)
+                : row_stats_t<T, true, false>(row, bias, C, y, P);
+  }
+  return bias ? row_stats_t<T, false, true>(row, bias, C, y, P)
+              : row_stats_t<T, false, false>(row, bias, C, y, P);
+}
+
 // Overwrite columns [0, C) of a row (vocabulary columns [v0, v0 + C)) with
 // scale * d loss / d raw, given the row's lse. y_local = y - v0 (outside [0, C): no gold here).
+template <typename T, bool CAP, bool BIAS>
+void row_grad_t(T* row, const float* bias, int64_t C, float lse, float a, float sub,
+                const Params& P) {
+  const float cap = P.cap, inv_cap = P.inv_cap;
+#pragma omp simd
+  for (int64_t j = 0; j < C; ++j) {
+    const float z = zval<T, CAP, BIAS>(row, bias, j, cap, inv_cap);
+    float g = fast_exp(z - lse) * a - sub;
+    if constexpr (CAP) {
+      const float q = z * inv_cap;
+      g *= 1.0f - q * q;
+    }
+    store(row, j, g);
+  }
+}
+
 template <typename T>
 void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float lse, float scale,
               const Params& P) {
@@ -197,19 +221,12 @@ void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float lse, 
     }
     gold_grad = g * scale;
   }
-  if (!P.has_cap) {
-#pragma omp simd
-    for (int64_t j = 0; j < C; ++j) {
-      const float z = load(row, j) + (bias ? bias[j] : 0.0f);
-      store(row, j, fast_exp(z - lse) * a - sub);
-    }
+  if (P.has_cap) {
+    if (bias) row_grad_t<T, true, true>(row, bias, C, lse, a, sub, P);
+    else row_grad_t<T, true, false>(row, bias, C, lse, a, sub, P);
   } else {
-#pragma omp simd
-    for (int64_t j = 0; j < C; ++j) {
-      const float z = zval(row, bias, j, P);
-      const float q = z * P.inv_cap;
-      store(row, j, (fast_exp(z - lse) * a - sub) * (1.0f - q * q));
-    }
+    if (bias) row_grad_t<T, false, true>(row, bias, C, lse, a, sub, P);
+    else row_grad_t<T, false, false>(row, bias, C, lse, a, sub, P);
   }
   if (hit) store(row, y_local, static_cast<float>(gold_grad));
 }

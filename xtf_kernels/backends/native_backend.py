@@ -125,8 +125,7 @@ class NativeBackend:
             raise ValueError(f"n_grad: expected a value in [0, {x.shape[0]}], got {n_grad}")
         if x.dtype == torch.float64:
             return self._torch().forward(x, w, b, y, cfg, n_grad)
-        M, D = x.shape
-        V = w.shape[0]
+        M = x.shape[0]
         x = x.contiguous()
         y = y.contiguous()
         bf = b.float().contiguous() if b is not None else None
