@@ -1,0 +1,368 @@
+"""Triton kernels of the masked cross-entropy and their launchers.
+
+Two kernels (the design is in ``docs/triton.md``):
+
+``_stats_kernel``
+    Fully fused statistics, no logits in memory. Grid ``(row blocks, vocab splits)``; each
+    program loops over the vocabulary tiles of its split and, inside, over ``D`` tiles with
+    ``tl.dot`` (fp32 accumulator). The epilogue adds the bias, applies the softcap and folds
+    the tile into an online log-sum-exp ``(m, s)``, an online shifted entropy term
+    ``t = sum exp(z - m) * (z - m)``, the gold logit and the sum of logits. Each split writes
+    its partial ``(m, s, t, gold, zsum)``; :func:`fused_stats` merges the splits (splits keep
+    an H100 busy when there are few row blocks).
+
+``_rows_kernel``
+    One program per row of a ``[rows, V]`` logits buffer produced by cuBLAS (``torch.mm``).
+    Sweep 1 (``DO_STATS``): online statistics of the row. Sweep 2 (``DO_GRAD``): overwrite the
+    row in place with ``row_scale * d(loss)/d(raw logits)``. The buffer then feeds the two
+    gradient GEMMs (``dx = G @ W``, ``dW += G^T @ X``) done by the caller.
+
+Every row offset is computed in int64 (:func:`row_offset`): ``rows x V`` or ``rows x D`` can
+exceed 2**31 elements. All accumulation is fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # the class the interpreter's @triton.jit returns
+    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
+except ImportError:  # pragma: no cover - layout of other triton versions
+    _Interpreted = ()
+
+
+@triton.jit
+def row_offset(row, stride):
+    """Element offset ``row * stride`` in int64 (row indices are int32 by default)."""
+    return row.to(tl.int64) * stride
+
+
+@triton.jit
+def _softcap(z, cap):
+    # cap * tanh(z / cap), tanh(u) = 2 * sigmoid(2u) - 1 (saturates cleanly at +-1)
+    return cap * (2.0 * tl.sigmoid(2.0 * z / cap) - 1.0)
+
+
+@triton.jit
+def _row_offset_probe(OUT, ROWS, stride, N: tl.constexpr):
+    r = tl.load(ROWS + tl.arange(0, N))
+    tl.store(OUT + tl.arange(0, N), row_offset(r, stride))
+
+
+@triton.jit
+def _stats_kernel(
+    X, W, B, Y, PART,
+    M, V, D, VS, SM, stride_x, stride_w, cap, M_KEY,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < M
+    y = tl.load(Y + rows, mask=rmask, other=-1)
+    x_row = X + row_offset(rows, stride_x)
+    offs_d = tl.arange(0, BD)
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    s_i = tl.zeros([BM], tl.float32)
+    t_i = tl.zeros([BM], tl.float32)
+    g_i = tl.zeros([BM], tl.float32)
+    zs_i = tl.zeros([BM], tl.float32)
+    v_lo = pid_s * VS
+    v_hi = tl.minimum(V, v_lo + VS)
+    for v0 in range(v_lo, v_hi, BV):
+        cols = v0 + tl.arange(0, BV)
+        cmask = cols < v_hi
+        w_row = W + row_offset(cols, stride_w)
+        acc = tl.zeros([BM, BV], tl.float32)
+        for d0 in range(0, D, BD):
+            dd = d0 + offs_d
+            dmask = dd < D
+            xt = tl.load(x_row[:, None] + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+            wt = tl.load(w_row[None, :] + dd[:, None], mask=cmask[None, :] & dmask[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, wt, acc)
+        z = acc
+        if HAS_BIAS:
+            z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_CAP:
+            z = _softcap(z, cap)
+        valid = cmask[None, :]
+        zm = tl.where(valid, z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(zm, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        e = tl.exp(zm - m_new[:, None])
+        zc = tl.where(valid, z - m_new[:, None], 0.0)
+        t_i = alpha * (t_i + (m_i - m_new) * s_i) + tl.sum(e * zc, axis=1)
+        s_i = alpha * s_i + tl.sum(e, axis=1)
+        m_i = m_new
+        g_i += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        zs_i += tl.sum(tl.where(valid, z, 0.0), axis=1)
+    off = pid_s.to(tl.int64) * M + rows
+    tl.store(PART + off, m_i, mask=rmask)
+    tl.store(PART + SM + off, s_i, mask=rmask)
+    tl.store(PART + 2 * SM + off, t_i, mask=rmask)
+    tl.store(PART + 3 * SM + off, g_i, mask=rmask)
+    tl.store(PART + 4 * SM + off, zs_i, mask=rmask)
+
+
+@triton.jit
+def _rows_kernel(
+    L, stride_l, B, Y, ROWS, LSE, SCALE, STATS, stride_st,
+    V, cap, zl2, gold_w, smooth_v,
+    HAS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DO_STATS: tl.constexpr, DO_GRAD: tl.constexpr, BV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if HAS_ROWS:
+        row = tl.load(ROWS + pid)
+    else:
+        row = pid
+    base = L + row_offset(row, stride_l)
+    y = tl.load(Y + row)
+    offs = tl.arange(0, BV)
+    if DO_STATS:
+        m = -1.0e30
+        s = 0.0
+        t = 0.0
+        zs = 0.0
+        for v0 in range(0, V, BV):
+            cols = v0 + offs
+            cmask = cols < V
+            z = tl.load(base + cols, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                z = _softcap(z, cap)
+            zm = tl.where(cmask, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(zm, axis=0))
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(zm - m_new)
+            zc = tl.where(cmask, z - m_new, 0.0)
+            t = alpha * (t + (m - m_new) * s) + tl.sum(e * zc, axis=0)
+            s = alpha * s + tl.sum(e, axis=0)
+            m = m_new
+            zs += tl.sum(tl.where(cmask, z, 0.0), axis=0)
+        log_s = tl.log(s)
+        lse = m + log_s
+        gz = tl.load(base + y).to(tl.float32)
+        if HAS_BIAS:
+            gz += tl.load(B + y).to(tl.float32)
+        if HAS_CAP:
+            gz = _softcap(gz, cap)
+        st = STATS + row
+        tl.store(st, lse)
+        tl.store(st + stride_st, gz)
+        tl.store(st + 2 * stride_st, log_s - t / s)
+        tl.store(st + 3 * stride_st, zs)
+    else:
+        lse = tl.load(LSE + row)
+    if DO_GRAD:
+        coef = 1.0 + zl2 * lse
+        if HAS_SCALE:
+            scale = tl.load(SCALE + row)
+        for v0 in range(0, V, BV):
+            cols = v0 + offs
+            cmask = cols < V
+            z = tl.load(base + cols, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                z = _softcap(z, cap)
+            g = tl.exp(z - lse) * coef - smooth_v - tl.where(cols == y, gold_w, 0.0)
+            if HAS_CAP:
+                zr = z / cap
+                g = g * (1.0 - zr * zr)
+            if HAS_SCALE:
+                g = g * scale
+            tl.store(base + cols, g.to(L.dtype.element_ty), mask=cmask)
+
+
+INTERPRETED: bool = isinstance(_stats_kernel, _Interpreted) if _Interpreted else False
+"""True when the kernels were created by Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+
+_FUSED_CONFIGS = [
+    triton.Config({"BM": 128, "BV": 128, "BD": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BV": 256, "BD": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 64, "BV": 256, "BD": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BV": 128, "BD": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BV": 128, "BD": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BV": 128, "BD": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 16, "BV": 256, "BD": 64}, num_warps=4, num_stages=3),
+]
+_stats_tuned = triton.autotune(configs=_FUSED_CONFIGS, key=["V", "D", "M_KEY"])(_stats_kernel)
+
+#: vocabulary split sizes are multiples of this (a multiple of every BV in use)
+_SPLIT_ALIGN = 256
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, v))
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    """Whether tl.dot must run in full fp32 (fp32 inputs unless torch allows TF32)."""
+    if INTERPRETED:
+        return True
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
+def row_offsets(rows: torch.Tensor, stride: int) -> torch.Tensor:
+    """``rows * stride`` computed by the kernels' :func:`row_offset` helper (a test hook).
+
+    Args:
+        rows: ``[N]`` int32 row indices, ``N`` a power of two >= 16, on the kernels' device.
+        stride: row stride in elements (any non-negative int, may exceed 2**31).
+
+    Returns:
+        ``[N]`` int64 element offsets.
+    """
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int32 or rows.dim() != 1:
+        raise TypeError("rows: expected a 1-D int32 tensor")
+    n = rows.numel()
+    if n < 16 or n & (n - 1):
+        raise ValueError(f"rows: expected a power-of-two length >= 16, got {n}")
+    if not isinstance(stride, int) or stride < 0:
+        raise ValueError(f"stride: expected a non-negative int, got {stride!r}")
+    out = torch.empty(n, dtype=torch.int64, device=rows.device)
+    _row_offset_probe[(1,)](out, rows, stride, N=n)
+    return out
+
+
+def _splits(M: int, V: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+    """(number of vocabulary splits, split size) for the fused statistics kernel."""
+    if splits is None:
+        if INTERPRETED or device.type != "cuda":
+            splits = 1
+        else:
+            n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+            row_blocks = math.ceil(M / 128)
+            splits = _clamp(math.ceil(2 * n_sm / row_blocks), 1, max(1, math.ceil(V / 2048)))
+    splits = _clamp(int(splits), 1, max(1, math.ceil(V / _SPLIT_ALIGN)))
+    vs = math.ceil(math.ceil(V / splits) / _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return math.ceil(V / vs), vs
+
+
+def fused_stats(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    y: torch.Tensor,
+    softcap: float | None,
+    out: torch.Tensor,
+    splits: int | None = None,
+) -> None:
+    """Per-row statistics of ``x @ w.T (+ b)`` without materialising logits.
+
+    Args:
+        x: ``[M, D]`` fp32/fp16/bf16, unit stride along ``D``.
+        w: ``[V, D]`` same dtype, unit stride along ``D``.
+        b: ``[V]`` same dtype, contiguous, or None.
+        y: ``[M]`` int64 gold ids in ``[0, V)``, contiguous.
+        softcap: logit softcap or None.
+        out: ``[4, M]`` fp32, written with (lse, gold, entropy, sum_logits).
+        splits: number of vocabulary splits (None: chosen from the device's SM count).
+    """
+    M, D = x.shape
+    V = w.shape[0]
+    if M == 0:
+        return
+    n_split, vs = _splits(M, V, x.device, splits)
+    part = torch.empty(5, n_split, M, dtype=torch.float32, device=x.device)
+    cap = float(softcap) if softcap is not None else 1.0
+    args = (x, w, b if b is not None else x, y, part, M, V, D, vs, n_split * M,
+            x.stride(0), w.stride(0), cap, min(_pow2(M), 4096))
+    flags = dict(HAS_BIAS=b is not None, HAS_CAP=softcap is not None, IEEE=_ieee(x.dtype))
+    if INTERPRETED:
+        # one small fixed config: the interpreter's cost is per tile operation
+        _stats_kernel[(math.ceil(M / _clamp(_pow2(M), 16, 32)), n_split)](
+            *args, **flags, BM=_clamp(_pow2(M), 16, 32), BV=_clamp(_pow2(V), 16, 256),
+            BD=_clamp(_pow2(D), 16, 64),
+        )
+    else:
+        _stats_tuned[lambda meta: (triton.cdiv(M, meta["BM"]), n_split)](*args, **flags)
+    pm, ps, pt, pg, pz = part.unbind(0)
+    if n_split == 1:
+        m, s, t = pm[0], ps[0], pt[0]
+    else:
+        m = pm.max(dim=0).values
+        a = torch.exp(pm - m)
+        s = (a * ps).sum(0)
+        t = (a * (pt + (pm - m) * ps)).sum(0)
+    log_s = torch.log(s)
+    out[0].copy_(m + log_s)
+    out[1].copy_(pg.sum(0))
+    out[2].copy_(log_s - t / s)
+    out[3].copy_(pz.sum(0))
+
+
+def _rows_block(V: int) -> tuple[int, int]:
+    """(BV, num_warps) of the row kernel."""
+    if INTERPRETED:
+        return _clamp(_pow2(V), 16, 4096), 4
+    bv = _clamp(_pow2(V), 128, 8192)
+    return bv, (16 if bv >= 8192 else 8 if bv >= 2048 else 4)
+
+
+def rows_pass(
+    logits: torch.Tensor,
+    b: torch.Tensor | None,
+    y: torch.Tensor,
+    *,
+    softcap: float | None,
+    z_loss: float,
+    label_smoothing: float,
+    stats_out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    grad: bool = True,
+) -> None:
+    """Statistics and/or in-place gradient of the rows of a ``[R, V]`` logits buffer.
+
+    Args:
+        logits: ``[R, V]`` raw logits ``x @ w.T`` (fp32/fp16/bf16, unit stride along ``V``);
+            with ``grad`` its processed rows are overwritten with
+            ``row_scale * d(loss)/d(raw logits)`` in the same dtype.
+        b: ``[V]`` bias or None (added in fp32).
+        y: ``[R]`` int64 gold ids.
+        softcap, z_loss, label_smoothing: as in :class:`~xtf_kernels.backends.base.CEConfig`.
+        stats_out: ``[4, R]`` fp32 view (unit stride along rows) receiving
+            (lse, gold, entropy, sum_logits); None: the statistics sweep is skipped and
+            ``lse`` is used.
+        lse: ``[R]`` fp32 log-sum-exp, required when ``stats_out`` is None.
+        row_scale: ``[R]`` fp32 per-row factor of the gradient, or None (1).
+        rows: ``[K]`` int64 subset of rows to process (None: all ``R``).
+        grad: run the gradient sweep.
+    """
+    R, V = logits.shape
+    n = R if rows is None else rows.numel()
+    if n == 0 or V == 0:
+        return
+    if stats_out is None and lse is None:
+        raise ValueError("lse: required when stats_out is None")
+    bv, warps = _rows_block(V)
+    dummy = logits
+    _rows_kernel[(n,)](
+        logits, logits.stride(0), b if b is not None else dummy, y,
+        rows if rows is not None else dummy,
+        lse if lse is not None else dummy,
+        row_scale if row_scale is not None else dummy,
+        stats_out if stats_out is not None else dummy,
+        stats_out.stride(0) if stats_out is not None else 0,
+        V, float(softcap) if softcap is not None else 1.0, 2.0 * float(z_loss),
+        1.0 - float(label_smoothing), float(label_smoothing) / V,
+        HAS_ROWS=rows is not None, HAS_BIAS=b is not None, HAS_CAP=softcap is not None,
+        HAS_SCALE=row_scale is not None, DO_STATS=stats_out is not None, DO_GRAD=grad,
+        BV=bv, num_warps=warps,
+    )

@@ -1,0 +1,303 @@
+"""Triton backend of masked CE: fused statistics kernel + Liger-style gradient in the forward.
+
+Importing this module never needs Triton: the kernels (:mod:`._triton.kernels`) are imported
+on first use, and :meth:`TritonBackend.available` says why they cannot run where they cannot.
+
+Paths (the design is in ``docs/triton.md``):
+
+* statistics only (``n_grad == 0``, the scoring / select pass, and the masked rows after the
+  kept ones): one fused kernel, logits never leave registers;
+* gradient rows: row chunks of ``cfg.chunk_elems // V`` rows; logits by ``torch.mm`` into a
+  reused ``[chunk, V]`` buffer, one Triton row kernel computes the statistics and overwrites
+  the buffer with ``d(loss)/d(raw logits)``, then ``dx = G @ W`` and ``dW += G^T @ X`` (fp32);
+* :meth:`TritonBackend.backward`: the same chunks, with the given ``lse`` (one sweep).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+from .base import CEConfig, ForwardOut, GradOut
+
+RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_kernels: ModuleType | None = None
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _load_kernels() -> ModuleType:
+    """The kernel module (imports triton on first call)."""
+    global _kernels
+    if _kernels is None:
+        from ._triton import kernels
+
+        _kernels = kernels
+    return _kernels
+
+
+def _check_problem(x, w, b, y, cfg) -> None:
+    """Validate a compacted 2-D problem as handed over by the front end."""
+    if not isinstance(cfg, CEConfig):
+        raise TypeError(f"cfg: expected a CEConfig, got {type(cfg).__name__}")
+    for name, t in (("x", x), ("w", w), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x, w: expected [M, D] and [V, D], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.dtype not in _DTYPES or w.dtype != x.dtype:
+        raise TypeError(f"x, w: expected the same dtype among {_DTYPES}, got {x.dtype} and {w.dtype}")
+    if y.shape != (x.shape[0],) or y.dtype != torch.int64:
+        raise ValueError(f"y: expected int64 [{x.shape[0]}], got {y.dtype} {tuple(y.shape)}")
+    if b is not None and (not isinstance(b, torch.Tensor) or b.shape != (w.shape[0],) or b.dtype != x.dtype):
+        raise ValueError(f"b: expected [{w.shape[0]}] {x.dtype} or None")
+    devs = {t.device for t in (x, w, y, b) if t is not None}
+    if len(devs) != 1:
+        raise ValueError(f"x, w, b, y: expected one device, got {sorted(map(str, devs))}")
+    if w.shape[0] == 0:
+        raise ValueError("w: expected at least one vocabulary row (V >= 1)")
+
+
+def _rows_per_chunk(n: int, V: int, cfg: CEConfig) -> int:
+    return max(1, min(n, cfg.chunk_elems // max(V, 1)))
+
+
+_out_dtype_ok = True
+
+
+def _acc_grad_w(dw: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
+    """``dw += g.T @ x`` with an fp32 result of every partial sum (``dw`` fp32 [V, D])."""
+    global _out_dtype_ok
+    if g.dtype == torch.float32:
+        dw.addmm_(g.t(), x)
+        return
+    if _out_dtype_ok and g.is_cuda:
+        try:  # cuBLAS half/bf16 inputs, fp32 accumulate and output, in place
+            torch.addmm(dw, g.t(), x, out_dtype=torch.float32, out=dw)
+            return
+        except (RuntimeError, TypeError):
+            _out_dtype_ok = False
+    dw += (g.t() @ x).float()
+
+
+class TritonBackend:
+    """Masked-CE backend on Triton kernels (see :mod:`xtf_kernels.backends.base`)."""
+
+    name = "triton"
+
+    def available(self) -> tuple[bool, str]:
+        """(usable here?, reason when not): needs triton and a CUDA device or the interpreter."""
+        try:
+            k = _load_kernels()
+        except Exception as exc:  # ImportError, or a broken triton install
+            return False, f"triton cannot be imported ({type(exc).__name__}: {exc}); pip install triton"
+        if k.INTERPRETED:
+            return True, ""
+        if torch.cuda.is_available():
+            return True, ""
+        if _interpret_env():
+            return False, ("TRITON_INTERPRET=1 was set after the Triton kernels were created; set it "
+                           "before importing xtf_kernels' triton backend")
+        return False, ("no CUDA device; set TRITON_INTERPRET=1 before importing triton to run the "
+                       "kernels in Triton's CPU interpreter (slow; for tests)")
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+        """Whether tensors of ``device`` / ``dtype`` can run: CUDA fp32/fp16/bf16; CPU fp32/fp16
+        only under the interpreter."""
+        device = torch.device(device)
+        if dtype not in _DTYPES:
+            return False, f"dtype: expected one of {_DTYPES}, got {dtype}"
+        ok, why = self.available()
+        if not ok:
+            return False, why
+        interp = _load_kernels().INTERPRETED
+        if device.type == "cuda":
+            return True, ""
+        if device.type == "cpu" and interp:
+            if dtype == torch.bfloat16:
+                return False, ("bfloat16 on the CPU interpreter: its tl.dot multiplies the raw bf16 "
+                               "bits (triton issue 11584); use fp32/fp16 or a CUDA device")
+            return True, ""
+        return False, (f"device: Triton runs CUDA tensors (CPU tensors only under "
+                       f"TRITON_INTERPRET=1), got {device}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        cfg: CEConfig,
+        n_grad: int,
+    ) -> ForwardOut:
+        """Statistics of every row; gradient of ``sum_i loss_i`` over rows ``[0, n_grad)``.
+
+        Args:
+            x: ``[M, D]`` fp32/fp16/bf16 compacted hidden rows.
+            w: ``[V, D]`` LM head, same dtype. b: ``[V]`` or None.
+            y: ``[M]`` int64 gold ids in ``[0, V)``.
+            cfg: softcap / smoothing / z-loss / chunk size.
+            n_grad: number of leading rows that need a gradient (0: statistics only).
+
+        Returns:
+            :class:`ForwardOut`: fp32 ``[M]`` statistics; ``dx`` ``[n_grad, D]`` x.dtype, ``dw``
+            ``[V, D]`` fp32, ``db`` ``[V]`` fp32 (or None) when ``n_grad > 0``.
+        """
+        _check_problem(x, w, b, y, cfg)
+        M = x.shape[0]
+        if not isinstance(n_grad, int) or not 0 <= n_grad <= M:
+            raise ValueError(f"n_grad: expected an int in [0, {M}], got {n_grad!r}")
+        x, w, b, y = self._prep(x, w, b, y)
+        stats = torch.empty(4, M, dtype=torch.float32, device=x.device)
+        dx = dw = db = None
+        if n_grad:
+            dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, n_grad, None)
+        if M > n_grad:
+            _load_kernels().fused_stats(x[n_grad:], w, b, y[n_grad:], cfg.softcap, stats[:, n_grad:])
+        return ForwardOut(stats[0], stats[1], stats[2], stats[3], dx, dw, db)
+
+    def forward_rowwise(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        cfg: CEConfig,
+        row_select: RowSelect,
+    ) -> tuple[ForwardOut, torch.Tensor]:
+        """Forward whose gradient rows are chosen chunk by chunk by ``row_select``.
+
+        ``row_select(start, end, lse, gold, entropy) -> bool [end - start]`` sees each chunk's
+        fp32 statistics while its logits are in the buffer; the selected rows then get their
+        gradient from the same logits (one logits GEMM in total). Returns the
+        :class:`ForwardOut` (``dx`` ``[n_selected, D]`` in row order) and the bool ``[M]``
+        selection.
+        """
+        _check_problem(x, w, b, y, cfg)
+        if not callable(row_select):
+            raise TypeError(f"row_select: expected a callable, got {type(row_select).__name__}")
+        x, w, b, y = self._prep(x, w, b, y)
+        M = x.shape[0]
+        stats = torch.empty(4, M, dtype=torch.float32, device=x.device)
+        sel = torch.zeros(M, dtype=torch.bool, device=x.device)
+        dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, M, (row_select, sel))
+        return ForwardOut(stats[0], stats[1], stats[2], stats[3], dx, dw, db), sel
+
+    # ----------------------------------------------------------------- backward
+    def backward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        lse: torch.Tensor,
+        row_scale: torch.Tensor,
+        cfg: CEConfig,
+    ) -> GradOut:
+        """Gradient of ``sum_i row_scale[i] * loss_i`` by recomputing the logits of the rows.
+
+        Args:
+            x, w, b, y, cfg: as in :meth:`forward`.
+            lse: ``[M]`` fp32 log-sum-exp of the rows (from the forward).
+            row_scale: ``[M]`` fp32 upstream factor per row.
+
+        Returns:
+            :class:`GradOut`: ``dx`` ``[M, D]`` x.dtype, ``dw`` ``[V, D]`` fp32, ``db`` ``[V]``
+            fp32 or None.
+        """
+        _check_problem(x, w, b, y, cfg)
+        M = x.shape[0]
+        for name, t in (("lse", lse), ("row_scale", row_scale)):
+            if not isinstance(t, torch.Tensor) or t.shape != (M,) or not t.is_floating_point():
+                raise ValueError(f"{name}: expected a floating [{M}] tensor")
+            if t.device != x.device:
+                raise ValueError(f"{name}: expected device {x.device}, got {t.device}")
+        x, w, b, y = self._prep(x, w, b, y)
+        k = _load_kernels()
+        V, D = w.shape
+        dev = x.device
+        dx = torch.empty(M, D, dtype=x.dtype, device=dev)
+        dw = torch.zeros(V, D, dtype=torch.float32, device=dev)
+        db = torch.zeros(V, dtype=torch.float32, device=dev) if b is not None else None
+        if M == 0:
+            return GradOut(dx, dw, db)
+        lse = lse.to(torch.float32).contiguous()
+        row_scale = row_scale.to(torch.float32).contiguous()
+        rows = _rows_per_chunk(M, V, cfg)
+        buf = torch.empty(rows, V, dtype=x.dtype, device=dev)
+        for s in range(0, M, rows):
+            e = min(M, s + rows)
+            g = buf[: e - s]
+            torch.mm(x[s:e], w.t(), out=g)
+            k.rows_pass(g, b, y[s:e], softcap=cfg.softcap, z_loss=cfg.z_loss,
+                        label_smoothing=cfg.label_smoothing, lse=lse[s:e], row_scale=row_scale[s:e])
+            self._grad_gemms(g, x[s:e], w, dx[s:e], dw, db)
+        return GradOut(dx, dw, db)
+
+    # ----------------------------------------------------------------- internals
+    @staticmethod
+    def _prep(x, w, b, y):
+        """Unit stride along the feature / vocabulary dims (what the kernels index)."""
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        w = w if w.stride(-1) == 1 else w.contiguous()
+        b = b.contiguous() if b is not None else None
+        return x, w, b, y.contiguous()
+
+    @staticmethod
+    def _grad_gemms(g, xs, w, dx_out, dw, db) -> None:
+        """dx = G @ W into ``dx_out``; dW += G^T @ X (fp32); db += sum of G's rows (fp32)."""
+        torch.mm(g, w, out=dx_out)
+        _acc_grad_w(dw, g, xs)
+        if db is not None:
+            db += g.sum(0, dtype=torch.float32)
+
+    def _grad_sweep(self, x, w, b, y, cfg, stats, n, rowwise):
+        """Row chunks of the first ``n`` rows through the logits buffer: statistics into
+        ``stats`` and the gradient of every row (or of the rows ``rowwise`` selects)."""
+        k = _load_kernels()
+        V, D = w.shape
+        dev = x.device
+        dw = torch.zeros(V, D, dtype=torch.float32, device=dev)
+        db = torch.zeros(V, dtype=torch.float32, device=dev) if b is not None else None
+        rows = _rows_per_chunk(n, V, cfg)
+        buf = torch.empty(rows, V, dtype=x.dtype, device=dev)
+        opts = dict(softcap=cfg.softcap, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
+        if rowwise is None:
+            dx = torch.empty(n, D, dtype=x.dtype, device=dev)
+        else:
+            row_select, sel = rowwise
+            dx_parts: list[torch.Tensor] = []
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            g = buf[: e - s]
+            torch.mm(x[s:e], w.t(), out=g)
+            if rowwise is None:
+                k.rows_pass(g, b, y[s:e], stats_out=stats[:, s:e], **opts)
+                self._grad_gemms(g, x[s:e], w, dx[s:e], dw, db)
+                continue
+            k.rows_pass(g, b, y[s:e], stats_out=stats[:, s:e], grad=False, **opts)
+            m = row_select(s, e, stats[0, s:e], stats[1, s:e], stats[2, s:e])
+            if not isinstance(m, torch.Tensor) or m.shape != (e - s,) or m.dtype != torch.bool:
+                raise ValueError(f"row_select: expected a bool [{e - s}] tensor")
+            sel[s:e] = m
+            idx = m.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            k.rows_pass(g, b, y[s:e], lse=stats[0, s:e], rows=idx, **opts)
+            full = idx.numel() == e - s
+            gs = g if full else g.index_select(0, idx)
+            xs = x[s:e] if full else x[s:e].index_select(0, idx)
+            part = torch.empty(idx.numel(), D, dtype=x.dtype, device=dev)
+            self._grad_gemms(gs, xs, w, part, dw, db)
+            dx_parts.append(part)
+        if rowwise is not None:
+            dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
+        return dx, dw, db
