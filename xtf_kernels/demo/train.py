@@ -105,10 +105,11 @@ class Batchable:
 
 
 def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, seed: int,
-          select: Callable | None = None, desc: str = "train", progress: bool = True) -> list[float]:
+          select: Callable | None = None, desc: str = "train", progress: bool = True,
+          max_len: int | None = None, autocast_dtype: torch.dtype | None = None) -> list[float]:
     """Train ``model`` in place with AdamW on the fused masked cross-entropy.
 
-    Loss: ``masked_ce(hidden, lm_head.weight, labels, keep=..., shift=True)``, the mean over kept
+    Loss: ``masked_ce(hidden, head.weight, labels, keep=..., shift=True)``, the mean over kept
     response tokens (the paper's Eq. 8). The batch order depends only on ``seed`` and the data
     size, so runs with the same seed see the same batches whatever their masks.
 
@@ -122,6 +123,12 @@ def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, see
         select: optional ``select=`` callable for ``masked_ce`` (dynamic selection, e.g. SLM).
         desc: progress-bar label.
         progress: show a tqdm bar.
+        max_len: truncate sequences (default: the model's ``max_position_embeddings``).
+        autocast_dtype: e.g. ``torch.bfloat16`` on a GPU (None: the parameters' dtype).
+
+    Any ``*ForCausalLM`` (also wrapped by ``peft``) works: the decoder is ``get_decoder()``, the
+    head ``get_output_embeddings()`` (bias and ``final_logit_softcapping`` honoured); only
+    parameters with ``requires_grad`` are optimised.
 
     Returns:
         the training loss per step (float).
@@ -132,7 +139,10 @@ def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, see
     if not isinstance(data, Batchable) or not data.ids:
         raise ValueError("data: expected a non-empty Batchable")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -140,17 +150,25 @@ def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, see
     rng = np.random.default_rng(seed)
     order: list[int] = []
     losses: list[float] = []
-    max_len = model.config.max_position_embeddings
+    max_len = int(max_len or model.config.max_position_embeddings)
+    dev = params[0].device
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         if len(order) < batch_size:
             order.extend(rng.permutation(len(data.ids)).tolist())
         idx, order = order[:batch_size], order[batch_size:]
-        b = data.batch(idx, max_len)
-        hidden = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        loss = masked_ce(hidden, model.lm_head.weight, b["labels"], keep=b["keep"], shift=True,
+        b = {k: (v.to(dev) if v is not None else None) for k, v in data.batch(idx, max_len).items()}
+        with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            hidden = decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        w = head.weight
+        bias = getattr(head, "bias", None)
+        loss = masked_ce(hidden, w.to(hidden.dtype), b["labels"], bias=None if bias is None else bias.to(hidden.dtype),
+                         keep=b["keep"], shift=True, softcap=softcap,
                          ref_logprobs=b["ref"] if select is not None else None, select=select)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -182,7 +200,9 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
         raise ValueError("prompts: expected a non-empty sequence of str")
     model.eval()
     outs: list[str] = []
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    dev = next(model.parameters()).device
     for s in range(0, len(prompts), batch_size):
         enc = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[s : s + batch_size]]
         L = max(len(e) for e in enc)
@@ -192,9 +212,9 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
             ids[i, L - len(e) :] = torch.tensor(e)
             mask[i, L - len(e) :] = 1
         new = min(max_new_tokens, model.config.max_position_embeddings - L)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, do_sample=False,
                              eos_token_id=eos, pad_token_id=pad)
-        outs.extend(tokenizer.decode(g[L:], skip_special_tokens=True) for g in gen)
+        outs.extend(tokenizer.decode(g[L:].cpu(), skip_special_tokens=True) for g in gen)
     return outs
 
 
