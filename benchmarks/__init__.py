@@ -1,0 +1,1 @@
+"""Benchmarks of xtf_kernels against its peers: ``python -m benchmarks.masked_ce --help``."""
