@@ -42,12 +42,6 @@ def row_offset(row, stride):
 
 
 @triton.jit
-def _softcap(z, cap):
-    # cap * tanh(z / cap), tanh(u) = 2 * sigmoid(2u) - 1 (saturates cleanly at +-1)
-    return cap * (2.0 * tl.sigmoid(2.0 * z / cap) - 1.0)
-
-
-@triton.jit
 def _row_offset_probe(OUT, ROWS, stride, N: tl.constexpr):
     r = tl.load(ROWS + tl.arange(0, N))
     tl.store(OUT + tl.arange(0, N), row_offset(r, stride))
@@ -91,8 +85,8 @@ def _stats_kernel(
         z = acc
         if HAS_BIAS:
             z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_CAP:
-            z = _softcap(z, cap)
+        if HAS_CAP:  # cap * tanh(z / cap), tanh(u) = 2 / (1 + exp(-2u)) - 1
+            z = cap * (2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0)
         valid = cmask[None, :]
         zm = tl.where(valid, z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(zm, axis=1))
@@ -115,73 +109,81 @@ def _stats_kernel(
 @triton.jit
 def _rows_kernel(
     L, stride_l, B, Y, ROWS, LSE, SCALE, STATS, stride_st,
-    V, cap, zl2, gold_w, smooth_v,
+    n, V, cap, zl2, gold_w, smooth_v,
     HAS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
-    HAS_SCALE: tl.constexpr, DO_STATS: tl.constexpr, DO_GRAD: tl.constexpr, BV: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DO_STATS: tl.constexpr, DO_GRAD: tl.constexpr,
+    BR: tl.constexpr, BV: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # BR rows per program (1 on a GPU, a block in the interpreter whose cost is per operation)
+    ridx = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = ridx < n
     if HAS_ROWS:
-        row = tl.load(ROWS + pid)
+        row = tl.load(ROWS + ridx, mask=rmask, other=0)
     else:
-        row = pid
+        row = ridx
     base = L + row_offset(row, stride_l)
-    y = tl.load(Y + row)
+    y = tl.load(Y + row, mask=rmask, other=0)
     offs = tl.arange(0, BV)
     if DO_STATS:
-        m = -1.0e30
-        s = 0.0
-        t = 0.0
-        zs = 0.0
+        m = tl.full([BR], -1.0e30, tl.float32)
+        s = tl.zeros([BR], tl.float32)
+        t = tl.zeros([BR], tl.float32)
+        zs = tl.zeros([BR], tl.float32)
         for v0 in range(0, V, BV):
             cols = v0 + offs
             cmask = cols < V
-            z = tl.load(base + cols, mask=cmask, other=0.0).to(tl.float32)
+            valid = cmask[None, :]
+            z = tl.load(base[:, None] + cols[None, :], mask=rmask[:, None] & valid, other=0.0)
+            z = z.to(tl.float32)
             if HAS_BIAS:
-                z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-            if HAS_CAP:
-                z = _softcap(z, cap)
-            zm = tl.where(cmask, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(zm, axis=0))
+                z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if HAS_CAP:  # cap * tanh(z / cap), tanh(u) = 2 / (1 + exp(-2u)) - 1
+                z = cap * (2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0)
+            zm = tl.where(valid, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(zm, axis=1))
             alpha = tl.exp(m - m_new)
-            e = tl.exp(zm - m_new)
-            zc = tl.where(cmask, z - m_new, 0.0)
-            t = alpha * (t + (m - m_new) * s) + tl.sum(e * zc, axis=0)
-            s = alpha * s + tl.sum(e, axis=0)
+            e = tl.exp(zm - m_new[:, None])
+            zc = tl.where(valid, z - m_new[:, None], 0.0)
+            t = alpha * (t + (m - m_new) * s) + tl.sum(e * zc, axis=1)
+            s = alpha * s + tl.sum(e, axis=1)
             m = m_new
-            zs += tl.sum(tl.where(cmask, z, 0.0), axis=0)
+            zs += tl.sum(tl.where(valid, z, 0.0), axis=1)
         log_s = tl.log(s)
         lse = m + log_s
-        gz = tl.load(base + y).to(tl.float32)
+        gz = tl.load(base + y, mask=rmask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            gz += tl.load(B + y).to(tl.float32)
+            gz += tl.load(B + y, mask=rmask, other=0.0).to(tl.float32)
         if HAS_CAP:
-            gz = _softcap(gz, cap)
+            gz = cap * (2.0 / (1.0 + tl.exp(-2.0 * gz / cap)) - 1.0)
         st = STATS + row
-        tl.store(st, lse)
-        tl.store(st + stride_st, gz)
-        tl.store(st + 2 * stride_st, log_s - t / s)
-        tl.store(st + 3 * stride_st, zs)
+        tl.store(st, lse, mask=rmask)
+        tl.store(st + stride_st, gz, mask=rmask)
+        tl.store(st + 2 * stride_st, log_s - t / s, mask=rmask)
+        tl.store(st + 3 * stride_st, zs, mask=rmask)
     else:
-        lse = tl.load(LSE + row)
+        lse = tl.load(LSE + row, mask=rmask, other=0.0)
     if DO_GRAD:
-        coef = 1.0 + zl2 * lse
+        coef = (1.0 + zl2 * lse)[:, None]
+        lse2 = lse[:, None]
         if HAS_SCALE:
-            scale = tl.load(SCALE + row)
+            scale = tl.load(SCALE + row, mask=rmask, other=0.0)[:, None]
         for v0 in range(0, V, BV):
             cols = v0 + offs
             cmask = cols < V
-            z = tl.load(base + cols, mask=cmask, other=0.0).to(tl.float32)
+            mask2 = rmask[:, None] & cmask[None, :]
+            z = tl.load(base[:, None] + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+                z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             if HAS_CAP:
-                z = _softcap(z, cap)
-            g = tl.exp(z - lse) * coef - smooth_v - tl.where(cols == y, gold_w, 0.0)
+                z = cap * (2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0)
+            g = tl.exp(z - lse2) * coef - smooth_v
+            g -= tl.where(cols[None, :] == y[:, None], gold_w, 0.0)
             if HAS_CAP:
                 zr = z / cap
                 g = g * (1.0 - zr * zr)
             if HAS_SCALE:
                 g = g * scale
-            tl.store(base + cols, g.to(L.dtype.element_ty), mask=cmask)
+            tl.store(base[:, None] + cols[None, :], g.to(L.dtype.element_ty), mask=mask2)
 
 
 INTERPRETED: bool = isinstance(_stats_kernel, _Interpreted) if _Interpreted else False
@@ -285,9 +287,9 @@ def fused_stats(
     flags = dict(HAS_BIAS=b is not None, HAS_CAP=softcap is not None, IEEE=_ieee(x.dtype))
     if INTERPRETED:
         # one small fixed config: the interpreter's cost is per tile operation
-        _stats_kernel[(math.ceil(M / _clamp(_pow2(M), 16, 32)), n_split)](
-            *args, **flags, BM=_clamp(_pow2(M), 16, 32), BV=_clamp(_pow2(V), 16, 256),
-            BD=_clamp(_pow2(D), 16, 64),
+        bm = _clamp(_pow2(M), 16, 64)
+        _stats_kernel[(math.ceil(M / bm), n_split)](
+            *args, **flags, BM=bm, BV=_clamp(_pow2(V), 16, 512), BD=_clamp(_pow2(D), 16, 64),
         )
     else:
         _stats_tuned[lambda meta: (triton.cdiv(M, meta["BM"]), n_split)](*args, **flags)
@@ -306,12 +308,13 @@ def fused_stats(
     out[3].copy_(pz.sum(0))
 
 
-def _rows_block(V: int) -> tuple[int, int]:
-    """(BV, num_warps) of the row kernel."""
+def _rows_block(n: int, V: int) -> tuple[int, int, int]:
+    """(BR, BV, num_warps) of the row kernel."""
     if INTERPRETED:
-        return _clamp(_pow2(V), 16, 4096), 4
+        bv = _clamp(_pow2(V), 16, 4096)
+        return _clamp(_pow2(n), 1, max(1, 16384 // bv)), bv, 4
     bv = _clamp(_pow2(V), 128, 8192)
-    return bv, (16 if bv >= 8192 else 8 if bv >= 2048 else 4)
+    return 1, bv, (16 if bv >= 8192 else 8 if bv >= 2048 else 4)
 
 
 def rows_pass(
@@ -351,18 +354,18 @@ def rows_pass(
         return
     if stats_out is None and lse is None:
         raise ValueError("lse: required when stats_out is None")
-    bv, warps = _rows_block(V)
+    br, bv, warps = _rows_block(n, V)
     dummy = logits
-    _rows_kernel[(n,)](
+    _rows_kernel[(math.ceil(n / br),)](
         logits, logits.stride(0), b if b is not None else dummy, y,
         rows if rows is not None else dummy,
         lse if lse is not None else dummy,
         row_scale if row_scale is not None else dummy,
         stats_out if stats_out is not None else dummy,
         stats_out.stride(0) if stats_out is not None else 0,
-        V, float(softcap) if softcap is not None else 1.0, 2.0 * float(z_loss),
+        n, V, float(softcap) if softcap is not None else 1.0, 2.0 * float(z_loss),
         1.0 - float(label_smoothing), float(label_smoothing) / V,
         HAS_ROWS=rows is not None, HAS_BIAS=b is not None, HAS_CAP=softcap is not None,
         HAS_SCALE=row_scale is not None, DO_STATS=stats_out is not None, DO_GRAD=grad,
-        BV=bv, num_warps=warps,
+        BR=br, BV=bv, num_warps=warps,
     )
