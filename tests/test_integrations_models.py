@@ -35,9 +35,22 @@ def _phi_with_bias() -> torch.nn.Module:
     return m
 
 
+def _mixtral_moe() -> torch.nn.Module:
+    """Mixtral with router logits on: the load-balancing loss is part of ``loss``."""
+    cfg = transformers.MixtralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        output_router_logits=True, router_aux_loss_coef=0.1, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
 def _model(arch: str) -> torch.nn.Module:
     if arch == "phi-bias":
         m = _phi_with_bias()
+    elif arch == "mixtral-moe":
+        m = _mixtral_moe()
     elif arch == "gemma2-softcap5":  # a softcap small enough to bend the logits
         m = make_tiny_model("gemma2", vocab_size=V, final_logit_softcapping=5.0)
     else:
@@ -69,7 +82,7 @@ def _assert_same_grads(ref: torch.nn.Module, got: torch.nn.Module) -> None:
         torch.testing.assert_close(gg[n], gr[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-ARCHS = ["llama", "qwen2", "mistral", "gemma2", "gemma2-softcap5", "phi-bias"]
+ARCHS = ["llama", "qwen2", "mistral", "gemma2", "gemma2-softcap5", "phi-bias", "mixtral-moe"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
