@@ -52,8 +52,10 @@ BAD = [
     (dict(label_smoothing=1.0), ValueError, "label_smoothing: expected a value in [0, 1)"),
     (dict(label_smoothing=-0.1), ValueError, "label_smoothing: expected a value in [0, 1)"),
     (dict(z_loss=-1.0), ValueError, "z_loss: expected a value >= 0"),
-    (dict(num_items=0), ValueError, "num_items: expected > 0"),
-    (dict(num_items=torch.tensor(0)), ValueError, "num_items: expected > 0"),
+    (dict(num_items=-1), ValueError, "num_items: expected >= 0"),
+    (dict(num_items=torch.tensor(-2)), ValueError, "num_items: expected >= 0"),
+    (dict(num_items=0), ValueError, "num_items: 0 while 6 tokens are kept"),
+    (dict(num_items=torch.tensor(0)), ValueError, "num_items: 0 while 6 tokens are kept"),
     (dict(num_items=torch.ones(2)), ValueError, "num_items: expected an int or a 0-d tensor"),
     (dict(hidden=h.long()), TypeError, "hidden: expected a floating dtype"),
     (dict(hidden=[1.0]), TypeError, "hidden: expected a torch.Tensor"),
@@ -89,6 +91,13 @@ def test_unavailable_backend_is_clear():
         if not ok:
             with pytest.raises(RuntimeError, match=f"backend='{name}' is not available here"):
                 masked_ce(h, w, y, backend=name)
+
+
+def test_num_items_zero_with_nothing_kept_is_zero_loss():
+    ww = w.clone().requires_grad_()
+    loss = masked_ce(h, ww, y, keep=torch.zeros(6, dtype=torch.bool), num_items=0, backend="torch")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(ww.grad) == 0
 
 
 def test_label_check_can_be_disabled():

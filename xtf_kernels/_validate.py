@@ -112,12 +112,12 @@ def validate(
         if isinstance(num_items, torch.Tensor):
             if num_items.dim() != 0:
                 raise ValueError(f"num_items: expected an int or a 0-d tensor, got shape {_shape(num_items)}")
-            if num_items.device.type == "cpu" and float(num_items) <= 0:
-                raise ValueError(f"num_items: expected > 0, got {num_items.item()}")
+            if num_items.device.type == "cpu" and float(num_items) < 0:
+                raise ValueError(f"num_items: expected >= 0, got {num_items.item()}")
         elif isinstance(num_items, bool) or not isinstance(num_items, int | float):
             raise TypeError(f"num_items: expected an int or a 0-d tensor, got {type(num_items).__name__}")
-        elif num_items <= 0:
-            raise ValueError(f"num_items: expected > 0, got {num_items}")
+        elif num_items < 0:
+            raise ValueError(f"num_items: expected >= 0, got {num_items}")
     for name, val in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
         if isinstance(val, bool) or not isinstance(val, int | float):
             raise TypeError(f"{name}: expected a float, got {type(val).__name__}")

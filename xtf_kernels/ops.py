@@ -183,10 +183,16 @@ class MaskedCE(torch.autograd.Function):
                 loss = total
                 divisor = None
             else:
-                if num_items is None:
+                if num_items is None or n_kept == 0:
+                    # nothing kept: loss 0.0 and zero gradients, whatever num_items says
                     divisor = torch.as_tensor(max(n_kept, 1), dtype=acc, device=dev)
                 else:
                     divisor = torch.as_tensor(num_items, dtype=acc, device=dev)
+                    if divisor.device.type == "cpu" and float(divisor) == 0:
+                        raise ValueError(
+                            f"num_items: 0 while {n_kept} tokens are kept; expected the (global) "
+                            "kept-token count"
+                        )
                 loss = total / divisor
 
         ctx.spec = spec
