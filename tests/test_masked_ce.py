@@ -343,3 +343,24 @@ def test_rowwise_select_single_pass(backend, device, with_extras, monkeypatch):
     torch.testing.assert_close(gw1, gw2)
     has_rowwise = hasattr(be, "forward_rowwise")
     assert len(calls) == (1 if has_rowwise else 2)  # the global select recomputes; rowwise does not
+
+
+def test_dynamic_xtf_policy_is_rowwise_and_exact(backend, device):
+    from xtf_kernels.xtf.dynamic import DynamicXTF
+
+    h, w, y, _, keep, ref_lp, _ = make_inputs(48, 16, 96, torch.float32, device, seed=11)
+    h = h * 6  # confident predictions, so the KN rule fires on some tokens
+    out = []
+    for pol in (DynamicXTF(kn_threshold=0.9, excess_loss_min=-50.0), DynamicXTF(kn_threshold=0.9, excess_loss_keep_ratio=1.0)):
+        hh = h.clone().requires_grad_()
+        with xtf_kernels.options(chunk_elems=96 * 7):
+            loss, st = masked_ce(hh, w, y, keep=keep, select=pol, ref_logprobs=ref_lp, return_stats=True,
+                                 backend=backend)
+        loss.backward()
+        out.append((pol.rowwise, loss.detach(), st.keep, hh.grad, pol.end_step()))
+    (r1, l1, k1, g1, rec1), (r2, l2, k2, g2, rec2) = out
+    assert r1 and not r2
+    assert torch.equal(k1, k2) and 0 < int(k1.sum()) < int(((y != -100) & keep).sum())
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2)
+    assert rec1["kn"] == rec2["kn"] and rec1["tokens"] == rec2["tokens"]

@@ -112,6 +112,16 @@ class DynamicXTF:
             self.recording = old
 
     @property
+    def rowwise(self) -> bool:
+        """True when every enabled rule is a per-token threshold (see :func:`xtf_kernels.rowwise`).
+
+        masked_ce then applies the policy chunk by chunk while the logits are in memory, so
+        statistics, selection and gradient come from one logits GEMM. The rank-based
+        ``excess_loss_keep_ratio`` needs all of the micro-batch's tokens at once: not rowwise.
+        """
+        return self.excess_loss_keep_ratio is None
+
+    @property
     def rules(self) -> tuple[str, ...]:
         """Names of the enabled rules."""
         out = []
