@@ -353,3 +353,51 @@ def test_cuda_autotuned_fused_stats_bf16_and_splits():
     torch.testing.assert_close(out.lse.cpu().double(), ref.lse, atol=2e-2, rtol=1e-3)
     torch.testing.assert_close(out.entropy.cpu().double(), ref.entropy, atol=2e-2, rtol=1e-2)
     assert math.isfinite(out.sum_logits.sum().item())
+
+
+_COMPILE_SM90 = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from xtf_kernels.backends._triton import kernels as k
+assert not k.INTERPRETED
+target = GPUTarget("cuda", 90, 32)
+stats_sig = {n: t for n, t in zip(
+    ["X", "W", "B", "Y", "PART", "M", "V", "D", "VS", "SM", "stride_x", "stride_w", "cap", "M_KEY"],
+    ["*bf16", "*bf16", "*bf16", "*i64", "*fp32"] + ["i32"] * 7 + ["fp32", "i32"])}
+for c in ("HAS_BIAS", "HAS_CAP", "IEEE", "BM", "BV", "BD"):
+    stats_sig[c] = "constexpr"
+cfg = k._FUSED_CONFIGS[0]
+src = ASTSource(fn=k._stats_kernel, signature=stats_sig,
+                constexprs=dict(HAS_BIAS=True, HAS_CAP=True, IEEE=False, **cfg.kwargs))
+triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+rows_sig = {n: t for n, t in zip(
+    ["L", "stride_l", "B", "Y", "ROWS", "LSE", "SCALE", "STATS", "stride_st", "n", "V", "cap", "zl2",
+     "gold_w", "smooth_v"],
+    ["*bf16", "i32", "*bf16", "*i64", "*i64", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32"]
+    + ["fp32"] * 4)}
+for c in ("HAS_ROWS", "HAS_BIAS", "HAS_CAP", "HAS_SCALE", "DO_STATS", "DO_GRAD", "BR", "BV"):
+    rows_sig[c] = "constexpr"
+br, bv, warps = 1, 8192, 16
+for stats, rows in ((True, False), (False, True)):
+    src = ASTSource(fn=k._rows_kernel, signature=rows_sig, constexprs=dict(
+        HAS_ROWS=rows, HAS_BIAS=True, HAS_CAP=True, HAS_SCALE=not stats, DO_STATS=stats,
+        DO_GRAD=True, BR=br, BV=bv))
+    triton.compile(src, target=target, options={"num_warps": warps})
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile and run the kernels for real")
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    # catches GPU-only compile errors (layouts, types, loop-carried values) in CPU-only CI
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("triton's bundled ptxas is missing")
+    env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)
+    assert "compiled" in _run(_COMPILE_SM90, env)
