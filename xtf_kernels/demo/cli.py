@@ -32,6 +32,10 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="kept fraction for SLM / Token Cleaning (default: XTF's kept fraction)")
     p.add_argument("--scorer", choices=["auto", "framework", "builtin"], default="auto",
                    help="XTF scorer: the xtf score pipeline (framework) or the demo's in-memory one")
+    p.add_argument("--collect", nargs="+", default=None, metavar="DIR",
+                   help="do not train: aggregate the seed results found under DIR(s) (seeds run as separate "
+                        "processes) into --out")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="print only the table and the report path")
     return p
@@ -56,8 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(a: argparse.Namespace) -> int:
     from .report import comparison_table, detection_table
-    from .run import SCALES, run_demo
+    from .run import SCALES, collect, run_demo
 
+    if a.threads is not None:
+        if a.threads < 1:
+            raise ValueError(f"--threads: expected a positive int, got {a.threads}")
+        import torch
+
+        torch.set_num_threads(a.threads)
     cfg = SCALES["smoke" if a.smoke else a.scale]
     over = {}
     for flag, key in (("finetune_steps", "finetune_steps"), ("pretrain_steps", "pretrain_steps")):
@@ -74,12 +84,15 @@ def _run(a: argparse.Namespace) -> int:
     if any(s < 0 for s in a.seeds):
         raise ValueError(f"--seeds: expected ints >= 0, got {a.seeds}")
     out = a.out or tempfile.mkdtemp(prefix="xtf-demo-")
-    res = run_demo(cfg, out, a.seeds, progress=not a.no_progress, quiet=a.quiet)
+    if a.collect:
+        res = collect(out, a.collect)
+    else:
+        res = run_demo(cfg, out, a.seeds, progress=not a.no_progress, quiet=a.quiet)
     print()
     print(comparison_table(res))
     print()
     print(detection_table(res))
-    print(f"\nscorer: {res['scorer']}; {res['seconds']:.0f} s in total")
+    print(f"\nseeds {res['seeds']}; scorer: {res['scorer']}; {res['seconds']:.0f} s in total")
     print(f"report: {out}/report.html")
     return 0
 

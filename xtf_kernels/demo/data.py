@@ -151,7 +151,7 @@ def make_problem(rng: random.Random, template: int | None = None, n_templates: i
     name = rng.choice(_NAMES)
     item = rng.choice(_ITEMS)
     if t == 0:
-        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
         c = rng.randint(1, a + b - 1)
         q = f"{name} has {a} {item}. {name} buys {b} more and then gives away {c}. How many {item} does {name} have now?"
         s1, s2 = a + b, a + b - c
@@ -166,15 +166,15 @@ def make_problem(rng: random.Random, template: int | None = None, n_templates: i
                  f"The answer is {s2}."]
         return q, steps, [(0, s1), (1, s2)], s2, t
     if t == 2:
-        a, b = rng.randint(2, 9), rng.randint(2, 6)
-        c = a * b + rng.randint(1, 20)
+        a, b = rng.randint(2, 9), rng.randint(2, 5)
+        c = a * b + rng.randint(1, 9)
         q = f"One pack of {item} costs {a} dollars. {name} buys {b} packs and pays with {c} dollars. How much change does {name} get?"
         s1, s2 = a * b, c - a * b
         steps = [f"The packs cost {b} * {a} = {s1} dollars.", f"The change is {c} - {s1} = {s2} dollars.",
                  f"The answer is {s2}."]
         return q, steps, [(0, s1), (1, s2)], s2, t
     if t == 3:
-        a, b = rng.randint(2, 30), rng.randint(1, 15)
+        a, b = rng.randint(2, 9), rng.randint(1, 9)
         q = f"On Monday {name} collects {a} {item}. On Tuesday {name} collects {b} more than on Monday. How many {item} does {name} collect in total?"
         s1, s2 = a + b, a + a + b
         steps = [f"On Tuesday {name} collects {a} + {b} = {s1}.", f"In total, {a} + {s1} = {s2}.",

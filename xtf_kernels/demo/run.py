@@ -20,7 +20,7 @@ from .scoring import apply_rules, detection_metrics, rule_subsets, score_example
 from .tokenizer import encode_example, train_tokenizer
 from .train import Batchable, ModelSize, clone_model, exact_match, make_model, train
 
-__all__ = ["DemoConfig", "SCALES", "METHODS", "run_seed", "run_demo"]
+__all__ = ["DemoConfig", "SCALES", "METHODS", "run_seed", "run_demo", "aggregate", "collect"]
 
 #: Methods of the main comparison, in table order.
 METHODS: tuple[str, ...] = ("base", "normal_ft", "xtf", "slm", "token_cleaning", "random")
@@ -53,11 +53,11 @@ class DemoConfig:
     n_test: int = 200
     model: ModelSize = field(default_factory=ModelSize)
     vocab_size: int = 512
-    pretrain_steps: int = 300
-    finetune_steps: int = 120
-    batch_size: int = 32
+    pretrain_steps: int = 400
+    finetune_steps: int = 150
+    batch_size: int = 16
     pretrain_lr: float = 3e-3
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 2e-3
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     baseline_ratio: float | None = None
     ablation: bool = False
@@ -75,10 +75,10 @@ SCALES: dict[str, DemoConfig] = {
                         model=ModelSize(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64),
                         pretrain_steps=12, finetune_steps=6, batch_size=16, max_new_tokens=48),
     "default": DemoConfig(),
-    "medium": DemoConfig(n_pretrain=4000, n_finetune=2000, n_reference=400, n_test=400, pretrain_steps=800,
-                         finetune_steps=300, model=ModelSize(hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256)),
+    "medium": DemoConfig(n_pretrain=4000, n_finetune=2000, n_reference=400, n_test=400, pretrain_steps=1000,
+                         finetune_steps=400, batch_size=32, model=ModelSize(hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256)),
     "large": DemoConfig(n_pretrain=10000, n_finetune=5000, n_reference=1000, n_test=1000, pretrain_steps=2000,
-                        finetune_steps=800, model=ModelSize(hidden=192, layers=4, heads=6, kv_heads=2, intermediate=512),
+                        finetune_steps=800, batch_size=32, model=ModelSize(hidden=192, layers=4, heads=6, kv_heads=2, intermediate=512),
                         vocab_size=1024),
 }
 
@@ -200,6 +200,7 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, *, progress: bool = True, qu
            "scorer": table["scorer"], "xtf_ratio": xtf_ratio, "baseline_ratio": ratio, "timings": timings,
            "tr_thresholds": None if table["tr_thresholds"] is None else [float(x) for x in table["tr_thresholds"]],
            "samples": {k: v[:5] for k, v in samples.items()}}
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
     (out / "seed_result.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
     return res
 
@@ -239,14 +240,31 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, seeds: Sequence[int] = (0,), 
     Returns:
         the aggregate results dict written to ``out_dir/results.json``.
     """
-    from .report import write_report
-
     if isinstance(seeds, int) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ValueError(f"seeds: expected a non-empty sequence of ints >= 0, got {seeds!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     per_seed = [run_seed(cfg, s, out / f"seed-{s}", progress=progress, quiet=quiet) for s in seeds]
+    return aggregate(cfg, per_seed, out, seconds=time.perf_counter() - t0)
+
+
+def aggregate(cfg: DemoConfig | dict, per_seed: Sequence[dict], out_dir: str | Path, *, seconds: float | None = None) -> dict:
+    """Mean / std over seeds of :func:`run_seed` results; writes ``results.json`` and the report.
+
+    Args:
+        cfg: the run's config (or its dict form).
+        per_seed: :func:`run_seed` results (with ``losses``), one per seed.
+        out_dir: where ``results.json``, ``table.md``, plots and ``report.html`` go.
+        seconds: wall time to record (default: the sum of the seeds' totals).
+    """
+    from .report import write_report
+
+    if not per_seed:
+        raise ValueError("per_seed: expected at least one seed result")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [r["seed"] for r in per_seed]
     methods = list(per_seed[0]["accuracy"])
     agg = {}
     for m in methods:
@@ -258,9 +276,28 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, seeds: Sequence[int] = (0,), 
     det_names = [k for k in per_seed[0]["detection"] if not k.startswith("_")]
     detection = {n: {f: float(np.mean([r["detection"][n][f] for r in per_seed])) for f in per_seed[0]["detection"][n]}
                  for n in det_names}
-    results = {"config": cfg.to_dict(), "seeds": list(seeds), "methods": agg, "detection": detection,
-               "noise_tokens": per_seed[0]["detection"]["_noise_tokens"], "scorer": per_seed[0]["scorer"],
-               "seconds": time.perf_counter() - t0, "per_seed": [{k: v for k, v in r.items() if k != "losses"} for r in per_seed]}
+    if seconds is None:
+        seconds = float(sum(r["timings"]["total"] for r in per_seed))
+    results = {"config": cfg.to_dict() if isinstance(cfg, DemoConfig) else cfg, "seeds": seeds, "methods": agg,
+               "detection": detection, "noise_tokens": per_seed[0]["detection"]["_noise_tokens"],
+               "scorer": per_seed[0]["scorer"], "seconds": seconds,
+               "per_seed": [{k: v for k, v in r.items() if k != "losses"} for r in per_seed]}
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     write_report(results, [r["losses"] for r in per_seed], out)
     return results
+
+
+def collect(out_dir: str | Path, search: Sequence[str | Path]) -> dict:
+    """Aggregate ``seed_result.json`` files found under ``search`` directories (seeds run as
+    separate processes) into ``out_dir``; the config is read from each seed's ``config.json``."""
+    files = sorted({p for d in search for p in Path(d).rglob("seed_result.json")})
+    if not files:
+        raise ValueError(f"search: no seed_result.json under {list(map(str, search))}")
+    per_seed = [json.loads(p.read_text()) for p in files]
+    cfgs = [json.loads((p.parent / "config.json").read_text()) for p in files]
+    if any(c != cfgs[0] for c in cfgs):
+        raise ValueError("search: the seed results were produced with different configs")
+    seeds = [r["seed"] for r in per_seed]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"search: duplicate seeds {seeds}")
+    return aggregate(cfgs[0], sorted(per_seed, key=lambda r: r["seed"]), out_dir)

@@ -16,7 +16,7 @@ from ..ops import masked_ce
 from .data import MathExample
 from .tokenizer import encode_example
 
-__all__ = ["ModelSize", "make_model", "Batchable", "train", "greedy_answers", "exact_match", "extract_answer"]
+__all__ = ["ModelSize", "make_model", "Batchable", "train", "clone_model", "greedy_answers", "exact_match", "extract_answer"]
 
 
 @dataclass(frozen=True)
