@@ -65,26 +65,45 @@ def _check_problem(x, w, b, y, cfg) -> None:
         raise ValueError("w: expected at least one vocabulary row (V >= 1)")
 
 
-def _rows_per_chunk(n: int, V: int, cfg: CEConfig) -> int:
-    return max(1, min(n, cfg.chunk_elems // max(V, 1)))
+def _budget(cfg: CEConfig, dtype: torch.dtype) -> int:
+    """Logits elements of ``dtype`` held at once: the bytes of ``cfg.chunk_elems`` fp32 elements."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return max(1, cfg.chunk_elems * 4 // size)
+
+
+def _rows_per_chunk(n: int, V: int, cfg: CEConfig, dtype: torch.dtype) -> int:
+    return max(1, min(n, _budget(cfg, dtype) // max(V, 1)))
 
 
 _out_dtype_ok = True
 
 
-def _acc_grad_w(dw: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
-    """``dw += g.T @ x`` with an fp32 result of every partial sum (``dw`` fp32 [V, D])."""
+def _mm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b`` with fp32 accumulation; ``out`` is fp32 or ``a.dtype``.
+
+    Half-precision inputs with an fp32 ``out`` use cuBLAS' fp32-output GEMM on CUDA (no
+    rounding of partial sums); elsewhere the inputs are upcast.
+    """
     global _out_dtype_ok
-    if g.dtype == torch.float32:
-        dw.addmm_(g.t(), x)
+    if out.dtype == a.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
         return
-    if _out_dtype_ok and g.is_cuda:
-        try:  # cuBLAS half/bf16 inputs, fp32 accumulate and output, in place
-            torch.addmm(dw, g.t(), x, out_dtype=torch.float32, out=dw)
+    if _out_dtype_ok and a.is_cuda:
+        try:
+            if accumulate:
+                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            else:
+                torch.mm(a, b, out_dtype=torch.float32, out=out)
             return
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError):  # older torch: no fp32-output half GEMM
             _out_dtype_ok = False
-    dw += (g.t() @ x).float()
+    if accumulate:
+        out.addmm_(a.float(), b.float())
+    else:
+        torch.mm(a.float(), b.float(), out=out)
 
 
 class TritonBackend:
@@ -156,12 +175,23 @@ class TritonBackend:
         if not isinstance(n_grad, int) or not 0 <= n_grad <= M:
             raise ValueError(f"n_grad: expected an int in [0, {M}], got {n_grad!r}")
         x, w, b, y = self._prep(x, w, b, y)
+        k = _load_kernels()
         stats = torch.empty(4, M, dtype=torch.float32, device=x.device)
         dx = dw = db = None
-        if n_grad:
+        V = w.shape[0]
+        if n_grad and n_grad <= _rows_per_chunk(n_grad, V, cfg, x.dtype):
+            # one row chunk holds every gradient row: Liger-style, 3 GEMMs, dW written once
             dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, n_grad, None)
-        if M > n_grad:
-            _load_kernels().fused_stats(x[n_grad:], w, b, y[n_grad:], cfg.softcap, stats[:, n_grad:])
+            if M > n_grad:
+                k.fused_stats(x[n_grad:], w, b, y[n_grad:], cfg.softcap, stats[:, n_grad:])
+        else:
+            # statistics of every row from the fused kernel (no logits in memory), then the
+            # gradient by vocabulary blocks: no fp32 [V, D] read-modify-write per row chunk
+            k.fused_stats(x, w, b, y, cfg.softcap, stats)
+            if n_grad:
+                dx, dw, db = self._vocab_blocked_grad(
+                    x[:n_grad], w, b, y[:n_grad], stats[0, :n_grad], None, cfg, torch.float32
+                )
         return ForwardOut(stats[0], stats[1], stats[2], stats[3], dx, dw, db)
 
     def forward_rowwise(
@@ -221,26 +251,9 @@ class TritonBackend:
             if t.device != x.device:
                 raise ValueError(f"{name}: expected device {x.device}, got {t.device}")
         x, w, b, y = self._prep(x, w, b, y)
-        k = _load_kernels()
-        V, D = w.shape
-        dev = x.device
-        dx = torch.empty(M, D, dtype=x.dtype, device=dev)
-        dw = torch.zeros(V, D, dtype=torch.float32, device=dev)
-        db = torch.zeros(V, dtype=torch.float32, device=dev) if b is not None else None
-        if M == 0:
-            return GradOut(dx, dw, db)
         lse = lse.to(torch.float32).contiguous()
         row_scale = row_scale.to(torch.float32).contiguous()
-        rows = _rows_per_chunk(M, V, cfg)
-        buf = torch.empty(rows, V, dtype=x.dtype, device=dev)
-        for s in range(0, M, rows):
-            e = min(M, s + rows)
-            g = buf[: e - s]
-            torch.mm(x[s:e], w.t(), out=g)
-            k.rows_pass(g, b, y[s:e], softcap=cfg.softcap, z_loss=cfg.z_loss,
-                        label_smoothing=cfg.label_smoothing, lse=lse[s:e], row_scale=row_scale[s:e])
-            self._grad_gemms(g, x[s:e], w, dx[s:e], dw, db)
-        return GradOut(dx, dw, db)
+        return GradOut(*self._vocab_blocked_grad(x, w, b, y, lse, row_scale, cfg, w.dtype))
 
     # ----------------------------------------------------------------- internals
     @staticmethod
@@ -255,9 +268,53 @@ class TritonBackend:
     def _grad_gemms(g, xs, w, dx_out, dw, db) -> None:
         """dx = G @ W into ``dx_out``; dW += G^T @ X (fp32); db += sum of G's rows (fp32)."""
         torch.mm(g, w, out=dx_out)
-        _acc_grad_w(dw, g, xs)
+        _mm_f32(dw, g.t(), xs, accumulate=True)
         if db is not None:
             db += g.sum(0, dtype=torch.float32)
+
+    def _vocab_blocked_grad(self, x, w, b, y, lse, row_scale, cfg, dw_dtype):
+        """Gradient of ``sum_i row_scale[i] * loss_i`` (scale 1 when None) by vocabulary blocks.
+
+        Each block ``[v0, v1)`` of ``vb = budget / n`` columns: logits ``x @ w[v0:v1].T`` for
+        all rows (row chunks only when ``n`` alone exceeds the budget), the row kernel turns
+        them into the gradient in place (``lse`` known), ``dx += G @ w[v0:v1]`` (fp32) and
+        ``dW[v0:v1] = G^T @ x`` formed in one GEMM, so dW is written once. Returns
+        ``(dx x.dtype, dw, db fp32 or None)``; ``dw`` is ``dw_dtype`` when one GEMM formed each
+        block (fp32 accumulation inside it), else fp32.
+        """
+        k = _load_kernels()
+        n, D = x.shape
+        V = w.shape[0]
+        dev = x.device
+        db = torch.zeros(V, dtype=torch.float32, device=dev) if b is not None else None
+        if n == 0:
+            return x.new_empty(0, D), torch.zeros(V, D, dtype=dw_dtype, device=dev), db
+        budget = _budget(cfg, x.dtype)
+        vb = min(V, max(256, budget // n))
+        rc = max(1, min(n, budget // vb))
+        one_gemm = rc >= n
+        dx = torch.zeros(n, D, dtype=torch.float32, device=dev)
+        dw = torch.empty(V, D, dtype=dw_dtype if one_gemm else torch.float32, device=dev)
+        if not one_gemm:
+            dw.zero_()
+        buf = torch.empty(min(rc, n) * vb, dtype=x.dtype, device=dev)
+        opts = dict(softcap=cfg.softcap, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
+        for v0 in range(0, V, vb):
+            v1 = min(V, v0 + vb)
+            wb = w[v0:v1]
+            bb = b[v0:v1] if b is not None else None
+            for s in range(0, n, rc):
+                e = min(n, s + rc)
+                g = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
+                torch.mm(x[s:e], wb.t(), out=g)
+                k.rows_pass(g, bb, y[s:e], lse=lse[s:e],
+                            row_scale=None if row_scale is None else row_scale[s:e],
+                            v_off=v0, vocab=V, **opts)
+                _mm_f32(dx[s:e], g, wb, accumulate=True)
+                _mm_f32(dw[v0:v1], g.t(), x[s:e], accumulate=not one_gemm)
+                if db is not None:
+                    db[v0:v1] += g.sum(0, dtype=torch.float32)
+        return dx.to(x.dtype), dw, db
 
     def _grad_sweep(self, x, w, b, y, cfg, stats, n, rowwise):
         """Row chunks of the first ``n`` rows through the logits buffer: statistics into
@@ -267,7 +324,7 @@ class TritonBackend:
         dev = x.device
         dw = torch.zeros(V, D, dtype=torch.float32, device=dev)
         db = torch.zeros(V, dtype=torch.float32, device=dev) if b is not None else None
-        rows = _rows_per_chunk(n, V, cfg)
+        rows = _rows_per_chunk(n, V, cfg, x.dtype)
         buf = torch.empty(rows, V, dtype=x.dtype, device=dev)
         opts = dict(softcap=cfg.softcap, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
         if rowwise is None:

@@ -109,7 +109,7 @@ def _stats_kernel(
 @triton.jit
 def _rows_kernel(
     L, stride_l, B, Y, ROWS, LSE, SCALE, STATS, stride_st,
-    n, V, cap, zl2, gold_w, smooth_v,
+    n, V, v_off, cap, zl2, gold_w, smooth_v,
     HAS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
     HAS_SCALE: tl.constexpr, DO_STATS: tl.constexpr, DO_GRAD: tl.constexpr,
     BR: tl.constexpr, BV: tl.constexpr,
@@ -163,6 +163,8 @@ def _rows_kernel(
     else:
         lse = tl.load(LSE + row, mask=rmask, other=0.0)
     if DO_GRAD:
+        # the buffer may hold a vocabulary block [v_off, v_off + V): gold column relative to it
+        y_blk = (y - v_off)[:, None]
         coef = (1.0 + zl2 * lse)[:, None]
         lse2 = lse[:, None]
         if HAS_SCALE:
@@ -177,7 +179,7 @@ def _rows_kernel(
             if HAS_CAP:
                 z = cap * (2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0)
             g = tl.exp(z - lse2) * coef - smooth_v
-            g -= tl.where(cols[None, :] == y[:, None], gold_w, 0.0)
+            g -= tl.where(cols[None, :] == y_blk, gold_w, 0.0)
             if HAS_CAP:
                 zr = z / cap
                 g = g * (1.0 - zr * zr)
@@ -330,6 +332,8 @@ def rows_pass(
     row_scale: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     grad: bool = True,
+    v_off: int = 0,
+    vocab: int | None = None,
 ) -> None:
     """Statistics and/or in-place gradient of the rows of a ``[R, V]`` logits buffer.
 
@@ -347,6 +351,9 @@ def rows_pass(
         row_scale: ``[R]`` fp32 per-row factor of the gradient, or None (1).
         rows: ``[K]`` int64 subset of rows to process (None: all ``R``).
         grad: run the gradient sweep.
+        v_off: first vocabulary id of the buffer's columns (a vocabulary block of the full
+            ``[R, vocab]`` logits; gradient sweep only, ``b`` is then the block's bias).
+        vocab: full vocabulary size (label smoothing's ``1 / V``); None: the buffer's width.
     """
     R, V = logits.shape
     n = R if rows is None else rows.numel()
@@ -354,6 +361,9 @@ def rows_pass(
         return
     if stats_out is None and lse is None:
         raise ValueError("lse: required when stats_out is None")
+    if v_off and stats_out is not None:
+        raise ValueError("v_off: statistics need whole rows (v_off must be 0 with stats_out)")
+    vocab = V if vocab is None else int(vocab)
     br, bv, warps = _rows_block(n, V)
     dummy = logits
     _rows_kernel[(math.ceil(n / br),)](
@@ -363,8 +373,8 @@ def rows_pass(
         row_scale if row_scale is not None else dummy,
         stats_out if stats_out is not None else dummy,
         stats_out.stride(0) if stats_out is not None else 0,
-        n, V, float(softcap) if softcap is not None else 1.0, 2.0 * float(z_loss),
-        1.0 - float(label_smoothing), float(label_smoothing) / V,
+        n, V, int(v_off), float(softcap) if softcap is not None else 1.0, 2.0 * float(z_loss),
+        1.0 - float(label_smoothing), float(label_smoothing) / vocab,
         HAS_ROWS=rows is not None, HAS_BIAS=b is not None, HAS_CAP=softcap is not None,
         HAS_SCALE=row_scale is not None, DO_STATS=stats_out is not None, DO_GRAD=grad,
         BR=br, BV=bv, num_warps=warps,
