@@ -245,6 +245,22 @@ def test_row_kernel_respects_buffer_row_stride():
     assert torch.isnan(wide[:, V:]).all(), "wrote outside the row"
 
 
+@pytest.mark.parametrize("ieee", [False, True])
+@pytest.mark.parametrize("M", [1, 40, 5000])
+def test_autotune_pruning(M, ieee):
+    k = kernels()
+    kept = k._prune_configs(k._FUSED_CONFIGS, {"M": M}, IEEE=ieee)
+    assert kept and all(c in k._FUSED_CONFIGS for c in kept)
+    size = 4 if ieee else 2
+    for c in kept:
+        kw = c.kwargs
+        assert min(kw["BM"], kw["BV"], kw["BD"]) >= 16  # tl.dot needs >= 16 in every dim
+        assert (kw["BM"] + kw["BV"]) * kw["BD"] * size * c.num_stages <= 200_000
+        assert kw["BM"] <= max(16, 1 << (M - 1).bit_length())
+    if M >= 5000:
+        assert any(c.kwargs["BM"] == 128 for c in kept)
+
+
 def test_row_offsets_are_int64():
     k = kernels()
     rows = torch.tensor([0, 1, 2, 3, 7, 100, 4095, 4096, 65535, 65536, 2**20, 2**21 + 5,

@@ -199,8 +199,30 @@ _FUSED_CONFIGS = [
     triton.Config({"BM": 64, "BV": 128, "BD": 64}, num_warps=4, num_stages=4),
     triton.Config({"BM": 64, "BV": 128, "BD": 32}, num_warps=4, num_stages=3),
     triton.Config({"BM": 16, "BV": 256, "BD": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 16, "BV": 128, "BD": 32}, num_warps=4, num_stages=3),
 ]
-_stats_tuned = triton.autotune(configs=_FUSED_CONFIGS, key=["V", "D", "M_KEY"])(_stats_kernel)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs whose operand tiles overflow ~200 KB of shared memory (fp32 IEEE tiles
+    are twice the size) and, for few rows, row blocks far larger than the row count."""
+    ieee = bool(kwargs.get("IEEE", named_args.get("IEEE", False)))
+    elsize = 4 if ieee else 2
+
+    def smem(c):
+        kw = c.kwargs
+        return (kw["BM"] + kw["BV"]) * kw["BD"] * elsize * max(1, c.num_stages)
+
+    fit = [c for c in configs if smem(c) <= 200_000] or [min(configs, key=smem)]
+    m_cap = max(16, _pow2(int(named_args["M"])))
+    small = [c for c in fit if c.kwargs["BM"] <= m_cap]
+    return small or [min(fit, key=lambda c: c.kwargs["BM"])]
+
+
+_stats_tuned = triton.autotune(
+    configs=_FUSED_CONFIGS, key=["V", "D", "M_KEY"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_stats_kernel)
 
 #: vocabulary split sizes are multiples of this (a multiple of every BV in use)
 _SPLIT_ALIGN = 256
