@@ -192,7 +192,8 @@ def run(args: argparse.Namespace) -> dict:
     has_ref = "ref_logprob" in table and not np.all(np.isnan(table["ref_logprob"][resp]))
     if has_ref:
         base_ratio = ratio if args.baseline_ratio is None else args.baseline_ratio
-        tc = _top_fraction(table["logprob"] - table["ref_logprob"], resp, base_ratio)
+        # Token Cleaning: influence = loss_base - loss_ref = ref_logprob - logprob (keep the top)
+        tc = _top_fraction(table["ref_logprob"] - table["logprob"], resp, base_ratio)
         specs["token_cleaning"] = {"keep": split(tc)}
         specs["slm"] = {"select": _SLMSelect(base_ratio), "ref": split(table["ref_logprob"])}
     score_s = time.perf_counter() - t0

@@ -129,6 +129,12 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert len(seed["losses"]["xtf"]) == res["config"]["finetune_steps"]
     assert all(np.isfinite(seed["losses"]["xtf"]))
     assert len(read_jsonl(out / "seed-0" / "data" / "finetune.jsonl")) == res["config"]["n_finetune"]
+    # seeds run as separate processes are aggregated by --collect into the same files
+    coll = tmp_path / "collected"
+    assert main(["demo", "--collect", str(out), "--out", str(coll), "--quiet"]) == 0
+    res2 = json.loads((coll / "results.json").read_text())
+    assert res2["methods"] == res["methods"] and res2["seeds"] == [0]
+    assert (coll / "report.html").is_file()
 
 
 def test_demo_cli_rejects_bad_input(capsys):

@@ -156,8 +156,9 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, *, progress: bool = True, qu
     ref_lp = token_logprobs(ref, seqs, tok.pad_token_id)
     base_lp = token_logprobs(base, seqs, tok.pad_token_id)
     del ref
-    # Token Cleaning (static): influence = loss_ref - loss_base = logprob_base - logprob_ref; keep the top
-    infl = np.concatenate([b - r for b, r in zip(base_lp, ref_lp)])
+    # Token Cleaning (static): influence of the model update on a token = loss_base - loss_ref
+    # = logprob_ref - logprob_base (high: the clean reference learned it); keep the top
+    infl = np.concatenate([r - b for b, r in zip(base_lp, ref_lp)])
     tc_keep = _top_fraction(infl, resp, ratio)
     timings["reference"] = time.perf_counter() - t
 
