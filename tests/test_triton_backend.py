@@ -169,6 +169,25 @@ def test_backward_row_scale(M, D, V, cfg, dtype):
     close("db", ours.db, ref.db, same.db, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_backward_blocks_rows_and_vocabulary(dtype):
+    # more rows than sqrt(budget): row chunks inside each vocabulary block, so dW is
+    # accumulated (in fp32) across chunks as well as dx across blocks
+    M, D, V = 40, 24, 300
+    cfg = CEConfig(softcap=4.0, label_smoothing=0.1, z_loss=1e-3, chunk_elems=128)
+    x, w, b, y = problem(M, D, V, dtype, seed=12)
+    x64, w64, b64 = as64(x, w, b)
+    lse = TORCH.forward(x64, w64, b64, y.cpu(), cfg, 0).lse
+    scale = torch.linspace(-1.0, 2.0, M, dtype=torch.float64)
+    ours = TB.backward(x, w, b, y, lse.float().to(DEVICE), scale.float().to(DEVICE), cfg)
+    assert ours.dw.dtype == torch.float32
+    ref = TORCH.backward(x64, w64, b64, y.cpu(), lse, scale, cfg)
+    same = TORCH.backward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), lse.float(), scale.float(), cfg)
+    close("dx", ours.dx, ref.dx, same.dx, dtype)
+    close("dw", ours.dw, ref.dw, same.dw, dtype)
+    close("db", ours.db, ref.db, same.db, dtype)
+
+
 def test_backward_without_rows_gives_zeros():
     x, w, b, y = problem(0, 24, 50, torch.float32)
     empty = torch.empty(0, device=DEVICE)

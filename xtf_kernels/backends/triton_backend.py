@@ -15,6 +15,7 @@ Paths (the design is in ``docs/triton.md``):
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from types import ModuleType
@@ -275,10 +276,11 @@ class TritonBackend:
     def _vocab_blocked_grad(self, x, w, b, y, lse, row_scale, cfg, dw_dtype):
         """Gradient of ``sum_i row_scale[i] * loss_i`` (scale 1 when None) by vocabulary blocks.
 
-        Each block ``[v0, v1)`` of ``vb = budget / n`` columns: logits ``x @ w[v0:v1].T`` for
-        all rows (row chunks only when ``n`` alone exceeds the budget), the row kernel turns
-        them into the gradient in place (``lse`` known), ``dx += G @ w[v0:v1]`` (fp32) and
-        ``dW[v0:v1] = G^T @ x`` formed in one GEMM, so dW is written once. Returns
+        Each block of ``vb`` columns ``[v0, v1)`` and ``rc`` rows: logits
+        ``x @ w[v0:v1].T``, the row kernel turns them into the gradient in place (``lse``
+        known), ``dx += G @ w[v0:v1]`` (fp32) and ``dW[v0:v1] (+)= G^T @ x``. With up to
+        ``sqrt(budget)`` gradient rows every vocabulary block holds all of them, so dW is
+        formed in one GEMM per block and written once. Returns
         ``(dx x.dtype, dw, db fp32 or None)``; ``dw`` is ``dw_dtype`` when one GEMM formed each
         block (fp32 accumulation inside it), else fp32.
         """
@@ -289,9 +291,12 @@ class TritonBackend:
         db = torch.zeros(V, dtype=torch.float32, device=dev) if b is not None else None
         if n == 0:
             return x.new_empty(0, D), torch.zeros(V, D, dtype=dw_dtype, device=dev), db
+        # blocks of rc rows x vb columns (rc * vb <= budget). Every block re-reads and writes
+        # an fp32 slice of dx (rc x D) and, unless rc covers all rows, of dW (vb x D): square
+        # blocks minimise that traffic; all rows in one block when they fit (dW written once)
         budget = _budget(cfg, x.dtype)
-        vb = min(V, max(256, budget // n))
-        rc = max(1, min(n, budget // vb))
+        rc = min(n, max(math.isqrt(budget), -(-budget // V)))
+        vb = min(V, max(16, budget // rc))
         one_gemm = rc >= n
         dx = torch.zeros(n, D, dtype=torch.float32, device=dev)
         dw = torch.empty(V, D, dtype=dw_dtype if one_gemm else torch.float32, device=dev)
