@@ -12,10 +12,11 @@ Two kernels (the design is in ``docs/triton.md``):
     an H100 busy when there are few row blocks).
 
 ``_rows_kernel``
-    One program per row of a ``[rows, V]`` logits buffer produced by cuBLAS (``torch.mm``).
+    One program per row (a block of rows in the interpreter) of a ``[rows, V]`` logits
+    buffer produced by cuBLAS (``torch.mm``), or of a vocabulary block of it (``v_off``).
     Sweep 1 (``DO_STATS``): online statistics of the row. Sweep 2 (``DO_GRAD``): overwrite the
     row in place with ``row_scale * d(loss)/d(raw logits)``. The buffer then feeds the two
-    gradient GEMMs (``dx = G @ W``, ``dW += G^T @ X``) done by the caller.
+    gradient GEMMs (``dx (+)= G @ W``, ``dW (+)= G^T @ X``) done by the caller.
 
 Every row offset is computed in int64 (:func:`row_offset`): ``rows x V`` or ``rows x D`` can
 exceed 2**31 elements. All accumulation is fp32.
