@@ -255,8 +255,9 @@ class MaskedCE(torch.autograd.Function):
                 dh = torch.zeros((rows, ctx.hidden_shape[-1]), dtype=dtype, device=dx_k.device)
                 dh.index_add_(0, src_kept, (dx_k.to(dw.dtype) * scale).to(dtype))
                 dh = dh.view(ctx.hidden_shape)
-            dW = (dw * scale).to(dtype) if need_w else None
-            dB = (db * scale).to(dtype) if (need_b and db is not None) else None
+            # in place: dw belongs to this node, and a second fp32 [V, D] would double the peak
+            dW = dw.mul_(scale).to(dtype) if need_w else None
+            dB = db.mul_(scale).to(dtype) if (need_b and db is not None) else None
             return dh, dW, None, dB, None, None, None, None, None
         src_kept, h2, w, b, y_k, lse_k, kept_pos, divisor = ctx.saved_tensors
         dh, dW, dB = _recompute_grads(
