@@ -142,3 +142,32 @@ def test_demo_cli_rejects_bad_input(capsys):
 
     assert main(["--smoke", "--seeds", "-1"]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_builtin_scorer_matches_the_framework(tmp_path, monkeypatch):
+    """The demo's in-memory XTF scorer (used when xtf_kernels.xtf is missing) gives the same scores
+    and masks as the framework's score_dataset, and its eager-attention RI fallback agrees too."""
+    import xtf_kernels.attention as att
+    from xtf_kernels.demo.scoring import apply_rules, score_examples
+    from xtf_kernels.demo.tokenizer import train_tokenizer
+    from xtf_kernels.demo.train import ModelSize, make_model
+
+    d = make_demo_data(1, n_pretrain=50, n_finetune=16, n_reference=2, n_test=2)
+    tok = train_tokenizer(d.pretrain_texts + [e.prompt + e.response for e in d.finetune], 400)
+    model = make_model(len(tok), ModelSize(hidden=32, intermediate=64), 0).eval()
+    fw = score_examples(model, tok, d.finetune, tmp_path / "fw", scorer="framework")
+    bi = score_examples(model, tok, d.finetune, tmp_path / "bi", scorer="builtin")
+    assert fw["scorer"] == "framework" and bi["scorer"] == "builtin"
+    r = fw["is_response"]
+    assert np.array_equal(fw["token_id"], bi["token_id"]) and np.array_equal(fw["noise"], bi["noise"])
+    for k in ("kn", "tr", "ri", "logprob"):
+        np.testing.assert_allclose(fw[k][r], bi[k][r], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(fw["tr_thresholds"], bi["tr_thresholds"])
+    assert np.array_equal(apply_rules(fw), apply_rules(bi))
+
+    def unavailable(*a, **k):
+        raise RuntimeError("collector unavailable")
+
+    monkeypatch.setattr(att, "collect_received_attention", unavailable)
+    eager = score_examples(model, tok, d.finetune, tmp_path / "eager", scorer="builtin")
+    np.testing.assert_allclose(eager["ri"][r], fw["ri"][r], atol=1e-5, rtol=1e-4)

@@ -47,14 +47,14 @@ class DemoConfig:
         max_new_tokens: greedy decoding budget.
     """
 
-    n_pretrain: int = 2000
-    n_finetune: int = 800
-    n_reference: int = 200
-    n_test: int = 200
+    n_pretrain: int = 4000
+    n_finetune: int = 1600
+    n_reference: int = 400
+    n_test: int = 300
     model: ModelSize = field(default_factory=ModelSize)
     vocab_size: int = 512
-    pretrain_steps: int = 400
-    finetune_steps: int = 150
+    pretrain_steps: int = 1500
+    finetune_steps: int = 400
     batch_size: int = 16
     pretrain_lr: float = 3e-3
     finetune_lr: float = 2e-3
@@ -75,10 +75,10 @@ SCALES: dict[str, DemoConfig] = {
                         model=ModelSize(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64),
                         pretrain_steps=12, finetune_steps=6, batch_size=16, max_new_tokens=48),
     "default": DemoConfig(),
-    "medium": DemoConfig(n_pretrain=4000, n_finetune=2000, n_reference=400, n_test=400, pretrain_steps=1000,
-                         finetune_steps=400, batch_size=32, model=ModelSize(hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256)),
-    "large": DemoConfig(n_pretrain=10000, n_finetune=5000, n_reference=1000, n_test=1000, pretrain_steps=2000,
-                        finetune_steps=800, batch_size=32, model=ModelSize(hidden=192, layers=4, heads=6, kv_heads=2, intermediate=512),
+    "medium": DemoConfig(n_pretrain=8000, n_finetune=3000, n_reference=600, n_test=500, pretrain_steps=3000,
+                         finetune_steps=800, batch_size=32, model=ModelSize(hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256)),
+    "large": DemoConfig(n_pretrain=20000, n_finetune=8000, n_reference=1500, n_test=1000, pretrain_steps=6000,
+                        finetune_steps=2000, batch_size=32, model=ModelSize(hidden=192, layers=4, heads=6, kv_heads=2, intermediate=512),
                         vocab_size=1024),
 }
 

@@ -113,8 +113,7 @@ def _multiotsu3(values: np.ndarray, weights: np.ndarray, nbins: int = 256) -> np
             best, arg = float(var[k]), (a, int(b[k]))
     if arg is None:
         return None
-    edges = np.linspace(0.0, 1.0, nbins + 1)
-    return np.array([edges[arg[0] + 1], edges[arg[1] + 1]])
+    return np.array([c[arg[0]], c[arg[1]]])  # bin centres, as scikit-image's threshold_multiotsu
 
 
 def apply_rules(table: dict[str, np.ndarray], enabled: Sequence[str] = ("ri", "kn", "tr"), *,
