@@ -67,11 +67,11 @@ def _plots(results: dict, losses: Sequence[dict[str, list[float]]], out: Path) -
     axes[0].set_title(f"pretraining loss (seed {results['seeds'][0]})")
     axes[0].set_xlabel("step")
     axes[0].set_yscale("log")
-    for name in results["methods"]:
-        if name == "base" or name not in losses[0]:
-            continue
+    cmap = plt.get_cmap("tab20")
+    for i, name in enumerate(n for n in results["methods"] if n != "base" and n in losses[0]):
         curve = np.mean([np.asarray(ls[name]) for ls in losses], axis=0)
-        axes[1].plot(_smooth(curve, max(1, curve.size // 20)), label=results["methods"][name]["label"])
+        axes[1].plot(_smooth(curve, max(1, curve.size // 20)), label=results["methods"][name]["label"],
+                     color=cmap(i % 20), lw=2.2 if name in ("xtf", "normal_ft") else 1.2)
     axes[1].set_title("fine-tuning loss on kept tokens (mean over seeds, smoothed)")
     axes[1].set_xlabel("step")
     axes[1].legend(fontsize=7)
