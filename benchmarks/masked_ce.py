@@ -374,7 +374,7 @@ def measure(case: Case, device: str) -> Result:
             have_peak = _reset_peak()
         times = []
         t_start = time.perf_counter()
-        for i in range(case.reps):
+        for _ in range(case.reps):
             times.append(one())
             # slow cases (a minute or more per repeat): stop once 75 s of repeats are spent
             if time.perf_counter() - t_start > 75:
@@ -674,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                     help="output directory for <device>.csv and the PNG plots")
+    ap.add_argument("--tag", default="", help="suffix of the output file names (a partial re-run)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -701,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(args.scenarios.split(","))
         cases = [c for c in cases if c.scenario in keep]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    dev = device_name(device) + ("-quick" if args.quick else "")
+    dev = device_name(device) + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     vs = versions()
     meta = {"device": dev, "torch": vs["torch"], "xtf_kernels": vs["xtf-kernels"],
             "cut_cross_entropy": vs["cut-cross-entropy"], "liger_kernel": vs["liger-kernel"],

@@ -4,7 +4,8 @@
 // them: one pass over each row of a logits chunk that produces the fp32 statistics (online
 // log-sum-exp, gold logit, entropy, sum of logits) and, for rows that need a gradient,
 // overwrites the logits in place with d loss / d raw-logits (softmax - smoothed one-hot,
-// z-loss and softcap chain rule, optional per-row scale). Rows are spread over ATen's
+// z-loss and softcap chain rule, optional per-row scale; optionally its fp32 column sums,
+// i.e. the bias gradient, taken before the rounding to bf16 / fp16). Rows are spread over ATen's
 // OpenMP pool (at::parallel_for); the inner loops are written so that the compiler
 // vectorises them (#pragma omp simd, -fopenmp-simd, -O3, the host's ISA): a Cephes-style
 // exp whose lanes are plain fp32 arithmetic, bf16 <-> fp32 by bit manipulation
@@ -27,6 +28,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -187,9 +189,9 @@ RowStats row_stats(const T* row, const float* bias, int64_t C, int64_t y, const 
 
 // Overwrite columns [0, C) of a row (vocabulary columns [v0, v0 + C)) with
 // scale * d loss / d raw, given the row's lse. y_local = y - v0 (outside [0, C): no gold here).
-template <typename T, bool CAP, bool BIAS>
+template <typename T, bool CAP, bool BIAS, bool ACC>
 void row_grad_t(T* row, const float* bias, int64_t C, float lse, float a, float sub,
-                const Params& P) {
+                const Params& P, float* acc) {
   const float cap = P.cap, inv_cap = P.inv_cap;
 #pragma omp simd
   for (int64_t j = 0; j < C; ++j) {
@@ -199,17 +201,27 @@ void row_grad_t(T* row, const float* bias, int64_t C, float lse, float a, float 
       const float q = z * inv_cap;
       g *= 1.0f - q * q;
     }
+    if constexpr (ACC) acc[j] += g;  // fp32, before the rounding to T
     store(row, j, g);
   }
 }
 
+template <typename T, bool CAP, bool BIAS>
+void row_grad_acc(T* row, const float* bias, int64_t C, float lse, float a, float sub,
+                  const Params& P, float* acc) {
+  if (acc) row_grad_t<T, CAP, BIAS, true>(row, bias, C, lse, a, sub, P, acc);
+  else row_grad_t<T, CAP, BIAS, false>(row, bias, C, lse, a, sub, P, acc);
+}
+
+// acc (optional, fp32 [C]): += the row's gradient before rounding (the bias gradient)
 template <typename T>
 void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float lse, float scale,
-              const Params& P) {
+              const Params& P, float* acc) {
   const float a = scale * (1.0f + 2.0f * P.zl * lse);
   const float sub = scale * P.ls / static_cast<float>(P.vocab);
   // gold element from the precise z before the row is overwritten
   double gold_grad = 0.0;
+  float gold_vec = 0.0f;  // what the vector loop will put there (replaced below)
   const bool hit = y_local >= 0 && y_local < C;
   if (hit) {
     const double z = zval_precise(row, bias, y_local, P);
@@ -220,16 +232,59 @@ void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float lse, 
       g *= 1.0 - q * q;
     }
     gold_grad = g * scale;
+    if (acc) {
+      float zv = load(row, y_local) + (bias ? bias[y_local] : 0.0f);
+      if (P.has_cap) zv = softcap_fn(zv, P.cap, P.inv_cap);
+      float gv = fast_exp(zv - lse) * a - sub;
+      if (P.has_cap) {
+        const float q = zv * P.inv_cap;
+        gv *= 1.0f - q * q;
+      }
+      gold_vec = gv;
+    }
   }
   if (P.has_cap) {
-    if (bias) row_grad_t<T, true, true>(row, bias, C, lse, a, sub, P);
-    else row_grad_t<T, true, false>(row, bias, C, lse, a, sub, P);
+    if (bias) row_grad_acc<T, true, true>(row, bias, C, lse, a, sub, P, acc);
+    else row_grad_acc<T, true, false>(row, bias, C, lse, a, sub, P, acc);
   } else {
-    if (bias) row_grad_t<T, false, true>(row, bias, C, lse, a, sub, P);
-    else row_grad_t<T, false, false>(row, bias, C, lse, a, sub, P);
+    if (bias) row_grad_acc<T, false, true>(row, bias, C, lse, a, sub, P, acc);
+    else row_grad_acc<T, false, false>(row, bias, C, lse, a, sub, P, acc);
   }
-  if (hit) store(row, y_local, static_cast<float>(gold_grad));
+  if (hit) {
+    store(row, y_local, static_cast<float>(gold_grad));
+    if (acc) acc[y_local] += static_cast<float>(gold_grad) - gold_vec;
+  }
 }
+
+// Per-thread fp32 column sums of the gradient, reduced into db at the end.
+struct ColumnSums {
+  float* out;
+  int64_t C;
+  std::vector<float> bufs;
+  ColumnSums(const c10::optional<torch::Tensor>& db, int64_t cols) : out(nullptr), C(cols) {
+    if (!db.has_value() || !db->defined()) return;
+    TORCH_CHECK(db->scalar_type() == at::kFloat && db->is_contiguous() && db->dim() == 1 &&
+                    db->size(0) == cols,
+                "db: expected a contiguous 1-D float32 tensor of ", cols, " entries");
+    out = db->data_ptr<float>();
+    bufs.assign(static_cast<size_t>(at::get_num_threads()) * C, 0.0f);
+  }
+  float* local() {
+    if (!out) return nullptr;
+    const int64_t t = std::min<int64_t>(at::get_thread_num(), at::get_num_threads() - 1);
+    return bufs.data() + t * C;
+  }
+  void reduce() {
+    if (!out) return;
+    const int64_t nt = static_cast<int64_t>(bufs.size()) / std::max<int64_t>(C, 1);
+    at::parallel_for(0, C, 4096, [&](int64_t c0, int64_t c1) {
+      for (int64_t t = 0; t < nt; ++t) {
+        const float* b = bufs.data() + t * C;
+        for (int64_t c = c0; c < c1; ++c) out[c] += b[c];
+      }
+    });
+  }
+};
 
 Params make_params(c10::optional<double> softcap, double ls, double zl, int64_t vocab) {
   Params P;
@@ -268,12 +323,14 @@ void check_rows(const torch::Tensor& t, int64_t rows, at::ScalarType dt, const c
 }  // namespace
 
 // Statistics of every row of z [R, V] (the full vocabulary). For the first n_grad rows,
-// z is then overwritten with d loss / d raw logits (unit upstream gradient).
+// z is then overwritten with d loss / d raw logits (unit upstream gradient); db (optional,
+// fp32 [V]) += the column sums of that gradient in fp32.
 // Returns (lse, gold, entropy, sum_logits), each fp32 [R].
 std::vector<torch::Tensor> stats_and_grad(torch::Tensor z, torch::Tensor y,
                                           c10::optional<torch::Tensor> bias,
                                           c10::optional<double> softcap, double label_smoothing,
-                                          double z_loss, int64_t n_grad) {
+                                          double z_loss, int64_t n_grad,
+                                          c10::optional<torch::Tensor> db) {
   check_logits(z, "z");
   const int64_t R = z.size(0), V = z.size(1);
   check_rows(y, R, at::kLong, "y");
@@ -287,9 +344,11 @@ std::vector<torch::Tensor> stats_and_grad(torch::Tensor z, torch::Tensor y,
   float *lp = lse.data_ptr<float>(), *gp = gold.data_ptr<float>();
   float *ep = ent.data_ptr<float>(), *sp = zsum.data_ptr<float>();
   const int64_t ld = z.stride(0);
+  ColumnSums sums(db, V);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "xtf_stats", [&] {
     scalar_t* base = z.data_ptr<scalar_t>();
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      float* acc = sums.local();
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = base + r * ld;
         TORCH_CHECK(yp[r] >= 0 && yp[r] < V, "y: expected labels in [0, ", V, ")");
@@ -298,19 +357,21 @@ std::vector<torch::Tensor> stats_and_grad(torch::Tensor z, torch::Tensor y,
         gp[r] = st.gold;
         ep[r] = st.entropy;
         sp[r] = st.zsum;
-        if (r < n_grad) row_grad(row, b, V, yp[r], st.lse, 1.0f, P);
+        if (r < n_grad) row_grad(row, b, V, yp[r], st.lse, 1.0f, P, acc);
       }
     });
   });
+  sums.reduce();
   return {lse, gold, ent, zsum};
 }
 
 // Overwrite z [R, C], the raw logits of vocabulary columns [v0, v0 + C) of R rows, with
-// row_scale[r] * d loss_r / d raw, given each row's lse. vocab = the full vocabulary size.
+// row_scale[r] * d loss_r / d raw, given each row's lse. vocab = the full vocabulary size;
+// db (optional, fp32 [C]) += the column sums of the gradient in fp32.
 void grad_block_(torch::Tensor z, torch::Tensor y, torch::Tensor lse,
                  c10::optional<torch::Tensor> row_scale, c10::optional<torch::Tensor> bias,
                  int64_t v0, int64_t vocab, c10::optional<double> softcap, double label_smoothing,
-                 double z_loss) {
+                 double z_loss, c10::optional<torch::Tensor> db) {
   check_logits(z, "z");
   const int64_t R = z.size(0), C = z.size(1);
   check_rows(y, R, at::kLong, "y");
@@ -327,14 +388,17 @@ void grad_block_(torch::Tensor z, torch::Tensor y, torch::Tensor lse,
   const int64_t* yp = y.data_ptr<int64_t>();
   const float* lp = lse.data_ptr<float>();
   const int64_t ld = z.stride(0);
+  ColumnSums sums(db, C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "xtf_grad", [&] {
     scalar_t* base = z.data_ptr<scalar_t>();
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      float* acc = sums.local();
       for (int64_t r = r0; r < r1; ++r) {
-        row_grad(base + r * ld, b, C, yp[r] - v0, lp[r], sc ? sc[r] : 1.0f, P);
+        row_grad(base + r * ld, b, C, yp[r] - v0, lp[r], sc ? sc[r] : 1.0f, P, acc);
       }
     });
   });
+  sums.reduce();
 }
 
 // Kernel self-description for `python -m xtf_kernels.info`.
@@ -356,10 +420,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "xtf_kernels native CPU row kernels for the fused masked cross-entropy";
   m.def("stats_and_grad", &stats_and_grad, "statistics of every row; gradient in place for the first n_grad rows",
         py::arg("z"), py::arg("y"), py::arg("bias"), py::arg("softcap"), py::arg("label_smoothing"),
-        py::arg("z_loss"), py::arg("n_grad"));
+        py::arg("z_loss"), py::arg("n_grad"), py::arg("db") = py::none());
   m.def("grad_block_", &grad_block_, "gradient in place for a vocabulary block of logits",
         py::arg("z"), py::arg("y"), py::arg("lse"), py::arg("row_scale"), py::arg("bias"),
         py::arg("v0"), py::arg("vocab"), py::arg("softcap"), py::arg("label_smoothing"),
-        py::arg("z_loss"));
+        py::arg("z_loss"), py::arg("db") = py::none());
   m.def("build_info", &build_info, "compile-time features of this build");
 }

@@ -127,30 +127,52 @@ def load_native(verbose: bool = False) -> ModuleType:
         return _module
 
 
+def _import_so(name: str, so: Path) -> ModuleType:
+    """Import an already built extension module from its shared object."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, so)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {so}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _build(verbose: bool) -> ModuleType:
     if os.environ.get("XTF_DISABLE_NATIVE", "0") not in ("", "0"):
         raise RuntimeError("disabled by XTF_DISABLE_NATIVE")
     src = source_dir()
     if src is None:
         raise RuntimeError("C++ sources (csrc/masked_ce_cpu.cpp) not found next to the package")
+    key = build_key(src)
+    name = f"xtf_native_{key}"
+    build_dir = cache_root() / name
+    so = build_dir / f"{name}.so"
+    done = build_dir / "BUILD_OK"
+    import torch  # noqa: F401  (the extension links against libtorch: load it first)
+
+    if done.is_file() and so.is_file():  # cached: no compiler or ninja needed
+        return _import_so(name, so)
     if _compiler() is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++/clang++)")
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not available (pip install ninja)")
-    key = build_key(src)
-    name = f"xtf_native_{key}"
-    build_dir = cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(build_dir / ".lock"):
-        return cpp_extension.load(
+        if done.is_file() and so.is_file():  # another process finished the build meanwhile
+            return _import_so(name, so)
+        mod = cpp_extension.load(
             name=name,
             sources=[str(src / s) for s in _SOURCES],
             extra_cflags=list(_CFLAGS),
             build_directory=str(build_dir),
             verbose=verbose,
         )
+        done.write_text(f"{key}\n")
+        return mod
 
 
 def native_status() -> tuple[bool, str]:

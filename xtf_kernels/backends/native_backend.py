@@ -10,6 +10,9 @@ gradient rows, vocabulary ``V``, width ``D``:
 
 * fp32 inputs: row chunks of ``chunk_elems`` logits; ``dW`` (fp32, the output itself) is
   accumulated by ``addmm_`` chunk after chunk. Extra memory: one chunk + dW.
+The bias gradient is summed in fp32 inside the row kernel, before the gradient logits are
+rounded to the input dtype.
+
 * bf16 / fp16 inputs: the gradient logits of all ``M`` rows are kept (``M x V`` in the input
   dtype) whenever that costs no more than the fp32 ``[V, D]`` accumulator it replaces
   (``2 M <= 4 D``, e.g. S2: 420 MB instead of 1.05 GB); ``dW`` is then ONE GEMM over all
@@ -159,12 +162,10 @@ class NativeBackend:
         if dt in _LOW and M * V * 2 <= max(cfg.chunk_elems * 4, V * D * 4):
             # keep every row's gradient logits: dW is one GEMM over all rows (fp32 inside)
             z = torch.mm(x, wt)
-            st = ext.stats_and_grad(z, y, bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, M)
+            st = ext.stats_and_grad(z, y, bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, M, db)
             put(0, M, st)
             torch.mm(z, w, out=dx)
             dw = torch.mm(z.t(), x)
-            if db is not None:
-                db += z.sum(0, dtype=torch.float32)
             return dx, dw, db
         rows = min(M, self._budget_rows(cfg, V, dt))
         buf = torch.empty(rows, V, dtype=dt)
@@ -173,15 +174,14 @@ class NativeBackend:
             e = min(M, s + rows)
             z = buf[: e - s]
             torch.mm(x[s:e], wt, out=z)
-            st = ext.stats_and_grad(z, y[s:e], bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, e - s)
+            st = ext.stats_and_grad(z, y[s:e], bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, e - s,
+                                    db)
             put(s, e, st)
             torch.mm(z, w, out=dx[s:e])
             if dt == torch.float32:
                 dw.addmm_(z.t(), x[s:e])
             else:
                 dw += torch.mm(z.t(), x[s:e])
-            if db is not None:
-                db += z.sum(0, dtype=torch.float32)
         del buf
         if dt != torch.float32:
             dw = dw.to(dt)  # every partial sum was fp32: one rounding
@@ -217,15 +217,34 @@ class NativeBackend:
         sel = torch.zeros(M, dtype=torch.bool)
         wt = w.t()
         rows = min(max(M, 1), self._budget_rows(cfg, V, dt))
-        buf = torch.empty(rows, V, dtype=dt)
-        # selected rows' gradient logits: kept all (pages only touched when used) when that is
-        # no larger than an fp32 [V, D] accumulator, else summed group by group
-        keep_all = dt in _LOW and M * V * 2 <= max(cfg.chunk_elems * 4, V * D * 4)
-        gbuf = torch.empty(M, V, dtype=dt) if keep_all else None
-        dw = None if keep_all else torch.zeros(V, D, dtype=torch.float32)
         db = torch.zeros(V, dtype=torch.float32) if bf is not None else None
+        if dt in _LOW and M * V * 2 <= max(cfg.chunk_elems * 4, V * D * 4):
+            # keep-all plan (as in forward): ONE logits GEMM for every row, the rule applied
+            # chunk by chunk on the statistics, the selected rows compacted in place to the
+            # front of the logits buffer, then one dX GEMM and one dW GEMM over them
+            z = torch.mm(x, wt)
+            st = ext.stats_and_grad(z, y, bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, 0)
+            for o, v in zip(out, st):
+                o.copy_(v)
+            for s in range(0, M, rows):
+                e = min(M, s + rows)
+                sel[s:e] = row_select(s, e, out[0][s:e], out[1][s:e], out[2][s:e])
+            g = sel.nonzero().squeeze(1)
+            k = g.numel()
+            for i, r in enumerate(g.tolist()):  # r >= i: forward copies never clobber unread rows
+                if r != i:
+                    z[i].copy_(z[r])
+            zg = z[:k]
+            if k:
+                ext.grad_block_(zg, y.index_select(0, g), out[0].index_select(0, g), None, bf, 0, V,
+                                cfg.softcap, cfg.label_smoothing, cfg.z_loss, db)
+            dx = torch.mm(zg, w)
+            dw = torch.mm(zg.t(), x.index_select(0, g)) if k else torch.zeros(V, D, dtype=dt)
+            return ForwardOut(*out, dx, dw, db), sel
+        # row chunks: gradient of each chunk's selected rows, dW summed in fp32
+        buf = torch.empty(rows, V, dtype=dt)
+        dw = torch.zeros(V, D, dtype=torch.float32)
         dx_parts: list[torch.Tensor] = []
-        n_sel = 0
         for s in range(0, M, rows):
             e = min(M, s + rows)
             z = buf[: e - s]
@@ -236,32 +255,20 @@ class NativeBackend:
             m = row_select(s, e, st[0], st[1], st[2])
             sel[s:e] = m
             g = m.nonzero().squeeze(1)
-            k = g.numel()
-            if not k:
+            if not g.numel():
                 continue
-            if gbuf is not None:
-                zg = gbuf[n_sel : n_sel + k]
-            else:
-                zg = torch.empty(k, V, dtype=dt)
-            torch.index_select(z, 0, g, out=zg)
+            zg = z.index_select(0, g)
             ext.grad_block_(zg, y[s:e].index_select(0, g), st[0].index_select(0, g), None, bf, 0, V,
-                            cfg.softcap, cfg.label_smoothing, cfg.z_loss)
+                            cfg.softcap, cfg.label_smoothing, cfg.z_loss, db)
             dx_parts.append(torch.mm(zg, w))
-            if db is not None:
-                db += zg.sum(0, dtype=torch.float32)
-            if gbuf is None:
-                xg = x[s:e].index_select(0, g)
-                if dt == torch.float32:
-                    dw.addmm_(zg.t(), xg)
-                else:
-                    dw += torch.mm(zg.t(), xg)
-            n_sel += k
+            xg = x[s:e].index_select(0, g)
+            if dt == torch.float32:
+                dw.addmm_(zg.t(), xg)
+            else:
+                dw += torch.mm(zg.t(), xg)
         del buf
-        if gbuf is not None:
-            dw = torch.mm(gbuf[:n_sel].t(), x[sel]) if n_sel else torch.zeros(V, D, dtype=dt)
-            del gbuf
-        elif dt != torch.float32:
-            dw = dw.to(dt)
+        if dt != torch.float32:
+            dw = dw.to(dt)  # every partial sum was fp32: one rounding
         dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
         return ForwardOut(*out, dx, dw, db), sel
 
@@ -314,7 +321,7 @@ class NativeBackend:
                 z = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
                 torch.mm(x[s:e], wb.t(), out=z)
                 ext.grad_block_(z, y[s:e], lse[s:e], row_scale[s:e], bf, v0, V, cfg.softcap,
-                                cfg.label_smoothing, cfg.z_loss)
+                                cfg.label_smoothing, cfg.z_loss, None if db is None else db[v0:v1])
                 if dt == torch.float32:
                     dx[s:e].addmm_(z, wb)
                 else:
@@ -325,8 +332,6 @@ class NativeBackend:
                     dw_blk.addmm_(z.t(), x[s:e])
                 else:
                     dw_blk += torch.mm(z.t(), x[s:e])
-                if db is not None:
-                    db[v0:v1] += z.sum(0, dtype=torch.float32)
             if dw_blk is not None:
                 dw[v0:v1] = dw_blk
         return GradOut(dx.to(dt), dw, db)

@@ -1,0 +1,76 @@
+"""The benchmark script runs end to end (``--quick``) so it cannot rot, and its pieces are sound."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import masked_ce as bm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.masked_ce", "--quick", "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, cwd=str(REPO), timeout=240,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p.stdout
+
+
+def test_quick_writes_table_csv_and_plots(quick_run):
+    out, stdout = quick_run
+    csvs = list(out.glob("*.csv"))
+    assert len(csvs) == 1 and csvs[0].stem.endswith("-quick")
+    rows = list(csv.DictReader(open(csvs[0])))
+    assert {"device", "torch", "loadavg_start", "shape", "dtype", "method", "fwd_s", "bwd_s",
+            "total_s", "peak_mb", "ratio_floor"} <= set(rows[0])
+    by = {(r["shape"], r["scenario"], r["method"]): r for r in rows}
+    for shape in bm.QUICK_SHAPES:
+        for method in ("gemm-floor", "xtf-torch", "eager"):
+            r = by[(shape, "plain", method)]
+            assert r["note"] == "" and float(r["total_s"]) > 0 and float(r["fwd_s"]) > 0
+            assert float(r["peak_mb"]) >= 0
+        assert float(by[(shape, "plain", "gemm-floor")]["ratio_floor"]) == pytest.approx(1.0)
+        # the XTF step keeps about half of the scored rows
+        step = [r for k, r in by.items() if k[0] == shape and k[1] == "xtf-step" and k[2].startswith("xtf-")]
+        assert step and all(r["note"] == "" for r in step)
+        scored = int(by[(shape, "plain", "gemm-floor")]["kept_rows"])
+        assert abs(int(step[0]["kept_rows"]) - scored / 2) <= 1
+    # Liger is GPU-only: reported as skipped with the reason, never faked
+    liger = by[("Q1", "plain", "liger")]
+    assert liger["note"].startswith("skipped:") and liger["total_s"] == ""
+    assert list(out.glob("*_plain.png")) and list(out.glob("*_scenarios.png"))
+    assert "gemm-floor" in stdout and "xtf-" in stdout
+
+
+def test_plan_covers_every_scenario():
+    cases = bm.plan([bm.QUICK_SHAPES["Q1"]], "cpu", 2)
+    scen = {(c.scenario, c.method) for c in cases}
+    assert ("plain", "gemm-floor") in scen and ("plain", "xtf-torch") in scen
+    for s in bm.SCENARIOS_XTF:
+        assert any(c.scenario == s and c.method.startswith("xtf-") for c in cases)
+    for p in bm.PLAIN_PEERS:
+        assert ("plain", p) in scen and ("xtf-step", f"compose-{p}") in scen
+
+
+def test_ratios_scale_the_floor_to_kept_rows():
+    mk = lambda m, kept, t: bm.Result("S", 10, 4, 8, "float32", "plain", m, kept_rows=kept, total_s=t)
+    rs = [mk("gemm-floor", 100, 2.0), mk("a", 100, 3.0), mk("b", 50, 1.5)]
+    bm.add_ratios(rs)
+    assert rs[1].extra["ratio_floor"] == pytest.approx(1.5)
+    assert rs[2].extra["floor_s"] == pytest.approx(1.0) and rs[2].extra["ratio_floor"] == pytest.approx(1.5)
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(SystemExit):
+        bm.main(["--shapes", "nope", "--quick"])
+    with pytest.raises(SystemExit):
+        bm.main(["--reps", "0", "--quick"])
