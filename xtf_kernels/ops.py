@@ -255,9 +255,10 @@ class MaskedCE(torch.autograd.Function):
                 dh = torch.zeros((rows, ctx.hidden_shape[-1]), dtype=dtype, device=dx_k.device)
                 dh.index_add_(0, src_kept, (dx_k.to(dw.dtype) * scale).to(dtype))
                 dh = dh.view(ctx.hidden_shape)
-            # in place: dw belongs to this node, and a second fp32 [V, D] would double the peak
-            dW = dw.mul_(scale).to(dtype) if need_w else None
-            dB = db.mul_(scale).to(dtype) if (need_b and db is not None) else None
+            # scaled straight into the output dtype: no second fp32 [V, D] for half inputs
+            # (not in place: the graph may be run backward again with retain_graph=True)
+            dW = _scaled(dw, scale, dtype) if need_w else None
+            dB = _scaled(db, scale, dtype) if (need_b and db is not None) else None
             return dh, dW, None, dB, None, None, None, None, None
         src_kept, h2, w, b, y_k, lse_k, kept_pos, divisor = ctx.saved_tensors
         dh, dW, dB = _recompute_grads(
@@ -355,6 +356,12 @@ def _recompute_grads(be, cfg, reduction, grad_loss, divisor, h2, w, b, y_k, lse_
     dW = go.dw.to(dtype) if need_w else None
     dB = go.db.to(dtype) if (need_b and go.db is not None) else None
     return dh, dW, dB
+
+
+def _scaled(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(t * scale).to(dtype)`` without an intermediate of t's (fp32) size."""
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    return torch.mul(t, scale, out=out)
 
 
 def _prod(shape: tuple[int, ...]) -> int:
