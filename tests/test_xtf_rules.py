@@ -108,8 +108,8 @@ def test_keep_top_fraction_and_policies_numpy():
     valid = np.ones(4, bool)
     # SLM: excess loss = ref_lp - lp: [-.59, 1.61, 0, 1.39] -> top half = 1, 3
     assert np.flatnonzero(SLMPolicy(0.5).keep_mask(cols, valid)).tolist() == [1, 3]
-    # Token Cleaning: lp - ref_lp -> top half = 0, 2
-    assert np.flatnonzero(TokenCleaningPolicy(0.5).keep_mask(cols, valid)).tolist() == [0, 2]
+    # Token Cleaning: influence = loss_base - loss_ref = ref_lp - lp -> top half = 1, 3
+    assert np.flatnonzero(TokenCleaningPolicy(0.5).keep_mask(cols, valid)).tolist() == [1, 3]
     assert np.flatnonzero(EntropyPolicy(0.25).keep_mask(cols, valid)).tolist() == [1]
     r1, r2 = RandomPolicy(0.5, seed=3).keep_mask(cols, valid), RandomPolicy(0.5, seed=3).keep_mask(cols, valid)
     assert r1.sum() == 2 and (r1 == r2).all()
@@ -127,7 +127,7 @@ def test_policies_as_masked_ce_select():
     y[0, :2] = -100
     ref = torch.randn(2, 6).clamp(max=0) - 1
     _, st = masked_ce(h, w, y, ref_logprobs=ref, reduction="sum", return_stats=True)
-    for pol, score in ((SLMPolicy(0.5), -st.logprob_delta), (TokenCleaningPolicy(0.5), st.logprob_delta),
+    for pol, score in ((SLMPolicy(0.5), -st.logprob_delta), (TokenCleaningPolicy(0.5), -st.logprob_delta),
                        (EntropyPolicy(0.5), st.entropy)):
         loss, st2 = masked_ce(h, w, y, ref_logprobs=ref, reduction="sum", select=pol, return_stats=True)
         want = keep_top_fraction(score, st.keep, 0.5)

@@ -129,7 +129,16 @@ class SLMPolicy(SelectionPolicy):
 
 
 class TokenCleaningPolicy(SelectionPolicy):
-    """Token Cleaning: influence ``loss_ref - loss_base = logprob_delta`` (base model's stats)."""
+    """Token Cleaning (Pang et al., ICML 2025), fixed reference: keep the top ``ratio`` by influence.
+
+    Influence of the model update on a token = its loss reduction from the base model to the
+    reference model trained on clean data: ``loss_base - loss_ref = ref_logprob - logprob``
+    (the statistics come from the *base* model with the reference's ``ref_logprobs``), i.e.
+    ``-logprob_delta``. Tokens the clean reference learned are kept. Note: the project's method
+    summary words it "reference minus base loss"; we follow the Token Cleaning paper's
+    definition (influence = loss reduction), as the demo does. Unlike :class:`SLMPolicy`, which
+    scores with the model being trained, the scores here are fixed by the base model.
+    """
 
     name = "token_cleaning"
     needs = ("logprob", "ref_logprob")
@@ -137,10 +146,10 @@ class TokenCleaningPolicy(SelectionPolicy):
     def score(self, stats: TokenStats) -> torch.Tensor:
         if stats.logprob_delta is None:
             raise ValueError("stats: TokenCleaningPolicy needs logprob_delta (pass ref_logprobs)")
-        return stats.logprob_delta
+        return -stats.logprob_delta
 
     def score_columns(self, cols: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(cols["logprob"], np.float64) - np.asarray(cols["ref_logprob"], np.float64)
+        return np.asarray(cols["ref_logprob"], np.float64) - np.asarray(cols["logprob"], np.float64)
 
 
 class RandomPolicy(SelectionPolicy):
