@@ -61,7 +61,7 @@ setup(
         "train": ["transformers>=4.46", "accelerate>=0.34"],
         "trl": ["trl>=0.12"],
         "peft": ["peft>=0.12"],
-        "bench": ["matplotlib>=3.7"],
+        "bench": ["matplotlib>=3.7", "cut-cross-entropy>=25.1"],
         "test": [
             "pytest>=7",
             "hypothesis>=6",

@@ -209,7 +209,9 @@ class MaskedCE(torch.autograd.Function):
         elif need_grad:
             src_kept = src_all.index_select(0, kept_pos)
             if grad_now:
-                ctx.save_for_backward(src_kept, fo.dx, fo.dw, fo.db, divisor)
+                ctx.save_for_backward(src_kept, fo.dx, divisor)
+                # held as attributes, not saved tensors: backward scales them in place
+                ctx.dw, ctx.db = fo.dw, fo.db
             else:
                 # kept rows are a prefix of `pos` unless select dropped some: recompute their order
                 ctx.save_for_backward(
@@ -244,7 +246,16 @@ class MaskedCE(torch.autograd.Function):
                 None, None, None, None, None,
             )
         if ctx.grad_now:
-            src_kept, dx_k, dw, db, divisor = ctx.saved_tensors
+            src_kept, dx_k, divisor = ctx.saved_tensors
+            dw, db = ctx.dw, ctx.db
+            if dw is None:
+                raise RuntimeError(
+                    "masked_ce: backward through the same graph a second time (retain_graph=True) "
+                    "is not supported on the gradient-in-forward path, whose weight gradient is "
+                    "handed out in place; run the forward under "
+                    "xtf_kernels.options(grad_in_forward=False) for that"
+                )
+            ctx.dw = ctx.db = None  # handed out below: scaled in place, no second [V, D] buffer
             scale = grad_loss.to(dw.dtype)
             if divisor is not None:
                 scale = scale / divisor
@@ -255,10 +266,8 @@ class MaskedCE(torch.autograd.Function):
                 dh = torch.zeros((rows, ctx.hidden_shape[-1]), dtype=dtype, device=dx_k.device)
                 dh.index_add_(0, src_kept, (dx_k.to(dw.dtype) * scale).to(dtype))
                 dh = dh.view(ctx.hidden_shape)
-            # scaled straight into the output dtype: no second fp32 [V, D] for half inputs
-            # (not in place: the graph may be run backward again with retain_graph=True)
-            dW = _scaled(dw, scale, dtype) if need_w else None
-            dB = _scaled(db, scale, dtype) if (need_b and db is not None) else None
+            dW = dw.mul_(scale).to(dtype) if need_w else None
+            dB = db.mul_(scale).to(dtype) if (need_b and db is not None) else None
             return dh, dW, None, dB, None, None, None, None, None
         src_kept, h2, w, b, y_k, lse_k, kept_pos, divisor = ctx.saved_tensors
         dh, dW, dB = _recompute_grads(
@@ -356,12 +365,6 @@ def _recompute_grads(be, cfg, reduction, grad_loss, divisor, h2, w, b, y_k, lse_
     dW = go.dw.to(dtype) if need_w else None
     dB = go.db.to(dtype) if (need_b and go.db is not None) else None
     return dh, dW, dB
-
-
-def _scaled(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(t * scale).to(dtype)`` without an intermediate of t's (fp32) size."""
-    out = torch.empty(t.shape, dtype=dtype, device=t.device)
-    return torch.mul(t, scale, out=out)
 
 
 def _prod(shape: tuple[int, ...]) -> int:
