@@ -8,6 +8,7 @@ per-token statistics back to the labels' shape.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -199,9 +200,7 @@ class MaskedCE(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.be = be
         ctx.grad_now = grad_now
-        ctx.lead = lead
         ctx.hidden_shape = tuple(hidden.shape)
-        ctx.has_bias = bias is not None
         ctx.n_kept = n_kept
         ctx.need_grad_in = need_grad_in
         if need_grad and n_kept == 0:
@@ -213,7 +212,6 @@ class MaskedCE(torch.autograd.Function):
                 # held as attributes, not saved tensors: backward scales them in place
                 ctx.dw, ctx.db = fo.dw, fo.db
             else:
-                # kept rows are a prefix of `pos` unless select dropped some: recompute their order
                 ctx.save_for_backward(
                     src_kept, h2, w, b, y.index_select(0, kept_pos), lse.index_select(0, kept_pos),
                     kept_pos, divisor,
@@ -262,10 +260,7 @@ class MaskedCE(torch.autograd.Function):
             dtype = dx_k.dtype
             dh = None
             if need_h:
-                rows = _prod(ctx.hidden_shape[:-1])
-                dh = torch.zeros((rows, ctx.hidden_shape[-1]), dtype=dtype, device=dx_k.device)
-                dh.index_add_(0, src_kept, (dx_k.to(dw.dtype) * scale).to(dtype))
-                dh = dh.view(ctx.hidden_shape)
+                dh = _scatter_rows((dx_k.to(dw.dtype) * scale).to(dtype), src_kept, ctx.hidden_shape)
             dW = dw.mul_(scale).to(dtype) if need_w else None
             dB = db.mul_(scale).to(dtype) if (need_b and db is not None) else None
             return dh, dW, None, dB, None, None, None, None, None
@@ -357,21 +352,17 @@ def _recompute_grads(be, cfg, reduction, grad_loss, divisor, h2, w, b, y_k, lse_
         row_scale = g.expand(kept_pos.numel()).contiguous()
     x = h2.index_select(0, src_kept)
     go = be.backward(x, w, b, y_k, lse_k, row_scale, cfg)
-    dh = None
-    if need_h:
-        dh = torch.zeros_like(h2)
-        dh.index_add_(0, src_kept, go.dx.to(dtype))
-        dh = dh.view(hidden_shape)
+    dh = _scatter_rows(go.dx.to(dtype), src_kept, hidden_shape) if need_h else None
     dW = go.dw.to(dtype) if need_w else None
     dB = go.db.to(dtype) if (need_b and go.db is not None) else None
     return dh, dW, dB
 
 
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def _scatter_rows(rows: torch.Tensor, src: torch.Tensor, hidden_shape: tuple[int, ...]) -> torch.Tensor:
+    """d_hidden: each kept row's gradient added at the hidden row that predicted it."""
+    dh = rows.new_zeros((math.prod(hidden_shape[:-1]), hidden_shape[-1]))
+    dh.index_add_(0, src, rows)
+    return dh.view(hidden_shape)
 
 
 def masked_ce(

@@ -100,24 +100,23 @@ def _reduce_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(arr: np.ndarray) -> np.ndarray:
-    """Sum a NumPy array over all ranks (identity without a process group). int64 sums are exact."""
+def _all_reduce(arr: np.ndarray, op: torch.distributed.ReduceOp) -> np.ndarray:
     a = np.ascontiguousarray(arr)
     if dist_info()[1] == 1:
         return a.copy()
     t = torch.from_numpy(a.copy()).to(_reduce_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    torch.distributed.all_reduce(t, op=op)
     return t.cpu().numpy()
+
+
+def all_reduce_sum(arr: np.ndarray) -> np.ndarray:
+    """Sum a NumPy array over all ranks (identity without a process group). int64 sums are exact."""
+    return _all_reduce(arr, torch.distributed.ReduceOp.SUM)
 
 
 def all_reduce_max(arr: np.ndarray) -> np.ndarray:
     """Element-wise max over ranks."""
-    a = np.ascontiguousarray(arr)
-    if dist_info()[1] == 1:
-        return a.copy()
-    t = torch.from_numpy(a.copy()).to(_reduce_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.cpu().numpy()
+    return _all_reduce(arr, torch.distributed.ReduceOp.MAX)
 
 
 def barrier() -> None:
