@@ -120,6 +120,14 @@ def _mm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: boo
 STATS_MODE = "cublas"
 
 
+def _checked_select(row_select: RowSelect, s: int, e: int, stats: torch.Tensor) -> torch.Tensor:
+    """``row_select`` on rows ``[s, e)`` of the ``[4, M]`` statistics, checked: bool ``[e - s]``."""
+    m = row_select(s, e, stats[0, s:e], stats[1, s:e], stats[2, s:e])
+    if not isinstance(m, torch.Tensor) or m.shape != (e - s,) or m.dtype != torch.bool:
+        raise ValueError(f"row_select: expected a bool [{e - s}] tensor")
+    return m
+
+
 class TritonBackend:
     """Masked-CE backend on Triton kernels (see :mod:`xtf_kernels.backends.base`)."""
 
@@ -231,7 +239,19 @@ class TritonBackend:
         M = x.shape[0]
         stats = torch.empty(4, M, dtype=torch.float32, device=x.device)
         sel = torch.zeros(M, dtype=torch.bool, device=x.device)
-        dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, M, (row_select, sel))
+        if M <= _rows_per_chunk(M, w.shape[0], cfg, x.dtype):
+            # one logits GEMM per row chunk serves the statistics, the selection and the gradient
+            dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, M, (row_select, sel))
+        else:
+            # many chunks (GPU): statistics and selection chunk by chunk, then the selected rows'
+            # gradient by vocabulary blocks (dW formed once in w.dtype; no fp32 [V, D] updated
+            # once per chunk, which costs more memory traffic than the extra logits GEMM)
+            self._stats(x, w, b, y, cfg, stats, row_select=row_select, sel=sel)
+            idx = sel.nonzero().squeeze(1)
+            dx, dw, db = self._vocab_blocked_grad(
+                x.index_select(0, idx), w, b, y.index_select(0, idx), stats[0].index_select(0, idx),
+                None, cfg, w.dtype,
+            )
         return ForwardOut(stats[0], stats[1], stats[2], stats[3], dx, dw, db), sel
 
     # ----------------------------------------------------------------- backward
@@ -270,10 +290,11 @@ class TritonBackend:
 
     # ----------------------------------------------------------------- internals
     @staticmethod
-    def _stats(x, w, b, y, cfg, out) -> None:
-        """Statistics ``[4, M]`` of rows that need no gradient (see :data:`STATS_MODE`)."""
+    def _stats(x, w, b, y, cfg, out, row_select=None, sel=None) -> None:
+        """Statistics ``[4, M]`` of rows that need no gradient (see :data:`STATS_MODE`); with
+        ``row_select``, each chunk's selection is written into the bool ``sel`` [M]."""
         k = _load_kernels()
-        if k.INTERPRETED or not x.is_cuda or STATS_MODE == "fused":
+        if row_select is None and (k.INTERPRETED or not x.is_cuda or STATS_MODE == "fused"):
             k.fused_stats(x, w, b, y, cfg.softcap, out)
             return
         M, V = x.shape[0], w.shape[0]
@@ -285,6 +306,8 @@ class TritonBackend:
             torch.mm(x[s:e], w.t(), out=g)
             k.rows_pass(g, b, y[s:e], softcap=cfg.softcap, z_loss=0.0, label_smoothing=0.0,
                         stats_out=out[:, s:e], grad=False)
+            if row_select is not None:
+                sel[s:e] = _checked_select(row_select, s, e, out)
 
     @staticmethod
     def _prep(x, w, b, y):
@@ -328,13 +351,15 @@ class TritonBackend:
             rc = n  # every row in each vocabulary block: dW[v0:v1] by one GEMM, written once
         else:
             rc = min(n, max(math.isqrt(budget), -(-budget // V)))
-        vb = min(V, max(16, budget // rc))
+        # block widths (the buffer's row stride) in multiples of 128 elements: cuBLAS needs
+        # 16-byte aligned leading dimensions for its tensor-core kernels
+        vb = min(V, max(128, budget // rc // 128 * 128))
         one_gemm = rc >= n
         dx = torch.zeros(n, D, dtype=torch.float32, device=dev)
         dw = torch.empty(V, D, dtype=dw_dtype if one_gemm else torch.float32, device=dev)
         if not one_gemm:
             dw.zero_()
-        buf = torch.empty(min(rc, n) * vb, dtype=x.dtype, device=dev)
+        buf = torch.empty(min(rc, n), vb, dtype=x.dtype, device=dev)
         opts = dict(softcap=cfg.softcap, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
         for v0 in range(0, V, vb):
             v1 = min(V, v0 + vb)
@@ -342,7 +367,7 @@ class TritonBackend:
             bb = b[v0:v1] if b is not None else None
             for s in range(0, n, rc):
                 e = min(n, s + rc)
-                g = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
+                g = buf[: e - s, : v1 - v0]  # row stride vb (aligned) also for the last block
                 torch.mm(x[s:e], wb.t(), out=g)
                 k.rows_pass(g, bb, y[s:e], lse=lse[s:e],
                             row_scale=None if row_scale is None else row_scale[s:e],
@@ -378,9 +403,7 @@ class TritonBackend:
                 self._grad_gemms(g, x[s:e], w, dx[s:e], dw, db)
                 continue
             k.rows_pass(g, b, y[s:e], stats_out=stats[:, s:e], grad=False, **opts)
-            m = row_select(s, e, stats[0, s:e], stats[1, s:e], stats[2, s:e])
-            if not isinstance(m, torch.Tensor) or m.shape != (e - s,) or m.dtype != torch.bool:
-                raise ValueError(f"row_select: expected a bool [{e - s}] tensor")
+            m = _checked_select(row_select, s, e, stats)
             sel[s:e] = m
             idx = m.nonzero().squeeze(1)
             if idx.numel() == 0:
