@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             row.update(status="failed", note=(res.stderr.strip().splitlines() or ["?"])[-1][:200])
         else:
             out = json.loads(res.stdout.strip().splitlines()[-1])
-            row.update({key: round(val, 2) if key != "seconds" else round(val, 3) for key, val in out.items()})
+            row.update({key: round(val, 2) if key != "seconds" else round(val, 6) for key, val in out.items()})
             if method == "eager":
                 row["note"] = f"estimated [B,H,L,L] footprint {est:.2f} GiB"
         rows.append(row)
