@@ -205,3 +205,63 @@ def test_sigkill_in_pass2_leaves_nothing_after_rerun(work):
         assert names == sorted(p.name for p in (work / "o_kill" / sub).glob("shard-*"))
         for n in names:
             assert (work / "o_ref" / sub / n).read_bytes() == (work / "o_kill" / sub / n).read_bytes()
+
+
+def test_native_build_says_what_it_is_doing(tmp_path, monkeypatch, capsys):
+    """A first build prints a line before compiling (and one while waiting for another process's)."""
+    import threading
+    import types
+
+    fcntl = pytest.importorskip("fcntl")
+    from torch.utils import cpp_extension
+
+    from xtf_kernels import _native_build as nb
+
+    if nb.source_dir() is None or nb._compiler() is None or not cpp_extension.is_ninja_available():
+        pytest.skip("no sources, compiler or ninja: nothing is ever compiled here")
+    monkeypatch.setenv("XTF_CACHE", str(tmp_path))
+    monkeypatch.delenv("XTF_DISABLE_NATIVE", raising=False)
+    printed_before_compile = []
+
+    def fake_load(**kw):  # stands in for the 30-60 s compile
+        printed_before_compile.append(capsys.readouterr().err)
+        return types.SimpleNamespace(build_info=lambda: "fake")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    build_dir = tmp_path / f"xtf_native_{nb.build_key(nb.source_dir())}"
+    build_dir.mkdir(parents=True)
+    err = ""
+    with open(build_dir / ".lock", "a+") as held:  # another process is building
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        t = threading.Thread(target=nb._build, args=(False,), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 60
+        while "waiting for another process" not in err and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capsys.readouterr().err
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+        t.join(60)
+    assert "xtf_kernels: waiting for another process compiling the native CPU kernels" in err
+    assert len(printed_before_compile) == 1
+    assert "xtf_kernels: compiling the native CPU kernels (first use on this machine" in printed_before_compile[0]
+    assert "native CPU kernels compiled in" in capsys.readouterr().err
+
+
+def test_demo_prepares_the_backend_first_and_ctrl_c_is_clean(tmp_path, monkeypatch, capsys):
+    import xtf_kernels.backends as backends
+    import xtf_kernels.demo.run as demo_run
+    from xtf_kernels.cli import main
+
+    events = []
+    real = backends.resolve_backend
+    monkeypatch.setattr(backends, "resolve_backend", lambda *a: events.append("backend") or real(*a))
+
+    def interrupted(*a, **k):
+        events.append("run")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_run, "run_demo", interrupted)
+    assert main(["demo", "--smoke", "--out", str(tmp_path), "--quiet"]) == 130
+    assert events == ["backend", "run"]
+    err = capsys.readouterr().err
+    assert "xtf demo: interrupted" in err and "Traceback" not in err
