@@ -13,8 +13,10 @@ one column sum, i.e. a forward pass plus a reduction. Extra memory: two ``[B, H,
 (``T`` chosen so one fits :data:`ROW_BLOCK_BYTES`) plus O(B * H * L): never ``[B, H, L, L]``.
 
 Key ranges skip what no query of the block can see: keys after the block (causal), outside
-the sliding window, and in other documents (packed rows: rows
-with documents are processed one at a time so each row skips its own documents' blocks).
+the sliding window, and in other documents. Packed rows are processed one at a time, with
+query blocks aligned to their documents (a long document's blocks never reach into another
+document; runs of short documents share a block), so blocks of other documents are never
+computed.
 """
 
 from __future__ import annotations
@@ -48,6 +50,33 @@ class _RowsPlan:
         self.csum = csum.tolist()
         self.start = None if docs is None else docs.start.tolist()
         self.end = None if docs is None else docs.end.tolist()
+
+    def query_blocks(self, block: int) -> list[tuple[int, int]]:
+        """[q0, q1) query blocks: fixed tiles, or (documents: one row) tiles aligned to documents.
+
+        With documents, a long document gets its own blocks, and a run of consecutive short
+        documents (each < block / 4 tokens, together <= block / 2) shares one block, so no
+        block reaches into a document it does not need and tiny documents do not cost one
+        block each.
+        """
+        L = self.L
+        if self.start is None:
+            return [(q0, min(L, q0 + block)) for q0 in range(0, L, block)]
+        end = self.end[0]
+        out: list[tuple[int, int]] = []
+        i = 0
+        while i < L:
+            e = end[i]
+            if e - i >= block // 4:
+                out.extend((s, min(s + block, e)) for s in range(i, e, block))
+                i = e
+                continue
+            j = e
+            while j < L and end[j] - i <= block // 2 and end[j] - j < block // 4:
+                j = end[j]
+            out.append((i, j))
+            i = j
+        return out
 
     def n_valid(self, a: int, b: int) -> list[int]:
         return [c[b] - c[a] for c in self.csum]
@@ -138,8 +167,8 @@ def _attend_rows(
     Bg, Hkv, G, L, D = q.shape
     cdt = k.dtype
     plan = _RowsPlan(valid, docs, L)
-    for q0 in range(0, L, block):
-        q1 = min(L, q0 + block)
+    above = torch.ones(block, block, dtype=torch.bool, device=q.device).triu_(1)  # causal: keys after the query
+    for q0, q1 in plan.query_blocks(block):
         n = q1 - q0
         if max(plan.n_valid(q0, q1)) == 0:
             continue  # only padding queries: output stays 0, nothing received
@@ -151,8 +180,7 @@ def _attend_rows(
             s.div_(softcap).tanh_().mul_(softcap)
         if plan.only_geometry(q0, q1, lo, hi, causal, window):
             if causal:  # hi == q1: mask above the diagonal of the last n keys
-                tri = torch.ones(n, n, dtype=torch.bool, device=s.device).triu_(1)
-                s[..., q0 - lo :].masked_fill_(tri, float("-inf"))
+                s[..., q0 - lo :].masked_fill_(above[:n, :n], float("-inf"))
         else:
             s.masked_fill_(~_visible_block(q0, q1, lo, hi, valid, docs, causal, window), float("-inf"))
         p = torch.softmax(s, dim=-1)
