@@ -76,7 +76,9 @@ def _model(spec: dict, L: int, device: str, dtype: str, attn: str):
     cfg = transformers.LlamaConfig(**spec, max_position_embeddings=max(L, 2048), pad_token_id=0,
                                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=getattr(torch, dtype)).eval()
+    with torch.device(device):  # random init where the model runs (fast on a GPU)
+        model = transformers.LlamaForCausalLM(cfg)
+    model = model.to(dtype=getattr(torch, dtype)).eval()
     model.set_attn_implementation(attn)
     return model
 

@@ -24,6 +24,14 @@ from xtf_kernels.attention._common import documents
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ATTN_BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+#: where the Triton kernels run: a CUDA device when there is one, else the CPU interpreter
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _on(backend: str, **tensors):
+    """The tensors on the device ``backend`` runs on (None stays None)."""
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    return {k: None if t is None else t.to(dev) for k, t in tensors.items()}
 
 #: documents of a packed row: odd lengths, one-token documents, one longer than a tile
 LENS = [5, 1, 13, 1, 7, 20]
@@ -105,9 +113,9 @@ def test_packed_row_equals_documents_run_alone(backend, case):
         for block in (16, None):
             for docs in (dict(position_ids=pos), dict(cu_seqlens=cu)):
                 got = attention_received(
-                    q, k, scale=scale, causal=causal, sliding_window=window, softcap=softcap,
-                    reduce=reduce, backend=backend, block=block, **docs,
-                )
+                    **_on(backend, q=q, k=k, **docs), scale=scale, causal=causal, sliding_window=window,
+                    softcap=softcap, reduce=reduce, backend=backend, block=block,
+                ).cpu()
                 assert got.shape == (1, 4, L) and got.dtype == torch.float32
                 torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
 
@@ -125,14 +133,17 @@ def test_batch_of_packed_rows_with_padding_fp64(backend):
     for reduce in ("mean_over_queries", "sum"):
         want = per_document_reference(q, k, rows, window=5, reduce=reduce)
         got = attention_received(
-            q, k, attention_mask=mask, position_ids=pos, sliding_window=5, reduce=reduce, backend=backend, block=16
-        )
+            **_on(backend, q=q, k=k, attention_mask=mask, position_ids=pos), sliding_window=5, reduce=reduce,
+            backend=backend, block=16,
+        ).cpu()
         # fp64 inputs: the torch backend computes in fp64 (then rounds to the fp32 result); Triton in fp32
         tol = dict(atol=1e-7, rtol=2.5e-7) if backend == "torch" else dict(atol=2e-6, rtol=2e-5)
         torch.testing.assert_close(got, want, **tol)
         assert torch.all(got[0, :, L - pad0 :] == 0)
     # every real query of a document gives probability 1 to its own document's keys
-    summed = attention_received(q, k, attention_mask=mask, position_ids=pos, reduce="sum", backend=backend)
+    summed = attention_received(
+        **_on(backend, q=q, k=k, attention_mask=mask, position_ids=pos), reduce="sum", backend=backend
+    ).cpu()
     s = 0
     for n in rows[1]:
         torch.testing.assert_close(summed[1, :, s : s + n].sum(-1), torch.full((6,), float(n), dtype=torch.float32))
@@ -147,18 +158,22 @@ def test_output_and_scores_together_equal_documents_alone(backend, dtype):
     pos = _positions(LENS)[None]
     for causal, window, softcap in ((True, None, None), (True, 6, 2.5), (False, None, None)):
         out, recv = attention_with_received(
-            q, k, v, position_ids=pos, causal=causal, sliding_window=window, softcap=softcap, backend=backend, block=16
+            **_on(backend, q=q, k=k, v=v, position_ids=pos), causal=causal, sliding_window=window, softcap=softcap,
+            backend=backend, block=16,
         )
+        out, recv = out.cpu(), recv.cpu()
         assert out.dtype == dtype and out.shape == (1, 4, L, 16)
         want_out = per_document_output(q, k, v, [LENS], causal=causal, window=window, softcap=softcap)
         want_recv = per_document_reference(q, k, [LENS], causal=causal, window=window, softcap=softcap)
         tol = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float16 else dict(atol=2e-6, rtol=2e-5)
         torch.testing.assert_close(out.double(), want_out, **tol)
         torch.testing.assert_close(recv, want_recv, atol=2e-6 if dtype != torch.float16 else 1e-5, rtol=1e-4)
-        only_out, none = attention_with_received(q, k, v, position_ids=pos, causal=causal, sliding_window=window,
-                                                 softcap=softcap, reduce=None, backend=backend, block=16)
+        only_out, none = attention_with_received(
+            **_on(backend, q=q, k=k, v=v, position_ids=pos), causal=causal, sliding_window=window, softcap=softcap,
+            reduce=None, backend=backend, block=16,
+        )
         assert none is None
-        torch.testing.assert_close(only_out, out)
+        torch.testing.assert_close(only_out.cpu(), out)
 
 
 def test_documents_layout():
@@ -252,14 +267,15 @@ def test_triton_backend_skips_other_documents():
 
     lens = [40, 3, 70, 1, 30, 60]
     L = sum(lens)
-    q, k, v = _qkv(1, 2, 1, L, 16, seed=4)
-    pos = _positions(lens)[None]
-    docs = documents(pos, None, 1, L, torch.device("cpu"))
-    valid = torch.ones(1, L, dtype=torch.bool)
-    counts = torch.zeros(2, dtype=torch.int32)
+    q, k, v = _on("triton", **dict(zip("qkv", _qkv(1, 2, 1, L, 16, seed=4)))).values()
+    dev = q.device
+    pos = _positions(lens)[None].to(dev)
+    docs = documents(pos, None, 1, L, dev)
+    valid = torch.ones(1, L, dtype=torch.bool, device=dev)
+    counts = torch.zeros(2, dtype=torch.int32, device=dev)
     kw = dict(scale=0.25, causal=True, window=None, softcap=None, block=16)
     attend_triton(q, k, v, valid, docs, tile_counts=counts, **kw)
-    want = _visible_tile_pairs(docs.start[0], L, 16) * 2  # per head
+    want = _visible_tile_pairs(docs.start[0].cpu(), L, 16) * 2  # per head
     # kernel 1 (output + lse) and kernel 2 (received) visit exactly the tiles holding visible pairs
     assert counts.tolist() == [want, want]
     counts.zero_()
@@ -385,3 +401,30 @@ def test_collector_document_inputs(tiny_models):
     col = ReceivedAttentionCollector(None, cu_seqlens=torch.tensor([0, 5, 40]))  # does not end at B * L = 42
     with pytest.raises(ValueError, match="cu_seqlens"), torch.no_grad(), col.attach(model):
         model.model(input_ids=ids, use_cache=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_packed_triton_matches_sdpa_per_document(dtype):
+    """A long packed row on the GPU: output vs SDPA per document, scores vs the torch backend."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    lens = torch.randint(32, 1025, (12,), generator=g).tolist()
+    L = sum(lens)
+    q, k, v = (t.to("cuda", dtype) for t in _qkv(1, 16, 8, L, 128, seed=6))
+    pos = _positions(lens)[None].cuda()
+    out, recv = attention_with_received(q, k, v, position_ids=pos, backend="triton")
+    ref_out = torch.empty_like(out, dtype=torch.float32)
+    s = 0
+    for n in lens:
+        sl = slice(s, s + n)
+        ref_out[:, :, sl] = F.scaled_dot_product_attention(
+            q[:, :, sl].float(), k[:, :, sl].float(), v[:, :, sl].float(), is_causal=True, enable_gqa=True
+        )
+        s += n
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.float(), ref_out, **tol)
+    want = attention_received(q, k, position_ids=pos, backend="torch")
+    torch.testing.assert_close(recv, want, atol=1e-5 if dtype == torch.float32 else 1e-3, rtol=1e-3)
