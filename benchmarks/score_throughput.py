@@ -34,8 +34,17 @@ attention, what scoring runs per layer) timed on random q/k/v of the model's hea
   only its time is).
 
 The target (issue 12): packed faster than padded by at least half the padding share.
-Results: ``<out>/score_throughput_mixed_<device>.csv``; both parts plotted in
-``<out>/score_throughput_<device>.png`` and printed as tables.
+Results: ``<out>/score_throughput_mixed_<device>.csv``.
+
+Part 3, **one attention layer** (``--layer``, in this process, B = 1, the model's head shapes,
+causal, no padding) at each length: ``sdpa`` (the floor's attention, output only), ``ours``
+(:func:`~xtf_kernels.attention.attention_with_received`: output and received attention), and
+on the CPU ``lse-reuse`` (the design where a private ATen kernel,
+``aten._scaled_dot_product_flash_attention_for_cpu``, returns the output and the row
+log-sum-exp, and one extra tiled pass over ``Q K^T`` sums ``exp(s - lse)``). Results:
+``<out>/score_throughput_layer_<device>.csv``.
+
+All parts are plotted in ``<out>/score_throughput_<device>.png`` and printed as tables.
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ GPU_MODEL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, 
                  num_key_value_heads=8, vocab_size=128256)
 FIELDS = ["device", "method", "L", "examples", "batch", "threads", "status", "seconds", "seconds_median",
           "vs_floor", "tokens_per_s", "peak_mb", "note", "load_avg", "torch", "model"]
+LAYER_FIELDS = ["device", "method", "L", "Hq", "Hkv", "Dh", "dtype", "seconds", "seconds_median", "vs_sdpa",
+                "threads"]
 MIXED_FIELDS = ["device", "layout", "backend", "documents", "real_tokens", "slots", "padding_share", "rows", "L",
                 "seconds", "seconds_median", "vs_padded", "threads", "note"]
 
@@ -362,6 +373,95 @@ def run_mixed(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- part 3: one layer
+
+
+def _received_from_lse(q, k, lse, scale: float, T: int = 256):
+    """Sum over queries of ``exp(s - lse)`` by [T x T] tiles (causal): the pass that reuses a forward's lse."""
+    import torch
+
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qg, lg = q.unflatten(1, (Hkv, G)), lse.unflatten(1, (Hkv, G))
+    out = torch.zeros(B, Hkv, G, L, device=q.device)
+    above = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+    for k0 in range(0, L, T):
+        k1 = min(L, k0 + T)
+        kt = k[:, :, k0:k1].transpose(-1, -2)
+        acc = torch.zeros(B, Hkv, G, k1 - k0, device=q.device)
+        for q0 in range(k0, L, T):
+            q1 = min(L, q0 + T)
+            n = q1 - q0
+            s = torch.matmul(qg[:, :, :, q0:q1].reshape(B, Hkv, G * n, D), kt).view(B, Hkv, G, n, k1 - k0)
+            p = s.mul_(scale).sub_(lg[..., q0:q1, None]).exp_()
+            if q0 == k0:
+                p.masked_fill_(above[:n, : k1 - k0], 0.0)
+            acc += p.sum(dim=-2)
+        out[..., k0:k1] = acc
+    return out.flatten(1, 2)
+
+
+def _layer_methods(q, k, v, device: str) -> dict:
+    """name -> zero-argument callable computing one causal layer on (q, k, v)."""
+    import torch
+    import torch.nn.functional as F
+
+    from xtf_kernels.attention import attention_with_received
+
+    scale = q.shape[-1] ** -0.5
+    methods = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        "ours": lambda: attention_with_received(q, k, v),
+    }
+    if device == "cpu":
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+        def lse_reuse():
+            out, lse = op(q, k, v, 0.0, True, scale=scale)
+            return out, _received_from_lse(q, k, lse, scale)
+
+        methods["lse-reuse"] = lse_reuse
+    return methods
+
+
+def run_layer(args: argparse.Namespace) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    spec = GPU_MODEL if args.device == "cuda" else CPU_MODEL
+    Hq, Hkv = spec["num_attention_heads"], spec["num_key_value_heads"]
+    Dh = spec["hidden_size"] // Hq
+    dt = getattr(torch, args.dtype)
+    rows = []
+    for L in args.lengths:
+        g = torch.Generator(device=args.device).manual_seed(0)
+        q = torch.randn(1, Hq, L, Dh, device=args.device, dtype=dt, generator=g)
+        k = torch.randn(1, Hkv, L, Dh, device=args.device, dtype=dt, generator=g)
+        v = torch.randn(1, Hkv, L, Dh, device=args.device, dtype=dt, generator=g)
+        methods = _layer_methods(q, k, v, args.device)
+        for name, fn in methods.items():
+            with torch.no_grad():
+                fn()
+                times = []
+                for _ in range(args.repeats):
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    fn()
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+            rows.append(dict(device=args.device, method=name, L=L, Hq=Hq, Hkv=Hkv, Dh=Dh, dtype=args.dtype,
+                             seconds=round(min(times), 4), seconds_median=round(statistics.median(times), 4),
+                             vs_sdpa="", threads=args.threads))
+            print(f"layer {name:9s} L={L:6d}: {rows[-1]['seconds']} s", flush=True)
+        sd = rows[-len(methods)]["seconds"]
+        for r in rows[-len(methods):]:
+            r["vs_sdpa"] = round(r["seconds"] / sd, 3)
+    return rows
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -380,13 +480,14 @@ def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def _plot(score_rows: list[dict], mixed_rows: list[dict], path: Path, args: argparse.Namespace) -> None:
+def _plot(score_rows: list[dict], mixed_rows: list[dict], layer_rows: list[dict], path: Path,
+          args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     lengths = sorted({r["L"] for r in score_rows})
     width = 0.27
@@ -408,7 +509,8 @@ def _plot(score_rows: list[dict], mixed_rows: list[dict], path: Path, args: argp
                                         for L in lengths])
     ax.set_ylabel("seconds (fastest repeat)")
     ax.set_title(f"scoring, random Llama ({args.device}, {args.threads} threads)", fontsize=9)
-    ax.legend(fontsize=8)
+    if score_rows:
+        ax.legend(fontsize=8)
     ax = axes[1]
     if mixed_rows:
         ax.bar([r["layout"] for r in mixed_rows], [r["seconds"] for r in mixed_rows],
@@ -419,6 +521,19 @@ def _plot(score_rows: list[dict], mixed_rows: list[dict], path: Path, args: argp
         ax.set_title(f"attention + received, {mixed_rows[0]['documents']} docs of 32-1024 tokens "
                      f"(padding share {mixed_rows[0]['padding_share']:.0%})", fontsize=9)
         ax.set_ylabel("seconds (fastest repeat)")
+    else:
+        ax.axis("off")
+    ax = axes[2]
+    for method in dict.fromkeys(r["method"] for r in layer_rows):
+        pts = [(r["L"], r["seconds"]) for r in layer_rows if r["method"] == method]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+    if layer_rows:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("L")
+        ax.set_ylabel("seconds per layer")
+        ax.set_title("one attention layer: output (+ received)", fontsize=9)
+        ax.legend(fontsize=8)
     else:
         ax.axis("off")
     fig.tight_layout()
@@ -442,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,
                     help="part 2: packed vs padded attention (default on)")
     ap.add_argument("--scoring", action=argparse.BooleanOptionalAction, default=True, help="part 1 (default on)")
+    ap.add_argument("--layer", action=argparse.BooleanOptionalAction, default=True,
+                    help="part 3: one attention layer (default on)")
     ap.add_argument("--docs", type=int, default=64, help="documents in part 2")
     ap.add_argument("--row", type=int, default=2048, help="packed row length in part 2")
     ap.add_argument("--pad-batch", type=int, default=4, help="documents per padded batch in part 2")
@@ -478,8 +595,12 @@ def main(argv: list[str] | None = None) -> None:
     if mixed_rows:
         _write_csv(args.out / f"score_throughput_mixed_{args.device}.csv", MIXED_FIELDS, mixed_rows)
         print(_table(mixed_rows, ["layout", "rows", "slots", "padding_share", "seconds", "vs_padded", "note"]))
-    if score_rows or mixed_rows:
-        _plot(score_rows, mixed_rows, stem.with_suffix(".png"), args)
+    layer_rows = run_layer(args) if args.layer else []
+    if layer_rows:
+        _write_csv(args.out / f"score_throughput_layer_{args.device}.csv", LAYER_FIELDS, layer_rows)
+        print(_table(layer_rows, ["method", "L", "seconds", "seconds_median", "vs_sdpa"]))
+    if score_rows or mixed_rows or layer_rows:
+        _plot(score_rows, mixed_rows, layer_rows, stem.with_suffix(".png"), args)
         print(f"wrote {stem}.csv / .png under {args.out}")
 
 
