@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import shards as sh
 from .data import Example, TokenizeStats, tokenize_records
-from .multiotsu import bin_centers, fixed_histogram, multiotsu_from_histogram
+from .multiotsu import bin_edges, fixed_histogram, multiotsu_from_histogram
 from .rules import RuleConfig, apply_rules, overlap_counts, ri_fence_mask
 from .scorers import (
     TaskRelevance,
@@ -386,7 +386,7 @@ def score_dataset(
     hist = sh.all_reduce_sum(np.rint(local_hist).astype(np.int64))
     tr_note = None
     try:
-        thresholds = multiotsu_from_histogram(hist, bin_centers(0.0, 1.0, cfg_rules.tr_nbins), cfg_rules.tr_classes)
+        thresholds = multiotsu_from_histogram(hist, bin_edges(0.0, 1.0, cfg_rules.tr_nbins), cfg_rules.tr_classes)
     except ValueError as e:
         thresholds, tr_note = None, f"TR rule off: {e}"
     meta2 = {**meta, "xtf_tr_thresholds": json.dumps(None if thresholds is None else [float(x) for x in thresholds])}
