@@ -24,7 +24,16 @@ from .data import NoiseConfig, make_demo_data, write_jsonl
 from .metrics import generation_metrics, kept_noise_share, kn_masked_types, retention
 from .scoring import detection_metrics, reasons_for, score_examples
 from .tokenizer import train_tokenizer
-from .train import Batchable, ModelSize, clone_model, count_params, greedy_answers, make_model, train, with_lora
+from .train import (
+    Batchable,
+    ModelSize,
+    clone_model,
+    count_params,
+    greedy_answers,
+    make_model,
+    train,
+    with_lora,
+)
 
 __all__ = ["DemoConfig", "SCALES", "METHODS", "run_seed", "run_demo", "ensure_native"]
 
