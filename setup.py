@@ -57,6 +57,7 @@ setup(
             "pyarrow>=14",
             "matplotlib>=3.7",
             "datasets>=2.18",
+            "peft>=0.12",
         ],
         "train": ["transformers>=4.46", "accelerate>=0.34"],
         "trl": ["trl>=0.12"],
