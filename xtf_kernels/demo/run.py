@@ -78,7 +78,7 @@ class DemoConfig:
     finetune_steps: int = 300
     batch_size: int = 16
     pretrain_lr: float = 3e-3
-    finetune_lr: float = 2e-3
+    finetune_lr: float = 1e-3
     regime: str = "full"
     lora_r: int = 8
     noise: NoiseConfig = field(default_factory=NoiseConfig)
