@@ -230,3 +230,14 @@ def test_metrics_known_answers():
     t = {"is_response": np.ones(45, bool), "token_id": np.array([4] * 25 + [5] * 20),
          "reasons": np.array([2] * 13 + [0] * 12 + [6] * 20)}
     assert kn_masked_types(t) == [4, 5] and kn_masked_types(t, share=0.9) == [5]
+
+
+def test_selection_grid_and_reported_seeds_refused(capsys):
+    from xtf_kernels.demo.selection import GRID, VALIDATION_SEEDS, main
+
+    assert not set(VALIDATION_SEEDS) & {0, 1, 2}
+    names = [n for n, _ in GRID]
+    assert len(names) == len(set(names)) == 8 and "pre1200-full-lr0.001" in names
+    with pytest.raises(SystemExit):
+        main(["--out", "/tmp/never", "--seeds", "1", "100"])
+    assert "reported seeds" in capsys.readouterr().err
