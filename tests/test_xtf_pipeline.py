@@ -84,8 +84,7 @@ def test_cli_score_export_report(model_dir, tmp_path, capsys):
     # thresholds are the Multi-Otsu of the count-weighted TR histogram; masked = middle class
     th = summary["thresholds"]["tr"]["thresholds"]
     hist = np.histogram(tr_r.astype(np.float64), bins=256, range=(0, 1))[0]
-    centers = (np.linspace(0, 1, 257)[:-1] + np.linspace(0, 1, 257)[1:]) / 2
-    np.testing.assert_allclose(th, multiotsu_from_histogram(hist, centers, 3), atol=1e-6)
+    np.testing.assert_allclose(th, multiotsu_from_histogram(hist, np.linspace(0, 1, 257), 3), atol=1e-6)
     tr_fired = (cols["reasons"] & 4) > 0
     np.testing.assert_array_equal(tr_fired[resp], (tr_r >= th[0]) & (tr_r < th[1]))
     # KN = 1 - p(gold) from the model's logits (the fused path materialised none)

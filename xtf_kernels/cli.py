@@ -25,6 +25,16 @@ def _layers(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--ri-layers: expected comma-separated ints, got {s!r}") from e
 
 
+def _token_ids(s: str) -> list[int]:
+    try:
+        ids = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--protect: expected comma-separated token ids, got {s!r}") from e
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"--protect: expected token ids >= 0, got {s!r}")
+    return ids
+
+
 def _add_score(sub) -> None:
     p = sub.add_parser("score", help="score a dataset with XTF (writes Parquet shards + summary.json)")
     p.add_argument("--model", required=True, help="local Hugging Face causal-LM checkpoint directory (with tokenizer)")
@@ -47,6 +57,11 @@ def _add_score(sub) -> None:
     p.add_argument("--rules", default="ri,kn,tr", help="enabled rules (ablation), e.g. kn,tr")
     p.add_argument("--ri-layers", type=_layers, default=None, help="comma-separated layer indices for RI")
     p.add_argument("--ri-reduce", default="mean_over_queries", help="RI aggregation over queries")
+    p.add_argument("--tr-source", choices=["input", "contextual"], default="input",
+                   help="TR reading: input-embedding row (paper, default) or the final hidden state per occurrence")
+    p.add_argument("--ri-aggregation", choices=["mean", "debiased"], default="mean",
+                   help="RI reading: mean over visible queries (default) or received mass / uniform causal attention")
+    p.add_argument("--protect", type=_token_ids, default=None, help="comma-separated token ids never masked (e.g. EOS)")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to prompt/response responses")
     p.add_argument("--no-resume", action="store_true",
                    help="score every shard again instead of reusing those of an interrupted run "
@@ -76,6 +91,7 @@ def _cmd_score(a) -> int:
             add_eos=not a.no_eos, ri_layers=a.ri_layers, ri_reduce=a.ri_reduce, tr_metric=a.tr_metric,
             domain_words=None if a.domain_words is None else [w for w in a.domain_words.split(",") if w],
             ref_model=a.ref_model, resume=not a.no_resume, overwrite=a.overwrite, progress=not a.quiet,
+            tr_source=a.tr_source, ri_aggregation=a.ri_aggregation, protect=a.protect,
         )
     finally:
         if dist:
@@ -89,6 +105,11 @@ def _cmd_score(a) -> int:
               f"-> {os.path.join(a.out, 'summary.json')}")
         for line in score_notes(summary):
             print(line)
+        am = (summary.get("diagnostics") or {}).get("always_masked")
+        if am and am["count"]:
+            top = ", ".join(repr(r["token"]) for r in am["top"][:10])
+            print(f"warning: {am['count']} token types (>= {am['min_count']} occurrences) are masked at >= "
+                  f"{am['share']:.0%} of their occurrences: {top}")
     return 0
 
 

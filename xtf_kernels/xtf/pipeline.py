@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from . import rundir
 from . import shards as sh
-from .data import Example, TokenizeStats, tokenize_records
-from .multiotsu import bin_centers, fixed_histogram, multiotsu_from_histogram
-from .rules import RuleConfig, apply_rules, overlap_counts, ri_fence_mask
+from .contextual import HIDDEN_SUM_KEY, ContextualTR, encode_meta, hidden_sum_meta
+from .data import Example, tokenize_records
+from .multiotsu import bin_edges, fixed_histogram, multiotsu_from_histogram
+from .rules import RuleConfig, apply_rules, overlap_counts, ri_fence_mask, type_diagnostics
 from .runtime import check_device_available, hf_progress, prepare_backend
 from .scorers import (
     TaskRelevance,
@@ -41,13 +42,10 @@ from .scorers import (
     reasoning_importance,
     resolve_ri_fn,
 )
+from .summary import PAPER, build_summary, count_types, with_readings
 
 __all__ = ["score_dataset", "load_model_and_tokenizer", "PAPER"]
 
-PAPER = (
-    "Yang et al., Explainable Token-level Noise Filtering for LLM Fine-tuning Datasets, "
-    "ICLR 2026, arXiv:2602.14536"
-)
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -157,7 +155,7 @@ class _HiddenCapture:
 @torch.no_grad()
 def _score_shard(
     model, ref_model, examples: Sequence[Example], *, batch_size: int, pad_id: int, device: torch.device,
-    ri_fn, ri_layers, ri_reduce: str, backend: str, pbar,
+    ri_fn, ri_layers, ri_reduce: str, backend: str, pbar, hidden_sum: list | None = None,
 ) -> pa.Table:
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
         "example_id", "position", "token_id", "is_response", "ri", "kn", "logprob", "entropy", "ref_logprob")}
@@ -175,6 +173,13 @@ def _score_shard(
             if ref_model is not None:
                 ref_lp = knowledge_novelty(ref_model, ids, mask, backend=backend)["logprob"]
             kn = knowledge_novelty(model, ids, mask, hidden=hidden, ref_logprobs=ref_lp, backend=backend)
+            if hidden_sum is not None:  # contextual TR: the shard's sum of response hidden states
+                resp = torch.zeros(ids.shape, dtype=torch.bool)
+                for b, e in enumerate(batch):
+                    resp[b, e.n_prompt : len(e.input_ids)] = True
+                hs, hn = hidden_sum_meta(hidden, resp)
+                hidden_sum[0] = hs if hidden_sum[0] is None else hidden_sum[0] + hs
+                hidden_sum[1] += hn
             ri_np = ri.cpu().numpy()
             kn_np = {k: v.cpu().numpy() for k, v in kn.items()}
             ref_np = None if ref_lp is None else ref_lp.float().cpu().numpy()
@@ -235,6 +240,9 @@ def score_dataset(
     progress: bool = True,
     ri_fn=None,
     backend: str = "auto",
+    tr_source: str | None = None,
+    ri_aggregation: str | None = None,
+    protect: Sequence[int] | None = None,
 ) -> dict:
     """Score every response token of a dataset with XTF and write the per-token records.
 
@@ -267,6 +275,10 @@ def score_dataset(
         progress: the checkpoint-loading and tokens/s bars, and resume notes, on rank 0.
         ri_fn: override of ``collect_received_attention`` (same signature).
         backend: masked_ce backend.
+        tr_source, ri_aggregation, protect: the readings (override the fields of ``rules``):
+            TR from the ``"input"`` embedding row (default) or the ``"contextual"`` final hidden
+            state; RI ``"mean"`` over visible queries (default) or ``"debiased"`` against
+            uniform causal attention; token ids never masked. All enter the fingerprint.
 
     Returns:
         The summary dict (also written to ``out_dir/summary.json`` by rank 0), plus ``"run"``
@@ -284,6 +296,14 @@ def score_dataset(
     cfg_rules = rules or RuleConfig()
     if not isinstance(cfg_rules, RuleConfig):
         raise TypeError(f"rules: expected a RuleConfig, got {type(rules).__name__}")
+    cfg_rules = with_readings(cfg_rules, tr_source, ri_aggregation, protect)
+    if cfg_rules.ri_aggregation == "debiased":
+        if ri_reduce != "mean_over_queries":
+            raise ValueError(f"ri_reduce: ri_aggregation='debiased' replaces it; got ri_reduce={ri_reduce!r}")
+        ri_reduce = "debiased"
+    contextual = cfg_rules.tr_source == "contextual"
+    if contextual and domain_words is not None:
+        raise ValueError("domain_words: not supported with tr_source='contextual' (the domain vector is the mean hidden state)")
     for name, v in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -384,9 +404,13 @@ def score_dataset(
     try:
         for s in todo:
             shard_ex = examples[s * shard_size : (s + 1) * shard_size]
+            hsum = [None, 0] if contextual else None
             tbl = _score_shard(model, ref_model, shard_ex, batch_size=batch_size, pad_id=pad_id, device=dev,
-                               ri_fn=ri_fn, ri_layers=ri_layers, ri_reduce=ri_reduce, backend=backend, pbar=pbar)
-            sh.write_table_atomic(tbl, p1 / f"shard-{s:05d}.parquet", meta)
+                               ri_fn=ri_fn, ri_layers=ri_layers, ri_reduce=ri_reduce, backend=backend, pbar=pbar,
+                               hidden_sum=hsum)
+            extra = {} if hsum is None else {HIDDEN_SUM_KEY: encode_meta(
+                hsum[0] if hsum[0] is not None else np.zeros(0), hsum[1])}
+            sh.write_table_atomic(tbl, p1 / f"shard-{s:05d}.parquet", {**meta, **extra})
     finally:
         pbar.close()
     elapsed = time.perf_counter() - t0
@@ -401,14 +425,23 @@ def score_dataset(
     local_counts = trel.counts.copy()
     trel.counts = sh.all_reduce_sum(local_counts).astype(np.int64)
     tr_vocab = trel.finalize(model.get_input_embeddings().weight.detach(), domain_ids)
-    present = local_counts > 0
-    local_hist = fixed_histogram(tr_vocab[present], 0.0, 1.0, cfg_rules.tr_nbins, weights=local_counts[present])
-    hist = sh.all_reduce_sum(np.rint(local_hist).astype(np.int64))
-    tr_note = None
-    try:
-        thresholds = multiotsu_from_histogram(hist, bin_centers(0.0, 1.0, cfg_rules.tr_nbins), cfg_rules.tr_classes)
-    except ValueError as e:
-        thresholds, tr_note = None, f"TR rule off: {e}"
+    tr_note, ctx = None, None
+    if contextual:
+        ctx = ContextualTR(out, n_shards, mine, tr_metric, cfg_rules.tr_nbins, cfg_rules.tr_classes)
+        ctx.domain_vector(int(model.get_input_embeddings().weight.shape[1]))
+        ctx.write_distances(model, lambda s: examples[s * shard_size : (s + 1) * shard_size], meta, resume=resume,
+                            batch_size=batch_size, pad_id=pad_id, device=dev, pad_fn=_pad)
+        sh.barrier()
+        thresholds, tr_note = ctx.thresholds()
+        trel.info = ctx.info
+    else:
+        present = local_counts > 0
+        local_hist = fixed_histogram(tr_vocab[present], 0.0, 1.0, cfg_rules.tr_nbins, weights=local_counts[present])
+        hist = sh.all_reduce_sum(np.rint(local_hist).astype(np.int64))
+        try:
+            thresholds = multiotsu_from_histogram(hist, bin_edges(0.0, 1.0, cfg_rules.tr_nbins), cfg_rules.tr_classes)
+        except ValueError as e:
+            thresholds, tr_note = None, f"TR rule off: {e}"
     meta2 = {**meta, "xtf_tr_thresholds": json.dumps(None if thresholds is None else [float(x) for x in thresholds])}
 
     # ---- pass 2: TR scores, rules, final shards
@@ -422,7 +455,7 @@ def score_dataset(
             continue
         t = sh.read_shard(p1 / f"shard-{s:05d}.parquet")
         cols = {c: t[c].to_numpy() for c in t.column_names}
-        tr = tr_vocab[cols["token_id"].astype(np.int64)]
+        tr = ctx.scores(s) if ctx is not None else tr_vocab[cols["token_id"].astype(np.int64)]
         cols["tr"] = np.where(cols["is_response"], tr, np.nan).astype(np.float32)
         reasons, keep = apply_rules(cols, cfg_rules, thresholds)
         _, fences = ri_fence_mask(cols["ri"], cols["example_id"], cols["is_response"], cfg_rules.ri_k)
@@ -443,9 +476,11 @@ def score_dataset(
     # ---- summary: counts reduced across ranks
     keys = [f"only:{b}" for b in range(8)]
     local = np.zeros(len(keys) + 3, dtype=np.int64)
+    per_type = np.zeros((5, vocab), dtype=np.int64)  # occurrences, masked, RI, KN, TR per token id
     for s in mine:
-        t = sh.read_shard(p2 / f"shard-{s:05d}.parquet", ["example_id", "is_response", "reasons"])
+        t = sh.read_shard(p2 / f"shard-{s:05d}.parquet", ["example_id", "token_id", "is_response", "reasons"])
         resp = t["is_response"].to_numpy()
+        count_types(per_type, t["token_id"].to_numpy()[resp], t["reasons"].to_numpy()[resp])
         oc = overlap_counts(t["reasons"].to_numpy(), resp)
         local[: len(keys)] += np.array([oc[k] for k in keys], dtype=np.int64)
         local[len(keys)] += resp.size
@@ -454,7 +489,11 @@ def score_dataset(
     tot = sh.all_reduce_sum(local)
     reused2 = sh.all_reduce_sum(np.array([n_reused2], dtype=np.int64))
     tok_now = sh.all_reduce_sum(np.array([n_tok], dtype=np.int64))
-    summary = _summary(tot, keys, tstats, len(examples), cfg_rules, thresholds, tr_note, trel.info, fp, n_shards, settings)
+    per_type = sh.all_reduce_sum(per_type)
+    summary = build_summary(tot, keys, tstats, len(examples), cfg_rules, thresholds, tr_note, trel.info, fp, n_shards, settings)
+    summary["diagnostics"] = type_diagnostics(
+        per_type[0], per_type[1], {"RI": per_type[2], "KN": per_type[3], "TR": per_type[4]},
+        lambda i: _token_texts(tokenizer, np.asarray([i]), cache)[0])
     if rank == 0:
         sh.write_json_atomic(summary, out / "summary.json")
         if show and n_tok:
@@ -466,58 +505,3 @@ def score_dataset(
            "tokens_scored": int(tok_now[0]), "seconds": elapsed}
     return {**summary, "run": run}
 
-
-def _summary(tot, keys, tstats: TokenizeStats, n_examples, cfg: RuleConfig, thresholds, tr_note, tr_info,
-             fp, n_shards, settings) -> dict:
-    only = {k: int(v) for k, v in zip(keys, tot[: len(keys)])}
-    bits = np.arange(8)
-    cnt = np.array([only[f"only:{b}"] for b in range(8)])
-
-    def n(mask: int) -> int:
-        return int(cnt[(bits & mask) == mask].sum())
-
-    response = int(cnt.sum())
-    kept = int(cnt[0])
-    masked = {"RI": n(1), "KN": n(2), "TR": n(4), "any": response - kept}
-    frac = {k: (v / response if response else 0.0) for k, v in masked.items()}
-    pairs = {}
-    for a, b, m in (("RI", "KN", 3), ("RI", "TR", 5), ("KN", "TR", 6)):
-        both = n(m)
-        union = masked[a] + masked[b] - both
-        pairs[f"{a}&{b}"] = {"both": both, "jaccard": both / union if union else 0.0,
-                             "overlap_of_smaller": both / min(masked[a], masked[b]) if min(masked[a], masked[b]) else 0.0}
-    names = {0: "none", 1: "RI", 2: "KN", 3: "RI+KN", 4: "TR", 5: "RI+TR", 6: "KN+TR", 7: "RI+KN+TR"}
-    thr = {
-        "ri": {"rule": "per sequence: mask S_RI < Q1 - k * (Q3 - Q1)", "k": cfg.ri_k},
-        "kn": {"rule": "mask S_KN < threshold", "threshold": cfg.kn_threshold},
-        "tr": {
-            "rule": f"Multi-Otsu, {cfg.tr_classes} classes over a {cfg.tr_nbins}-bin [0, 1] histogram; mask class {cfg.tr_masked_class} (0 = lowest mean)",
-            "thresholds": None if thresholds is None else [float(x) for x in thresholds],
-            "masked_range": None if thresholds is None else _class_range(thresholds, cfg.tr_masked_class),
-            "note": tr_note,
-            **tr_info,
-        },
-        "enabled": list(cfg.enabled),
-    }
-    return {
-        "paper": PAPER,
-        "fingerprint": fp,
-        "shards": n_shards,
-        "examples": {"records": tstats.records, "scored": n_examples, "skipped": dict(tstats.skipped),
-                     "truncated": tstats.truncated, "skip_messages": tstats.errors[:20]},
-        "tokens": {"total": int(tot[len(keys)]), "prompt": int(tot[len(keys) + 1]), "response": response,
-                   "kept": kept, "masked": response - kept},
-        "masked": masked,
-        "masked_fraction": frac,
-        "overlap": {"pairs": pairs, "all_three": n(7),
-                    "combinations": {names[b]: int(cnt[b]) for b in range(8)}},
-        "thresholds": thr,
-        "settings": settings,
-    }
-
-
-def _class_range(thresholds, k: int) -> list[float | None]:
-    t = [float(x) for x in thresholds]
-    lo = t[k - 1] if k >= 1 else None
-    hi = t[k] if k < len(t) else None
-    return [lo, hi]

@@ -107,6 +107,30 @@ def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> di
     return out
 
 
+def _diagnostics_html(diag: dict | None) -> str:
+    """The ground-truth-free warnings of ``summary.json``: always-masked types, per-type shares."""
+    if not diag:
+        return ""
+    am = diag["always_masked"]
+
+    def rows(items: list[dict]) -> str:
+        return "".join(
+            f"<tr><td>{html.escape(repr(r['token']))}</td><td>{r['count']}</td><td>{r['masked_share']:.1%}</td>"
+            f"<td>{r.get('RI', 0):.1%}</td><td>{r.get('KN', 0):.1%}</td><td>{r.get('TR', 0):.1%}</td></tr>"
+            for r in items
+        )
+
+    head = "<tr><th>token</th><th>occurrences</th><th>masked</th><th>RI</th><th>KN</th><th>TR</th></tr>"
+    warn = "a long list of common types is a warning sign" if am["count"] else "none"
+    return (
+        f"<h2>Diagnostics (no ground truth needed)</h2><p><b>{am['count']}</b> token types with at least "
+        f"{am['min_count']} occurrences are masked at &ge; {am['share']:.0%} of their occurrences "
+        f"({am['occurrences']} tokens; {warn}). Such a type is masked for what it is, not where it stands.</p>"
+        f"<div class=\"cards\"><table><caption>always masked (most frequent)</caption>{head}{rows(am['top'])}</table>"
+        f"<table><caption>most frequent types: masked share per rule</caption>{head}{rows(diag['per_type'])}</table></div>"
+    )
+
+
 def _fmt(x) -> str:
     return "nan" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{float(x):.4g}"
 
@@ -222,6 +246,7 @@ table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;pa
 <h2>Thresholds</h2>
 <p>RI: per sequence S_RI &lt; Q1 - {thr["ri"]["k"]}&middot;IQR &middot; KN: S_KN &lt; {thr["kn"]["threshold"]} &middot;
 TR: Multi-Otsu thresholds {html.escape(json.dumps(thr["tr"].get("thresholds")))}, masked class range {html.escape(json.dumps(thr["tr"].get("masked_range")))} ({html.escape(str(thr["tr"].get("metric")))} distance)</p>
+{_diagnostics_html(summary.get("diagnostics"))}
 <h2>Score distributions</h2>
 <div class="plots"><img alt="RI histogram" src="{img["hist_ri"]}"><img alt="KN histogram" src="{img["hist_kn"]}"><img alt="TR histogram" src="{img["hist_tr"]}"><img alt="rule overlap" src="{img["overlap"]}"></div>
 <h2>Overlap of the rules</h2>
