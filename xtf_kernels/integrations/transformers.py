@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..documents import counted_mask
 from ..ops import masked_ce
 from ..stats import TokenStats
+from .packed import batch_position_ids, mask_batch_labels
 
 _PATCH_ATTR = "_xtf_patch"
 
@@ -168,7 +170,8 @@ def _align(t: torch.Tensor | None, name: str, want: tuple[int, ...], slice_last:
     return t
 
 
-def _check_num_items(num_items: Any, labels: torch.Tensor, keep: torch.Tensor | None, shift: bool) -> Any:
+def _check_num_items(num_items: Any, labels: torch.Tensor, keep: torch.Tensor | None, shift: bool,
+                     position_ids: torch.Tensor | None = None) -> Any:
     """Zero ``num_items_in_batch``: None (loss 0) when nothing is kept here, else an error."""
     if num_items is None:
         return None
@@ -180,13 +183,7 @@ def _check_num_items(num_items: Any, labels: torch.Tensor, keep: torch.Tensor | 
         raise ValueError(f"num_items_in_batch: expected a 0-d tensor, got shape {tuple(num_items.shape)}")
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.reshape(())
-    valid = labels != -100
-    if shift:
-        valid = valid[..., 1:]
-        if keep is not None:
-            valid = valid & keep[..., 1:]
-    elif keep is not None:
-        valid = valid & keep
+    valid = counted_mask(labels, keep, shift=shift, position_ids=position_ids)
     if isinstance(num_items, torch.Tensor) and num_items.device.type != "cpu":
         # no host sync: an async device assert, then a divisor that is never 0
         n_here = valid.sum()
@@ -468,7 +465,8 @@ def _patched_call(
         if not isinstance(ref, torch.Tensor) or not ref.dtype.is_floating_point:
             raise TypeError(f"{patch.ref_key}: expected a float tensor of reference log-probs")
         ref = _align(ref, patch.ref_key, tuple(y.shape), slice_last).to(hidden.device)
-    num_items = _check_num_items(num_items, y, keep, shift)
+    pos = batch_position_ids(kwargs, y) if shift else None  # packed rows: documents
+    num_items = _check_num_items(num_items, y, keep, shift, pos)
 
     weight = head.weight
     bias = head.bias
@@ -503,6 +501,7 @@ def _patched_call(
         select=patch.select,
         return_stats=need_stats,
         backend=patch.backend,
+        position_ids=pos,
     )
     loss, stats = res if need_stats else (res, None)
     aux = getattr(out, "aux_loss", None)
@@ -600,6 +599,8 @@ class XTFTrainerMixin:
         for b in batch_samples:
             if isinstance(b, Mapping) and key in b and "labels" in b and "shift_labels" not in b:
                 b = {**b, "labels": _mask_labels(b["labels"], b[key])}
+            if isinstance(b, Mapping) and "labels" in b and "shift_labels" not in b:
+                b = {**b, "labels": mask_batch_labels(b, b["labels"])}  # packed rows: document starts
             masked.append(b)
         return super()._get_num_items_in_batch(masked, device)  # type: ignore[misc]
 
