@@ -64,3 +64,36 @@ def test_two_ranks_equal_single_process(tmp_path, kw):
     assert len([k for k in a if k.startswith("tokens/")]) == 4
     for k in a:
         assert a[k] == b[k], k
+
+
+def _refusing_worker(rank: int, world: int, init_file: str, model_dir: str, data: str, out: str, res: str) -> None:
+    torch.set_num_threads(1)
+    _ensure_attention()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from xtf_kernels.xtf import score_dataset
+
+        try:  # rank 0 finds a run with other settings in `out`: every rank must fail, none may hang
+            score_dataset(model_dir, data, out, shard_size=2, batch_size=3, progress=False, device="cpu")
+            outcome = "returned"
+        except Exception as e:
+            outcome = f"{type(e).__name__}: {e}"
+        Path(res, f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_refusal_on_rank_0_fails_every_rank(tmp_path):
+    _ensure_attention()
+    from xtf_kernels.xtf import score_dataset
+
+    model_dir = make_tiny_model_dir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "response": SAMPLE_TEXTS[i]}) + "\n" for i in range(3)))
+    out = tmp_path / "run"
+    score_dataset(model_dir, data, out, shard_size=2, batch_size=2, progress=False, device="cpu")
+    mp.spawn(_refusing_worker, args=(2, str(tmp_path / "init"), str(model_dir), str(data), str(out), str(tmp_path)),
+             nprocs=2, join=True)
+    r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    assert r0.startswith("RunExistsError: ") and "batch_size changed" in r0
+    assert r1 == "RankFailedError: rank(s) [0] failed; see the message printed by rank 0"

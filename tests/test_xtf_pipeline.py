@@ -111,7 +111,7 @@ def test_cli_score_export_report(model_dir, tmp_path, capsys):
     pt = pq.read_table(tmp_path / "train.parquet")
     assert pt.column_names == ["example_id", "input_ids", "labels", "keep"]
     assert info["trained"] == summary["tokens"]["kept"]  # matched ratio by default
-    with pytest.raises(ValueError, match="ref_logprob"):
+    with pytest.raises(ValueError, match="needs the reference model.s log-probs.*score with --ref-model"):
         export_dataset(out, tmp_path / "x.jsonl", policy="slm")
 
     # report

@@ -1,7 +1,9 @@
-"""Input validation and the visibility rule shared by the torch and Triton implementations.
+"""Input validation, documents and the visibility rule shared by the torch and Triton code.
 
 Visibility (the same rule as transformers' ``masking_utils``): query ``i`` sees key ``j`` when
-both are real tokens (``attention_mask`` 1) and
+both are real tokens (``attention_mask`` 1), both lie in the same document (packed rows: a
+document starts at every position whose ``position_ids`` is 0, at every ``cu_seqlens``
+boundary, and at the start of every row), and
 
 * causal, no window: ``j <= i``;
 * causal, ``sliding_window = W``: ``0 <= i - j < W`` (``W`` keys per query, itself included);
@@ -12,6 +14,7 @@ both are real tokens (``attention_mask`` 1) and
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +39,8 @@ def validate_received_args(
     reduce: Any,
     backend: Any,
     block: Any,
+    position_ids: Any = None,
+    cu_seqlens: Any = None,
 ) -> None:
     """Raise TypeError/ValueError naming the argument for anything attention_received cannot take."""
     for name, t in (("q", q), ("k", k)):
@@ -104,6 +109,84 @@ def validate_received_args(
             raise TypeError(f"block: expected an int or None, got {type(block).__name__}")
         if block < 16 or block & (block - 1):
             raise ValueError(f"block: expected a power of two >= 16, got {block}")
+    validate_documents(position_ids, cu_seqlens, B, L, q.device)
+
+
+def _int_tensor(name: str, t: Any, shape_text: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor {shape_text} or None, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
+
+
+def validate_documents(position_ids: Any, cu_seqlens: Any, B: int, L: int, device: torch.device) -> None:
+    """Check ``position_ids`` ([B, L] or [1, L] integers) / ``cu_seqlens`` (1-D offsets over B * L)."""
+    if position_ids is not None and cu_seqlens is not None:
+        raise ValueError("position_ids: pass either position_ids or cu_seqlens, not both")
+    if position_ids is not None:
+        _int_tensor("position_ids", position_ids, "[B, L]")
+        if position_ids.dim() != 2 or position_ids.shape[1] != L or position_ids.shape[0] not in (1, B):
+            raise ValueError(
+                f"position_ids: expected shape [B, L] = {(B, L)} (or [1, L]), got {_shape(position_ids)}"
+            )
+        if position_ids.device != device:
+            raise ValueError(f"position_ids: expected q's device {device}, got {position_ids.device}")
+    if cu_seqlens is not None:
+        _int_tensor("cu_seqlens", cu_seqlens, "[n_docs + 1]")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens: expected a 1-D tensor of >= 2 offsets, got shape {_shape(cu_seqlens)}")
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        if int(cu[0]) != 0 or int(cu[-1]) != B * L or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(
+                f"cu_seqlens: expected non-decreasing offsets from 0 to B * L = {B * L} (the flattened "
+                f"tokens), got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}"
+            )
+        rows = torch.arange(1, B, dtype=torch.int64) * L
+        if B > 1 and not bool(torch.isin(rows, cu).all()):
+            raise ValueError(f"cu_seqlens: documents may not cross rows; every row start b * {L} must be an offset")
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Document layout of packed rows: for every token, its document's [start, end) in the row.
+
+    ``start`` and ``end`` are int64 [B, L]; two tokens of a row share a document iff their
+    ``start`` values are equal. ``start`` is non-decreasing along a row.
+    """
+
+    start: torch.Tensor
+    end: torch.Tensor
+
+    def rows(self, sl: slice) -> Documents:
+        return Documents(self.start[sl], self.end[sl])
+
+
+def documents(
+    position_ids: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    B: int,
+    L: int,
+    device: torch.device,
+) -> Documents | None:
+    """The :class:`Documents` of validated ``position_ids`` / ``cu_seqlens``; None for one per row."""
+    if position_ids is not None:
+        starts = position_ids.to(device).expand(B, L) == 0
+    elif cu_seqlens is not None:
+        flat = torch.zeros(B * L + 1, dtype=torch.bool, device=device)
+        flat[cu_seqlens.to(device=device, dtype=torch.int64)] = True
+        starts = flat[: B * L].view(B, L)
+    else:
+        return None
+    starts = starts.clone()
+    starts[:, 0] = True
+    if not bool(starts[:, 1:].any()):
+        return None
+    idx = torch.arange(L, device=device).expand(B, L)
+    start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    nxt = torch.full((B, L), L, dtype=torch.int64, device=device)
+    nxt[:, :-1] = torch.where(starts[:, 1:], idx[:, 1:], torch.full_like(idx[:, 1:], L))
+    end = nxt.flip(1).cummin(dim=1).values.flip(1)
+    return Documents(start, end)
 
 
 def valid_mask(attention_mask: torch.Tensor | None, B: int, L: int, device: torch.device) -> torch.Tensor:
@@ -113,25 +196,30 @@ def valid_mask(attention_mask: torch.Tensor | None, B: int, L: int, device: torc
     return attention_mask.to(torch.bool)
 
 
-def query_counts(valid: torch.Tensor, causal: bool, sliding_window: int | None) -> torch.Tensor:
+def query_counts(
+    valid: torch.Tensor, causal: bool, sliding_window: int | None, docs: Documents | None = None
+) -> torch.Tensor:
     """fp32 [B, L]: for each real key ``j``, the number of real queries that see it (0 at padding).
 
-    O(B * L) memory: a prefix sum over the real-token mask.
+    Only queries of ``j``'s document count. O(B * L) memory: a prefix sum over the real-token mask.
     """
     B, L = valid.shape
     dev = valid.device
     csum = torch.zeros(B, L + 1, dtype=torch.int64, device=dev)
     csum[:, 1:] = torch.cumsum(valid.to(torch.int64), dim=1)
-    j = torch.arange(L, device=dev)
+    j = torch.arange(L, device=dev).expand(B, L)
     if causal:
         lo = j
         hi = j + (sliding_window - 1 if sliding_window is not None else L)
     else:
         lo = j - (sliding_window if sliding_window is not None else L)
         hi = j + (sliding_window if sliding_window is not None else L)
+    if docs is not None:
+        lo = torch.maximum(lo, docs.start)
+        hi = torch.minimum(hi, docs.end - 1)
     lo = lo.clamp(0, L - 1)
     hi = hi.clamp(0, L - 1)
-    cnt = csum[:, hi + 1] - csum[:, lo]
+    cnt = csum.gather(1, hi + 1) - csum.gather(1, lo)
     return torch.where(valid, cnt, torch.zeros_like(cnt)).to(torch.float32)
 
 
@@ -141,10 +229,11 @@ def finish(
     causal: bool,
     sliding_window: int | None,
     reduce: str,
+    docs: Documents | None = None,
 ) -> torch.Tensor:
     """Zero the padding keys of ``summed`` [B, H, L] fp32 and divide by the query counts if asked."""
     summed = torch.where(valid[:, None, :], summed, torch.zeros((), dtype=summed.dtype, device=summed.device))
     if reduce == "sum":
         return summed
-    cnt = query_counts(valid, causal, sliding_window)
+    cnt = query_counts(valid, causal, sliding_window, docs)
     return summed / cnt.clamp_min(1.0)[:, None, :]

@@ -1,17 +1,17 @@
 """Hugging Face plug-in: attention received, collected during a normal forward pass.
 
 One function is registered in transformers' attention registry under the name
-:data:`ATTN_IMPLEMENTATION` (``AttentionInterface.register``), with SDPA's mask builder
+:data:`ATTN_IMPLEMENTATION` (``AttentionInterface.register``), with a mask builder
 (``AttentionMaskInterface.register``). Every model whose attention layers dispatch through
 ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Mistral, Gemma 2, ... ) then calls it with its own
-query/key/value states (after RoPE), ``scaling``, ``sliding_window`` and ``softcap``. The
-function
-
-* computes the layer's normal output with ``sdpa_attention_forward`` (with logit
-  soft-capping, which SDPA cannot do, with the chunked torch attention of this package:
-  same O(L) memory, same result as eager attention up to rounding);
-* adds that layer's received-attention scores (:func:`attention_received`, averaged over
-  heads) to the active :class:`ReceivedAttentionCollector`.
+query/key/value states (after RoPE), ``scaling``, ``sliding_window``, ``softcap`` and the
+packed-batch keyword arguments (``position_ids``, ``cu_seq_lens_q``). While a
+:class:`ReceivedAttentionCollector` is attached, the function computes the layer's output and
+its received attention together (``attention_with_received``: one shared softmax), with
+the collector's padding mask and the documents of packed rows (block-diagonal attention), and
+adds the head-averaged scores to the collector. The mask builder then returns no mask (the
+visibility comes from the 2-D mask and the documents), so no ``[B, 1, L, L]`` mask is built.
+Outside a collector the function is plain SDPA (with transformers' SDPA mask).
 
 No per-model code: scaling, windows, soft-capping and GQA come from the call's arguments and
 the attention module's attributes.
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ._common import REDUCES, valid_mask
-from .received import attention_received
+from ._common import REDUCES, Documents, documents, validate_documents
+from .received import attention_with_documents
 
 #: Name under which the collecting attention function is registered in transformers.
 ATTN_IMPLEMENTATION = "xtf_received"
@@ -44,16 +44,25 @@ def _stack() -> list[ReceivedAttentionCollector]:
     return st
 
 
+def _mask_builder(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' SDPA mask, or None while a collector is attached (it never reads the mask)."""
+    if _stack():
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
 def register() -> str:
     """Register the collecting attention function (idempotent); returns its name."""
     global _registered
     with _reg_lock:
         if not _registered:
             from transformers import AttentionInterface
-            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+            from transformers.masking_utils import AttentionMaskInterface
 
             AttentionInterface.register(ATTN_IMPLEMENTATION, _xtf_attention_forward)
-            AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+            AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask_builder)
             _registered = True
     return ATTN_IMPLEMENTATION
 
@@ -76,62 +85,17 @@ def _xtf_attention_forward(
 
     query [B, Hq, Lq, Dh], key/value [B, Hkv, Lk, Dh]; returns ([B, Lq, Hq, Dv], None).
     """
+    stack = _stack()
+    if stack:
+        return stack[-1]._forward(module, query, key, value, kwargs), None
+    if kwargs.get("softcap") is not None:
+        raise RuntimeError(
+            f"{ATTN_IMPLEMENTATION}: attention with soft-capping runs only inside "
+            "ReceivedAttentionCollector.attach(model); use attn_implementation='eager' otherwise"
+        )
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    softcap = kwargs.get("softcap")
-    stack = _stack()
-    collector = stack[-1] if stack else None
-    if softcap is None:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    else:
-        out = _softcapped_output(module, query, key, value, kwargs, collector)
-    if collector is not None:
-        collector._add(module, query, key, kwargs)
-    return out, None
-
-
-def _softcapped_output(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kwargs: dict[str, Any],
-    collector: ReceivedAttentionCollector | None,
-) -> torch.Tensor:
-    """Attention output with logit soft-capping (tiled, O(L) memory); [B, Lq, Hq, Dv]."""
-    from .torch_impl import default_block, row_lse
-
-    if kwargs.get("dropout", 0.0):
-        raise RuntimeError(
-            f"{ATTN_IMPLEMENTATION}: attention dropout is not supported; call model.eval() first"
-        )
-    B, Hq, Lq, Dh = query.shape
-    if key.shape[2] != Lq:
-        raise RuntimeError(
-            f"{ATTN_IMPLEMENTATION}: expected as many keys as queries (no KV cache), got "
-            f"{key.shape[2]} keys for {Lq} queries; call the model with use_cache=False"
-        )
-    mask = collector.attention_mask if collector is not None else None
-    if mask is not None and mask.device != query.device:
-        mask = mask.to(query.device)
-    valid = valid_mask(mask, B, Lq, query.device)
-    scaling = kwargs.get("scaling")
-    window = _module_setting(module, kwargs, "sliding_window", "sliding_window", None)
-    causal = kwargs.get("is_causal")
-    if causal is None:
-        causal = bool(getattr(module, "is_causal", True))
-    _, out = row_lse(
-        query,
-        key,
-        valid,
-        scale=float(scaling) if scaling is not None else Dh**-0.5,
-        causal=causal,
-        window=window,
-        softcap=float(kwargs["softcap"]),
-        block=default_block(B, Hq, Lq),
-        v=value,
-    )
-    return out.transpose(1, 2).contiguous()
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 class ReceivedAttentionCollector:
@@ -145,9 +109,16 @@ class ReceivedAttentionCollector:
         scores = col.result()                                   # fp32 [B, L]
 
     ``attach`` switches the model to the registered attention implementation and restores
-    the previous one on exit (also on error). Each selected layer contributes the mean over
-    its query heads of :func:`attention_received`; :meth:`result` averages over the layers
-    that contributed.
+    the previous one on exit (also on error). Every attention layer then computes its output
+    with :func:`~xtf_kernels.attention.attention_with_received` (the collector's padding mask; documents of packed
+    rows); each selected layer contributes the mean over its query heads of the received
+    attention; :meth:`result` averages over the layers that contributed.
+
+    Packed rows: the documents come from ``position_ids`` / ``cu_seqlens`` given here, else
+    from the ``cu_seq_lens_q`` or 2-D ``position_ids`` that transformers passes to the
+    attention function (a document starts where ``position_ids`` is 0). Under the collector
+    every layer's attention is block-diagonal over those documents, whatever mask transformers
+    would have built.
 
     Args:
         attention_mask: [B, L] bool/0-1 integer (1 = real token), or None (no padding). It
@@ -156,6 +127,8 @@ class ReceivedAttentionCollector:
             the model's ``num_hidden_layers`` on attach); None = all layers.
         reduce: ``"mean_over_queries"`` (default) or ``"sum"``, see :func:`attention_received`.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the scorer.
+        position_ids: [B, L] / [1, L] integer positions of the batch (packed rows), or None.
+        cu_seqlens: 1-D document offsets over the flattened ``B * L`` tokens, or None.
     """
 
     def __init__(
@@ -165,6 +138,8 @@ class ReceivedAttentionCollector:
         layers: Sequence[int] | None = None,
         reduce: str = "mean_over_queries",
         backend: str = "auto",
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> None:
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor):
@@ -189,7 +164,16 @@ class ReceivedAttentionCollector:
             raise ValueError(f"reduce: expected one of {REDUCES}, got {reduce!r}")
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend: expected one of ('auto', 'torch', 'triton'), got {backend!r}")
+        if position_ids is not None and cu_seqlens is not None:
+            raise ValueError("position_ids: pass either position_ids or cu_seqlens, not both")
+        for name, t in (("position_ids", position_ids), ("cu_seqlens", cu_seqlens)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
         self.attention_mask = attention_mask
+        self.position_ids = position_ids
+        self.cu_seqlens = cu_seqlens
+        self._docs_src: tuple[Any, ...] | None = None
+        self._docs: Documents | None = None
         self.layers_requested = None if layers is None else list(layers)
         self.reduce = reduce
         self.backend = backend
@@ -241,13 +225,43 @@ class ReceivedAttentionCollector:
             stack.remove(self)
             model.set_attn_implementation(previous)
 
-    def _add(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def _documents(self, kwargs: dict[str, Any], B: int, L: int, device: torch.device) -> Documents | None:
+        """Documents of this batch (computed once per forward: every layer passes the same tensors)."""
+        pos, cu = self.position_ids, self.cu_seqlens
+        if pos is None and cu is None:
+            cu = kwargs.get("cu_seq_lens_q")
+            if cu is None:
+                p = kwargs.get("position_ids")
+                # 2-D positions only (multimodal rotary positions [3, B, L] do not mark documents)
+                if isinstance(p, torch.Tensor) and p.dim() == 2 and p.shape[-1] == L:
+                    pos = p
+        if pos is None and cu is None:
+            return None
+        src = (pos, cu, B, L, device)
+        if self._docs_src is not None and all(x is y or x == y for x, y in zip(src, self._docs_src)):
+            return self._docs
+        pos_d = None if pos is None else pos.to(device)
+        validate_documents(pos_d, cu, B, L, device)
+        self._docs = documents(pos_d, cu, B, L, device)
+        self._docs_src = src
+        return self._docs
+
+    def _forward(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """One attention layer: its output [B, Lq, Hq, Dv]; scores added when the layer is selected."""
         idx = getattr(module, "layer_idx", None)
         if idx is None:
             idx = self._calls
         self._calls += 1
-        if self._layers is not None and idx not in self._layers:
-            return
+        selected = self._layers is None or idx in self._layers
+        if kwargs.get("dropout", 0.0):
+            raise RuntimeError(f"{ATTN_IMPLEMENTATION}: attention dropout is not supported; call model.eval() first")
         B, _, Lq, _ = query.shape
         if key.shape[2] != Lq:
             raise RuntimeError(
@@ -262,25 +276,30 @@ class ReceivedAttentionCollector:
                     f"got {tuple(mask.shape)}"
                 )
             mask = mask.to(query.device)
+        docs = self._documents(kwargs, B, Lq, query.device)
         scaling = kwargs.get("scaling")
         causal = kwargs.get("is_causal")
         if causal is None:
             causal = bool(getattr(module, "is_causal", True))
         softcap = kwargs.get("softcap")
-        r = attention_received(
+        out, r = attention_with_documents(
             query,
             key,
+            value,
+            docs,
             scale=float(scaling) if scaling is not None else None,
             attention_mask=mask,
             causal=causal,
             sliding_window=_module_setting(module, kwargs, "sliding_window", "sliding_window", None),
             softcap=float(softcap) if softcap is not None else None,
-            reduce=self.reduce,
+            reduce=self.reduce if selected else None,
             backend=self.backend,
         )
-        layer_score = r.mean(dim=1)
-        self._sum = layer_score if self._sum is None else self._sum + layer_score.to(self._sum.device)
-        self._seen.append(idx)
+        if r is not None:
+            layer_score = r.mean(dim=1)
+            self._sum = layer_score if self._sum is None else self._sum + layer_score.to(self._sum.device)
+            self._seen.append(idx)
+        return out.transpose(1, 2).contiguous()
 
     @property
     def layers_seen(self) -> list[int]:
@@ -322,6 +341,7 @@ def collect_received_attention(
     layers: Sequence[int] | None = None,
     reduce: str = "mean_over_queries",
     backend: str = "auto",
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reasoning-importance scores of every token: one no-grad forward of ``model``.
 
@@ -340,6 +360,10 @@ def collect_received_attention(
         reduce: ``"mean_over_queries"`` (attention received divided by the number of real
             queries that can see the key) or ``"sum"`` (raw summed mass).
         backend: scorer backend, see :func:`attention_received`.
+        position_ids: [B, L] integer positions, passed to the model; packed rows restart
+            at 0 for every document, and attention (output and scores) is then block-diagonal
+            over the documents, with the per-query average over each key's own document.
+            None = the model's default positions, one document per row.
 
     Returns:
         fp32 [B, L] on the model's device; 0 at padding positions.
@@ -361,13 +385,19 @@ def collect_received_attention(
             )
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    collector = ReceivedAttentionCollector(attention_mask, layers=layers, reduce=reduce, backend=backend)
+    extra = {}
+    if position_ids is not None:
+        validate_documents(position_ids, None, input_ids.shape[0], input_ids.shape[1], position_ids.device)
+        extra["position_ids"] = position_ids
+    collector = ReceivedAttentionCollector(
+        attention_mask, layers=layers, reduce=reduce, backend=backend, position_ids=position_ids
+    )
     base = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), collector.attach(model):
-            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     finally:
         model.train(was_training)
     return collector.result()

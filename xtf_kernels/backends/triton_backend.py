@@ -76,35 +76,56 @@ def _rows_per_chunk(n: int, V: int, cfg: CEConfig, dtype: torch.dtype) -> int:
     return max(1, min(n, _budget(cfg, dtype) // max(V, 1)))
 
 
-_out_dtype_ok = True
+#: which fp32-output half-precision GEMMs this torch has on CUDA (probed on first use)
+_f32_gemm = {"addmm": True, "mm": True}
 
 
 def _mm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """``out (+)= a @ b`` with fp32 accumulation; ``out`` is fp32 or ``a.dtype``.
 
     Half-precision inputs with an fp32 ``out`` use cuBLAS' fp32-output GEMM on CUDA (no
-    rounding of partial sums); elsewhere the inputs are upcast.
+    rounding of partial sums; ``addmm`` where this torch has it, else ``mm`` into a temporary
+    and an add); elsewhere the inputs are upcast (an fp32 GEMM: correct but slow).
     """
-    global _out_dtype_ok
     if out.dtype == a.dtype:
         if accumulate:
             out.addmm_(a, b)
         else:
             torch.mm(a, b, out=out)
         return
-    if _out_dtype_ok and a.is_cuda:
+    if a.is_cuda and (not accumulate or _f32_gemm["addmm"]) and _f32_gemm["mm"]:
         try:
             if accumulate:
                 torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
             else:
                 torch.mm(a, b, out_dtype=torch.float32, out=out)
             return
-        except (RuntimeError, TypeError):  # older torch: no fp32-output half GEMM
-            _out_dtype_ok = False
+        except (RuntimeError, TypeError):  # this torch lacks that fp32-output GEMM
+            _f32_gemm["addmm" if accumulate else "mm"] = False
+    if a.is_cuda and accumulate and _f32_gemm["mm"]:
+        try:
+            out += torch.mm(a, b, out_dtype=torch.float32)
+            return
+        except (RuntimeError, TypeError):
+            _f32_gemm["mm"] = False
     if accumulate:
         out.addmm_(a.float(), b.float())
     else:
         torch.mm(a.float(), b.float(), out=out)
+
+
+#: how the statistics of rows without a gradient are computed on CUDA: "cublas" (row chunks of
+#: logits by torch.mm, then the row kernel) or "fused" (the Triton GEMM kernel, no logits in
+#: memory). The interpreter always uses "fused". A tuning knob, not API.
+STATS_MODE = "cublas"
+
+
+def _checked_select(row_select: RowSelect, s: int, e: int, stats: torch.Tensor) -> torch.Tensor:
+    """``row_select`` on rows ``[s, e)`` of the ``[4, M]`` statistics, checked: bool ``[e - s]``."""
+    m = row_select(s, e, stats[0, s:e], stats[1, s:e], stats[2, s:e])
+    if not isinstance(m, torch.Tensor) or m.shape != (e - s,) or m.dtype != torch.bool:
+        raise ValueError(f"row_select: expected a bool [{e - s}] tensor")
+    return m
 
 
 class TritonBackend:
@@ -169,14 +190,13 @@ class TritonBackend:
 
         Returns:
             :class:`ForwardOut`: fp32 ``[M]`` statistics; ``dx`` ``[n_grad, D]`` x.dtype, ``dw``
-            ``[V, D]`` fp32, ``db`` ``[V]`` fp32 (or None) when ``n_grad > 0``.
+            ``[V, D]`` fp32 or w.dtype (one fp32-accumulated GEMM per vocabulary block), ``db`` ``[V]`` fp32 (or None) when ``n_grad > 0``.
         """
         _check_problem(x, w, b, y, cfg)
         M = x.shape[0]
         if not isinstance(n_grad, int) or not 0 <= n_grad <= M:
             raise ValueError(f"n_grad: expected an int in [0, {M}], got {n_grad!r}")
         x, w, b, y = self._prep(x, w, b, y)
-        k = _load_kernels()
         stats = torch.empty(4, M, dtype=torch.float32, device=x.device)
         dx = dw = db = None
         V = w.shape[0]
@@ -184,14 +204,14 @@ class TritonBackend:
             # one row chunk holds every gradient row: Liger-style, 3 GEMMs, dW written once
             dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, n_grad, None)
             if M > n_grad:
-                k.fused_stats(x[n_grad:], w, b, y[n_grad:], cfg.softcap, stats[:, n_grad:])
+                self._stats(x[n_grad:], w, b, y[n_grad:], cfg, stats[:, n_grad:])
         else:
             # statistics of every row from the fused kernel (no logits in memory), then the
             # gradient by vocabulary blocks: no fp32 [V, D] read-modify-write per row chunk
-            k.fused_stats(x, w, b, y, cfg.softcap, stats)
+            self._stats(x, w, b, y, cfg, stats)
             if n_grad:
                 dx, dw, db = self._vocab_blocked_grad(
-                    x[:n_grad], w, b, y[:n_grad], stats[0, :n_grad], None, cfg, torch.float32
+                    x[:n_grad], w, b, y[:n_grad], stats[0, :n_grad], None, cfg, w.dtype
                 )
         return ForwardOut(stats[0], stats[1], stats[2], stats[3], dx, dw, db)
 
@@ -219,7 +239,19 @@ class TritonBackend:
         M = x.shape[0]
         stats = torch.empty(4, M, dtype=torch.float32, device=x.device)
         sel = torch.zeros(M, dtype=torch.bool, device=x.device)
-        dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, M, (row_select, sel))
+        if M <= _rows_per_chunk(M, w.shape[0], cfg, x.dtype):
+            # one logits GEMM per row chunk serves the statistics, the selection and the gradient
+            dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, M, (row_select, sel))
+        else:
+            # many chunks (GPU): statistics and selection chunk by chunk, then the selected rows'
+            # gradient by vocabulary blocks (dW formed once in w.dtype; no fp32 [V, D] updated
+            # once per chunk, which costs more memory traffic than the extra logits GEMM)
+            self._stats(x, w, b, y, cfg, stats, row_select=row_select, sel=sel)
+            idx = sel.nonzero().squeeze(1)
+            dx, dw, db = self._vocab_blocked_grad(
+                x.index_select(0, idx), w, b, y.index_select(0, idx), stats[0].index_select(0, idx),
+                None, cfg, w.dtype,
+            )
         return ForwardOut(stats[0], stats[1], stats[2], stats[3], dx, dw, db), sel
 
     # ----------------------------------------------------------------- backward
@@ -258,6 +290,26 @@ class TritonBackend:
 
     # ----------------------------------------------------------------- internals
     @staticmethod
+    def _stats(x, w, b, y, cfg, out, row_select=None, sel=None) -> None:
+        """Statistics ``[4, M]`` of rows that need no gradient (see :data:`STATS_MODE`); with
+        ``row_select``, each chunk's selection is written into the bool ``sel`` [M]."""
+        k = _load_kernels()
+        if row_select is None and (k.INTERPRETED or not x.is_cuda or STATS_MODE == "fused"):
+            k.fused_stats(x, w, b, y, cfg.softcap, out)
+            return
+        M, V = x.shape[0], w.shape[0]
+        rows = _rows_per_chunk(M, V, cfg, x.dtype)
+        buf = torch.empty(rows, V, dtype=x.dtype, device=x.device)
+        for s in range(0, M, rows):
+            e = min(M, s + rows)
+            g = buf[: e - s]
+            torch.mm(x[s:e], w.t(), out=g)
+            k.rows_pass(g, b, y[s:e], softcap=cfg.softcap, z_loss=0.0, label_smoothing=0.0,
+                        stats_out=out[:, s:e], grad=False)
+            if row_select is not None:
+                sel[s:e] = _checked_select(row_select, s, e, out)
+
+    @staticmethod
     def _prep(x, w, b, y):
         """Unit stride along the feature / vocabulary dims (what the kernels index)."""
         x = x if x.stride(-1) == 1 else x.contiguous()
@@ -295,14 +347,19 @@ class TritonBackend:
         # an fp32 slice of dx (rc x D) and, unless rc covers all rows, of dW (vb x D): square
         # blocks minimise that traffic; all rows in one block when they fit (dW written once)
         budget = _budget(cfg, x.dtype)
-        rc = min(n, max(math.isqrt(budget), -(-budget // V)))
-        vb = min(V, max(16, budget // rc))
+        if budget // n >= min(V, 256):
+            rc = n  # every row in each vocabulary block: dW[v0:v1] by one GEMM, written once
+        else:
+            rc = min(n, max(math.isqrt(budget), -(-budget // V)))
+        # block widths (the buffer's row stride) in multiples of 128 elements: cuBLAS needs
+        # 16-byte aligned leading dimensions for its tensor-core kernels
+        vb = min(V, max(128, budget // rc // 128 * 128))
         one_gemm = rc >= n
         dx = torch.zeros(n, D, dtype=torch.float32, device=dev)
         dw = torch.empty(V, D, dtype=dw_dtype if one_gemm else torch.float32, device=dev)
         if not one_gemm:
             dw.zero_()
-        buf = torch.empty(min(rc, n) * vb, dtype=x.dtype, device=dev)
+        buf = torch.empty(min(rc, n), vb, dtype=x.dtype, device=dev)
         opts = dict(softcap=cfg.softcap, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
         for v0 in range(0, V, vb):
             v1 = min(V, v0 + vb)
@@ -310,7 +367,7 @@ class TritonBackend:
             bb = b[v0:v1] if b is not None else None
             for s in range(0, n, rc):
                 e = min(n, s + rc)
-                g = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
+                g = buf[: e - s, : v1 - v0]  # row stride vb (aligned) also for the last block
                 torch.mm(x[s:e], wb.t(), out=g)
                 k.rows_pass(g, bb, y[s:e], lse=lse[s:e],
                             row_scale=None if row_scale is None else row_scale[s:e],
@@ -346,9 +403,7 @@ class TritonBackend:
                 self._grad_gemms(g, x[s:e], w, dx[s:e], dw, db)
                 continue
             k.rows_pass(g, b, y[s:e], stats_out=stats[:, s:e], grad=False, **opts)
-            m = row_select(s, e, stats[0, s:e], stats[1, s:e], stats[2, s:e])
-            if not isinstance(m, torch.Tensor) or m.shape != (e - s,) or m.dtype != torch.bool:
-                raise ValueError(f"row_select: expected a bool [{e - s}] tensor")
+            m = _checked_select(row_select, s, e, stats)
             sel[s:e] = m
             idx = m.nonzero().squeeze(1)
             if idx.numel() == 0:

@@ -122,6 +122,10 @@ def _run_inner(a: argparse.Namespace, threads: int | None) -> int:
     if a.collect:
         res = collect(out, a.collect)
     else:
+        from ..backends import resolve_backend
+
+        # a first-use build of the native kernels (announced on stderr) is not part of any timing
+        resolve_backend("auto", torch.device("cpu"), torch.float32)
         res = run_demo(cfg, out, a.seeds, progress=not a.no_progress, quiet=a.quiet)
     print()
     print(textwrap.fill(res["interpretation"], width=100))
@@ -141,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return _run(a)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        print("\nxtf demo: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as e:
         print(f"xtf demo: error: {e}", file=sys.stderr)
         return 2

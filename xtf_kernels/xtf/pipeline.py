@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,11 +28,13 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from . import rundir
 from . import shards as sh
 from .contextual import HIDDEN_SUM_KEY, ContextualTR, encode_meta, hidden_sum_meta
 from .data import Example, tokenize_records
 from .multiotsu import bin_edges, fixed_histogram, multiotsu_from_histogram
 from .rules import RuleConfig, apply_rules, overlap_counts, ri_fence_mask, type_diagnostics
+from .runtime import check_device_available, hf_progress, prepare_backend
 from .scorers import (
     TaskRelevance,
     decoder_hidden,
@@ -57,9 +58,11 @@ def _resolve_device(device: str | torch.device) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    check_device_available(dev)
+    return dev
 
 
 def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -75,9 +78,12 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
 
 
 def load_model_and_tokenizer(
-    model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    progress: bool = True,
 ):
     """Load a local Hugging Face causal-LM checkpoint and its tokenizer (nothing is downloaded).
+
+    ``progress=False`` hides the checkpoint-loading bar.
 
     Raises:
         FileNotFoundError: no such directory / no config.json.
@@ -93,9 +99,10 @@ def load_model_and_tokenizer(
     except Exception as e:
         raise ValueError(f"model: no usable tokenizer in {p} ({type(e).__name__}: {e})") from e
     try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(p), dtype=dtype, local_files_only=True, output_loading_info=True
-        )
+        with hf_progress(progress):
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                str(p), dtype=dtype, local_files_only=True, output_loading_info=True
+            )
     except ValueError as e:
         raise ValueError(f"model: {p} cannot be loaded as a causal LM ({e})") from e
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -261,9 +268,11 @@ def score_dataset(
         domain_words: optional words whose embedding rows define the domain vector.
         ref_model: optional reference model (directory or module, same tokenizer) whose
             log-probs are stored as ``ref_logprob`` for the SLM / Token Cleaning baselines.
-        resume: skip shards already written by a run with the same fingerprint.
-        overwrite: delete the results of a run with different settings in ``out_dir``.
-        progress: tqdm bar (tokens/s) on rank 0.
+        resume: skip shards already written by a run with the same fingerprint (temp files
+            of killed writers are removed, see :mod:`.rundir`).
+        overwrite: delete the results of a run with different settings in ``out_dir`` (only
+            the files xtf wrote, the default ``report/`` included; other files are kept).
+        progress: the checkpoint-loading and tokens/s bars, and resume notes, on rank 0.
         ri_fn: override of ``collect_received_attention`` (same signature).
         backend: masked_ce backend.
         tr_source, ri_aggregation, protect: the readings (override the fields of ``rules``):
@@ -272,7 +281,16 @@ def score_dataset(
             uniform causal attention; token ids never masked. All enter the fingerprint.
 
     Returns:
-        The summary dict (also written to ``out_dir/summary.json`` by rank 0).
+        The summary dict (also written to ``out_dir/summary.json`` by rank 0), plus ``"run"``
+        (not written): this call's ``shards``, ``reused_pass1`` / ``reused_tokens`` (shards
+        kept from an earlier run), ``tokens_scored`` and ``seconds`` (pass 1, backend build
+        excluded).
+
+    Raises:
+        NotADirectoryError, PermissionError, OSError: ``out_dir`` cannot be written.
+        rundir.RunExistsError: ``out_dir`` holds another run (or resume is off).
+        ValueError: bad arguments or data (:class:`~xtf_kernels.xtf.XTFDataError`), an
+            unavailable ``device``.
     """
     rank, world = sh.dist_info()
     cfg_rules = rules or RuleConfig()
@@ -295,10 +313,18 @@ def score_dataset(
     dt = _resolve_dtype(dtype, dev)
     ri_fn = resolve_ri_fn(ri_fn)
     out = Path(out_dir)
+    show = progress and rank == 0
+    err = None
+    try:  # before loading any model: a bad --out fails in seconds, on every rank
+        rundir.check_writable_dir(out)
+    except OSError as e:
+        err = e
+    sh.raise_if_any_rank_failed(err)
+    rundir.remove_stale_tmp(out)  # left by killed writers of this machine
 
     if isinstance(model, (str, os.PathLike)):
         model_id = str(Path(model).resolve())
-        model, tok = load_model_and_tokenizer(model, dtype=dt, device=dev)
+        model, tok = load_model_and_tokenizer(model, dtype=dt, device=dev, progress=show)
         tokenizer = tokenizer or tok
     elif isinstance(model, torch.nn.Module):
         if tokenizer is None:
@@ -309,7 +335,7 @@ def score_dataset(
         raise TypeError(f"model: expected a checkpoint directory or a torch.nn.Module, got {type(model).__name__}")
     if isinstance(ref_model, (str, os.PathLike)):
         ref_id = str(Path(ref_model).resolve())
-        ref_model, _ = load_model_and_tokenizer(ref_model, dtype=dt, device=dev)
+        ref_model, _ = load_model_and_tokenizer(ref_model, dtype=dt, device=dev, progress=show)
     elif ref_model is None or isinstance(ref_model, torch.nn.Module):
         ref_id = None if ref_model is None else type(ref_model).__name__
         if ref_model is not None:
@@ -349,38 +375,32 @@ def score_dataset(
     n_shards = (len(examples) + shard_size - 1) // shard_size
     mine = [s for s in range(n_shards) if s % world == rank]
 
-    # output directory: never clobber a different run unless asked
+    # output directory: never clobber a different run unless asked; keep the user's own files
     cfg_path = out / "config.json"
+    run_start = None
+    err = None
     if rank == 0:
-        if cfg_path.is_file():
-            old = json.loads(cfg_path.read_text())
-            if old.get("fingerprint") != fp or not resume:
-                if not overwrite:
-                    raise FileExistsError(
-                        f"out_dir: {out} holds a run with different settings or data "
-                        f"(fingerprint {old.get('fingerprint')} != {fp}) or resume is off; "
-                        "pass overwrite=True (--overwrite) to replace it"
-                    )
-                for sub in ("pass1", "tokens"):
-                    shutil.rmtree(out / sub, ignore_errors=True)
-                for f in ("summary.json", "config.json"):
-                    (out / f).unlink(missing_ok=True)
-        elif out.exists() and any((out / sub).exists() for sub in ("pass1", "tokens")):
-            if not overwrite:
-                raise FileExistsError(f"out_dir: {out} holds shards without config.json; pass overwrite=True")
-            for sub in ("pass1", "tokens"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-        sh.write_json_atomic({"fingerprint": fp, "settings": settings, "paper": PAPER}, cfg_path)
-    sh.barrier()
+        try:
+            rundir.check_existing_run(out, fp, settings, resume=resume, overwrite=overwrite)
+            sh.write_json_atomic({"fingerprint": fp, "settings": settings, "paper": PAPER}, cfg_path)
+            run_start = cfg_path.stat().st_mtime
+        except (OSError, ValueError) as e:
+            err = e
+    sh.raise_if_any_rank_failed(err)
 
     # ---- pass 1: model forward per shard
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    p1 = out / "pass1"
+    p1 = out / rundir.PASS1
     todo = [s for s in mine if not (resume and sh.shard_ok(p1 / f"shard-{s:05d}.parquet", meta))]
+    reused = sh.all_reduce_sum(np.array([len(mine) - len(todo)], dtype=np.int64))
+    if show and reused[0]:
+        tqdm.write(f"xtf: resuming the run in {out}: pass 1 already done for {int(reused[0])} of {n_shards} shards")
     n_tok = sum(len(e.input_ids) for s in todo for e in examples[s * shard_size : (s + 1) * shard_size])
+    if todo:
+        prepare_backend(backend, dev, dt)  # a first-use native build happens here, not inside the timing
     t0 = time.perf_counter()
-    pbar = tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"xtf pass 1 (rank {rank})",
-                disable=not progress or rank != 0, dynamic_ncols=True)
+    pbar = tqdm(total=n_tok, unit="tok", unit_scale=True, desc="xtf pass 1" + (f" (rank {rank})" if world > 1 else ""),
+                disable=not show or not todo, dynamic_ncols=True)
     try:
         for s in todo:
             shard_ex = examples[s * shard_size : (s + 1) * shard_size]
@@ -425,11 +445,13 @@ def score_dataset(
     meta2 = {**meta, "xtf_tr_thresholds": json.dumps(None if thresholds is None else [float(x) for x in thresholds])}
 
     # ---- pass 2: TR scores, rules, final shards
-    p2 = out / "tokens"
+    p2 = out / rundir.TOKENS
     cache: dict[int, str] = {}
+    n_reused2 = 0
     for s in mine:
         dst = p2 / f"shard-{s:05d}.parquet"
         if resume and sh.shard_ok(dst, meta2):
+            n_reused2 += 1
             continue
         t = sh.read_shard(p1 / f"shard-{s:05d}.parquet")
         cols = {c: t[c].to_numpy() for c in t.column_names}
@@ -465,6 +487,8 @@ def score_dataset(
         local[len(keys) + 1] += int((~resp).sum())
         local[len(keys) + 2] += len(np.unique(t["example_id"].to_numpy()))
     tot = sh.all_reduce_sum(local)
+    reused2 = sh.all_reduce_sum(np.array([n_reused2], dtype=np.int64))
+    tok_now = sh.all_reduce_sum(np.array([n_tok], dtype=np.int64))
     per_type = sh.all_reduce_sum(per_type)
     summary = build_summary(tot, keys, tstats, len(examples), cfg_rules, thresholds, tr_note, trel.info, fp, n_shards, settings)
     summary["diagnostics"] = type_diagnostics(
@@ -472,7 +496,12 @@ def score_dataset(
         lambda i: _token_texts(tokenizer, np.asarray([i]), cache)[0])
     if rank == 0:
         sh.write_json_atomic(summary, out / "summary.json")
-        if progress and n_tok:
+        if show and n_tok:
             tqdm.write(f"xtf: scored {n_tok} tokens in {elapsed:.1f}s ({n_tok / max(elapsed, 1e-9):.0f} tokens/s) -> {out}")
     sh.barrier()
-    return summary
+    if rank == 0:  # every rank is past its last write: older temp files belong to no live writer of this run
+        rundir.remove_stale_tmp(out, older_than=run_start)
+    run = {"shards": n_shards, "reused_pass1": int(reused[0]), "reused_tokens": int(reused2[0]),
+           "tokens_scored": int(tok_now[0]), "seconds": elapsed}
+    return {**summary, "run": run}
+

@@ -18,6 +18,8 @@ import numpy as np
 
 from .export import load_token_table
 from .rules import reason_names
+from .rundir import REPORT, check_writable_dir, named_os_error
+from .shards import atomic_path
 
 __all__ = ["build_report", "make_plots"]
 
@@ -46,7 +48,8 @@ def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> di
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
         out[name] = buf.getvalue()
-        (plot_dir / f"{name}.png").write_bytes(out[name])
+        with atomic_path(plot_dir / f"{name}.png") as tmp:
+            tmp.write_bytes(out[name])
 
     def clean(a):
         a = np.asarray(a, dtype=np.float64)[resp]
@@ -157,10 +160,16 @@ def build_report(
     if not summ_path.is_file():
         raise FileNotFoundError(f"out_dir: {summ_path} not found; run `xtf score` first")
     summary = json.loads(summ_path.read_text())
-    dest = Path(dest) if dest is not None else out / "report" / "index.html"
+    dest = Path(dest) if dest is not None else out / REPORT / "index.html"
+    if dest.is_dir():
+        raise IsADirectoryError(f"dest: {dest} is a directory; expected the path of an .html file")
+    check_writable_dir(dest.parent, "dest")
     t = load_token_table(out)
     cols = {c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names}
-    pngs = make_plots(cols, summary, dest.parent)
+    try:
+        pngs = make_plots(cols, summary, dest.parent)
+    except OSError as e:
+        raise named_os_error(e, f"dest: cannot write the plots next to {dest}") from e
 
     ex = cols["example_id"]
     order = np.lexsort((cols["position"], ex))
@@ -269,8 +278,9 @@ TR: Multi-Otsu thresholds {html.escape(json.dumps(thr["tr"].get("thresholds")))}
 </script>
 </body></html>
 """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, dest)
+    try:
+        with atomic_path(dest) as tmp:
+            tmp.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise named_os_error(e, f"dest: cannot write {dest}") from e
     return dest
