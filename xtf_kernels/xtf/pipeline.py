@@ -37,6 +37,7 @@ from .multiotsu import bin_edges, fixed_histogram, multiotsu_from_histogram
 from .rules import RuleConfig, apply_rules, overlap_counts, ri_fence_mask, type_diagnostics
 from .runtime import check_device_available, hf_progress, prepare_backend
 from .scorers import (
+    HiddenCapture,
     TaskRelevance,
     decoder_hidden,
     knowledge_novelty,
@@ -137,22 +138,6 @@ def _pad(batch: Sequence[Example], pad_id: int, device: torch.device) -> tuple[t
     return ids.to(device), mask.to(device)
 
 
-class _HiddenCapture:
-    """Forward hook on the decoder: keeps the final hidden states of the last forward."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.value: torch.Tensor | None = None
-        dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-        self.handle = dec.register_forward_hook(self._hook) if dec is not None and dec is not model else None
-
-    def _hook(self, module, args, output) -> None:
-        self.value = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-
-
 @torch.no_grad()
 def _score_shard(
     model, ref_model, examples: Sequence[Example], *, batch_size: int, pad_id: int, device: torch.device,
@@ -160,7 +145,7 @@ def _score_shard(
 ) -> pa.Table:
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
         "example_id", "position", "token_id", "is_response", "ri", "kn", "logprob", "entropy", "ref_logprob")}
-    cap = _HiddenCapture(model)
+    cap = HiddenCapture(model)
     try:
         for s in range(0, len(examples), batch_size):
             batch = examples[s : s + batch_size]
