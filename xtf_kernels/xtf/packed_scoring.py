@@ -19,8 +19,7 @@ runs a two-document probe first and refuses models whose attention does not hono
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -38,9 +37,9 @@ from .packing import (
     packing_summary,
     plan_rows,
 )
-from .scorers import lm_head_params
+from .scorers import HiddenCapture, lm_head_params
 
-__all__ = ["check_packing_supported", "near_threshold_total", "packing_report", "packing_summary", "progress_note",
+__all__ = ["PackedScoring", "check_packing_supported", "near_threshold_total", "packing_report", "progress_note",
            "score_shard_packed", "uniform_received_mass_packed"]
 
 _COLUMNS = ("example_id", "position", "token_id", "is_response", "ri", "kn", "logprob", "entropy", "ref_logprob")
@@ -114,19 +113,17 @@ def _forward(model, ref_model, batch: PackedBatch, cap, ri_fn, ri_layers, ri_red
 @torch.no_grad()
 def score_shard_packed(
     model, ref_model, examples: Sequence[Example], *, capacity: int, batch_size: int, pad_id: int,
-    device: torch.device, ri_fn, ri_layers, ri_reduce: str, backend: str, pbar, capture: Callable[[Any], Any],
-    hidden_sum: list | None = None,
+    device: torch.device, ri_fn, ri_layers, ri_reduce: str, backend: str, pbar, hidden_sum: list | None = None,
 ) -> pa.Table:
     """The pass-1 table of a shard (the columns and row order of the unpacked path).
 
-    ``capture(model)`` returns a decoder hook object with ``.value`` (the last forward's final
-    hidden states) and ``.close()``; ``hidden_sum`` accumulates the response hidden-state sum
-    for the contextual TR, as the unpacked path does.
+    ``hidden_sum`` accumulates the response hidden-state sum for the contextual TR, as the
+    unpacked path does.
     """
     token_ids = [e.input_ids for e in examples]
     rows = plan_rows([len(t) for t in token_ids], capacity)
     per_ex: dict[int, tuple] = {}
-    cap = capture(model)
+    cap = HiddenCapture(model)
     try:
         for g in range(0, len(rows), batch_size):
             batch = make_packed_batch(rows[g : g + batch_size], token_ids, pad_id, device)
@@ -182,13 +179,13 @@ def _probe_rows(examples: Sequence[Example]) -> tuple[list[int], list[int]]:
 
 @torch.no_grad()
 def check_packing_supported(model, ref_model, examples: Sequence[Example], *, ri_fn, ri_layers, ri_reduce: str,
-                            backend: str, pad_id: int, device: torch.device, capture) -> None:
+                            backend: str, pad_id: int, device: torch.device) -> None:
     """Raise ValueError (``pack: ...``) unless a document scored inside a packed row equals the
     same document scored alone (hidden states, RI and, with a reference model, its log-probs)."""
     a, b = _probe_rows(examples)
     both = make_packed_batch([[0, 1]], [a, b], pad_id, device)
     alone = make_packed_batch([[0]], [b], pad_id, device)
-    cap = capture(model)
+    cap = HiddenCapture(model)
     try:
         got, want = (_forward(model, ref_model, x, cap, ri_fn, ri_layers, ri_reduce, backend) for x in (both, alone))
     except (TypeError, ValueError, RuntimeError) as e:
@@ -242,3 +239,39 @@ def progress_note(report: dict) -> str:
     s = packing_summary(report, 0)
     return (f"packed {s['tokens']} tokens into {s['rows']} rows: {s['positions_saved']:.0%} fewer positions "
             f"(padding {s['padding_share_padded']:.0%} -> {s['padding_share_packed']:.0%})")
+
+
+class PackedScoring:
+    """What ``score_dataset(..., pack=True)`` does differently, behind three calls.
+
+    :meth:`start` (None unless ``pack``) records ``pack`` in the run's settings and refuses a
+    model that cannot pack; :meth:`score_shard` takes :func:`_score_shard`'s arguments (rows
+    of up to ``capacity`` tokens, ``batch_size`` rows per forward; the progress bar shows the
+    padding saved); :meth:`summary` gives ``{"packing": ...}`` for ``summary.json``.
+    """
+
+    def __init__(self, examples: Sequence[Example], shard_size: int, capacity: int, batch_size: int) -> None:
+        self.capacity = capacity
+        self.counts = packing_report(examples, shard_size, capacity, batch_size)
+
+    @classmethod
+    def start(cls, pack: bool, settings: dict, model, ref_model, examples: Sequence[Example], *, shard_size: int,
+              capacity: int, batch_size: int, **probe) -> PackedScoring | None:
+        """None without ``pack``; else checks the model (``probe``: see :func:`check_packing_supported`)."""
+        if not isinstance(pack, bool):
+            raise TypeError(f"pack: expected a bool, got {type(pack).__name__}")
+        if not pack:
+            return None
+        settings["pack"] = True
+        check_packing_supported(model, ref_model, examples, **probe)
+        return cls(examples, shard_size, capacity, batch_size)
+
+    def score_shard(self, model, ref_model, examples: Sequence[Example], *, pbar=None, **kw) -> pa.Table:
+        if pbar is not None:
+            pbar.set_postfix_str(progress_note(self.counts), refresh=False)
+        return score_shard_packed(model, ref_model, examples, capacity=self.capacity, pbar=pbar, **kw)
+
+    def summary(self, paths: Sequence, rules, thresholds) -> dict:
+        """``{"packing": packing_summary(...)}`` with the near-threshold count summed over ranks."""
+        near = sh.all_reduce_sum(np.array([near_threshold_total(paths, rules, thresholds)], dtype=np.int64))
+        return {"packing": packing_summary(self.counts, int(near[0]))}

@@ -266,12 +266,7 @@ def score_dataset(
             TR from the ``"input"`` embedding row (default) or the ``"contextual"`` final hidden
             state; RI ``"mean"`` over visible queries (default) or ``"debiased"`` against
             uniform causal attention; token ids never masked. All enter the fingerprint.
-        pack: score packed rows (:mod:`.packed_scoring`): each shard's examples are packed
-            whole into rows of up to ``max_length`` tokens (first-fit, longest first),
-            ``batch_size`` rows per forward, with ``position_ids`` restarting per example. The
-            records equal an unpacked run's up to float rounding (keep bits may differ only
-            for the ``summary["packing"]["near_threshold_tokens"]``); enters the fingerprint.
-            A model whose attention does not honour packed ``position_ids`` is refused.
+        pack: score rows packed with whole examples (:mod:`.packed_scoring`); same records; in the fingerprint.
 
     Returns:
         The summary dict (also written to ``out_dir/summary.json`` by rank 0), plus ``"run"``
@@ -300,8 +295,6 @@ def score_dataset(
     for name, v in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    if not isinstance(pack, bool):
-        raise TypeError(f"pack: expected a bool, got {type(pack).__name__}")
     if tr_metric not in ("cosine", "euclidean"):
         raise ValueError(f"tr_metric: expected 'cosine' or 'euclidean', got {tr_metric!r}")
     dev = _resolve_device(device)
@@ -366,10 +359,9 @@ def score_dataset(
         "examples_sha256": _examples_digest(examples),
     }
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    if pack:  # before anything is written: a model that cannot pack is refused
-        settings["pack"] = True
-        pk.check_packing_supported(model, ref_model, examples, ri_fn=ri_fn, ri_layers=ri_layers, ri_reduce=ri_reduce,
-                                   backend=backend, pad_id=pad_id, device=dev, capture=_HiddenCapture)
+    packed = pk.PackedScoring.start(pack, settings, model, ref_model, examples, shard_size=shard_size, capacity=max_length,
+                                    batch_size=batch_size, ri_fn=ri_fn, ri_layers=ri_layers, ri_reduce=ri_reduce,
+                                    backend=backend, pad_id=pad_id, device=dev)  # refuses a model that cannot pack
     fp = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     meta = {"xtf_fingerprint": fp}
     n_shards = (len(examples) + shard_size - 1) // shard_size
@@ -400,22 +392,13 @@ def score_dataset(
     t0 = time.perf_counter()
     pbar = tqdm(total=n_tok, unit="tok", unit_scale=True, desc="xtf pass 1" + (f" (rank {rank})" if world > 1 else ""),
                 disable=not show or not todo, dynamic_ncols=True)
-    pack_counts = pk.packing_report(examples, shard_size, max_length, batch_size) if pack else None
-    if pack:
-        pbar.set_postfix_str(pk.progress_note(pack_counts), refresh=False)
     try:
         for s in todo:
             shard_ex = examples[s * shard_size : (s + 1) * shard_size]
             hsum = [None, 0] if contextual else None
-            if pack:
-                tbl = pk.score_shard_packed(model, ref_model, shard_ex, capacity=max_length, batch_size=batch_size,
-                                            pad_id=pad_id, device=dev, ri_fn=ri_fn, ri_layers=ri_layers,
-                                            ri_reduce=ri_reduce, backend=backend, pbar=pbar, capture=_HiddenCapture,
-                                            hidden_sum=hsum)
-            else:
-                tbl = _score_shard(model, ref_model, shard_ex, batch_size=batch_size, pad_id=pad_id, device=dev,
-                                   ri_fn=ri_fn, ri_layers=ri_layers, ri_reduce=ri_reduce, backend=backend, pbar=pbar,
-                                   hidden_sum=hsum)
+            tbl = (packed.score_shard if packed else _score_shard)(
+                model, ref_model, shard_ex, batch_size=batch_size, pad_id=pad_id, device=dev, ri_fn=ri_fn,
+                ri_layers=ri_layers, ri_reduce=ri_reduce, backend=backend, pbar=pbar, hidden_sum=hsum)
             extra = {} if hsum is None else {HIDDEN_SUM_KEY: encode_meta(
                 hsum[0] if hsum[0] is not None else np.zeros(0), hsum[1])}
             sh.write_table_atomic(tbl, p1 / f"shard-{s:05d}.parquet", {**meta, **extra})
@@ -502,15 +485,11 @@ def score_dataset(
     summary["diagnostics"] = type_diagnostics(
         per_type[0], per_type[1], {"RI": per_type[2], "KN": per_type[3], "TR": per_type[4]},
         lambda i: _token_texts(tokenizer, np.asarray([i]), cache)[0])
-    if pack:
-        near = pk.near_threshold_total([p2 / f"shard-{s:05d}.parquet" for s in mine], cfg_rules, thresholds)
-        summary["packing"] = pk.packing_summary(pack_counts, int(sh.all_reduce_sum(np.array([near]))[0]))
+    summary.update(packed.summary([p2 / f"shard-{s:05d}.parquet" for s in mine], cfg_rules, thresholds) if packed else {})
     if rank == 0:
         sh.write_json_atomic(summary, out / "summary.json")
         if show and n_tok:
             tqdm.write(f"xtf: scored {n_tok} tokens in {elapsed:.1f}s ({n_tok / max(elapsed, 1e-9):.0f} tokens/s) -> {out}")
-            if pack:
-                tqdm.write(f"xtf: {pk.progress_note(pack_counts)}")
     sh.barrier()
     if rank == 0:  # every rank is past its last write: older temp files belong to no live writer of this run
         rundir.remove_stale_tmp(out, older_than=run_start)
