@@ -170,3 +170,12 @@ def test_pack_two_ranks_equal_single_process(model_dir, tmp_path):
     assert sorted(a) == sorted(b) and len([k for k in a if k.startswith("tokens/")]) == 4
     for k in a:
         assert a[k] == b[k], k
+
+
+def test_benchmark_mixed_records_have_the_drawn_lengths():
+    from benchmarks.score_throughput import _ids, _mixed_records, _tokenizer
+
+    recs = _mixed_records(6, 2048, 100)
+    assert recs == _mixed_records(6, 2048, 100)  # deterministic
+    lens = [len(_ids([r], _tokenizer(100), "cpu")[0]) for r in recs]
+    assert all(32 <= n <= 1024 for n in lens) and len(set(lens)) > 1
