@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ._common import REDUCES, Documents, documents, validate_documents
+from ._common import ATTN_BACKENDS, REDUCES, Documents, documents, validate_documents
 from .received import attention_with_documents
 
 #: Name under which the collecting attention function is registered in transformers.
@@ -162,8 +162,8 @@ class ReceivedAttentionCollector:
                     raise TypeError(f"layers: expected int layer indices, got {li!r}")
         if reduce not in REDUCES:
             raise ValueError(f"reduce: expected one of {REDUCES}, got {reduce!r}")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend: expected one of ('auto', 'torch', 'triton'), got {backend!r}")
+        if backend not in ATTN_BACKENDS:
+            raise ValueError(f"backend: expected one of {ATTN_BACKENDS}, got {backend!r}")
         if position_ids is not None and cu_seqlens is not None:
             raise ValueError("position_ids: pass either position_ids or cu_seqlens, not both")
         for name, t in (("position_ids", position_ids), ("cu_seqlens", cu_seqlens)):
