@@ -49,3 +49,88 @@ def test_attention_triton_status_follows_the_interpreter_switch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ok, why = attn_backends.attention_backend_status("cpu")["triton"]
     assert not ok and "TRITON_INTERPRET" in why
+
+
+def _scaled_biased_lm(arch: str):
+    """A tiny causal LM whose forward scales the logits (Granite: / logits_scaling; Cohere:
+    * logit_scale), given an LM head with a bias: logits = scale * (h @ W.T + b)."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  tie_word_embeddings=False, pad_token_id=0)
+    if arch == "granite":
+        cfg = transformers.GraniteConfig(logits_scaling=4.0, **common)
+    else:
+        cfg = transformers.CohereConfig(logit_scale=0.25, **common)
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    m.config._attn_implementation = "eager"
+    head = torch.nn.Linear(32, 96, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(m.get_output_embeddings().weight)
+        head.bias.normal_(0, 1.0)  # large enough that an unscaled bias changes p(gold)
+    m.set_output_embeddings(head)
+    return m
+
+
+@pytest.mark.parametrize("arch", ["granite", "cohere"])
+def test_lm_head_spec_reproduces_the_models_logits(arch):
+    from xtf_kernels.lm_head import lm_head_spec
+
+    m = _scaled_biased_lm(arch)
+    spec = lm_head_spec(m)
+    assert spec.bias is not None and spec.logit_scale != 1.0 and spec.softcap is None
+    ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = m.get_decoder()(input_ids=ids).last_hidden_state
+        h, w, b = spec.operands(hidden)
+        torch.testing.assert_close(h @ w.T + b, m(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["granite", "cohere"])
+def test_knowledge_novelty_with_logit_scale_and_head_bias(arch):
+    """Regression (issue 11): the scorer scaled the hidden states but not the LM-head bias."""
+    from xtf_kernels.xtf.scorers import knowledge_novelty
+
+    m = _scaled_biased_lm(arch)
+    ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        logp = torch.log_softmax(m(input_ids=ids, attention_mask=mask).logits.double(), -1)
+    gold = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    got = knowledge_novelty(m, ids, mask, backend="torch")
+    want_kn = 1.0 - gold.exp()
+    valid = mask[:, 1:].bool()
+    torch.testing.assert_close(got["kn"][:, 1:][valid].double(), want_kn[valid], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got["logprob"][:, 1:][valid].double(), gold[valid], atol=1e-5, rtol=1e-4)
+    assert torch.isnan(got["kn"][:, 0]).all() and torch.isnan(got["kn"][1, 7:]).all()
+
+
+@pytest.mark.parametrize("arch", ["granite", "cohere"])
+def test_apply_xtf_loss_with_logit_scale_and_head_bias(arch):
+    from xtf_kernels.integrations import apply_xtf
+
+    m = _scaled_biased_lm(arch)
+    ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = m(input_ids=ids, labels=ids).loss
+        apply_xtf(m, backend="torch")
+        got = m(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_lm_head_spec_errors():
+    from xtf_kernels.lm_head import lm_head_spec
+
+    with pytest.raises(TypeError, match="get_output_embeddings"):
+        lm_head_spec(torch.nn.Linear(2, 2))
+
+    class NoHead(torch.nn.Module):
+        config = object()
+
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ValueError, match="no LM head"):
+        lm_head_spec(NoHead())
