@@ -134,3 +134,46 @@ def test_lm_head_spec_errors():
 
     with pytest.raises(ValueError, match="no LM head"):
         lm_head_spec(NoHead())
+
+
+def test_reason_names_are_defined_once():
+    import numpy as np
+
+    from xtf_kernels.xtf.rules import (
+        N_REASON_MASKS,
+        REASON_COMBINATIONS,
+        REASONS,
+        overlap_counts,
+        reason_label,
+        reason_names,
+    )
+
+    assert [r.name for r in REASONS] == ["RI", "KN", "TR"] and N_REASON_MASKS == 8
+    assert REASON_COMBINATIONS == (1, 2, 4, 3, 5, 6, 7)
+    assert reason_names(5) == ["RI", "TR"] and reason_label(5) == "RI+TR" and reason_label(0) == "none"
+    assert reason_label(7, sep="&") == "RI&KN&TR" and reason_label(0, none="kept") == "kept"
+    reasons = np.array([0, 1, 3, 7, 4, 6, 2], dtype=np.uint8)
+    oc = overlap_counts(reasons, np.ones(reasons.size, dtype=bool))
+    assert [k for k in oc if not k.startswith("only:")][:7] == ["RI", "KN", "TR", "RI&KN", "RI&TR", "KN&TR", "RI&KN&TR"]
+    assert (oc["RI"], oc["KN"], oc["TR"], oc["RI&KN"], oc["KN&TR"], oc["RI&KN&TR"]) == (3, 4, 3, 2, 2, 1)
+    assert (oc["kept"], oc["masked"], oc["response"]) == (1, 6, 7)
+
+
+def test_summary_and_report_use_the_rules_names():
+    import numpy as np
+
+    from xtf_kernels.xtf import report
+    from xtf_kernels.xtf.data import TokenizeStats
+    from xtf_kernels.xtf.rules import RuleConfig
+    from xtf_kernels.xtf.summary import build_summary, count_types
+
+    keys = [f"only:{b}" for b in range(8)]
+    tot = np.array([5, 1, 2, 1, 0, 1, 0, 1, 20, 9, 2])  # only:0..7, total, prompt, examples
+    s = build_summary(tot, keys, TokenizeStats(), 2, RuleConfig(), None, None, {}, "fp", 1, {})
+    assert s["masked"] == {"RI": 4, "KN": 4, "TR": 2, "any": 6}
+    assert list(s["overlap"]["pairs"]) == ["RI&KN", "RI&TR", "KN&TR"]
+    assert list(s["overlap"]["combinations"]) == ["none", "RI", "KN", "RI+KN", "TR", "RI+TR", "KN+TR", "RI+KN+TR"]
+    assert report._NAMES[0] == "kept" and report._NAMES[6] == "KN+TR"
+    acc = np.zeros((5, 4), dtype=np.int64)
+    count_types(acc, np.array([0, 1, 1, 3]), np.array([0, 1, 6, 4]))
+    assert acc.tolist() == [[1, 2, 0, 1], [0, 2, 0, 1], [0, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 1]]
