@@ -507,7 +507,8 @@ def _plot(score_rows: list[dict], mixed_rows: list[dict], layer_rows: list[dict]
                 ys.append(r["seconds"])
                 ax.annotate(f"{r['peak_mb']} MB", (xs[-1], ys[-1]), ha="center", va="bottom", fontsize=6)
             else:
-                ax.annotate(r["status"], (j + (i - 1) * width, 0), ha="center", va="bottom", fontsize=7, rotation=90)
+                ax.annotate(f"{method}: {r['status']}", (j + (i - 1) * width, 0.02), xycoords=("data", "axes fraction"),
+                            ha="center", va="bottom", fontsize=7, rotation=90)
         if xs:
             ax.bar(xs, ys, width, label=method)
     ax.set_xticks(range(len(lengths)), [f"L={L}\n({next(r['examples'] for r in score_rows if r['L'] == L)} ex.)"
@@ -523,6 +524,7 @@ def _plot(score_rows: list[dict], mixed_rows: list[dict], layer_rows: list[dict]
         for j, r in enumerate(mixed_rows):
             ax.annotate(f"{r['vs_padded']}x\n{r['slots']} slots", (j, r["seconds"]), ha="center", va="bottom",
                         fontsize=7)
+        ax.margins(y=0.15)
         ax.set_title(f"attention + received, {mixed_rows[0]['documents']} docs of 32-1024 tokens "
                      f"(padding share {mixed_rows[0]['padding_share']:.0%})", fontsize=9)
         ax.set_ylabel("seconds (fastest repeat)")
