@@ -515,7 +515,7 @@ def _plot(score_rows: list[dict], mixed_rows: list[dict], layer_rows: list[dict]
                                         for L in lengths])
     ax.set_ylabel("seconds (fastest repeat)")
     ax.set_title(f"scoring, random Llama ({args.device}, {args.threads} threads)", fontsize=9)
-    if score_rows:
+    if any(r["status"] == "ok" for r in score_rows):
         ax.legend(fontsize=8)
     ax = axes[1]
     if mixed_rows:
