@@ -25,6 +25,24 @@ class BuildPyWithCsrc(build_py):
                     shutil.copy2(f, dst / f.name)
 
 
+# Extras, decided once (README, "Installation extras"): `xtf` is everything the `xtf` command,
+# the demo and the Hugging Face Trainer / LoRA integrations need; `trl` and `test` add to it.
+XTF = [
+    "transformers>=4.46",
+    "tokenizers>=0.20",
+    "pyarrow>=14",
+    "matplotlib>=3.7",
+    "datasets>=2.18",
+    "accelerate>=0.34",  # the Hugging Face Trainer path
+    "peft>=0.12",  # LoRA fine-tuning
+]
+EXTRAS = {
+    "xtf": XTF,
+    "trl": [*XTF, "trl>=0.12"],
+    "bench": ["matplotlib>=3.7", "cut-cross-entropy>=25.1"],
+    "test": [*XTF, "trl>=0.12", "pytest>=7", "hypothesis>=6", "scikit-image>=0.22", "ruff>=0.5"],
+}
+
 here = Path(__file__).parent
 version = {}
 exec((here / "xtf_kernels" / "_version.py").read_text(), version)
@@ -50,33 +68,7 @@ setup(
         "pybind11>=2.10",
         "ninja>=1.11",
     ],
-    extras_require={
-        "xtf": [
-            "transformers>=4.46",
-            "tokenizers>=0.20",
-            "pyarrow>=14",
-            "matplotlib>=3.7",
-            "datasets>=2.18",
-        ],
-        "train": ["transformers>=4.46", "accelerate>=0.34"],
-        "trl": ["trl>=0.12"],
-        "peft": ["peft>=0.12"],
-        "bench": ["matplotlib>=3.7", "cut-cross-entropy>=25.1"],
-        "test": [
-            "pytest>=7",
-            "hypothesis>=6",
-            "scikit-image>=0.22",
-            "ruff>=0.5",
-            "transformers>=4.46",
-            "tokenizers>=0.20",
-            "pyarrow>=14",
-            "matplotlib>=3.7",
-            "accelerate>=0.34",
-            "trl>=0.12",
-            "peft>=0.12",
-            "datasets>=2.18",
-        ],
-    },
+    extras_require=EXTRAS,
     cmdclass={"build_py": BuildPyWithCsrc},
     entry_points={"console_scripts": ["xtf=xtf_kernels.cli:main"]},
     classifiers=[

@@ -49,7 +49,6 @@ def _child(args: argparse.Namespace) -> None:
     """Run one case and print a JSON line with its memory numbers."""
     import torch
 
-    from xtf_kernels.attention import attention_received
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -60,36 +59,59 @@ def _child(args: argparse.Namespace) -> None:
     k = torch.randn(B, Hkv, L, Dh, device=dev, dtype=dtype, generator=g)
     mask = torch.ones(B, L, dtype=torch.bool, device=dev)
     mask[:, : L // 8] = False  # some left padding
+    v = torch.randn(B, Hkv, L, Dh, device=dev, dtype=dtype, generator=g) if args.method == "sdpa" else None
+    run = lambda: _one(args.method, q, k, v, mask)  # noqa: E731
     if dev.type == "cuda":
+        run()  # warm-up: kernel compilation and autotuning stay out of the time
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
         base = _rss_mb()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        if args.method == "xtf":
-            r = attention_received(q, k, attention_mask=mask)
-        else:
-            # eager attention: repeat_kv, full scores, additive mask, fp32 softmax, column sums
-            kk = k.repeat_interleave(Hq // Hkv, dim=1)
-            s = torch.matmul(q, kk.transpose(2, 3)) * Dh**-0.5
-            i = torch.arange(L, device=dev)
-            ok = (i[None, :] <= i[:, None])[None] & mask[:, None, :] & mask[:, :, None]
-            s = s.masked_fill(~ok[:, None], torch.finfo(s.dtype).min)
-            p = torch.softmax(s, dim=-1, dtype=torch.float32)
-            del s
-            p = p * ok[:, None]
-            r = p.sum(dim=2) / ok.sum(dim=1).clamp_min(1)[:, None]
-            del p
+    times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        r = run()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
     if dev.type == "cuda":
-        torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    secs = time.perf_counter() - t0
+    secs = sorted(times)[len(times) // 2]
+    if args.method == "sdpa":
+        print(json.dumps({"baseline_mb": base, "peak_mb": peak, "extra_mb": peak - base, "seconds": secs}))
+        return
     assert r.shape == (B, Hq, L) and bool(torch.isfinite(r).all())
     print(json.dumps({"baseline_mb": base, "peak_mb": peak, "extra_mb": peak - base, "seconds": secs}))
+
+
+def _one(method: str, q, k, v, mask):
+    """One case's computation: ``xtf`` / ``eager`` received attention [B, Hq, L], or ``sdpa``
+    (a plain causal SDPA forward with values, the cost of the model's own attention)."""
+    import torch
+    import torch.nn.functional as F
+
+    from xtf_kernels.attention import attention_received
+
+    B, Hq, L, Dh = q.shape
+    Hkv = k.shape[1]
+    with torch.no_grad():
+        if method == "xtf":
+            return attention_received(q, k, attention_mask=mask)
+        if method == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv)
+        # eager attention: repeat_kv, full scores, additive mask, fp32 softmax, column sums
+        kk = k.repeat_interleave(Hq // Hkv, dim=1)
+        s = torch.matmul(q, kk.transpose(2, 3)) * Dh**-0.5
+        i = torch.arange(L, device=q.device)
+        ok = (i[None, :] <= i[:, None])[None] & mask[:, None, :] & mask[:, :, None]
+        s = s.masked_fill(~ok[:, None], torch.finfo(s.dtype).min)
+        p = torch.softmax(s, dim=-1, dtype=torch.float32)
+        del s
+        p = p * ok[:, None]
+        return p.sum(dim=2) / ok.sum(dim=1).clamp_min(1)[:, None]
 
 
 def _eager_estimate_gb(B: int, Hq: int, L: int, itemsize: int) -> float:
@@ -110,8 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-eager-gb", type=float, default=6.0, help="skip eager cases estimated above this")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per case")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tag", default="", help="output file stem suffix (default: the device)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--method", choices=["xtf", "eager"], help=argparse.SUPPRESS)
+    ap.add_argument("--method", choices=["xtf", "eager", "sdpa"], help=argparse.SUPPRESS)
+    ap.add_argument("--reps", type=int, default=1, help="timed repeats per case (median; GPU: after a warm-up)")
+    ap.add_argument("--sdpa", action="store_true", help="also time a plain causal SDPA forward per L")
     ap.add_argument("--L", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device is None:
@@ -131,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
 
     itemsize = 2 if args.dtype in ("bfloat16", "float16") else 4
     rows = []
-    cases = [(L, m) for L in args.lengths for m in ("xtf", "eager")]
+    methods = ("xtf", "eager") + (("sdpa",) if args.sdpa else ())
+    cases = [(L, m) for L in args.lengths for m in methods]
     for L, method in tqdm(cases, desc="attention memory", unit="case"):
         row = dict(device=args.device, method=method, L=L, B=args.B, Hq=args.Hq, Hkv=args.Hkv, Dh=args.Dh,
                    dtype=args.dtype, status="ok", baseline_mb="", peak_mb="", extra_mb="", seconds="", note="")
@@ -142,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--method", method, "--L", str(L),
                "--B", str(args.B), "--Hq", str(args.Hq), "--Hkv", str(args.Hkv), "--Dh", str(args.Dh),
-               "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads)]
+               "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads),
+               "--reps", str(args.reps)]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT,
                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -154,13 +181,13 @@ def main(argv: list[str] | None = None) -> None:
             row.update(status="failed", note=(res.stderr.strip().splitlines() or ["?"])[-1][:200])
         else:
             out = json.loads(res.stdout.strip().splitlines()[-1])
-            row.update({key: round(val, 2) if key != "seconds" else round(val, 3) for key, val in out.items()})
+            row.update({key: round(val, 2) if key != "seconds" else round(val, 6) for key, val in out.items()})
             if method == "eager":
                 row["note"] = f"estimated [B,H,L,L] footprint {est:.2f} GiB"
         rows.append(row)
         tqdm.write(f"{method:5s} L={L:6d}: {row['status']} extra={row['extra_mb']} MiB {row['note']}")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"attention_memory_{args.device}"
+    stem = args.out / f"attention_memory_{args.tag or args.device}"
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()

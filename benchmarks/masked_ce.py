@@ -391,7 +391,7 @@ def measure(case: Case, device: str) -> Result:
     res.kept_rows = kept
     h, w = inputs["h"], inputs["w"]
     if case.method == "gemm-floor":
-        res.note = input_summary(h, w, inputs["y"], shape.softcap)
+        res.extra["inputs"] = input_summary(h, w, inputs["y"], shape.softcap)
     cuda = device == "cuda"
 
     def sync():
@@ -613,7 +613,7 @@ def write_csv(results: list[Result], path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = ["device", "torch", "xtf_kernels", "cut_cross_entropy", "liger_kernel", "threads",
             "loadavg_start", "shape", "N", "D", "V", "dtype", "scenario", "method", "kept_rows",
-            "fwd_s", "bwd_s", "total_s", "floor_s", "ratio_floor", "peak_mb", "reps", "note"]
+            "fwd_s", "bwd_s", "total_s", "floor_s", "ratio_floor", "peak_mb", "reps", "note", "inputs"]
     with open(path, "w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=cols)
         wr.writeheader()
@@ -622,6 +622,7 @@ def write_csv(results: list[Result], path: Path, meta: dict) -> None:
             row.update(meta)
             row["floor_s"] = r.extra.get("floor_s")
             row["ratio_floor"] = r.extra.get("ratio_floor")
+            row["inputs"] = r.extra.get("inputs", "")
             for k in ("fwd_s", "bwd_s", "total_s", "floor_s", "ratio_floor", "peak_mb"):
                 if row[k] is not None:
                     row[k] = f"{row[k]:.4g}"
@@ -636,7 +637,7 @@ def print_table(results: list[Result]) -> str:
     for r in results:
         lines.append(
             f"{r.shape:<11}{r.scenario:<10}{r.method:<17}{r.kept_rows:>6}{fmt(r.fwd_s):>9}{fmt(r.bwd_s):>9}"
-            f"{fmt(r.total_s):>9}{fmt(r.extra.get('ratio_floor'), 2):>9}{fmt(r.peak_mb, 0):>9}  {r.note}"
+            f"{fmt(r.total_s):>9}{fmt(r.extra.get('ratio_floor'), 2):>9}{fmt(r.peak_mb, 0):>9}  {r.note or r.extra.get('inputs', '')}"
         )
     text = "\n".join(lines)
     print(text)

@@ -10,7 +10,8 @@ import pytest
 
 from xtf_kernels.demo.data import (
     BOILERPLATE_PHRASES,
-    FILLER_PHRASES,
+    CHAT_SLOTS,
+    CHAT_TEMPLATES,
     NOISE_KINDS,
     NoiseConfig,
     generate_split,
@@ -34,6 +35,15 @@ def test_generator_is_deterministic_for_a_seed(tmp_path):
     assert [e.to_dict() for e in read_jsonl(write_jsonl(a, tmp_path / "a.jsonl"))] == [e.to_dict() for e in a]
 
 
+def _chat_regex(t: str) -> str:
+    parts = re.split(r"{(\w+)}", t)  # literal, slot, literal, slot, ...
+    return "^" + "".join(re.escape(p) if k % 2 == 0 else "(" + "|".join(map(re.escape, CHAT_SLOTS[p])) + ")"
+                         for k, p in enumerate(parts)) + "$"
+
+
+_CHAT = re.compile("|".join(_chat_regex(t) for t in CHAT_TEMPLATES))
+
+
 def _answer_ok(e) -> bool:
     return re.search(rf"The answer is {e.answer}\.$", e.clean_response) is not None
 
@@ -52,7 +62,7 @@ def test_recorded_noise_positions_are_exactly_where_noise_was_put():
             seen[s.kind] += 1
             text = e.response[s.start : s.end]
             if s.kind == "filler":
-                assert text[0] == " " and text[1:] in FILLER_PHRASES and s.original == ""
+                assert text[0] == " " and _CHAT.match(text[1:]) and s.original == ""
             elif s.kind == "boilerplate":
                 assert text[0] == " " and text[1:] in BOILERPLATE_PHRASES and s.original == ""
             else:
@@ -102,32 +112,63 @@ def test_noise_config_rejects_bad_probabilities():
         generate_split(0, -1)
 
 
+def test_pretraining_has_both_domains_and_the_vocabulary_is_large():
+    from xtf_kernels.demo.data import chat_words
+    from xtf_kernels.demo.tokenizer import train_tokenizer
+
+    d = make_demo_data(2, n_pretrain=2000, n_finetune=100, n_reference=5, n_test=5, chat_fraction=0.3)
+    chat = [t for t in d.pretrain_texts if not t.startswith("Question:")]
+    assert len(chat) == 600 and all(_CHAT.match(x) for t in chat for x in re.split(r"(?<=\.) ", t))
+    # every filler word of the fine-tuning split occurs in the pretraining text (trained embeddings)
+    pre_words = set(re.findall(r"[a-z]+", " ".join(d.pretrain_texts).lower()))
+    filler = [e.response[s.start : s.end] for e in d.finetune for s in e.noise if s.kind == "filler"]
+    assert filler and set(re.findall(r"[a-z]+", " ".join(filler).lower())) <= pre_words
+    assert {"sofa", "museum", "pirates"} <= chat_words() and not {"answer", "apples", "buys"} & chat_words()
+    assert len(d.validation) == 5 and d.validation[0].to_dict() != d.test[0].to_dict()
+    tok = train_tokenizer(d.pretrain_texts + [e.prompt + e.response for e in d.finetune], 1024)
+    assert len(tok) == 1024
+    assert [tok.convert_ids_to_tokens(i) for i in tok(" 1234", add_special_tokens=False)["input_ids"]][-4:] == list("1234")
+
+
 def test_demo_smoke_end_to_end(tmp_path, capsys):
     from xtf_kernels.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--smoke", "--out", str(out), "--no-progress", "--quiet"]) == 0
+    assert main(["demo", "--smoke", "--out", str(out), "--no-progress", "--quiet", "--ablation", "--readings"]) == 0
     printed = capsys.readouterr().out
     assert f"report: {out}/report.html" in printed
     res = json.loads((out / "results.json").read_text())
-    assert set(res["methods"]) == {"base", "normal_ft", "xtf", "slm", "token_cleaning", "random"}
-    for m in res["methods"].values():
-        assert 0.0 <= m["mean"] <= 100.0
+    # the interpretation paragraph leads the terminal output and the report
+    assert printed.lstrip().startswith(res["interpretation"][:40]) and "exact match" in res["interpretation"]
+    main_arms = {"base", "normal", "xtf", "random", "slm", "token_cleaning"}
+    readings = {"xtf_contextual_tr", "xtf_debiased_ri", "xtf_protect_eos"}
+    ablation = {"xtf_ri", "xtf_kn", "xtf_tr", "xtf_ri+kn", "xtf_ri+tr", "xtf_kn+tr"}
+    assert set(res["methods"]) == main_arms | readings | ablation
+    for k, m in res["methods"].items():
+        assert set(m["exact_match"]) == set(m["std"]) == set(m["per_seed"]) == {"all", "seen", "new"}
+        assert all(0.0 <= v <= 1.0 for v in m["exact_match"].values())
+        assert {"kept_fraction", "kept_noise_share", "filler_share", "answer_phrase_share", "retention"} <= set(m)
+        if k != "base":
+            assert 0.0 <= m["kept_fraction"] <= 1.0 and 0.0 <= m["kept_noise_share"] <= 1.0
+    assert res["methods"]["normal"]["kept_noise_share"] == pytest.approx(res["full_noise_share"])
     det = res["detection"]
     assert {"RI", "KN", "TR", "XTF (union)", "random (matched)"} <= set(det)
     assert all(0.0 <= v <= 1.0 for d in det.values() for v in d.values())
     assert sum(res["noise_tokens"][k] for k in NOISE_KINDS) > 0
     # the union's kept ratio is what the random baseline used
-    assert res["methods"]["random"]["kept_frac"] == pytest.approx(res["methods"]["xtf"]["kept_frac"], abs=0.01)
+    assert res["methods"]["random"]["kept_fraction"] == pytest.approx(res["methods"]["xtf"]["kept_fraction"], abs=0.01)
+    diag = res["per_seed"][0]["diagnostics"]
+    assert {"always_masked", "per_type"} <= set(diag)
     html = (out / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html and "Token Cleaning" in html
+    assert "What the numbers show" in html
     for png in ("loss_curves.png", "accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "table.md").read_text()
-    assert "| Normal FT |" in table and "| XTF (RI+KN+TR) |" in table
-    seed = json.loads((out / "seed-0" / "seed_result.json").read_text())
-    assert len(seed["losses"]["xtf"]) == res["config"]["finetune_steps"]
-    assert all(np.isfinite(seed["losses"]["xtf"]))
+    assert "| Normal FT |" in table and "| XTF (RI+KN+TR, paper reading) |" in table
+    losses = json.loads((out / "seed-0" / "losses.json").read_text())
+    assert len(losses["xtf"]) == res["config"]["finetune_steps"]
+    assert all(np.isfinite(losses["xtf"]))
     assert len(read_jsonl(out / "seed-0" / "data" / "finetune.jsonl")) == res["config"]["n_finetune"]
     # seeds run as separate processes are aggregated by --collect into the same files
     coll = tmp_path / "collected"
@@ -137,37 +178,66 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert (coll / "report.html").is_file()
 
 
-def test_demo_cli_rejects_bad_input(capsys):
+def test_demo_cli_rejects_bad_input_and_deprecates_builtin(capsys):
     from xtf_kernels.demo.cli import main
 
     assert main(["--smoke", "--seeds", "-1"]) == 2
     assert "--seeds" in capsys.readouterr().err
+    assert main(["--smoke", "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+    with pytest.warns(DeprecationWarning, match="builtin"):
+        assert main(["--smoke", "--scorer", "builtin", "--seeds", "-1"]) == 2
 
 
-def test_builtin_scorer_matches_the_framework(tmp_path, monkeypatch):
-    """The demo's in-memory XTF scorer (used when xtf_kernels.xtf is missing) gives the same scores
-    and masks as the framework's score_dataset, and its eager-attention RI fallback agrees too."""
-    import xtf_kernels.attention as att
-    from xtf_kernels.demo.scoring import apply_rules, score_examples
-    from xtf_kernels.demo.tokenizer import train_tokenizer
+def test_demo_scores_are_the_frameworks_and_ri_matches_the_eager_oracle(tmp_path):
+    """The demo has no scorer of its own: its table is score_dataset's shards, aligned with the
+    demo's noise labels; RI agrees with eager attention (the oracle lives in tests/_tiny.py)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from tests._tiny import eager_received_attention
+    from xtf_kernels.demo.scoring import score_examples
+    from xtf_kernels.demo.tokenizer import encode_example, train_tokenizer
     from xtf_kernels.demo.train import ModelSize, make_model
 
     d = make_demo_data(1, n_pretrain=50, n_finetune=16, n_reference=2, n_test=2)
     tok = train_tokenizer(d.pretrain_texts + [e.prompt + e.response for e in d.finetune], 400)
     model = make_model(len(tok), ModelSize(hidden=32, intermediate=64), 0).eval()
-    fw = score_examples(model, tok, d.finetune, tmp_path / "fw", scorer="framework")
-    bi = score_examples(model, tok, d.finetune, tmp_path / "bi", scorer="builtin")
-    assert fw["scorer"] == "framework" and bi["scorer"] == "builtin"
-    r = fw["is_response"]
-    assert np.array_equal(fw["token_id"], bi["token_id"]) and np.array_equal(fw["noise"], bi["noise"])
-    for k in ("kn", "tr", "ri", "logprob"):
-        np.testing.assert_allclose(fw[k][r], bi[k][r], atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(fw["tr_thresholds"], bi["tr_thresholds"])
-    assert np.array_equal(apply_rules(fw), apply_rules(bi))
+    t = score_examples(model, tok, d.finetune, tmp_path / "fw")
+    shard = pq.read_table(tmp_path / "fw" / "tokens" / "shard-00000.parquet")
+    np.testing.assert_array_equal(t["kn"], shard["kn"].to_numpy())
+    np.testing.assert_array_equal(t["reasons"], shard["reasons"].to_numpy())
+    ids = [encode_example(tok, e)[0] for e in d.finetune[:4]]
+    L = max(map(len, ids))
+    x = torch.zeros(4, L, dtype=torch.long)
+    m = torch.zeros(4, L, dtype=torch.long)
+    for i, s in enumerate(ids):
+        x[i, : len(s)], m[i, : len(s)] = torch.tensor(s), 1
+    want = eager_received_attention(model, x, m).numpy()
+    for i, s in enumerate(ids):
+        np.testing.assert_allclose(t["ri"][t["example_id"] == i], want[i, : len(s)], atol=1e-5, rtol=1e-4)
 
-    def unavailable(*a, **k):
-        raise RuntimeError("collector unavailable")
 
-    monkeypatch.setattr(att, "collect_received_attention", unavailable)
-    eager = score_examples(model, tok, d.finetune, tmp_path / "eager", scorer="builtin")
-    np.testing.assert_allclose(eager["ri"][r], fw["ri"][r], atol=1e-5, rtol=1e-4)
+def test_metrics_known_answers():
+    from xtf_kernels.demo.data import MathExample
+    from xtf_kernels.demo.metrics import generation_metrics, kept_noise_share, kn_masked_types
+
+    ex = [MathExample("p", "r", "r", 5, 0), MathExample("p", "r", "r", 7, 3), MathExample("p", "r", "r", 2, 1)]
+    g = generation_metrics([" The answer is 5.", " my cat likes the sofa. The answer is 8.", " 2"], ex)
+    assert g["exact_match"] == {"all": pytest.approx(1 / 3), "seen": 0.5, "new": 0.0}
+    assert g["filler_share"] == pytest.approx(1 / 3) and g["answer_phrase_share"] == pytest.approx(2 / 3)
+    assert kept_noise_share(np.array([1, 1, 0, 1], bool), np.array([0, 2, 1, 1])) == pytest.approx(2 / 3)
+    t = {"is_response": np.ones(45, bool), "token_id": np.array([4] * 25 + [5] * 20),
+         "reasons": np.array([2] * 13 + [0] * 12 + [6] * 20)}
+    assert kn_masked_types(t) == [4, 5] and kn_masked_types(t, share=0.9) == [5]
+
+
+def test_selection_grid_and_reported_seeds_refused(capsys):
+    from xtf_kernels.demo.selection import GRID, VALIDATION_SEEDS, main
+
+    assert not set(VALIDATION_SEEDS) & {0, 1, 2}
+    names = [n for n, _ in GRID]
+    assert len(names) == len(set(names)) == 8 and "pre1200-full-lr0.001" in names
+    with pytest.raises(SystemExit):
+        main(["--out", "/tmp/never", "--seeds", "1", "100"])
+    assert "reported seeds" in capsys.readouterr().err

@@ -84,8 +84,7 @@ def test_cli_score_export_report(model_dir, tmp_path, capsys):
     # thresholds are the Multi-Otsu of the count-weighted TR histogram; masked = middle class
     th = summary["thresholds"]["tr"]["thresholds"]
     hist = np.histogram(tr_r.astype(np.float64), bins=256, range=(0, 1))[0]
-    centers = (np.linspace(0, 1, 257)[:-1] + np.linspace(0, 1, 257)[1:]) / 2
-    np.testing.assert_allclose(th, multiotsu_from_histogram(hist, centers, 3), atol=1e-6)
+    np.testing.assert_allclose(th, multiotsu_from_histogram(hist, np.linspace(0, 1, 257), 3), atol=1e-6)
     tr_fired = (cols["reasons"] & 4) > 0
     np.testing.assert_array_equal(tr_fired[resp], (tr_r >= th[0]) & (tr_r < th[1]))
     # KN = 1 - p(gold) from the model's logits (the fused path materialised none)
@@ -112,7 +111,7 @@ def test_cli_score_export_report(model_dir, tmp_path, capsys):
     pt = pq.read_table(tmp_path / "train.parquet")
     assert pt.column_names == ["example_id", "input_ids", "labels", "keep"]
     assert info["trained"] == summary["tokens"]["kept"]  # matched ratio by default
-    with pytest.raises(ValueError, match="ref_logprob"):
+    with pytest.raises(ValueError, match="needs the reference model.s log-probs.*score with --ref-model"):
         export_dataset(out, tmp_path / "x.jsonl", policy="slm")
 
     # report

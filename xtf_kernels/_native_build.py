@@ -6,7 +6,8 @@ a hash of all of these; later imports load the cached ``.so`` without a compiler
 Concurrent first uses (threads of one process or several processes, e.g. pytest-xdist or
 torchrun workers) are serialised by a process lock plus an ``fcntl`` file lock on the build
 directory. A machine without a working C++ compiler, ninja or the sources gets a clear
-reason from :func:`native_status` instead of an exception at import time.
+reason from :func:`native_status` instead of an exception at import time. A build (tens of
+seconds) says so on stderr when it starts and ends, as does a process waiting for another's.
 
 Sources are looked up in a source checkout (``<repo>/csrc``) and in an installed wheel
 (``xtf_kernels/csrc``, copied there by setup.py). ``XTF_NATIVE_SOURCES`` overrides both.
@@ -21,6 +22,7 @@ import platform
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -82,15 +84,28 @@ def _compiler() -> str | None:
     return shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")
 
 
+def _say(msg: str) -> None:
+    """One line on stderr (the build is slow enough that silence looks like a hang)."""
+    print(f"xtf_kernels: {msg}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock held while the block runs (fcntl where available)."""
+def _file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """An exclusive inter-process lock held while the block runs (fcntl where available).
+
+    ``waiting`` is printed when another process holds the lock.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         try:
             import fcntl
 
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting:
+                    _say(waiting)
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         except ImportError:  # pragma: no cover - non-POSIX: the thread lock is all we have
             pass
         try:
@@ -161,9 +176,11 @@ def _build(verbose: bool) -> ModuleType:
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not available (pip install ninja)")
     build_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(build_dir / ".lock"):
+    with _file_lock(build_dir / ".lock", waiting=f"waiting for another process compiling the native CPU kernels in {build_dir}"):
         if done.is_file() and so.is_file():  # another process finished the build meanwhile
             return _import_so(name, so)
+        _say(f"compiling the native CPU kernels (first use on this machine, 30-60 s) into {build_dir} ...")
+        t0 = time.perf_counter()
         mod = cpp_extension.load(
             name=name,
             sources=[str(src / s) for s in _SOURCES],
@@ -172,6 +189,7 @@ def _build(verbose: bool) -> ModuleType:
             verbose=verbose,
         )
         done.write_text(f"{key}\n")
+        _say(f"native CPU kernels compiled in {time.perf_counter() - t0:.0f} s (cached for later runs)")
         return mod
 
 

@@ -25,6 +25,16 @@ def _layers(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--ri-layers: expected comma-separated ints, got {s!r}") from e
 
 
+def _token_ids(s: str) -> list[int]:
+    try:
+        ids = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--protect: expected comma-separated token ids, got {s!r}") from e
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"--protect: expected token ids >= 0, got {s!r}")
+    return ids
+
+
 def _add_score(sub) -> None:
     p = sub.add_parser("score", help="score a dataset with XTF (writes Parquet shards + summary.json)")
     p.add_argument("--model", required=True, help="local Hugging Face causal-LM checkpoint directory (with tokenizer)")
@@ -47,10 +57,18 @@ def _add_score(sub) -> None:
     p.add_argument("--rules", default="ri,kn,tr", help="enabled rules (ablation), e.g. kn,tr")
     p.add_argument("--ri-layers", type=_layers, default=None, help="comma-separated layer indices for RI")
     p.add_argument("--ri-reduce", default="mean_over_queries", help="RI aggregation over queries")
+    p.add_argument("--tr-source", choices=["input", "contextual"], default="input",
+                   help="TR reading: input-embedding row (paper, default) or the final hidden state per occurrence")
+    p.add_argument("--ri-aggregation", choices=["mean", "debiased"], default="mean",
+                   help="RI reading: mean over visible queries (default) or received mass / uniform causal attention")
+    p.add_argument("--protect", type=_token_ids, default=None, help="comma-separated token ids never masked (e.g. EOS)")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to prompt/response responses")
-    p.add_argument("--no-resume", action="store_true", help="do not reuse shards of an interrupted run")
-    p.add_argument("--overwrite", action="store_true", help="replace a run with different settings in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-resume", action="store_true",
+                   help="score every shard again instead of reusing those of an interrupted run "
+                        "(with --overwrite when --out already holds the run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its shards, summary and report; other files are kept)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (model loading, scoring)")
     p.set_defaults(func=_cmd_score)
 
 
@@ -73,6 +91,7 @@ def _cmd_score(a) -> int:
             add_eos=not a.no_eos, ri_layers=a.ri_layers, ri_reduce=a.ri_reduce, tr_metric=a.tr_metric,
             domain_words=None if a.domain_words is None else [w for w in a.domain_words.split(",") if w],
             ref_model=a.ref_model, resume=not a.no_resume, overwrite=a.overwrite, progress=not a.quiet,
+            tr_source=a.tr_source, ri_aggregation=a.ri_aggregation, protect=a.protect,
         )
     finally:
         if dist:
@@ -84,7 +103,50 @@ def _cmd_score(a) -> int:
         print(f"scored {summary['examples']['scored']} examples, {tok['response']} response tokens; "
               f"masked {tok['masked']} ({fr['any']:.1%}): RI {fr['RI']:.1%}, KN {fr['KN']:.1%}, TR {fr['TR']:.1%} "
               f"-> {os.path.join(a.out, 'summary.json')}")
+        for line in score_notes(summary):
+            print(line)
+        am = (summary.get("diagnostics") or {}).get("always_masked")
+        if am and am["count"]:
+            top = ", ".join(repr(r["token"]) for r in am["top"][:10])
+            print(f"warning: {am['count']} token types (>= {am['min_count']} occurrences) are masked at >= "
+                  f"{am['share']:.0%} of their occurrences: {top}")
     return 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def score_notes(summary: dict) -> list[str]:
+    """Lines telling what a score run skipped, truncated and reused, and why (empty when nothing)."""
+    ex, st = summary["examples"], summary.get("settings", {})
+    ctx, trunc = st.get("max_length"), st.get("truncation", "right")
+    why = {
+        "bad_record": "malformed (not UTF-8, not JSON, missing or ill-typed fields; --on-error skip)",
+        "too_long": (f"longer than the context of {ctx} tokens (--truncation skip)" if trunc == "skip"
+                     else f"prompt alone fills the context of {ctx} tokens"),
+    }
+    lines = []
+    skipped = ex.get("skipped") or {}
+    if skipped:
+        parts = "; ".join(f"{n} {why.get(k, k)}" for k, n in sorted(skipped.items()))
+        lines.append(f"skipped {sum(skipped.values())} of {_plural(ex['records'], 'record')}: {parts}")
+        msgs = ex.get("skip_messages") or []
+        lines += [f"  {m}" for m in msgs[:5]]
+        if sum(skipped.values()) > 5:
+            lines.append("  (the first 20 messages are in summary.json)")
+    if ex.get("truncated"):
+        lines.append(f"truncated {_plural(ex['truncated'], 'response')} to the context of {ctx} tokens "
+                     "(--truncation right; --truncation skip drops them instead)")
+    run = summary.get("run") or {}
+    n, r1, r2 = run.get("shards", 0), run.get("reused_pass1", 0), run.get("reused_tokens", 0)
+    if n and r1 == r2 == n:
+        lines.append(f"nothing to do: all {_plural(n, 'shard')} were already scored by an earlier run with "
+                     "the same settings (--no-resume --overwrite scores them again)")
+    elif r1 or r2:
+        lines.append(f"resumed: reused {r1} of {n} pass-1 shards and {r2} of {n} final shards of the "
+                     "interrupted run")
+    return lines
 
 
 def _cuda() -> bool:
@@ -130,27 +192,30 @@ def _cmd_report(a) -> int:
     return 0
 
 
+DEMO_HELP = "end-to-end XTF demo on generated math data (CPU, minutes)"
+
+
 def _add_demo(sub) -> None:
     try:
         mod = importlib.import_module("xtf_kernels.demo.cli")
-    except ModuleNotFoundError as e:
-        if e.name not in ("xtf_kernels.demo", "xtf_kernels.demo.cli"):
-            raise
-        p = sub.add_parser("demo", help="(not installed) end-to-end demo")
-        p.set_defaults(func=lambda a: _no_demo())
+    except Exception as e:  # a broken or missing demo must not break score / export / report
+        why = "not installed" if isinstance(e, ModuleNotFoundError) and e.name and e.name.startswith(
+            "xtf_kernels.demo") else f"{type(e).__name__}: {e}"
+        p = sub.add_parser("demo", help=f"{DEMO_HELP} [unavailable: {why}]")
+        p.set_defaults(func=lambda a: _no_demo(why))
         return
     mod.add_parser(sub)
 
 
-def _no_demo() -> int:
-    print("xtf demo: xtf_kernels.demo is not available in this installation", file=sys.stderr)
+def _no_demo(why: str) -> int:
+    print(f"xtf demo: error: the demo is not available in this installation ({why})", file=sys.stderr)
     return 2
 
 
 def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
-    """The ``xtf`` argument parser (the demo subcommand is imported lazily)."""
+    """The ``xtf`` argument parser (``score``, ``export``, ``report`` and ``demo``)."""
     ap = argparse.ArgumentParser(prog="xtf", description="XTF token-level noise filtering (arXiv:2602.14536)")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{score,export,report,demo}")
     _add_score(sub)
     _add_export(sub)
     _add_report(sub)
@@ -159,19 +224,65 @@ def build_parser(with_demo: bool = True) -> argparse.ArgumentParser:
     return ap
 
 
+# Python argument names as they open library messages -> the flags of each command
+_FLAGS = {
+    "score": {"out_dir": "--out", "data": "--data", "model": "--model", "ref_model": "--ref-model",
+              "max_length": "--max-length", "batch_size": "--batch-size", "shard_size": "--shard-size",
+              "device": "--device", "dtype": "--dtype", "ri_layers": "--ri-layers", "ri_reduce": "--ri-reduce",
+              "domain_words": "--domain-words", "tr_metric": "--tr-metric", "truncation": "--truncation",
+              "on_error": "--on-error", "add_eos": "--no-eos", "ri_k": "--ri-k", "kn_threshold": "--kn-threshold",
+              "tr_classes": "--tr-classes", "tr_masked_class": "--tr-masked-class", "enabled": "--rules",
+              "rules": "the rule options"},
+    "export": {"out_dir": "DIR", "dest": "--to", "format": "--format", "policy": "--policy", "ratio": "--ratio"},
+    "report": {"out_dir": "DIR", "dest": "--out", "max_examples": "--max-examples"},
+}
+
+
+def _cli_words(command: str, msg: str) -> str:
+    """Swap a leading Python argument name (``out_dir: ...``) for the command's flag."""
+    head, sep, rest = msg.partition(": ")
+    flag = _FLAGS.get(command, {}).get(head)
+    return f"{flag}: {rest}" if sep and flag else msg
+
+
+def _error_message(command: str, e: BaseException) -> str:
+    """One line for an error caused by the user's input or environment."""
+    from .xtf.data import XTFDataError
+    from .xtf.rundir import RunExistsError
+
+    if isinstance(e, RunExistsError):
+        return e.describe(cli=True, names=_FLAGS["score"])
+    if isinstance(e, OSError) and e.filename is not None:  # raw OS error: name the file and the reason
+        return f"{e.filename}: {e.strerror or e}" + (f" -> {e.filename2}" if e.filename2 else "")
+    msg = _cli_words(command, str(e) or type(e).__name__)
+    if isinstance(e, XTFDataError) and command == "score":
+        msg += (" (--truncation right or skip handles long records)" if e.reason == "too_long"
+                else " (--on-error skip skips and counts such records)")
+    return msg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xtf`` console script; returns the exit status.
 
-    Errors in the input (bad data, bad model directory, existing run) print one clear line to
-    stderr and exit with status 2.
+    Errors in the input or the environment (bad data, bad model directory, existing run,
+    unwritable output, unavailable device) print one line to stderr and exit with status 2;
+    Ctrl-C exits with status 130 (a score run resumes when the same command is run again).
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
-    with_demo = bool(args_list) and args_list[0] == "demo"
-    ap = build_parser(with_demo=with_demo)
+    ap = build_parser()
     a = ap.parse_args(args_list)
     try:
         return int(a.func(a) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ImportError) as e:
+    except KeyboardInterrupt:
+        again = "; run the same command again to resume" if a.command == "score" else ""
+        print(f"\nxtf {a.command}: interrupted{again}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, TypeError, ImportError) as e:
+        print(f"xtf {a.command}: error: {_error_message(a.command, e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # another torchrun rank failed: its own message says why
+        if type(e).__name__ != "RankFailedError":
+            raise
         print(f"xtf {a.command}: error: {e}", file=sys.stderr)
         return 2
 

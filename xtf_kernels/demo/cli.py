@@ -2,9 +2,9 @@
 
 Examples::
 
-    xtf demo                          # default scale, 1 seed, <= 5 minutes on 2 CPU cores
+    xtf demo                          # default scale, 1 seed, within 240 s on 2 CPU cores
     xtf demo --smoke --out /tmp/demo  # CI-sized run, under a minute
-    xtf demo --scale medium --seeds 0 1 2 --ablation --out runs/medium
+    xtf demo --seeds 0 1 2 --ablation --readings --out runs/demo
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -26,12 +27,19 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=sorted(SCALES), default="default", help="model / data / budget preset")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (mean +/- std over them)")
     p.add_argument("--ablation", action="store_true", help="also fine-tune with each rule alone and each pair")
+    p.add_argument("--readings", action="store_true",
+                   help="also XTF with contextual TR, with position-debiased RI and with EOS protected")
+    p.add_argument("--regime", choices=["full", "lora"], default=None,
+                   help="fine-tuning regime (default: the scale's, chosen on the validation split)")
+    p.add_argument("--eval-split", choices=["test", "validation"], default="test",
+                   help="split to evaluate on (validation: for design choices; never tune on test)")
+    p.add_argument("--workers", type=int, default=None, help="processes for the fine-tuning arms (default 2)")
     p.add_argument("--finetune-steps", type=int, default=None, help="override the fine-tuning budget")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the pretraining budget")
     p.add_argument("--baseline-ratio", type=float, default=None,
                    help="kept fraction for SLM / Token Cleaning (default: XTF's kept fraction)")
     p.add_argument("--scorer", choices=["auto", "framework", "builtin"], default="auto",
-                   help="XTF scorer: the xtf score pipeline (framework) or the demo's in-memory one")
+                   help="deprecated: the demo always scores with the framework (xtf score); 'builtin' warns")
     p.add_argument("--collect", nargs="+", default=None, metavar="DIR",
                    help="do not train: aggregate the seed results found under DIR(s) (seeds run as separate "
                         "processes) into --out")
@@ -78,8 +86,9 @@ def _run(a: argparse.Namespace) -> int:
 def _run_inner(a: argparse.Namespace, threads: int | None) -> int:
     import torch
 
+    from .aggregate import collect
     from .report import comparison_table, detection_table
-    from .run import SCALES, collect, run_demo
+    from .run import SCALES, run_demo
 
     cfg = SCALES["smoke" if a.smoke else a.scale]
     over = {}
@@ -93,19 +102,39 @@ def _run_inner(a: argparse.Namespace, threads: int | None) -> int:
         if not 0.0 < a.baseline_ratio <= 1.0:
             raise ValueError(f"--baseline-ratio: expected a number in (0, 1], got {a.baseline_ratio}")
         over["baseline_ratio"] = a.baseline_ratio
-    cfg = replace(cfg, ablation=bool(a.ablation), scorer=a.scorer, **over)
+    if a.scorer == "builtin":
+        import warnings
+
+        warnings.warn("xtf demo: --scorer builtin is deprecated and ignored; the demo scores with the framework "
+                      "(xtf_kernels.xtf.score_dataset)", DeprecationWarning, stacklevel=1)
+        print("xtf demo: warning: --scorer builtin is deprecated and ignored (the framework scorer is used)",
+              file=sys.stderr)
+    if a.regime is not None:
+        over["regime"] = a.regime
+    if a.workers is not None:
+        if a.workers < 1:
+            raise ValueError(f"--workers: expected a positive int, got {a.workers}")
+        over["workers"] = a.workers
+    cfg = replace(cfg, ablation=bool(a.ablation), readings=bool(a.readings), eval_split=a.eval_split, **over)
     if any(s < 0 for s in a.seeds):
         raise ValueError(f"--seeds: expected ints >= 0, got {a.seeds}")
     out = a.out or tempfile.mkdtemp(prefix="xtf-demo-")
     if a.collect:
         res = collect(out, a.collect)
     else:
+        from ..backends import resolve_backend
+
+        # a first-use build of the native kernels (announced on stderr) is not part of any timing
+        resolve_backend("auto", torch.device("cpu"), torch.float32)
         res = run_demo(cfg, out, a.seeds, progress=not a.no_progress, quiet=a.quiet)
+    print()
+    print(textwrap.fill(res["interpretation"], width=100))
     print()
     print(comparison_table(res))
     print()
     print(detection_table(res))
-    print(f"\nseeds {res['seeds']}; scorer: {res['scorer']}; torch threads: {threads or torch.get_num_threads()}; "
+    print(f"\nseeds {res['seeds']} ({res['eval_split']} split); {res['params']:,} parameters; native backend: "
+          f"{res.get('native_backend')}; torch threads: {threads or torch.get_num_threads()} per process; "
           f"{res['seconds']:.0f} s in total")
     print(f"report: {out}/report.html")
     return 0
@@ -116,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return _run(a)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        print("\nxtf demo: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as e:
         print(f"xtf demo: error: {e}", file=sys.stderr)
         return 2

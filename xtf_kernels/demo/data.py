@@ -25,6 +25,10 @@ from pathlib import Path
 __all__ = [
     "NOISE_KINDS",
     "FILLER_PHRASES",
+    "CHAT_TEMPLATES",
+    "CHAT_SLOTS",
+    "chat_sentence",
+    "chat_words",
     "BOILERPLATE_PHRASES",
     "NoiseSpan",
     "MathExample",
@@ -33,6 +37,7 @@ __all__ = [
     "inject_noise",
     "generate_split",
     "DemoData",
+    "chat_documents",
     "make_demo_data",
     "write_jsonl",
     "read_jsonl",
@@ -40,16 +45,81 @@ __all__ = [
 
 NOISE_KINDS: tuple[str, ...] = ("filler", "boilerplate", "corrupt")
 
-#: Off-topic phrases: none of their words occur in the clean problems.
-FILLER_PHRASES: tuple[str, ...] = (
-    "By the way, my cat likes to sleep on the sofa.",
-    "I wonder if it will rain later tonight.",
-    "Yesterday I watched a movie about pirates.",
-    "Remember to water the garden plants.",
-    "The museum opens again next Thursday.",
-    "My favorite color is purple.",
-    "Someone should really fix that noisy fan.",
-    "Jazz music sounds great in the evening.",
+#: Off-topic conversational sentences: slot templates of the conversational domain. The
+#: pretraining corpus holds documents of these sentences (so their tokens get trained
+#: embeddings and context), and fine-tuning filler is drawn from the same distribution.
+CHAT_TEMPLATES: tuple[str, ...] = (
+    "By the way, my {pet} likes to {rest} on the {furniture}.",
+    "I wonder if it will {weather} later {when}.",
+    "Yesterday I watched a {genre} movie about {topic}.",
+    "Remember to {chore} before the {event}.",
+    "The {venue} opens again next {day}.",
+    "My favorite {thing} is {colour}.",
+    "Someone should really fix that {noisy} {appliance}.",
+    "{music} music sounds great in the {daytime}.",
+    "We could visit the {venue} on {day} if the weather is {nice}.",
+    "Honestly, the {food} at that {place} was {taste}.",
+)
+CHAT_SLOTS: dict[str, tuple[str, ...]] = {
+    "pet": ("cat", "dog", "parrot", "hamster", "rabbit", "turtle", "kitten", "puppy", "ferret", "canary"),
+    "rest": ("sleep", "nap", "hide", "sit", "stretch"),
+    "furniture": ("sofa", "carpet", "balcony", "windowsill", "blanket", "pillow", "armchair", "hammock"),
+    "weather": ("rain", "snow", "thunder", "clear up", "drizzle"),
+    "when": ("tonight", "tomorrow", "this weekend", "this afternoon"),
+    "genre": ("funny", "scary", "romantic", "strange", "quiet"),
+    "topic": ("pirates", "dragons", "astronauts", "detectives", "wizards", "penguins", "volcanoes",
+              "submarines", "robots", "knights", "dinosaurs", "vampires"),
+    "chore": ("water the garden plants", "feed the goldfish", "lock the garage", "call grandma",
+              "recycle the bottles"),
+    "event": ("concert", "holiday", "picnic", "wedding", "festival"),
+    "venue": ("museum", "library", "aquarium", "bakery", "theatre", "gallery", "stadium", "planetarium",
+              "botanical garden", "cinema"),
+    "day": ("Thursday", "Friday", "Saturday", "Sunday", "Wednesday"),
+    "thing": ("color", "season", "flower", "holiday", "song"),
+    "colour": ("purple", "orange", "yellow", "turquoise", "crimson", "lavender", "emerald", "magenta",
+               "scarlet", "indigo"),
+    "noisy": ("noisy", "squeaky", "rattling", "humming", "broken"),
+    "appliance": ("fan", "fridge", "heater", "doorbell", "window", "dishwasher", "elevator", "printer",
+                  "microwave"),
+    "music": ("Jazz", "Rock", "Opera", "Reggae", "Folk", "Blues"),
+    "daytime": ("evening", "morning", "night", "rain"),
+    "nice": ("sunny", "pleasant", "lovely", "mild"),
+    "food": ("soup", "pizza", "salad", "pasta", "dessert", "coffee", "lasagna", "pancakes", "burrito",
+             "omelette", "noodles", "cheesecake"),
+    "place": ("restaurant", "cafe", "diner", "market"),
+    "taste": ("delicious", "terrible", "amazing", "bland", "spicy", "wonderful", "disappointing",
+              "unforgettable"),
+}
+_SLOT = re.compile(r"{(\w+)}")
+
+
+def chat_sentence(rng: random.Random) -> str:
+    """One sentence of the off-topic conversational domain (slot template + slot words)."""
+    t = rng.choice(CHAT_TEMPLATES)
+    return _SLOT.sub(lambda m: rng.choice(CHAT_SLOTS[m.group(1)]), t)
+
+
+def chat_words() -> frozenset[str]:
+    """Lower-cased words of the conversational domain that never occur in the math problems
+    (used to detect filler in generated text)."""
+    words = set()
+    for t in CHAT_TEMPLATES:
+        words.update(re.findall(r"[a-z]+", _SLOT.sub(" ", t).lower()))
+    for vals in CHAT_SLOTS.values():
+        for v in vals:
+            words.update(re.findall(r"[a-z]+", v.lower()))
+    math_words = set(w.lower() for w in _NAMES + _ITEMS + BOILERPLATE_PHRASES)
+    rng = random.Random(0)
+    for t in range(5):
+        for _ in range(40):
+            q, steps, _, _, _ = make_problem(rng, t)
+            math_words.update(re.findall(r"[a-z]+", (q + " " + " ".join(steps) + " " + " ".join(BOILERPLATE_PHRASES)).lower()))
+    return frozenset(w for w in words - math_words if len(w) > 3)
+
+
+#: Kept for compatibility: a few fixed sentences of the conversational domain.
+FILLER_PHRASES: tuple[str, ...] = tuple(
+    _SLOT.sub(lambda m: CHAT_SLOTS[m.group(1)][0], t) for t in CHAT_TEMPLATES
 )
 
 #: Stock phrases that the pretraining text contains, so the base model predicts them well.
@@ -241,7 +311,7 @@ def inject_noise(rng: random.Random, steps: Sequence[str], results: Sequence[tup
         else:
             pieces.append((" " + s, None, ""))
         if filler_after == i:
-            pieces.append((" " + rng.choice(FILLER_PHRASES), "filler", ""))
+            pieces.append((" " + chat_sentence(rng), "filler", ""))
     noisy, spans, pos = [], [], 0
     for text, kind, orig in pieces:
         if kind is not None:
@@ -284,37 +354,59 @@ class DemoData:
     """The demo's splits.
 
     Attributes:
-        pretrain_texts: clean raw text for pretraining (problems of ``pretrain_templates`` plus
-            the boilerplate phrases in context).
+        pretrain_texts: raw text for pretraining, two domains: clean math problems of
+            ``pretrain_templates`` (half with a boilerplate phrase in front of the solution) and
+            documents of the off-topic conversational domain (:func:`chat_sentence`).
         finetune: noisy fine-tuning split (all templates) with recorded noise.
         reference: small clean split (all templates) used to train the SLM / Token Cleaning
             reference model.
-        test: clean held-out split (all templates).
+        validation: clean held-out split (all templates) for design choices.
+        test: clean held-out split (all templates) for the reported numbers.
     """
 
     pretrain_texts: list[str]
     finetune: list[MathExample]
     reference: list[MathExample]
+    validation: list[MathExample]
     test: list[MathExample]
 
 
+def chat_documents(seed: int, n: int, sentences: tuple[int, int] = (2, 4)) -> list[str]:
+    """``n`` documents of the conversational domain, each ``sentences`` (min, max) sentences."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n: expected an int >= 0, got {n!r}")
+    rng = random.Random(seed)
+    return [" ".join(chat_sentence(rng) for _ in range(rng.randint(*sentences))) for _ in range(n)]
+
+
 def make_demo_data(seed: int, *, n_pretrain: int, n_finetune: int, n_reference: int, n_test: int,
+                   n_validation: int | None = None, chat_fraction: float = 0.3,
                    noise: NoiseConfig | None = None, pretrain_templates: Sequence[int] = (0, 1, 2)) -> DemoData:
     """All splits of one demo run, deterministic in ``seed`` (splits use derived seeds).
 
-    Pretraining text is "prompt + response" of clean problems of ``pretrain_templates`` (the
-    base model learns the format and some arithmetic), half of them with a boilerplate phrase
-    in front of the solution; the other templates are first seen in fine-tuning.
+    Pretraining text: ``round(n_pretrain * (1 - chat_fraction))`` math documents ("prompt +
+    response" of clean problems of ``pretrain_templates``, half with a boilerplate phrase in
+    front of the solution) and the rest conversational documents, shuffled. The other
+    templates are first seen in fine-tuning. ``n_validation`` defaults to ``n_test``.
     """
-    for name, v in (("n_pretrain", n_pretrain), ("n_finetune", n_finetune), ("n_reference", n_reference), ("n_test", n_test)):
+    n_validation = n_test if n_validation is None else n_validation
+    for name, v in (("n_pretrain", n_pretrain), ("n_finetune", n_finetune), ("n_reference", n_reference),
+                    ("n_test", n_test), ("n_validation", n_validation)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if isinstance(chat_fraction, bool) or not isinstance(chat_fraction, (int, float)) or not 0.0 <= chat_fraction < 1.0:
+        raise ValueError(f"chat_fraction: expected a number in [0, 1), got {chat_fraction!r}")
     noise = noise or NoiseConfig()
-    pre = generate_split(seed * 1000 + 1, n_pretrain, noise=NoiseConfig(0.0, 0.5, 0.0), templates=list(pretrain_templates))
+    n_chat = int(round(n_pretrain * chat_fraction))
+    pre = generate_split(seed * 1000 + 1, n_pretrain - n_chat, noise=NoiseConfig(0.0, 0.5, 0.0),
+                         templates=list(pretrain_templates))
+    texts = [e.prompt + e.response for e in pre] + chat_documents(seed * 1000 + 6, n_chat)
+    random.Random(seed * 1000 + 7).shuffle(texts)
     return DemoData(
-        pretrain_texts=[e.prompt + e.response for e in pre],
+        pretrain_texts=texts,
         finetune=generate_split(seed * 1000 + 2, n_finetune, noise=noise),
         reference=generate_split(seed * 1000 + 3, n_reference),
+        validation=generate_split(seed * 1000 + 5, n_validation),
         test=generate_split(seed * 1000 + 4, n_test),
     )
 

@@ -17,19 +17,28 @@ import numpy as np
 __all__ = ["comparison_table", "detection_table", "write_report"]
 
 
+def _p(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
 def comparison_table(results: dict) -> str:
-    """Markdown table: method, exact match (mean +/- std over seeds), delta vs normal FT, kept %."""
+    """Markdown table: per method, exact match all / seen / new (mean +/- std over seeds, %),
+    delta vs normal FT, kept %, noise share of the kept set %, filler and answer-phrase shares,
+    retention of the KN-masked types."""
     if not isinstance(results, dict) or "methods" not in results:
         raise ValueError("results: expected the dict returned by run_demo (with 'methods')")
     m = results["methods"]
     n = len(results.get("seeds", [])) or 1
-    ref = m.get("normal_ft", {}).get("mean")
-    lines = [f"| method | exact match % (mean +/- std, {n} seed{'s' if n > 1 else ''}) | vs normal FT | kept tokens % |",
-             "|---|---|---|---|"]
+    ref = m.get("normal", {}).get("exact_match", {}).get("all")
+    lines = [f"| method | exact match % ({n} seed{'s' if n > 1 else ''}) | seen | new | vs normal | kept % "
+             "| kept noise % | filler % | \"The answer is\" % | retention % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in m.items():
-        delta = "" if ref is None or name in ("normal_ft", "base") else f"{r['mean'] - ref:+.1f}"
-        kept = "-" if r.get("kept_frac") is None else f"{100 * r['kept_frac']:.1f}"
-        lines.append(f"| {r['label']} | {r['mean']:.1f} +/- {r['std']:.1f} | {delta} | {kept} |")
+        em, sd = r["exact_match"], r["std"]
+        delta = "" if ref is None or name in ("normal", "base") else f"{100 * (em['all'] - ref):+.1f}"
+        lines.append(f"| {r['label']} | {100 * em['all']:.1f} +/- {100 * sd['all']:.1f} | {100 * em['seen']:.1f} "
+                     f"| {100 * em['new']:.1f} | {delta} | {_p(r.get('kept_fraction'))} | {_p(r.get('kept_noise_share'))} "
+                     f"| {_p(r.get('filler_share'))} | {_p(r.get('answer_phrase_share'))} | {_p(r.get('retention'))} |")
     return "\n".join(lines)
 
 
@@ -62,16 +71,16 @@ def _plots(results: dict, losses: Sequence[dict[str, list[float]]], out: Path) -
 
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    pre = np.array(losses[0].get("pretrain", []))
+    pre = np.array(losses[0].get("pretrain", []) if losses else [])
     axes[0].plot(pre, color="gray")
     axes[0].set_title(f"pretraining loss (seed {results['seeds'][0]})")
     axes[0].set_xlabel("step")
     axes[0].set_yscale("log")
     cmap = plt.get_cmap("tab20")
-    for i, name in enumerate(n for n in results["methods"] if n != "base" and n in losses[0]):
+    for i, name in enumerate(n for n in results["methods"] if n != "base" and losses[0].get(n)):
         curve = np.mean([np.asarray(ls[name]) for ls in losses], axis=0)
         axes[1].plot(_smooth(curve, max(1, curve.size // 20)), label=results["methods"][name]["label"],
-                     color=cmap(i % 20), lw=2.2 if name in ("xtf", "normal_ft") else 1.2)
+                     color=cmap(i % 20), lw=2.2 if name in ("xtf", "normal") else 1.2)
     axes[1].set_title("fine-tuning loss on kept tokens (mean over seeds, smoothed)")
     axes[1].set_xlabel("step")
     axes[1].legend(fontsize=7)
@@ -83,8 +92,8 @@ def _plots(results: dict, losses: Sequence[dict[str, list[float]]], out: Path) -
 
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(results["methods"])), 4))
     names = list(results["methods"])
-    means = [results["methods"][n]["mean"] for n in names]
-    stds = [results["methods"][n]["std"] for n in names]
+    means = [100 * results["methods"][n]["exact_match"]["all"] for n in names]
+    stds = [100 * results["methods"][n]["std"]["all"] for n in names]
     colors = ["#888" if n == "base" else "#d62728" if n == "xtf" else "#1f77b4" for n in names]
     ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=3)
     ax.set_xticks(range(len(names)))
@@ -116,7 +125,7 @@ def write_report(results: dict, losses: Sequence[dict[str, list[float]]], out_di
         out_dir: output directory.
     """
     if not losses:
-        raise ValueError("losses: expected one dict per seed")
+        losses = [{}]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     comp, det = comparison_table(results), detection_table(results)
@@ -135,8 +144,10 @@ def write_report(results: dict, losses: Sequence[dict[str, list[float]]], out_di
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
 img{{max-width:100%;display:block;margin:1em 0}}pre{{background:#f6f6f6;padding:6px;white-space:pre-wrap}}</style></head><body>
 <h1>xtf demo: token-level noise filtering on synthetic math</h1>
-<p>Seeds {html.escape(str(results.get('seeds')))}; scorer: {html.escape(str(results.get('scorer')))};
-{cfg.get('n_finetune')} noisy fine-tuning examples, {cfg.get('n_test')} clean test problems, {cfg.get('finetune_steps')}
+<h2>What the numbers show</h2><p><b>{html.escape(results.get('interpretation', ''))}</b></p>
+<p>Seeds {html.escape(str(results.get('seeds')))};
+{cfg.get('n_finetune')} noisy fine-tuning examples, {cfg.get('n_test')} clean {html.escape(str(results.get('eval_split', 'test')))} problems,
+{html.escape(str(results.get('params')))} parameters, vocabulary {html.escape(str(results.get('vocab')))}, regime {html.escape(str(cfg.get('regime')))}, {cfg.get('finetune_steps')}
 fine-tuning steps per method (same base, seed and batch order). Exact match of the final answer, greedy decoding.
 Method: Yang et al., <i>Explainable Token-level Noise Filtering for LLM Fine-tuning Datasets</i>, ICLR 2026 (arXiv:2602.14536).</p>
 <h2>Comparison</h2>{_md_to_html_table(comp)}

@@ -16,18 +16,19 @@ from ..ops import masked_ce
 from .data import MathExample
 from .tokenizer import encode_example
 
-__all__ = ["ModelSize", "make_model", "Batchable", "train", "clone_model", "greedy_answers", "exact_match", "extract_answer"]
+__all__ = ["ModelSize", "make_model", "Batchable", "train", "clone_model", "with_lora", "greedy_answers", "exact_match",
+           "extract_answer", "teacher_forced_logprobs", "count_params"]
 
 
 @dataclass(frozen=True)
 class ModelSize:
     """Llama-style model dimensions."""
 
-    hidden: int = 64
+    hidden: int = 96
     layers: int = 2
     heads: int = 4
     kv_heads: int = 2
-    intermediate: int = 192
+    intermediate: int = 256
     max_len: int = 256
 
 
@@ -64,12 +65,15 @@ class Batchable:
         n_prompt: prompt length per sequence (those labels are ignored).
         keep: optional per-token bool keep masks (label-aligned, same lengths as ``ids``).
         ref_logprobs: optional per-token reference-model log-probs (for ``select`` policies).
+        noise: optional per-token ground-truth noise labels (> 0 = injected noise); only used to
+            record the noise share of a dynamic selection (SLM) per step.
     """
 
     ids: list[list[int]]
     n_prompt: list[int]
     keep: list[np.ndarray] | None = None
     ref_logprobs: list[np.ndarray] | None = None
+    noise: list[np.ndarray] | None = None
 
     @classmethod
     def from_examples(cls, tokenizer, examples: Sequence[MathExample]) -> Batchable:
@@ -92,6 +96,7 @@ class Batchable:
         labels = torch.full_like(ids, -100)
         keep = torch.ones((len(rows), L), dtype=torch.bool) if self.keep is not None else None
         ref = torch.zeros((len(rows), L)) if self.ref_logprobs is not None else None
+        noise = torch.zeros((len(rows), L), dtype=torch.bool) if self.noise is not None else None
         for b, (i, r) in enumerate(zip(idx, rows)):
             n = len(r)
             ids[b, :n] = torch.tensor(r)
@@ -101,12 +106,15 @@ class Batchable:
                 keep[b, :n] = torch.from_numpy(np.asarray(self.keep[i][:n], dtype=bool))
             if ref is not None:
                 ref[b, :n] = torch.from_numpy(np.nan_to_num(np.asarray(self.ref_logprobs[i][:n], np.float32)))
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "keep": keep, "ref": ref}
+            if noise is not None:
+                noise[b, :n] = torch.from_numpy(np.asarray(self.noise[i][:n]) > 0)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "keep": keep, "ref": ref, "noise": noise}
 
 
 def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, seed: int,
           select: Callable | None = None, desc: str = "train", progress: bool = True,
-          max_len: int | None = None, autocast_dtype: torch.dtype | None = None) -> list[float]:
+          max_len: int | None = None, autocast_dtype: torch.dtype | None = None,
+          record: dict | None = None) -> list[float]:
     """Train ``model`` in place with AdamW on the fused masked cross-entropy.
 
     Loss: ``masked_ce(hidden, head.weight, labels, keep=..., shift=True)``, the mean over kept
@@ -125,6 +133,8 @@ def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, see
         progress: show a tqdm bar.
         max_len: truncate sequences (default: the model's ``max_position_embeddings``).
         autocast_dtype: e.g. ``torch.bfloat16`` on a GPU (None: the parameters' dtype).
+        record: optional dict; with ``select`` and ``data.noise`` it receives
+            ``kept_noise_share`` (per step: the injected-noise share of the tokens ``select`` kept).
 
     Any ``*ForCausalLM`` (also wrapped by ``peft``) works: the decoder is ``get_decoder()``, the
     head ``get_output_embeddings()`` (bias and ``final_logit_softcapping`` honoured); only
@@ -160,13 +170,17 @@ def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, see
             order.extend(rng.permutation(len(data.ids)).tolist())
         idx, order = order[:batch_size], order[batch_size:]
         b = {k: (v.to(dev) if v is not None else None) for k, v in data.batch(idx, max_len).items()}
+        sel = select if select is None or record is None or b["noise"] is None else _Recorder(select)
         with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             hidden = decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         w = head.weight
         bias = getattr(head, "bias", None)
         loss = masked_ce(hidden, w.to(hidden.dtype), b["labels"], bias=None if bias is None else bias.to(hidden.dtype),
                          keep=b["keep"], shift=True, softcap=softcap,
-                         ref_logprobs=b["ref"] if select is not None else None, select=select)
+                         ref_logprobs=b["ref"] if select is not None else None, select=sel)
+        if sel is not None and sel is not select and sel.last is not None:
+            kept = sel.last.to(b["noise"].device)
+            record.setdefault("kept_noise_share", []).append(float((kept & b["noise"]).sum() / max(int(kept.sum()), 1)))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -177,9 +191,75 @@ def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, see
     return losses
 
 
+class _Recorder:
+    """Wraps a ``select`` policy and keeps its last keep mask (for the noise-share record)."""
+
+    def __init__(self, select: Callable) -> None:
+        self.select = select
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, stats):
+        self.last = self.select(stats)
+        return self.last
+
+
 def clone_model(model):
     """A deep copy (the fine-tuning runs all start from the same base weights)."""
     return copy.deepcopy(model)
+
+
+def count_params(model) -> int:
+    """All parameters, embeddings and LM head included."""
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def with_lora(model, r: int = 8, alpha: int | None = None, seed: int = 0):
+    """Wrap ``model`` with peft LoRA adapters on attention and MLP projections.
+
+    Embeddings and the LM head stay frozen (only the adapters train). Needs ``peft``
+    (``pip install -e .[xtf]``).
+    """
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r: expected a positive int, got {r!r}")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - peft is in the xtf extra
+        raise ImportError("the LoRA regime needs peft: pip install -e .[xtf]") from e
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+                     bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64) -> list[np.ndarray]:
+    """Gold-token log-probs under teacher forcing, per sequence (float32 ``[len]``, NaN at 0).
+
+    ``masked_ce(..., shift=True, return_stats=True)`` on the decoder's final hidden states and
+    the LM head (no logits materialised).
+    """
+    if not seqs:
+        raise ValueError("seqs: expected at least one sequence")
+    model.eval()
+    dec, head = model.get_decoder(), model.get_output_embeddings()
+    out: list[np.ndarray] = []
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s : s + batch_size]
+        L = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, c in enumerate(chunk):
+            ids[i, : len(c)] = torch.tensor(c)
+            mask[i, : len(c)] = 1
+        hidden = dec(input_ids=ids, attention_mask=mask).last_hidden_state
+        _, st = masked_ce(hidden, head.weight, ids.masked_fill(mask == 0, -100), shift=True, reduction="sum",
+                          return_stats=True)
+        lp = st.logprob.float().numpy()
+        out.extend(lp[i, : len(c)].copy() for i, c in enumerate(chunk))
+    return out
 
 
 _ANS = re.compile(r"The answer is (-?\d+)")

@@ -21,7 +21,15 @@ __all__ = ["XTFDataError", "Example", "TokenizeStats", "iter_records", "tokenize
 
 
 class XTFDataError(ValueError):
-    """Bad input data (the message names the line / record)."""
+    """Bad input data (the message names the file and line, or the record).
+
+    ``reason`` is the skip category the record falls in: ``"bad_record"`` (malformed: not
+    UTF-8, not JSON, missing or ill-typed fields) or ``"too_long"`` (longer than the context).
+    """
+
+    def __init__(self, message: str, reason: str = "bad_record") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -48,24 +56,43 @@ class TokenizeStats:
             self.errors.append(msg)
 
 
-def iter_records(data: str | os.PathLike | Iterable[dict]) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, record)``; ``where`` is ``"line N"`` / ``"record N"`` for messages.
+def _jsonl_records(p: Path) -> Iterator[tuple[str, Any]]:
+    """``(f"{p}, line N", record or XTFDataError)`` per non-blank line of a JSONL file.
 
-    Malformed JSON lines yield ``(where, JSONDecodeError)`` so the caller decides to fail or skip.
+    Lines are decoded one by one (UTF-8; a byte-order mark on the first line is dropped), so
+    a line that is not UTF-8 or not JSON is one bad record, not the end of the file.
+    """
+    with open(p, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            where = f"{p}, line {i}"
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield where, XTFDataError(
+                    f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+                    "save the file as UTF-8"
+                )
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, XTFDataError(f"{where}: invalid JSON ({e})")
+
+
+def iter_records(data: str | os.PathLike | Iterable[dict]) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, record)``; ``where`` is ``"FILE, line N"`` (JSONL) or ``"record N"``.
+
+    A JSONL line that is not UTF-8 or not JSON yields ``(where, XTFDataError)`` so the caller
+    decides to fail or skip.
     """
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
         if not p.exists():
             raise FileNotFoundError(f"data: {p} does not exist")
         if p.is_file() and p.suffix in (".jsonl", ".ndjson"):
-            with open(p, encoding="utf-8") as f:
-                for i, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"line {i}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield f"line {i}", e
+            yield from _jsonl_records(p)
             return
         try:
             import datasets
@@ -158,8 +185,8 @@ def tokenize_records(
     for idx, (where, rec) in enumerate(iter_records(data)):
         stats.records += 1
         try:
-            if isinstance(rec, Exception):
-                raise XTFDataError(f"{where}: invalid JSON ({rec})")
+            if isinstance(rec, XTFDataError):
+                raise rec
             prompt, response = _texts(where, rec, tokenizer)
             if not response.strip():
                 raise XTFDataError(f"{where}: empty response")
@@ -174,14 +201,15 @@ def tokenize_records(
             ids = p_ids + r_ids
             if len(ids) > max_length:
                 if truncation == "fail":
-                    raise XTFDataError(f"{where}: {len(ids)} tokens exceed the model's context of {max_length}")
+                    raise XTFDataError(f"{where}: {len(ids)} tokens exceed the model's context of {max_length}",
+                                       reason="too_long")
                 if truncation == "skip" or len(p_ids) >= max_length - 1:
                     stats.skip("too_long", f"{where}: {len(ids)} tokens exceed {max_length} (prompt alone {len(p_ids)})")
                     continue
                 ids = ids[:max_length]
                 stats.truncated += 1
         except XTFDataError as e:
-            if on_error == "fail":
+            if on_error == "fail" or e.reason == "too_long":
                 raise
             stats.skip("bad_record", str(e))
             continue

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .policies import make_policy, matched_ratio
-from .shards import write_table_atomic
+from .rundir import check_writable_dir, named_os_error
+from .shards import atomic_path, write_table_atomic
 
 __all__ = ["load_token_table", "export_dataset"]
 
@@ -61,11 +61,14 @@ def export_dataset(
         ``{"examples", "tokens", "response", "trained", "policy", "ratio", "path"}``.
     """
     dest = Path(dest)
+    if dest.is_dir():
+        raise IsADirectoryError(f"dest: {dest} is a directory; expected a file path ending in .jsonl or .parquet")
     fmt = format or dest.suffix.lstrip(".")
     if fmt not in ("jsonl", "parquet"):
         raise ValueError(f"format: expected 'jsonl' or 'parquet' (or a dest ending in one), got {fmt!r}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_writable_dir(dest.parent, "dest")
     t = load_token_table(out_dir)
     cols = {c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names if c != "token_text"}
     resp = cols["is_response"].astype(bool)
@@ -77,6 +80,11 @@ def export_dataset(
             ratio = matched_ratio(json.loads((Path(out_dir) / "summary.json").read_text()))
         kw = {"seed": seed} if policy == "random" else {}
         pol = make_policy(policy, ratio, **kw)
+        if "ref_logprob" in pol.needs and ("ref_logprob" not in cols or np.isnan(cols["ref_logprob"][resp]).all()):
+            raise ValueError(
+                f"policy: {policy!r} needs the reference model's log-probs, which the run in {out_dir} does not "
+                "have; score with --ref-model REF_DIR (ref_model= in Python) first"
+            )
         keep = pol.keep_mask(cols, resp)
         used_ratio = float(ratio)
     ex = cols["example_id"]
@@ -92,18 +100,14 @@ def export_dataset(
         recs["input_ids"].append(ids_s[a:b].tolist())
         recs["labels"].append(labels_all[a:b].tolist())
         recs["keep"].append(keep_s[a:b].tolist())
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "parquet":
-        write_table_atomic(pa.table(recs), dest)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+    try:
+        if fmt == "parquet":
+            write_table_atomic(pa.table(recs), dest)
+        else:
+            with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 for j in range(len(uniq)):
                     f.write(json.dumps({k: recs[k][j] for k in recs}) + "\n")
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    except OSError as e:
+        raise named_os_error(e, f"dest: cannot write {dest}") from e
     return {"examples": int(len(uniq)), "tokens": int(ex.size), "response": int(resp.sum()),
             "trained": int(keep.sum()), "policy": policy, "ratio": used_ratio, "path": str(dest)}

@@ -5,15 +5,24 @@ over the same fixed bins, the counts are summed across ranks (an all-reduce of i
 the thresholds are computed from the summed histogram, so any number of ranks gives the same
 thresholds as one process. The search maximises the between-class variance
 ``sum_k S_k^2 / P_k`` (P_k: class mass, S_k: class first moment) exactly, by dynamic
-programming over bins, for any number of classes. On float data it reproduces
-``skimage.filters.threshold_multiotsu`` (bins over [min, max], thresholds at bin centres).
+programming over bins, for any number of classes.
+
+Classes are unions of whole bins: the search returns, per class boundary, the index of the last
+bin of the lower class, and the threshold we report is that bin's UPPER EDGE. A value's class
+is ``np.digitize(value, thresholds)``, which for a value in bin ``b`` (``edges[b] <= v <
+edges[b + 1]``, the histogram's own rule) is the class that bin ``b`` belongs to: every value
+of a bin, and so every occurrence of a token type whose score falls in it, lands in one class.
+scikit-image reports the CENTRE of the same bin and classifies by comparing against it, which
+splits the threshold bin between two classes (and with exactly ``classes`` non-empty bins can
+leave class 0 empty); our thresholds are scikit-image's plus half a bin width.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bin_centers", "fixed_histogram", "multiotsu_from_histogram", "threshold_multiotsu", "digitize"]
+__all__ = ["bin_centers", "bin_edges", "fixed_histogram", "multiotsu_bins", "multiotsu_from_histogram",
+           "threshold_multiotsu", "digitize"]
 
 
 def fixed_histogram(
@@ -56,6 +65,11 @@ def bin_centers(lo: float, hi: float, nbins: int) -> np.ndarray:
     return (edges[:-1] + edges[1:]) / 2.0
 
 
+def bin_edges(lo: float, hi: float, nbins: int) -> np.ndarray:
+    """The ``nbins + 1`` edges of the equal bins over ``[lo, hi]`` (float64, as ``np.histogram``)."""
+    return np.linspace(float(lo), float(hi), int(nbins) + 1)
+
+
 def _search(prob: np.ndarray, classes: int) -> np.ndarray:
     """Indices of the ``classes - 1`` last bins of the first ``classes - 1`` classes (DP, exact)."""
     n = prob.shape[0]
@@ -86,38 +100,56 @@ def _search(prob: np.ndarray, classes: int) -> np.ndarray:
     return out
 
 
-def multiotsu_from_histogram(counts: np.ndarray, centers: np.ndarray, classes: int = 3) -> np.ndarray:
-    """Multi-Otsu thresholds of a histogram.
+def multiotsu_bins(counts: np.ndarray, classes: int = 3) -> np.ndarray:
+    """Multi-Otsu split of a histogram as bin indices.
 
     Args:
         counts: ``[nbins]`` non-negative counts or weights.
-        centers: ``[nbins]`` increasing bin centres.
         classes: number of classes (>= 2).
 
     Returns:
-        float64 ``[classes - 1]`` increasing thresholds (bin centres); class of a value x is
-        ``np.digitize(x, thresholds)`` (as in scikit-image).
+        int64 ``[classes - 1]`` increasing indices: entry ``k`` is the last bin of class ``k``
+        (class ``k`` holds bins ``(b[k-1], b[k]]``). Every class holds at least one non-empty bin.
 
     Raises:
         ValueError: fewer than ``classes`` non-empty bins.
     """
     c = np.asarray(counts, dtype=np.float64).reshape(-1)
-    ctr = np.asarray(centers, dtype=np.float64).reshape(-1)
-    if not isinstance(classes, (int, np.integer)) or classes < 2:
+    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 2:
         raise ValueError(f"classes: expected an int >= 2, got {classes!r}")
-    if c.shape != ctr.shape:
-        raise ValueError(f"centers: expected shape {c.shape} like counts, got {ctr.shape}")
     if np.any(c < 0) or not np.all(np.isfinite(c)):
         raise ValueError("counts: expected finite non-negative values")
-    nz = int(np.count_nonzero(c))
-    if nz < classes:
-        raise ValueError(
-            f"counts: only {nz} non-empty bins, cannot split into {classes} classes"
-        )
-    if nz == classes:
-        return ctr[np.flatnonzero(c)[:-1]]
-    prob = c / c.sum()
-    return ctr[_search(prob, int(classes))]
+    nz = np.flatnonzero(c)
+    if nz.size < classes:
+        raise ValueError(f"counts: only {nz.size} non-empty bins, cannot split into {classes} classes")
+    if nz.size == classes:  # one non-empty bin per class
+        return nz[:-1].astype(np.int64)
+    return _search(c / c.sum(), int(classes))
+
+
+def multiotsu_from_histogram(counts: np.ndarray, edges: np.ndarray, classes: int = 3) -> np.ndarray:
+    """Multi-Otsu thresholds of a histogram, as bin edges.
+
+    Args:
+        counts: ``[nbins]`` non-negative counts or weights.
+        edges: ``[nbins + 1]`` increasing bin edges (:func:`bin_edges`).
+        classes: number of classes (>= 2).
+
+    Returns:
+        float64 ``[classes - 1]`` increasing thresholds: the upper edge of the last bin of each
+        class but the top one. The class of a value x is ``np.digitize(x, thresholds)``,
+        consistent with the bin x falls in.
+
+    Raises:
+        ValueError: fewer than ``classes`` non-empty bins, or ``edges`` of the wrong length.
+    """
+    c = np.asarray(counts, dtype=np.float64).reshape(-1)
+    e = np.asarray(edges, dtype=np.float64).reshape(-1)
+    if e.shape != (c.size + 1,):
+        raise ValueError(f"edges: expected {c.size + 1} bin edges for {c.size} bins, got shape {e.shape}")
+    if np.any(np.diff(e) <= 0):
+        raise ValueError("edges: expected strictly increasing values")
+    return e[multiotsu_bins(c, classes) + 1]
 
 
 def threshold_multiotsu(values: np.ndarray, classes: int = 3, nbins: int = 256) -> np.ndarray:
@@ -129,7 +161,7 @@ def threshold_multiotsu(values: np.ndarray, classes: int = 3, nbins: int = 256) 
         nbins: number of histogram bins.
 
     Returns:
-        float64 ``[classes - 1]`` thresholds.
+        float64 ``[classes - 1]`` thresholds (bin edges, see :func:`multiotsu_from_histogram`).
     """
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     v = v[~np.isnan(v)]
@@ -139,7 +171,7 @@ def threshold_multiotsu(values: np.ndarray, classes: int = 3, nbins: int = 256) 
     if lo == hi:
         raise ValueError("values: all values are equal, nothing to threshold")
     counts = fixed_histogram(v, lo, hi, nbins)
-    return multiotsu_from_histogram(counts, bin_centers(lo, hi, nbins), classes)
+    return multiotsu_from_histogram(counts, bin_edges(lo, hi, nbins), classes)
 
 
 def digitize(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:

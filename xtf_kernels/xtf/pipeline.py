@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,24 +28,25 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from . import rundir
 from . import shards as sh
-from .data import Example, TokenizeStats, tokenize_records
-from .multiotsu import bin_centers, fixed_histogram, multiotsu_from_histogram
-from .rules import RuleConfig, apply_rules, overlap_counts, ri_fence_mask
+from .contextual import HIDDEN_SUM_KEY, ContextualTR, encode_meta, hidden_sum_meta
+from .data import Example, tokenize_records
+from .multiotsu import bin_edges, fixed_histogram, multiotsu_from_histogram
+from .rules import RuleConfig, apply_rules, overlap_counts, ri_fence_mask, type_diagnostics
+from .runtime import check_device_available, hf_progress, prepare_backend
 from .scorers import (
+    HiddenCapture,
     TaskRelevance,
     decoder_hidden,
     knowledge_novelty,
     reasoning_importance,
     resolve_ri_fn,
 )
+from .summary import PAPER, build_summary, count_types, with_readings
 
 __all__ = ["score_dataset", "load_model_and_tokenizer", "PAPER"]
 
-PAPER = (
-    "Yang et al., Explainable Token-level Noise Filtering for LLM Fine-tuning Datasets, "
-    "ICLR 2026, arXiv:2602.14536"
-)
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -59,9 +59,11 @@ def _resolve_device(device: str | torch.device) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    check_device_available(dev)
+    return dev
 
 
 def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -77,9 +79,12 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
 
 
 def load_model_and_tokenizer(
-    model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    progress: bool = True,
 ):
     """Load a local Hugging Face causal-LM checkpoint and its tokenizer (nothing is downloaded).
+
+    ``progress=False`` hides the checkpoint-loading bar.
 
     Raises:
         FileNotFoundError: no such directory / no config.json.
@@ -95,9 +100,10 @@ def load_model_and_tokenizer(
     except Exception as e:
         raise ValueError(f"model: no usable tokenizer in {p} ({type(e).__name__}: {e})") from e
     try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(p), dtype=dtype, local_files_only=True, output_loading_info=True
-        )
+        with hf_progress(progress):
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                str(p), dtype=dtype, local_files_only=True, output_loading_info=True
+            )
     except ValueError as e:
         raise ValueError(f"model: {p} cannot be loaded as a causal LM ({e})") from e
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -131,30 +137,14 @@ def _pad(batch: Sequence[Example], pad_id: int, device: torch.device) -> tuple[t
     return ids.to(device), mask.to(device)
 
 
-class _HiddenCapture:
-    """Forward hook on the decoder: keeps the final hidden states of the last forward."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.value: torch.Tensor | None = None
-        dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-        self.handle = dec.register_forward_hook(self._hook) if dec is not None and dec is not model else None
-
-    def _hook(self, module, args, output) -> None:
-        self.value = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-
-
 @torch.no_grad()
 def _score_shard(
     model, ref_model, examples: Sequence[Example], *, batch_size: int, pad_id: int, device: torch.device,
-    ri_fn, ri_layers, ri_reduce: str, backend: str, pbar,
+    ri_fn, ri_layers, ri_reduce: str, backend: str, pbar, hidden_sum: list | None = None,
 ) -> pa.Table:
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
         "example_id", "position", "token_id", "is_response", "ri", "kn", "logprob", "entropy", "ref_logprob")}
-    cap = _HiddenCapture(model)
+    cap = HiddenCapture(model)
     try:
         for s in range(0, len(examples), batch_size):
             batch = examples[s : s + batch_size]
@@ -168,6 +158,13 @@ def _score_shard(
             if ref_model is not None:
                 ref_lp = knowledge_novelty(ref_model, ids, mask, backend=backend)["logprob"]
             kn = knowledge_novelty(model, ids, mask, hidden=hidden, ref_logprobs=ref_lp, backend=backend)
+            if hidden_sum is not None:  # contextual TR: the shard's sum of response hidden states
+                resp = torch.zeros(ids.shape, dtype=torch.bool)
+                for b, e in enumerate(batch):
+                    resp[b, e.n_prompt : len(e.input_ids)] = True
+                hs, hn = hidden_sum_meta(hidden, resp)
+                hidden_sum[0] = hs if hidden_sum[0] is None else hidden_sum[0] + hs
+                hidden_sum[1] += hn
             ri_np = ri.cpu().numpy()
             kn_np = {k: v.cpu().numpy() for k, v in kn.items()}
             ref_np = None if ref_lp is None else ref_lp.float().cpu().numpy()
@@ -228,6 +225,9 @@ def score_dataset(
     progress: bool = True,
     ri_fn=None,
     backend: str = "auto",
+    tr_source: str | None = None,
+    ri_aggregation: str | None = None,
+    protect: Sequence[int] | None = None,
 ) -> dict:
     """Score every response token of a dataset with XTF and write the per-token records.
 
@@ -253,19 +253,42 @@ def score_dataset(
         domain_words: optional words whose embedding rows define the domain vector.
         ref_model: optional reference model (directory or module, same tokenizer) whose
             log-probs are stored as ``ref_logprob`` for the SLM / Token Cleaning baselines.
-        resume: skip shards already written by a run with the same fingerprint.
-        overwrite: delete the results of a run with different settings in ``out_dir``.
-        progress: tqdm bar (tokens/s) on rank 0.
+        resume: skip shards already written by a run with the same fingerprint (temp files
+            of killed writers are removed, see :mod:`.rundir`).
+        overwrite: delete the results of a run with different settings in ``out_dir`` (only
+            the files xtf wrote, the default ``report/`` included; other files are kept).
+        progress: the checkpoint-loading and tokens/s bars, and resume notes, on rank 0.
         ri_fn: override of ``collect_received_attention`` (same signature).
         backend: masked_ce backend.
+        tr_source, ri_aggregation, protect: the readings (override the fields of ``rules``):
+            TR from the ``"input"`` embedding row (default) or the ``"contextual"`` final hidden
+            state; RI ``"mean"`` over visible queries (default) or ``"debiased"`` against
+            uniform causal attention; token ids never masked. All enter the fingerprint.
 
     Returns:
-        The summary dict (also written to ``out_dir/summary.json`` by rank 0).
+        The summary dict (also written to ``out_dir/summary.json`` by rank 0), plus ``"run"``
+        (not written): this call's ``shards``, ``reused_pass1`` / ``reused_tokens`` (shards
+        kept from an earlier run), ``tokens_scored`` and ``seconds`` (pass 1, backend build
+        excluded).
+
+    Raises:
+        NotADirectoryError, PermissionError, OSError: ``out_dir`` cannot be written.
+        rundir.RunExistsError: ``out_dir`` holds another run (or resume is off).
+        ValueError: bad arguments or data (:class:`~xtf_kernels.xtf.XTFDataError`), an
+            unavailable ``device``.
     """
     rank, world = sh.dist_info()
     cfg_rules = rules or RuleConfig()
     if not isinstance(cfg_rules, RuleConfig):
         raise TypeError(f"rules: expected a RuleConfig, got {type(rules).__name__}")
+    cfg_rules = with_readings(cfg_rules, tr_source, ri_aggregation, protect)
+    if cfg_rules.ri_aggregation == "debiased":
+        if ri_reduce != "mean_over_queries":
+            raise ValueError(f"ri_reduce: ri_aggregation='debiased' replaces it; got ri_reduce={ri_reduce!r}")
+        ri_reduce = "debiased"
+    contextual = cfg_rules.tr_source == "contextual"
+    if contextual and domain_words is not None:
+        raise ValueError("domain_words: not supported with tr_source='contextual' (the domain vector is the mean hidden state)")
     for name, v in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -275,10 +298,18 @@ def score_dataset(
     dt = _resolve_dtype(dtype, dev)
     ri_fn = resolve_ri_fn(ri_fn)
     out = Path(out_dir)
+    show = progress and rank == 0
+    err = None
+    try:  # before loading any model: a bad --out fails in seconds, on every rank
+        rundir.check_writable_dir(out)
+    except OSError as e:
+        err = e
+    sh.raise_if_any_rank_failed(err)
+    rundir.remove_stale_tmp(out)  # left by killed writers of this machine
 
     if isinstance(model, (str, os.PathLike)):
         model_id = str(Path(model).resolve())
-        model, tok = load_model_and_tokenizer(model, dtype=dt, device=dev)
+        model, tok = load_model_and_tokenizer(model, dtype=dt, device=dev, progress=show)
         tokenizer = tokenizer or tok
     elif isinstance(model, torch.nn.Module):
         if tokenizer is None:
@@ -289,7 +320,7 @@ def score_dataset(
         raise TypeError(f"model: expected a checkpoint directory or a torch.nn.Module, got {type(model).__name__}")
     if isinstance(ref_model, (str, os.PathLike)):
         ref_id = str(Path(ref_model).resolve())
-        ref_model, _ = load_model_and_tokenizer(ref_model, dtype=dt, device=dev)
+        ref_model, _ = load_model_and_tokenizer(ref_model, dtype=dt, device=dev, progress=show)
     elif ref_model is None or isinstance(ref_model, torch.nn.Module):
         ref_id = None if ref_model is None else type(ref_model).__name__
         if ref_model is not None:
@@ -329,44 +360,42 @@ def score_dataset(
     n_shards = (len(examples) + shard_size - 1) // shard_size
     mine = [s for s in range(n_shards) if s % world == rank]
 
-    # output directory: never clobber a different run unless asked
+    # output directory: never clobber a different run unless asked; keep the user's own files
     cfg_path = out / "config.json"
+    run_start = None
+    err = None
     if rank == 0:
-        if cfg_path.is_file():
-            old = json.loads(cfg_path.read_text())
-            if old.get("fingerprint") != fp or not resume:
-                if not overwrite:
-                    raise FileExistsError(
-                        f"out_dir: {out} holds a run with different settings or data "
-                        f"(fingerprint {old.get('fingerprint')} != {fp}) or resume is off; "
-                        "pass overwrite=True (--overwrite) to replace it"
-                    )
-                for sub in ("pass1", "tokens"):
-                    shutil.rmtree(out / sub, ignore_errors=True)
-                for f in ("summary.json", "config.json"):
-                    (out / f).unlink(missing_ok=True)
-        elif out.exists() and any((out / sub).exists() for sub in ("pass1", "tokens")):
-            if not overwrite:
-                raise FileExistsError(f"out_dir: {out} holds shards without config.json; pass overwrite=True")
-            for sub in ("pass1", "tokens"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-        sh.write_json_atomic({"fingerprint": fp, "settings": settings, "paper": PAPER}, cfg_path)
-    sh.barrier()
+        try:
+            rundir.check_existing_run(out, fp, settings, resume=resume, overwrite=overwrite)
+            sh.write_json_atomic({"fingerprint": fp, "settings": settings, "paper": PAPER}, cfg_path)
+            run_start = cfg_path.stat().st_mtime
+        except (OSError, ValueError) as e:
+            err = e
+    sh.raise_if_any_rank_failed(err)
 
     # ---- pass 1: model forward per shard
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    p1 = out / "pass1"
+    p1 = out / rundir.PASS1
     todo = [s for s in mine if not (resume and sh.shard_ok(p1 / f"shard-{s:05d}.parquet", meta))]
+    reused = sh.all_reduce_sum(np.array([len(mine) - len(todo)], dtype=np.int64))
+    if show and reused[0]:
+        tqdm.write(f"xtf: resuming the run in {out}: pass 1 already done for {int(reused[0])} of {n_shards} shards")
     n_tok = sum(len(e.input_ids) for s in todo for e in examples[s * shard_size : (s + 1) * shard_size])
+    if todo:
+        prepare_backend(backend, dev, dt)  # a first-use native build happens here, not inside the timing
     t0 = time.perf_counter()
-    pbar = tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"xtf pass 1 (rank {rank})",
-                disable=not progress or rank != 0, dynamic_ncols=True)
+    pbar = tqdm(total=n_tok, unit="tok", unit_scale=True, desc="xtf pass 1" + (f" (rank {rank})" if world > 1 else ""),
+                disable=not show or not todo, dynamic_ncols=True)
     try:
         for s in todo:
             shard_ex = examples[s * shard_size : (s + 1) * shard_size]
+            hsum = [None, 0] if contextual else None
             tbl = _score_shard(model, ref_model, shard_ex, batch_size=batch_size, pad_id=pad_id, device=dev,
-                               ri_fn=ri_fn, ri_layers=ri_layers, ri_reduce=ri_reduce, backend=backend, pbar=pbar)
-            sh.write_table_atomic(tbl, p1 / f"shard-{s:05d}.parquet", meta)
+                               ri_fn=ri_fn, ri_layers=ri_layers, ri_reduce=ri_reduce, backend=backend, pbar=pbar,
+                               hidden_sum=hsum)
+            extra = {} if hsum is None else {HIDDEN_SUM_KEY: encode_meta(
+                hsum[0] if hsum[0] is not None else np.zeros(0), hsum[1])}
+            sh.write_table_atomic(tbl, p1 / f"shard-{s:05d}.parquet", {**meta, **extra})
     finally:
         pbar.close()
     elapsed = time.perf_counter() - t0
@@ -381,26 +410,37 @@ def score_dataset(
     local_counts = trel.counts.copy()
     trel.counts = sh.all_reduce_sum(local_counts).astype(np.int64)
     tr_vocab = trel.finalize(model.get_input_embeddings().weight.detach(), domain_ids)
-    present = local_counts > 0
-    local_hist = fixed_histogram(tr_vocab[present], 0.0, 1.0, cfg_rules.tr_nbins, weights=local_counts[present])
-    hist = sh.all_reduce_sum(np.rint(local_hist).astype(np.int64))
-    tr_note = None
-    try:
-        thresholds = multiotsu_from_histogram(hist, bin_centers(0.0, 1.0, cfg_rules.tr_nbins), cfg_rules.tr_classes)
-    except ValueError as e:
-        thresholds, tr_note = None, f"TR rule off: {e}"
+    tr_note, ctx = None, None
+    if contextual:
+        ctx = ContextualTR(out, n_shards, mine, tr_metric, cfg_rules.tr_nbins, cfg_rules.tr_classes)
+        ctx.domain_vector(int(model.get_input_embeddings().weight.shape[1]))
+        ctx.write_distances(model, lambda s: examples[s * shard_size : (s + 1) * shard_size], meta, resume=resume,
+                            batch_size=batch_size, pad_id=pad_id, device=dev, pad_fn=_pad)
+        sh.barrier()
+        thresholds, tr_note = ctx.thresholds()
+        trel.info = ctx.info
+    else:
+        present = local_counts > 0
+        local_hist = fixed_histogram(tr_vocab[present], 0.0, 1.0, cfg_rules.tr_nbins, weights=local_counts[present])
+        hist = sh.all_reduce_sum(np.rint(local_hist).astype(np.int64))
+        try:
+            thresholds = multiotsu_from_histogram(hist, bin_edges(0.0, 1.0, cfg_rules.tr_nbins), cfg_rules.tr_classes)
+        except ValueError as e:
+            thresholds, tr_note = None, f"TR rule off: {e}"
     meta2 = {**meta, "xtf_tr_thresholds": json.dumps(None if thresholds is None else [float(x) for x in thresholds])}
 
     # ---- pass 2: TR scores, rules, final shards
-    p2 = out / "tokens"
+    p2 = out / rundir.TOKENS
     cache: dict[int, str] = {}
+    n_reused2 = 0
     for s in mine:
         dst = p2 / f"shard-{s:05d}.parquet"
         if resume and sh.shard_ok(dst, meta2):
+            n_reused2 += 1
             continue
         t = sh.read_shard(p1 / f"shard-{s:05d}.parquet")
         cols = {c: t[c].to_numpy() for c in t.column_names}
-        tr = tr_vocab[cols["token_id"].astype(np.int64)]
+        tr = ctx.scores(s) if ctx is not None else tr_vocab[cols["token_id"].astype(np.int64)]
         cols["tr"] = np.where(cols["is_response"], tr, np.nan).astype(np.float32)
         reasons, keep = apply_rules(cols, cfg_rules, thresholds)
         _, fences = ri_fence_mask(cols["ri"], cols["example_id"], cols["is_response"], cfg_rules.ri_k)
@@ -421,75 +461,32 @@ def score_dataset(
     # ---- summary: counts reduced across ranks
     keys = [f"only:{b}" for b in range(8)]
     local = np.zeros(len(keys) + 3, dtype=np.int64)
+    per_type = np.zeros((5, vocab), dtype=np.int64)  # occurrences, masked, RI, KN, TR per token id
     for s in mine:
-        t = sh.read_shard(p2 / f"shard-{s:05d}.parquet", ["example_id", "is_response", "reasons"])
+        t = sh.read_shard(p2 / f"shard-{s:05d}.parquet", ["example_id", "token_id", "is_response", "reasons"])
         resp = t["is_response"].to_numpy()
+        count_types(per_type, t["token_id"].to_numpy()[resp], t["reasons"].to_numpy()[resp])
         oc = overlap_counts(t["reasons"].to_numpy(), resp)
         local[: len(keys)] += np.array([oc[k] for k in keys], dtype=np.int64)
         local[len(keys)] += resp.size
         local[len(keys) + 1] += int((~resp).sum())
         local[len(keys) + 2] += len(np.unique(t["example_id"].to_numpy()))
     tot = sh.all_reduce_sum(local)
-    summary = _summary(tot, keys, tstats, len(examples), cfg_rules, thresholds, tr_note, trel.info, fp, n_shards, settings)
+    reused2 = sh.all_reduce_sum(np.array([n_reused2], dtype=np.int64))
+    tok_now = sh.all_reduce_sum(np.array([n_tok], dtype=np.int64))
+    per_type = sh.all_reduce_sum(per_type)
+    summary = build_summary(tot, keys, tstats, len(examples), cfg_rules, thresholds, tr_note, trel.info, fp, n_shards, settings)
+    summary["diagnostics"] = type_diagnostics(
+        per_type[0], per_type[1], {"RI": per_type[2], "KN": per_type[3], "TR": per_type[4]},
+        lambda i: _token_texts(tokenizer, np.asarray([i]), cache)[0])
     if rank == 0:
         sh.write_json_atomic(summary, out / "summary.json")
-        if progress and n_tok:
+        if show and n_tok:
             tqdm.write(f"xtf: scored {n_tok} tokens in {elapsed:.1f}s ({n_tok / max(elapsed, 1e-9):.0f} tokens/s) -> {out}")
     sh.barrier()
-    return summary
+    if rank == 0:  # every rank is past its last write: older temp files belong to no live writer of this run
+        rundir.remove_stale_tmp(out, older_than=run_start)
+    run = {"shards": n_shards, "reused_pass1": int(reused[0]), "reused_tokens": int(reused2[0]),
+           "tokens_scored": int(tok_now[0]), "seconds": elapsed}
+    return {**summary, "run": run}
 
-
-def _summary(tot, keys, tstats: TokenizeStats, n_examples, cfg: RuleConfig, thresholds, tr_note, tr_info,
-             fp, n_shards, settings) -> dict:
-    only = {k: int(v) for k, v in zip(keys, tot[: len(keys)])}
-    bits = np.arange(8)
-    cnt = np.array([only[f"only:{b}"] for b in range(8)])
-
-    def n(mask: int) -> int:
-        return int(cnt[(bits & mask) == mask].sum())
-
-    response = int(cnt.sum())
-    kept = int(cnt[0])
-    masked = {"RI": n(1), "KN": n(2), "TR": n(4), "any": response - kept}
-    frac = {k: (v / response if response else 0.0) for k, v in masked.items()}
-    pairs = {}
-    for a, b, m in (("RI", "KN", 3), ("RI", "TR", 5), ("KN", "TR", 6)):
-        both = n(m)
-        union = masked[a] + masked[b] - both
-        pairs[f"{a}&{b}"] = {"both": both, "jaccard": both / union if union else 0.0,
-                             "overlap_of_smaller": both / min(masked[a], masked[b]) if min(masked[a], masked[b]) else 0.0}
-    names = {0: "none", 1: "RI", 2: "KN", 3: "RI+KN", 4: "TR", 5: "RI+TR", 6: "KN+TR", 7: "RI+KN+TR"}
-    thr = {
-        "ri": {"rule": "per sequence: mask S_RI < Q1 - k * (Q3 - Q1)", "k": cfg.ri_k},
-        "kn": {"rule": "mask S_KN < threshold", "threshold": cfg.kn_threshold},
-        "tr": {
-            "rule": f"Multi-Otsu, {cfg.tr_classes} classes over a {cfg.tr_nbins}-bin [0, 1] histogram; mask class {cfg.tr_masked_class} (0 = lowest mean)",
-            "thresholds": None if thresholds is None else [float(x) for x in thresholds],
-            "masked_range": None if thresholds is None else _class_range(thresholds, cfg.tr_masked_class),
-            "note": tr_note,
-            **tr_info,
-        },
-        "enabled": list(cfg.enabled),
-    }
-    return {
-        "paper": PAPER,
-        "fingerprint": fp,
-        "shards": n_shards,
-        "examples": {"records": tstats.records, "scored": n_examples, "skipped": dict(tstats.skipped),
-                     "truncated": tstats.truncated, "skip_messages": tstats.errors[:20]},
-        "tokens": {"total": int(tot[len(keys)]), "prompt": int(tot[len(keys) + 1]), "response": response,
-                   "kept": kept, "masked": response - kept},
-        "masked": masked,
-        "masked_fraction": frac,
-        "overlap": {"pairs": pairs, "all_three": n(7),
-                    "combinations": {names[b]: int(cnt[b]) for b in range(8)}},
-        "thresholds": thr,
-        "settings": settings,
-    }
-
-
-def _class_range(thresholds, k: int) -> list[float | None]:
-    t = [float(x) for x in thresholds]
-    lo = t[k - 1] if k >= 1 else None
-    hi = t[k] if k < len(t) else None
-    return [lo, hi]

@@ -18,6 +18,8 @@ import numpy as np
 
 from .export import load_token_table
 from .rules import reason_names
+from .rundir import REPORT, check_writable_dir, named_os_error
+from .shards import atomic_path
 
 __all__ = ["build_report", "make_plots"]
 
@@ -46,7 +48,8 @@ def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> di
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
         out[name] = buf.getvalue()
-        (plot_dir / f"{name}.png").write_bytes(out[name])
+        with atomic_path(plot_dir / f"{name}.png") as tmp:
+            tmp.write_bytes(out[name])
 
     def clean(a):
         a = np.asarray(a, dtype=np.float64)[resp]
@@ -104,6 +107,30 @@ def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> di
     return out
 
 
+def _diagnostics_html(diag: dict | None) -> str:
+    """The ground-truth-free warnings of ``summary.json``: always-masked types, per-type shares."""
+    if not diag:
+        return ""
+    am = diag["always_masked"]
+
+    def rows(items: list[dict]) -> str:
+        return "".join(
+            f"<tr><td>{html.escape(repr(r['token']))}</td><td>{r['count']}</td><td>{r['masked_share']:.1%}</td>"
+            f"<td>{r.get('RI', 0):.1%}</td><td>{r.get('KN', 0):.1%}</td><td>{r.get('TR', 0):.1%}</td></tr>"
+            for r in items
+        )
+
+    head = "<tr><th>token</th><th>occurrences</th><th>masked</th><th>RI</th><th>KN</th><th>TR</th></tr>"
+    warn = "a long list of common types is a warning sign" if am["count"] else "none"
+    return (
+        f"<h2>Diagnostics (no ground truth needed)</h2><p><b>{am['count']}</b> token types with at least "
+        f"{am['min_count']} occurrences are masked at &ge; {am['share']:.0%} of their occurrences "
+        f"({am['occurrences']} tokens; {warn}). Such a type is masked for what it is, not where it stands.</p>"
+        f"<div class=\"cards\"><table><caption>always masked (most frequent)</caption>{head}{rows(am['top'])}</table>"
+        f"<table><caption>most frequent types: masked share per rule</caption>{head}{rows(diag['per_type'])}</table></div>"
+    )
+
+
 def _fmt(x) -> str:
     return "nan" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{float(x):.4g}"
 
@@ -133,10 +160,16 @@ def build_report(
     if not summ_path.is_file():
         raise FileNotFoundError(f"out_dir: {summ_path} not found; run `xtf score` first")
     summary = json.loads(summ_path.read_text())
-    dest = Path(dest) if dest is not None else out / "report" / "index.html"
+    dest = Path(dest) if dest is not None else out / REPORT / "index.html"
+    if dest.is_dir():
+        raise IsADirectoryError(f"dest: {dest} is a directory; expected the path of an .html file")
+    check_writable_dir(dest.parent, "dest")
     t = load_token_table(out)
     cols = {c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names}
-    pngs = make_plots(cols, summary, dest.parent)
+    try:
+        pngs = make_plots(cols, summary, dest.parent)
+    except OSError as e:
+        raise named_os_error(e, f"dest: cannot write the plots next to {dest}") from e
 
     ex = cols["example_id"]
     order = np.lexsort((cols["position"], ex))
@@ -213,6 +246,7 @@ table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;pa
 <h2>Thresholds</h2>
 <p>RI: per sequence S_RI &lt; Q1 - {thr["ri"]["k"]}&middot;IQR &middot; KN: S_KN &lt; {thr["kn"]["threshold"]} &middot;
 TR: Multi-Otsu thresholds {html.escape(json.dumps(thr["tr"].get("thresholds")))}, masked class range {html.escape(json.dumps(thr["tr"].get("masked_range")))} ({html.escape(str(thr["tr"].get("metric")))} distance)</p>
+{_diagnostics_html(summary.get("diagnostics"))}
 <h2>Score distributions</h2>
 <div class="plots"><img alt="RI histogram" src="{img["hist_ri"]}"><img alt="KN histogram" src="{img["hist_kn"]}"><img alt="TR histogram" src="{img["hist_tr"]}"><img alt="rule overlap" src="{img["overlap"]}"></div>
 <h2>Overlap of the rules</h2>
@@ -244,8 +278,9 @@ TR: Multi-Otsu thresholds {html.escape(json.dumps(thr["tr"].get("thresholds")))}
 </script>
 </body></html>
 """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, dest)
+    try:
+        with atomic_path(dest) as tmp:
+            tmp.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise named_os_error(e, f"dest: cannot write {dest}") from e
     return dest

@@ -10,7 +10,13 @@ A response token is masked (label -> ignore index) when ANY enabled rule fires:
   with the second-smallest mean (class index 1 of the ordered classes) is masked.
 
 Prompt tokens are never trained on: their ``keep`` is False and their reason bitmask is 0.
-NaN scores never fire a rule.
+NaN scores never fire a rule. Token ids in ``RuleConfig.protect`` are never masked.
+
+The readings of the paper's ambiguous parts are options here too (the defaults are the paper's
+literal reading, docs/xtf.md): ``tr_source`` (``"input"``: the token's input-embedding row;
+``"contextual"``: the base model's final hidden state at that position) and ``ri_aggregation``
+(``"mean"``: attention received averaged over the visible queries; ``"debiased"``: the received
+mass divided by what uniform causal attention would give the key).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import numpy as np
 
 from .multiotsu import digitize
 
-__all__ = ["Reason", "RuleConfig", "ri_fence_mask", "kn_mask", "tr_mask", "apply_rules", "overlap_counts", "reason_names"]
+__all__ = ["Reason", "RuleConfig", "ri_fence_mask", "kn_mask", "tr_mask", "apply_rules", "overlap_counts", "reason_names",
+           "TR_SOURCES", "RI_AGGREGATIONS", "type_diagnostics"]
 
 
 class Reason(enum.IntFlag):
@@ -39,6 +46,8 @@ def reason_names(bits: int) -> list[str]:
 
 
 _RULES = ("ri", "kn", "tr")
+TR_SOURCES: tuple[str, ...] = ("input", "contextual")
+RI_AGGREGATIONS: tuple[str, ...] = ("mean", "debiased")
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,13 @@ class RuleConfig:
         tr_masked_class: which class (0 = lowest mean) is masked; 1 = second-smallest mean.
         tr_nbins: bins of the fixed [0, 1] histogram of S_TR.
         enabled: rules in force, a subset of ("ri", "kn", "tr") (ablations).
+        tr_source: ``"input"`` (S_TR from the token's input-embedding row: a function of the
+            token id) or ``"contextual"`` (from the base model's final hidden state at that
+            position, domain vector = its mean over response tokens; per occurrence).
+        ri_aggregation: ``"mean"`` (received attention averaged over the queries that see the
+            key) or ``"debiased"`` (received mass divided by uniform causal attention's
+            ``sum_{i >= j} 1 / n_keys(i)``: removes the decay along the sequence).
+        protect: token ids never masked (e.g. EOS); default none.
     """
 
     ri_k: float = 1.0
@@ -60,6 +76,9 @@ class RuleConfig:
     tr_masked_class: int = 1
     tr_nbins: int = 256
     enabled: tuple[str, ...] = field(default=_RULES)
+    tr_source: str = "input"
+    ri_aggregation: str = "mean"
+    protect: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.ri_k, (int, float)) or not np.isfinite(self.ri_k) or self.ri_k < 0:
@@ -78,11 +97,21 @@ class RuleConfig:
         if not set(en) <= set(_RULES):
             raise ValueError(f"enabled: expected a subset of {_RULES}, got {en!r}")
         object.__setattr__(self, "enabled", tuple(r for r in _RULES if r in en))
+        if self.tr_source not in TR_SOURCES:
+            raise ValueError(f"tr_source: expected one of {TR_SOURCES}, got {self.tr_source!r}")
+        if self.ri_aggregation not in RI_AGGREGATIONS:
+            raise ValueError(f"ri_aggregation: expected one of {RI_AGGREGATIONS}, got {self.ri_aggregation!r}")
+        if isinstance(self.protect, (str, bytes)) or not all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in self.protect
+        ):
+            raise ValueError(f"protect: expected a sequence of token ids (ints >= 0), got {self.protect!r}")
+        object.__setattr__(self, "protect", tuple(sorted({int(t) for t in self.protect})))
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
         d = asdict(self)
         d["enabled"] = list(self.enabled)
+        d["protect"] = list(self.protect)
         return d
 
 
@@ -165,7 +194,8 @@ def apply_rules(
 
     Args:
         table: mapping with 1-D columns ``example_id`` (int), ``is_response`` (bool), ``ri``,
-            ``kn``, ``tr`` (float; NaN = not scored). A pyarrow Table converted with
+            ``kn``, ``tr`` (float; NaN = not scored), and ``token_id`` when ``config.protect``
+            is set (protected ids are never masked). A pyarrow Table converted with
             ``{c: t[c].to_numpy() for c in t.column_names}`` works.
         config: thresholds (default :class:`RuleConfig`).
         tr_thresholds: Multi-Otsu thresholds of S_TR (from the whole dataset).
@@ -190,6 +220,11 @@ def apply_rules(
     if "tr" in cfg.enabled:
         fired = tr_mask(table["tr"], resp, tr_thresholds, cfg.tr_masked_class)
         reasons |= np.where(fired, np.uint8(Reason.TR), np.uint8(0))
+    if cfg.protect:
+        if "token_id" not in table:
+            raise ValueError("table: missing column 'token_id' (needed by RuleConfig.protect)")
+        prot = np.isin(np.asarray(table["token_id"], dtype=np.int64), np.asarray(cfg.protect, dtype=np.int64))
+        reasons[prot] = 0
     keep = resp & (reasons == 0)
     return reasons, keep
 
@@ -216,3 +251,58 @@ def overlap_counts(reasons: np.ndarray, is_response: np.ndarray) -> dict[str, in
     out["kept"] = int(counts[0])
     out["masked"] = out["response"] - out["kept"]
     return out
+
+
+def type_diagnostics(
+    counts: np.ndarray,
+    masked: np.ndarray,
+    per_rule: dict[str, np.ndarray],
+    decode=None,
+    *,
+    min_count: int = 20,
+    share: float = 0.95,
+    top: int = 20,
+) -> dict:
+    """Ground-truth-free warnings per token type, from per-type occurrence counts.
+
+    A token type masked at nearly every occurrence is masked for what it IS, not where it
+    stands; a long list of common types (glue words, EOS, digits) is a warning sign before any
+    training is spent.
+
+    Args:
+        counts: int ``[V]`` response occurrences per token id.
+        masked: int ``[V]`` masked response occurrences per token id (any rule).
+        per_rule: ``{"RI"|"KN"|"TR": int [V]}`` occurrences where that rule fired.
+        decode: optional ``token_id -> str`` for readable names.
+        min_count: types with fewer occurrences are left out.
+        share: the "always masked" cut.
+        top: rows listed.
+
+    Returns:
+        ``{"always_masked": {"count", "min_count", "share", "occurrences", "top": [...]},
+        "per_type": [...]}``: each listed row has ``token_id``, ``token``, ``count``,
+        ``masked_share`` and the share per rule; ``always_masked.top`` are the most frequent
+        always-masked types, ``per_type`` the most frequent types overall.
+    """
+    n = np.asarray(counts, dtype=np.int64)
+    m = np.asarray(masked, dtype=np.int64)
+    if n.ndim != 1 or m.shape != n.shape or any(np.shape(v) != n.shape for v in per_rule.values()):
+        raise ValueError("counts, masked, per_rule: expected 1-D arrays of one length (the vocabulary)")
+    if not 0.0 < float(share) <= 1.0:
+        raise ValueError(f"share: expected a number in (0, 1], got {share!r}")
+
+    def row(t: int) -> dict:
+        r = {"token_id": int(t), "token": decode(int(t)) if decode else str(int(t)), "count": int(n[t]),
+             "masked_share": float(m[t] / n[t])}
+        r.update({k: float(np.asarray(v)[t] / n[t]) for k, v in per_rule.items()})
+        return r
+
+    frequent = np.flatnonzero(n >= int(min_count))
+    always = frequent[m[frequent] >= float(share) * n[frequent]]
+    always = always[np.argsort(-n[always], kind="stable")]
+    by_count = frequent[np.argsort(-n[frequent], kind="stable")]
+    return {
+        "always_masked": {"count": int(always.size), "min_count": int(min_count), "share": float(share),
+                          "occurrences": int(n[always].sum()), "top": [row(t) for t in always[:top]]},
+        "per_type": [row(t) for t in by_count[:top]],
+    }

@@ -7,6 +7,9 @@
 * :class:`TaskRelevance`: ``S_TR = 1 - minmax(D(E[token], V))`` with ``V`` the mean
   input-embedding row over the dataset's response-token occurrences, accumulated as a token-id
   histogram (streamed; mergeable across ranks), D cosine (default) or euclidean distance.
+* Readings (options): :func:`uniform_received_mass` for the position-debiased RI, and
+  :func:`hidden_distance` for the contextual TR (distance of each occurrence's final hidden
+  state to the mean response hidden state).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ __all__ = [
     "knowledge_novelty",
     "TaskRelevance",
     "resolve_ri_fn",
+    "uniform_received_mass",
+    "hidden_distance",
+    "HiddenCapture",
 ]
 
 RIFn = Callable[..., torch.Tensor]
@@ -68,16 +74,45 @@ def reasoning_importance(
         model: Hugging Face causal LM (the frozen base model).
         input_ids: int ``[B, L]``; attention_mask: ``[B, L]`` (1 = token, 0 = padding).
         layers: layer subset (None: all layers).
-        reduce: ``"mean_over_queries"`` (default: averaged over the queries that see the key)
-            or another mode supported by the attention module (e.g. raw summed mass).
+        reduce: ``"mean_over_queries"`` (default: averaged over the queries that see the key),
+            ``"debiased"`` (summed mass / :func:`uniform_received_mass`) or another mode of the
+            attention module (e.g. ``"sum"``, the raw summed mass).
         ri_fn: override of ``collect_received_attention`` (same signature).
     """
     _check_batch(input_ids, attention_mask)
     fn = resolve_ri_fn(ri_fn)
-    ri = fn(model, input_ids, attention_mask, layers=layers, reduce=reduce)
+    debiased = reduce == "debiased"
+    ri = fn(model, input_ids, attention_mask, layers=layers, reduce="sum" if debiased else reduce)
     if not isinstance(ri, torch.Tensor) or tuple(ri.shape) != tuple(input_ids.shape):
         raise ValueError(f"ri_fn: expected a tensor of shape {tuple(input_ids.shape)}, got {getattr(ri, 'shape', ri)!r}")
+    if debiased:
+        u = uniform_received_mass(attention_mask.to(ri.device))
+        return torch.where(u > 0, ri.float() / u.clamp_min(1e-30), torch.zeros_like(u))
     return ri.float()
+
+
+def uniform_received_mass(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Attention mass key ``j`` would receive if every query attended uniformly to what it sees.
+
+    Causal attention, padding excluded (left or right): query ``i`` sees ``n(i)`` real keys
+    ``<= i``, so key ``j`` receives ``sum_{real i >= j} 1 / n(i)``. For a sequence starting at
+    position 0 that is ``sum_{i >= j} 1 / (i + 1)``. The debiased RI is the summed received
+    mass divided by this (1 = as much as uniform attention gives; the decay along the sequence
+    cancels). One row is one document.
+
+    Args:
+        attention_mask: ``[B, L]`` bool or 0/1 (1 = real token).
+
+    Returns:
+        fp64 ``[B, L]`` (0 at padding).
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError("attention_mask: expected a [B, L] tensor")
+    v = attention_mask.to(torch.float64)
+    n = torch.cumsum(v, dim=1)
+    inv = torch.where(v > 0, 1.0 / n.clamp_min(1.0), torch.zeros_like(v))
+    tail = torch.flip(torch.cumsum(torch.flip(inv, [1]), dim=1), [1])
+    return tail * v
 
 
 def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -226,3 +261,42 @@ class TaskRelevance:
             "occurrences": total,
         }
         return tr
+
+
+@torch.no_grad()
+def hidden_distance(hidden: torch.Tensor, domain: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
+    """Distance of every position's hidden state to the domain vector (contextual TR).
+
+    Args:
+        hidden: ``[B, L, D]`` final hidden states.
+        domain: ``[D]`` domain vector (mean response hidden state over the dataset).
+        metric: ``"cosine"`` or ``"euclidean"``.
+
+    Returns:
+        fp64 ``[B, L]`` distances.
+    """
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric: expected 'cosine' or 'euclidean', got {metric!r}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or domain.shape != hidden.shape[-1:]:
+        raise ValueError(f"hidden, domain: expected [B, L, D] and [D], got {tuple(hidden.shape)}, {tuple(domain.shape)}")
+    h = hidden.double()
+    v = domain.to(h.device, torch.float64)
+    if metric == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(h, v.expand_as(h), dim=-1, eps=1e-12)
+    return (h - v).norm(dim=-1)
+
+
+class HiddenCapture:
+    """Forward hook on the decoder: keeps the final hidden states of the last forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+        self.handle = dec.register_forward_hook(self._hook) if dec is not None and dec is not model else None
+
+    def _hook(self, module, args, output) -> None:
+        self.value = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()

@@ -3,13 +3,23 @@
 A shard file appears only complete: it is written to a temporary name in the same directory,
 fsynced and renamed (``os.replace`` is atomic on POSIX), so an interrupted run leaves either the
 old state or the new shard, never a torn file, and a resumed run skips shards already present.
+
+Temporary names carry their writer, ``.<final name>.<pid>@<host>.<random>.tmp``, so a later
+run can tell a file left by a killed process (see :mod:`xtf_kernels.xtf.rundir`) from one a
+live process is still writing. They are created with mode ``0o666`` minus the umask, as
+``open()`` would, so the results are as readable as any other file the user creates.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +30,12 @@ import torch
 __all__ = [
     "write_table_atomic",
     "write_json_atomic",
+    "atomic_path",
+    "create_tmp",
+    "host_tag",
+    "parse_tmp_name",
+    "raise_if_any_rank_failed",
+    "RankFailedError",
     "read_shard",
     "shard_ok",
     "dist_info",
@@ -27,43 +43,81 @@ __all__ = [
     "barrier",
 ]
 
+_TMP_RE = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.(?P<rand>[0-9a-f]{8})\.tmp$")
 
-def write_table_atomic(table: pa.Table, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``table`` to ``path`` as Parquet atomically (temp file + fsync + rename)."""
+
+@functools.cache
+def host_tag() -> str:
+    """This machine as ``[A-Za-z0-9-]``: host name, plus the PID namespace where Linux has one.
+
+    Two writers with the same tag share a process table, so a pid can be checked for life.
+    """
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:48] or "host"
+    try:
+        ns = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        ns = ""
+    return f"{host}-ns{ns}" if ns else host
+
+
+def parse_tmp_name(name: str) -> tuple[str, int, str] | None:
+    """``(final name, writer pid, writer host tag)`` of a temp name made here, else None."""
+    m = _TMP_RE.match(name)
+    if m is None:
+        return None
+    return m["final"], int(m["pid"]), m["host"]
+
+
+def create_tmp(path: str | os.PathLike) -> Path:
+    """Create an empty temp file next to ``path`` (``O_EXCL``, mode ``0o666`` minus the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if metadata:
-        meta = dict(table.schema.metadata or {})
-        meta.update({k.encode(): v.encode() for k, v in metadata.items()})
-        table = table.replace_schema_metadata(meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}@{host_tag()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temp path next to ``path``; on success it is fsynced and renamed to ``path``.
+
+    The temp file exists (empty, see :func:`create_tmp`) before the block runs; the block
+    writes it by name. On any exception (KeyboardInterrupt included) the temp file is removed
+    and ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp = create_tmp(path)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def write_table_atomic(table: pa.Table, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``table`` to ``path`` as Parquet atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    if metadata:
+        meta = dict(table.schema.metadata or {})
+        meta.update({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp), compression="zstd")
     return path
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented, key-sorted JSON atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
 
@@ -123,3 +177,26 @@ def barrier() -> None:
     """Wait for all ranks (no-op without a process group)."""
     if dist_info()[1] > 1:
         torch.distributed.barrier()
+
+
+class RankFailedError(RuntimeError):
+    """Another rank failed a collective step (its own message says why)."""
+
+
+def raise_if_any_rank_failed(exc: BaseException | None) -> None:
+    """Collective: re-raise ``exc`` where a rank failed, and fail the others with a pointer to it.
+
+    Call it on every rank after a step only some ranks may fail (e.g. rank 0 checking the
+    output directory), so no rank is left waiting in a barrier for one that gave up.
+    """
+    rank, world = dist_info()
+    if world > 1:
+        flags = np.zeros(world, dtype=np.int64)
+        flags[rank] = exc is not None
+        failed = np.flatnonzero(all_reduce_sum(flags)).tolist()
+    else:
+        failed = [0] if exc is not None else []
+    if exc is not None:
+        raise exc
+    if failed:
+        raise RankFailedError(f"rank(s) {failed} failed; see the message printed by rank {failed[0]}")
