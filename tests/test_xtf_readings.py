@@ -180,3 +180,18 @@ def test_type_diagnostics_known_answer_and_in_summary(model_dir, tmp_path):
         assert row["KN"] == pytest.approx(float(((t["reasons"][sel] & 2) > 0).mean()))
     saved = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert saved["diagnostics"]["always_masked"]["count"] == diag["always_masked"]["count"]
+
+
+def test_xtf_score_cli_readings_flags(model_dir, tmp_path, capsys):
+    from xtf_kernels.cli import main
+
+    data, out = _data(tmp_path / "d.jsonl", n=5), tmp_path / "cli"
+    assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet",
+                 "--tr-source", "contextual", "--ri-aggregation", "debiased", "--protect", "2,3"]) == 0
+    rules = json.loads((out / "summary.json").read_text())["settings"]["rules"]
+    assert rules["tr_source"] == "contextual" and rules["ri_aggregation"] == "debiased" and rules["protect"] == [2, 3]
+    assert (out / "ctx").is_dir()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--protect", "eos"])
+    assert "--protect" in capsys.readouterr().err

@@ -174,6 +174,7 @@ class ReceivedAttentionCollector:
         self.cu_seqlens = cu_seqlens
         self._docs_src: tuple[Any, ...] | None = None
         self._docs: Documents | None = None
+        self._docs_inputs: tuple[Any, ...] = ()
         self.layers_requested = None if layers is None else list(layers)
         self.reduce = reduce
         self.backend = backend
@@ -237,13 +238,15 @@ class ReceivedAttentionCollector:
                     pos = p
         if pos is None and cu is None:
             return None
-        src = (pos, cu, B, L, device)
-        if self._docs_src is not None and all(x is y or x == y for x, y in zip(src, self._docs_src)):
+        # same tensors (identity and in-place version) -> same documents; a new batch recomputes
+        src = (_tensor_key(pos), _tensor_key(cu), B, L, device)
+        if self._docs_src == src:
             return self._docs
         pos_d = None if pos is None else pos.to(device)
         validate_documents(pos_d, cu, B, L, device)
         self._docs = documents(pos_d, cu, B, L, device)
         self._docs_src = src
+        self._docs_inputs = (pos, cu)  # keeps the keyed tensors alive, so their ids stay unique
         return self._docs
 
     def _forward(
@@ -322,6 +325,10 @@ class ReceivedAttentionCollector:
             if missing:
                 raise RuntimeError(f"layers: requested layers {missing} never ran attention")
         return self._sum / len(self._seen)
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple[int, int] | None:
+    return None if t is None else (id(t), t._version)
 
 
 def _num_layers(model: torch.nn.Module) -> int | None:

@@ -32,6 +32,7 @@ __all__ = [
     "resolve_ri_fn",
     "uniform_received_mass",
     "hidden_distance",
+    "HiddenCapture",
 ]
 
 RIFn = Callable[..., torch.Tensor]
@@ -274,3 +275,19 @@ def hidden_distance(hidden: torch.Tensor, domain: torch.Tensor, metric: str = "c
     if metric == "cosine":
         return 1.0 - torch.nn.functional.cosine_similarity(h, v.expand_as(h), dim=-1, eps=1e-12)
     return (h - v).norm(dim=-1)
+
+
+class HiddenCapture:
+    """Forward hook on the decoder: keeps the final hidden states of the last forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+        self.handle = dec.register_forward_hook(self._hook) if dec is not None and dec is not model else None
+
+    def _hook(self, module, args, output) -> None:
+        self.value = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()

@@ -20,7 +20,7 @@ from .. import rundir
 from .. import shards as sh
 from ..contextual import HIDDEN_SUM_KEY, encode_meta, hidden_sum_meta
 from ..data import Example
-from ..scorers import decoder_hidden, knowledge_novelty, reasoning_importance
+from ..scorers import HiddenCapture, decoder_hidden, knowledge_novelty, reasoning_importance
 from .prepare import ScoreRun
 
 __all__ = ["pad_batch", "pending_pass1", "run_pass1"]
@@ -37,22 +37,6 @@ def pad_batch(batch: Sequence[Example], pad_id: int, device: torch.device) -> tu
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
         mask[i, : len(e.input_ids)] = 1
     return ids.to(device), mask.to(device)
-
-
-class _HiddenCapture:
-    """Forward hook on the decoder: keeps the final hidden states of the last forward."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.value: torch.Tensor | None = None
-        dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-        self.handle = dec.register_forward_hook(self._hook) if dec is not None and dec is not model else None
-
-    def _hook(self, module, args, output) -> None:
-        self.value = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
 
 
 def _add_hidden_sum(hidden_sum: list, hidden: torch.Tensor, ids: torch.Tensor, batch: Sequence[Example]) -> None:
@@ -88,7 +72,7 @@ def _append_rows(cols: dict[str, list[np.ndarray]], batch: Sequence[Example], ri
 def _score_shard(run: ScoreRun, examples: Sequence[Example], pbar, hidden_sum: list | None = None) -> pa.Table:
     model, ref_model, backend = run.model, run.ref_model, run.opts.backend
     cols: dict[str, list[np.ndarray]] = {k: [] for k in _COLUMNS}
-    cap = _HiddenCapture(model)
+    cap = HiddenCapture(model)
     try:
         for s in range(0, len(examples), run.opts.batch_size):
             batch = examples[s : s + run.opts.batch_size]
