@@ -17,8 +17,9 @@ CUDA the ``--gpu-preset`` model): the same examples of exactly ``L`` tokens
   ``--max-naive-gb``.
 
 Each subprocess warms up on a short batch, then times ``--repeats`` runs (the fastest is
-reported, with the median) and reports its peak resident set (``ru_maxrss``; on CUDA the
-peak allocation). Results: ``<out>/score_throughput_<device>.csv``.
+reported, with the median, and the process CPU time of the fastest: on a loaded machine with
+one thread per process, CPU seconds are the steadier measure) and reports its peak resident
+set (``ru_maxrss``; on CUDA the peak allocation). Results: ``<out>/score_throughput_<device>.csv``.
 
 Part 2, **packed vs padded attention** (``--mixed``, kernel level, in this process): documents
 of uniform random length in [32, 1024] tokens, laid out two ways, and
@@ -82,7 +83,7 @@ CPU_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, n
 GPU_MODEL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
                  num_key_value_heads=8, vocab_size=128256)
 FIELDS = ["device", "method", "L", "examples", "batch", "threads", "status", "seconds", "seconds_median",
-          "vs_floor", "tokens_per_s", "peak_mb", "note", "load_avg", "torch", "model"]
+          "vs_floor", "cpu_seconds", "cpu_vs_floor", "tokens_per_s", "peak_mb", "note", "load_avg", "torch", "model"]
 LAYER_FIELDS = ["device", "method", "L", "Hq", "Hkv", "Dh", "dtype", "seconds", "seconds_median", "vs_sdpa",
                 "threads"]
 PACKED_FIELDS = ["device", "layout", "documents", "real_tokens", "positions", "padding_share", "batch", "row",
@@ -204,22 +205,23 @@ def _child(args: argparse.Namespace) -> None:
             _run_ours(model, recs, tok, batch, args.L, args.device)
 
     once(warm, None)
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeats):
         if args.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         once(records, ids)
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": min(times), "seconds_median": statistics.median(times), "peak_mb": peak,
-                      "examples": n, "batch": batch}))
+    print(json.dumps({"seconds": min(times), "seconds_median": statistics.median(times), "cpu_seconds": min(cpu),
+                      "peak_mb": peak, "examples": n, "batch": batch}))
 
 
 # --------------------------------------------------------------------------- part 1 driver
@@ -249,7 +251,8 @@ def run_scoring(args: argparse.Namespace) -> list[dict]:
         batch = max(1, min(n, args.batch_tokens // L))
         for method in args.methods:
             row = dict(device=args.device, method=method, L=L, examples=n, batch=batch, threads=args.threads,
-                       status="ok", seconds="", seconds_median="", vs_floor="", tokens_per_s="", peak_mb="",
+                       status="ok", seconds="", seconds_median="", vs_floor="", cpu_seconds="", cpu_vs_floor="",
+                       tokens_per_s="", peak_mb="",
                        note="", load_avg=_load_avg(), torch=torch.__version__,
                        model=",".join(f"{k}={v}" for k, v in spec.items()) + f",{args.dtype}")
             est = _naive_gb(spec, L, batch, itemsize)
@@ -274,7 +277,8 @@ def run_scoring(args: argparse.Namespace) -> list[dict]:
             else:
                 out = json.loads(res.stdout.strip().splitlines()[-1])
                 row.update(seconds=round(out["seconds"], 3), seconds_median=round(out["seconds_median"], 3),
-                           peak_mb=round(out["peak_mb"]), tokens_per_s=round(n * L / out["seconds"]))
+                           cpu_seconds=round(out["cpu_seconds"], 3), peak_mb=round(out["peak_mb"]),
+                           tokens_per_s=round(n * L / out["seconds"]))
             rows.append(row)
             print(f"{method:6s} L={L:6d}: {row['status']} {row['seconds']} s, peak {row['peak_mb']} MB {row['note']}",
                   flush=True)
@@ -282,6 +286,7 @@ def run_scoring(args: argparse.Namespace) -> list[dict]:
         floor = next((f for f in rows if f["method"] == "floor" and f["L"] == r["L"] and f["status"] == "ok"), None)
         if floor and r["status"] == "ok":
             r["vs_floor"] = round(r["seconds"] / floor["seconds"], 3)
+            r["cpu_vs_floor"] = round(r["cpu_seconds"] / floor["cpu_seconds"], 3)
     return rows
 
 
@@ -626,14 +631,15 @@ def _plot(score_rows: list[dict], mixed_rows: list[dict], layer_rows: list[dict]
                 ys.append(r["seconds"])
                 ax.annotate(f"{r['peak_mb']} MB", (xs[-1], ys[-1]), ha="center", va="bottom", fontsize=6)
             else:
-                ax.annotate(r["status"], (j + (i - 1) * width, 0), ha="center", va="bottom", fontsize=7, rotation=90)
+                ax.annotate(f"{method}: {r['status']}", (j + (i - 1) * width, 0.02), xycoords=("data", "axes fraction"),
+                            ha="center", va="bottom", fontsize=7, rotation=90)
         if xs:
             ax.bar(xs, ys, width, label=method)
     ax.set_xticks(range(len(lengths)), [f"L={L}\n({next(r['examples'] for r in score_rows if r['L'] == L)} ex.)"
                                         for L in lengths])
     ax.set_ylabel("seconds (fastest repeat)")
     ax.set_title(f"scoring, random Llama ({args.device}, {args.threads} threads)", fontsize=9)
-    if score_rows:
+    if any(r["status"] == "ok" for r in score_rows):
         ax.legend(fontsize=8)
     ax = axes[1]
     if mixed_rows:
@@ -642,6 +648,7 @@ def _plot(score_rows: list[dict], mixed_rows: list[dict], layer_rows: list[dict]
         for j, r in enumerate(mixed_rows):
             ax.annotate(f"{r['vs_padded']}x\n{r['slots']} slots", (j, r["seconds"]), ha="center", va="bottom",
                         fontsize=7)
+        ax.margins(y=0.15)
         ax.set_title(f"attention + received, {mixed_rows[0]['documents']} docs of 32-1024 tokens "
                      f"(padding share {mixed_rows[0]['padding_share']:.0%})", fontsize=9)
         ax.set_ylabel("seconds (fastest repeat)")
@@ -722,8 +729,8 @@ def main(argv: list[str] | None = None) -> None:
     score_rows = run_scoring(args) if args.scoring else []
     if score_rows:
         _write_csv(stem.with_suffix(".csv"), FIELDS, score_rows)
-        print(_table(score_rows, ["method", "L", "examples", "batch", "status", "seconds", "vs_floor", "peak_mb",
-                                  "tokens_per_s", "note"]))
+        print(_table(score_rows, ["method", "L", "examples", "batch", "status", "seconds", "vs_floor", "cpu_seconds",
+                                  "cpu_vs_floor", "peak_mb", "note"]))
     mixed_rows = run_mixed(args) if args.mixed else []
     if mixed_rows:
         _write_csv(args.out / f"score_throughput_mixed_{args.device}.csv", MIXED_FIELDS, mixed_rows)

@@ -25,7 +25,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..ops import masked_ce
 from . import shards as sh
 from .contextual import hidden_sum_meta
 from .data import Example
@@ -37,7 +36,7 @@ from .packing import (
     packing_summary,
     plan_rows,
 )
-from .scorers import HiddenCapture, lm_head_params
+from .scorers import HiddenCapture, knowledge_novelty
 
 __all__ = ["PackedScoring", "check_packing_supported", "near_threshold_total", "packing_report", "progress_note",
            "score_shard_packed", "uniform_received_mass_packed"]
@@ -87,14 +86,9 @@ def _decoder_hidden(model, batch: PackedBatch) -> torch.Tensor:
 
 
 def _kn(model, batch: PackedBatch, hidden: torch.Tensor, ref_logprobs, backend: str) -> dict[str, torch.Tensor]:
-    w, b, softcap, scale = lm_head_params(model)
-    h = hidden if scale == 1.0 else hidden * scale
-    ids = batch.input_ids.to(h.device)
-    labels = ids.masked_fill(batch.attention_mask.to(h.device) == 0, -100)
-    _, st = masked_ce(h, w.to(h.dtype), labels, bias=None if b is None else b.to(h.dtype), shift=True,
-                      position_ids=batch.position_ids.to(h.device), reduction="sum", softcap=softcap,
-                      ref_logprobs=ref_logprobs, return_stats=True, backend=backend)
-    return {"kn": 1.0 - st.prob.float(), "logprob": st.logprob.float(), "entropy": st.entropy.float()}
+    dev = hidden.device
+    return knowledge_novelty(model, batch.input_ids.to(dev), batch.attention_mask.to(dev), hidden=hidden,
+                             ref_logprobs=ref_logprobs, backend=backend, position_ids=batch.position_ids.to(dev))
 
 
 def _forward(model, ref_model, batch: PackedBatch, cap, ri_fn, ri_layers, ri_reduce, backend):
@@ -242,12 +236,13 @@ def progress_note(report: dict) -> str:
 
 
 class PackedScoring:
-    """What ``score_dataset(..., pack=True)`` does differently, behind three calls.
+    """What ``score_dataset(..., pack=True)`` does differently, behind three hooks.
 
-    :meth:`start` (None unless ``pack``) records ``pack`` in the run's settings and refuses a
-    model that cannot pack; :meth:`score_shard` takes :func:`_score_shard`'s arguments (rows
-    of up to ``capacity`` tokens, ``batch_size`` rows per forward; the progress bar shows the
-    padding saved); :meth:`summary` gives ``{"packing": ...}`` for ``summary.json``.
+    :meth:`start` (None unless ``run.opts.pack``) refuses a model that cannot pack;
+    :meth:`score_shard` replaces pass 1's ``_score_shard(run, examples, pbar, hidden_sum)``
+    (rows of up to ``max_length`` tokens, ``batch_size`` rows per forward; the progress bar
+    shows the padding saved); :meth:`summary` gives ``{"packing": ...}`` for ``summary.json``.
+    ``run`` is the :class:`~xtf_kernels.xtf.scoring.prepare.ScoreRun`.
     """
 
     def __init__(self, examples: Sequence[Example], shard_size: int, capacity: int, batch_size: int) -> None:
@@ -255,21 +250,22 @@ class PackedScoring:
         self.counts = packing_report(examples, shard_size, capacity, batch_size)
 
     @classmethod
-    def start(cls, pack: bool, settings: dict, model, ref_model, examples: Sequence[Example], *, shard_size: int,
-              capacity: int, batch_size: int, **probe) -> PackedScoring | None:
-        """None without ``pack``; else checks the model (``probe``: see :func:`check_packing_supported`)."""
-        if not isinstance(pack, bool):
-            raise TypeError(f"pack: expected a bool, got {type(pack).__name__}")
-        if not pack:
+    def start(cls, run, max_length: int) -> PackedScoring | None:
+        """None without ``pack``; else probes the models (:func:`check_packing_supported`)."""
+        if not run.opts.pack:
             return None
-        settings["pack"] = True
-        check_packing_supported(model, ref_model, examples, **probe)
-        return cls(examples, shard_size, capacity, batch_size)
+        check_packing_supported(run.model, run.ref_model, run.examples, ri_fn=run.ri_fn, ri_layers=run.opts.ri_layers,
+                                ri_reduce=run.ri_reduce, backend=run.opts.backend, pad_id=run.pad_id,
+                                device=run.device)
+        return cls(run.examples, run.opts.shard_size, max_length, run.opts.batch_size)
 
-    def score_shard(self, model, ref_model, examples: Sequence[Example], *, pbar=None, **kw) -> pa.Table:
+    def score_shard(self, run, examples: Sequence[Example], pbar, hidden_sum: list | None = None) -> pa.Table:
         if pbar is not None:
             pbar.set_postfix_str(progress_note(self.counts), refresh=False)
-        return score_shard_packed(model, ref_model, examples, capacity=self.capacity, pbar=pbar, **kw)
+        return score_shard_packed(run.model, run.ref_model, examples, capacity=self.capacity,
+                                  batch_size=run.opts.batch_size, pad_id=run.pad_id, device=run.device,
+                                  ri_fn=run.ri_fn, ri_layers=run.opts.ri_layers, ri_reduce=run.ri_reduce,
+                                  backend=run.opts.backend, pbar=pbar, hidden_sum=hidden_sum)
 
     def summary(self, paths: Sequence, rules, thresholds) -> dict:
         """``{"packing": packing_summary(...)}`` with the near-threshold count summed over ranks."""
