@@ -423,6 +423,21 @@ void grad_block_(torch::Tensor z, torch::Tensor y, torch::Tensor row_max, torch:
   sums.reduce();
 }
 
+// c * tanh(x / c) elementwise through the row kernels' softcap_fn (a test hook).
+torch::Tensor softcap_values(torch::Tensor x, double c) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x: expected a contiguous float32 CPU tensor");
+  TORCH_CHECK(c > 0, "c: expected a positive softcap, got ", c);
+  auto out = torch::empty_like(x);
+  const float cf = static_cast<float>(c), inv = 1.0f / cf;
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = x.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) op[i] = softcap_fn(xp[i], cf, inv);
+  return out;
+}
+
 // Kernel self-description for `python -m xtf_kernels.info`.
 std::string build_info() {
   std::string s = "xtf native: C++" + std::to_string(__cplusplus / 100 % 100);
@@ -448,5 +463,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"),
         py::arg("v0"), py::arg("vocab"), py::arg("softcap"), py::arg("label_smoothing"),
         py::arg("z_loss"), py::arg("db") = py::none());
+  m.def("softcap_values", &softcap_values, "c * tanh(x / c) through the kernels' softcap (test hook)",
+        py::arg("x"), py::arg("c"));
   m.def("build_info", &build_info, "compile-time features of this build");
 }

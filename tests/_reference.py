@@ -55,7 +55,7 @@ def reference_masked_ce(
     safe_y = torch.where(valid, y, torch.zeros_like(y))
     gold = acc.gather(1, safe_y[:, None]).squeeze(1)
     p = torch.softmax(acc, -1)
-    ent = lse - (p * acc).sum(-1)
+    ent = lse - torch.where(p > 0, p * acc, 0.0).sum(-1)  # 0 log 0 = 0 (-inf logits)
     logprob = gold - lse
     nan = torch.tensor(float("nan"), dtype=acc.dtype)
     stats = {

@@ -67,6 +67,13 @@ def _softcap(z, cap):
 
 
 @triton.jit
+def _softcap_probe(OUT, X, cap, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    tl.store(OUT + offs, _softcap(tl.load(X + offs, mask=mask, other=0.0), cap), mask=mask)
+
+
+@triton.jit
 def _fold_tile(m, s, t, zs, z, valid, n_prev):
     """Fold a ``[R, BV]`` tile of logits ``z`` (``valid``: column mask) into the running row
     statistics ``m`` (max), ``s = sum exp(z - m)``, ``t = sum exp(z - m) (z - m)`` and
@@ -282,6 +289,27 @@ def row_offsets(rows: torch.Tensor, stride: int) -> torch.Tensor:
         raise ValueError(f"stride: expected a non-negative int, got {stride!r}")
     out = torch.empty(n, dtype=torch.int64, device=rows.device)
     _row_offset_probe[(1,)](out, rows, stride, N=n)
+    return out
+
+
+def softcap_values(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` elementwise through the kernels' softcap (a test hook).
+
+    Args:
+        x: contiguous fp32 tensor on the kernels' device.
+        cap: the softcap, > 0.
+
+    Returns:
+        fp32 tensor of ``x``'s shape.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not x.is_contiguous():
+        raise TypeError("x: expected a contiguous float32 tensor")
+    if not cap > 0:
+        raise ValueError(f"cap: expected a positive softcap, got {cap!r}")
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        _softcap_probe[(math.ceil(n / 1024),)](out, x, float(cap), n, BLOCK=1024)
     return out
 
 
