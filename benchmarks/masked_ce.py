@@ -8,7 +8,11 @@ a warm-up) and the peak memory of:
 * ``xtf-<backend>``: :func:`xtf_kernels.masked_ce`, every backend available on the device;
 * ``eager``: logits materialised, upcast to fp32, ``F.cross_entropy``;
 * ``torch-lce``: ``F.linear_cross_entropy(..., options=torch.nn.LinearCrossEntropyOptions())``;
-* ``cce``: cut-cross-entropy (``impl="torch_compile"`` on CPU, ``"cce"`` on GPU);
+* ``cce-exact``: cut-cross-entropy without gradient filtering (``filter_eps=None``; its
+  ``impl="torch_compile"`` on CPU, ``"cce"`` on GPU);
+* ``cce``: cut-cross-entropy with its default gradient filtering (GPU only), which skips
+  backward blocks whose softmax is negligible: its speed depends on the logits, so the GPU
+  shapes use peaked, trained-model-scale inputs (``make_inputs``);
 * ``liger``: Liger-Kernel's fused linear cross-entropy (GPU only);
 * ``gemm-floor``: the three bare matmuls (logits, dX, dW) on the kept rows.
 
@@ -60,14 +64,16 @@ class Shape:
     dtype: str
     ignore: float = 0.2
     softcap: float | None = None
+    logits: str = "peaked"  # "peaked" (trained-model scale, see make_inputs) or "random"
     bias: bool = False
 
 
 CPU_SHAPES = {
-    "S1": Shape("S1", 4096, 1024, 32000, "float32"),
-    "S2": Shape("S2", 2048, 2048, 128256, "bfloat16"),
+    "S1": Shape("S1", 4096, 1024, 32000, "float32", logits="random"),
+    "S2": Shape("S2", 2048, 2048, 128256, "bfloat16", logits="random"),
     # the bf16 epilogue row (issue 10, item 4): S2 with an LM-head bias and a Gemma-2 softcap
-    "S2-bias-cap": Shape("S2-bias-cap", 2048, 2048, 128256, "bfloat16", softcap=30.0, bias=True),
+    "S2-bias-cap": Shape("S2-bias-cap", 2048, 2048, 128256, "bfloat16", softcap=30.0, logits="random",
+                         bias=True),
 }
 GPU_SHAPES = {
     "llama3-8k": Shape("llama3-8k", 8192, 4096, 128256, "bfloat16"),
@@ -77,11 +83,11 @@ GPU_SHAPES = {
     "qwen25-16k": Shape("qwen25-16k", 16384, 3584, 152064, "bfloat16"),
 }
 QUICK_SHAPES = {
-    "Q1": Shape("Q1", 256, 64, 1000, "float32"),
+    "Q1": Shape("Q1", 256, 64, 1000, "float32", logits="random"),
     "Q2": Shape("Q2", 128, 64, 2048, "bfloat16"),
 }
 
-PLAIN_PEERS = ("eager", "torch-lce", "cce", "liger")
+PLAIN_PEERS = ("eager", "torch-lce", "cce-exact", "cce", "liger")
 SCENARIOS_XTF = ("stats", "mask0", "mask30", "mask50", "xtf-step")
 
 
@@ -119,16 +125,45 @@ class Result:
 
 
 def make_inputs(shape: Shape, device: str, seed: int = 0):
-    """hidden [N, D], weight [V, D] (shape.dtype), labels [N] int64 with ``ignore`` at -100."""
+    """hidden [N, D], weight [V, D] (shape.dtype), labels [N] int64 with ``ignore`` at -100.
+
+    ``shape.logits == "random"``: N(0, 0.25) hidden states and a N(0, 1/D) head, so the logits
+    are near-uniform over the vocabulary (every softmax entry ~1/V).
+    ``"peaked"`` (the default): the scale of a trained model, which is what gradient filtering
+    (cut-cross-entropy's ``filter_eps``) depends on. The head gets a shared direction ``u`` whose
+    coefficient is a Zipf log-prior (log-probability ``-log(rank)``), the labels are drawn from
+    that Zipf law, and every hidden state is ``4 u`` plus a gold component of random strength
+    ``U(2, 12)`` along its label's row plus N(0, 0.3^2) noise: most of the softmax mass sits on
+    the gold and the frequent tokens, and the mean loss is a few nats (printed by the harness).
+    """
     import torch
 
     dt = getattr(torch, shape.dtype)
     g = torch.Generator().manual_seed(seed)
-    h = (torch.randn(shape.N, shape.D, generator=g) * 0.5).to(dt)
-    w = (torch.randn(shape.V, shape.D, generator=g) * shape.D**-0.5).to(dt)
-    y = torch.randint(0, shape.V, (shape.N,), generator=g)
-    y[torch.rand(shape.N, generator=g) < shape.ignore] = -100
-    return h.to(device), w.to(device), y.to(device)
+    N, D, V = shape.N, shape.D, shape.V
+    if shape.logits == "random":
+        h = torch.randn(N, D, generator=g) * 0.5
+        w = torch.randn(V, D, generator=g) * D**-0.5
+        y = torch.randint(0, V, (N,), generator=g)
+    elif shape.logits == "peaked":
+        w = torch.randn(V, D, generator=g) * D**-0.5
+        perm = torch.randperm(V, generator=g)  # token id -> Zipf rank
+        prior = -torch.log1p(perm.double()).float()  # log-prior up to a constant
+        u = torch.randn(D, generator=g)
+        u /= u.norm()
+        c = 4.0
+        zipf = 1.0 / (1.0 + torch.arange(V, dtype=torch.float64))
+        ranks = torch.multinomial(zipf / zipf.sum(), N, replacement=True, generator=g)
+        y = torch.argsort(perm)[ranks]  # rank -> token id
+        rows = w[y] - (w[y] @ u)[:, None] * u[None, :]  # gold directions, orthogonal to u
+        w += (prior / c)[:, None] * u[None, :]
+        strength = 2.0 + torch.rand(N, 1, generator=g) * 10.0
+        h = c * u[None, :] + strength * rows / rows.pow(2).sum(1, keepdim=True)
+        h += torch.randn(N, D, generator=g) * 0.3
+    else:
+        raise ValueError(f"shape.logits: expected 'peaked' or 'random', got {shape.logits!r}")
+    y[torch.rand(N, generator=g) < shape.ignore] = -100
+    return h.to(dt).to(device), w.to(dt).to(device), y.to(device)
 
 
 def mask_share(y, share: float, seed: int = 1):
@@ -154,7 +189,9 @@ def peer_available(method: str, device: str) -> tuple[bool, str]:
         ):
             return False, f"torch {torch.__version__} has no F.linear_cross_entropy options"
         return True, ""
-    if method == "cce":
+    if method in ("cce", "cce-exact"):
+        if method == "cce" and device != "cuda":
+            return False, "gradient filtering exists only in cut-cross-entropy's CUDA kernels (cce-exact is its torch.compile path here)"
         try:
             import cut_cross_entropy  # noqa: F401
         except Exception as exc:
@@ -192,14 +229,17 @@ def peer_loss_fn(method: str, shape: Shape, device: str) -> Callable:
         def fn(h, w, y, reduction="mean"):
             return F.linear_cross_entropy(h, w, y, ignore_index=-100, reduction=reduction, options=opts)
         return fn
-    if method == "cce":
+    if method in ("cce", "cce-exact"):
         from cut_cross_entropy import linear_cross_entropy
 
         impl = "cce" if device == "cuda" else "torch_compile"
+        # cce-exact: no gradient filtering; cce: the library's default filter_eps, which skips
+        # backward blocks whose softmax is negligible (so its speed depends on the logits)
+        kw = {"filter_eps": None} if (method == "cce-exact" and impl == "cce") else {}
 
         def fn(h, w, y, reduction="mean"):
             return linear_cross_entropy(h, w, y, ignore_index=-100, softcap=cap, reduction=reduction,
-                                        impl=impl)
+                                        impl=impl, **kw)
         return fn
     if method == "liger":
         if cap is not None:
@@ -309,6 +349,26 @@ def _bias(shape: Shape, device: str):
     return torch.randn(shape.V, generator=g).to(getattr(torch, shape.dtype)).to(device)
 
 
+def input_summary(h, w, y, softcap: float | None, chunk: int = 2048) -> str:
+    """Mean loss and mean P(gold) over the scored tokens (fp32, chunked): what the inputs look like."""
+    import torch
+    import torch.nn.functional as F
+
+    tot, pg, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in range(0, h.shape[0], chunk):
+            yy = y[i:i + chunk]
+            z = (h[i:i + chunk] @ w.t()).float()
+            if softcap is not None:
+                z = softcap * torch.tanh(z / softcap)
+            m = yy != -100
+            lo = F.cross_entropy(z[m], yy[m], reduction="none")
+            tot += float(lo.sum())
+            pg += float(torch.exp(-lo).sum())
+            n += int(m.sum())
+    return f"inputs: mean loss {tot / max(n, 1):.2f} nats, mean P(gold) {pg / max(n, 1):.2f}"
+
+
 def _median_logprob(h, w, y, shape: Shape, backend: str, bias=None) -> tuple[float, int]:
     """Median gold log-prob over the scored tokens and the count below it (the xtf-step rule
     keeps the lower half: the tokens the model predicts worst)."""
@@ -356,6 +416,8 @@ def measure(case: Case, device: str) -> Result:
         return res
     res.kept_rows = kept
     h, w = inputs["h"], inputs["w"]
+    if case.method == "gemm-floor":
+        res.note = input_summary(h, w, inputs["y"], shape.softcap)
     cuda = device == "cuda"
 
     def sync():

@@ -40,5 +40,13 @@ def backend(request) -> str:
 
 
 @pytest.fixture
-def device() -> str:
+def device(request) -> str:
+    """Where the tested backend runs: CUDA when present and the backend runs there, else CPU
+    (the native backend is CPU-only; Triton runs on the CPU only in the interpreter)."""
+    if DEVICE == "cuda" and "backend" in request.fixturenames:
+        from xtf_kernels.backends import load_backend
+
+        be = load_backend(request.getfixturevalue("backend"))
+        if not be.supports(torch.device("cuda"), torch.float32)[0]:
+            return "cpu"
     return DEVICE

@@ -17,6 +17,15 @@ from xtf_kernels.attention import (
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ATTN_BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+#: where the Triton kernels run: a CUDA device when there is one, else the CPU interpreter
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def received(q, k, *, backend, attention_mask=None, **kw):
+    """attention_received on the device ``backend`` runs on; the result comes back on the CPU."""
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    mv = lambda t: None if t is None else t.to(dev)
+    return attention_received(mv(q), mv(k), attention_mask=mv(attention_mask), backend=backend, **kw).cpu()
 
 
 def visibility(L: int, valid: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
@@ -83,7 +92,7 @@ def test_matches_explicit_probabilities(backend, case):
     for reduce in ("mean_over_queries", "sum"):
         want = reference(q, k, scale=scale, mask=mask, causal=causal, window=window, softcap=softcap, reduce=reduce)
         for block in (16, None):
-            got = attention_received(
+            got = received(
                 q, k, scale=scale, attention_mask=mask, causal=causal, sliding_window=window,
                 softcap=softcap, reduce=reduce, backend=backend, block=block,
             )
@@ -94,13 +103,13 @@ def test_matches_explicit_probabilities(backend, case):
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 def test_padding_zero_and_mass_conservation(backend):
     q, k, mask = _inputs(2, 4, 2, 40, 16, pad=True, seed=1)
-    summed = attention_received(q, k, attention_mask=mask.bool(), reduce="sum", backend=backend, block=16)
+    summed = received(q, k, attention_mask=mask.bool(), reduce="sum", backend=backend, block=16)
     # padding keys receive exactly 0 (not NaN)
     assert torch.all(summed[~mask.bool()[:, None, :].expand_as(summed)] == 0)
     # every real query distributes probability 1 over the keys it sees
     n_real = mask.sum(1).float()[:, None].expand(2, 4)
     torch.testing.assert_close(summed.sum(-1), n_real, rtol=1e-5, atol=1e-4)
-    mean = attention_received(q, k, attention_mask=mask, backend=backend, block=16)
+    mean = received(q, k, attention_mask=mask, backend=backend, block=16)
     real = mask.bool()[:, None, :].expand_as(mean)
     assert torch.all(mean[real] > 0) and torch.all(mean[real] <= 1 + 1e-6)
     # causal: the first real query sees only the first real key, which so receives >= 1
@@ -111,11 +120,11 @@ def test_padding_zero_and_mass_conservation(backend):
 
 def test_no_mask_equals_all_ones_and_torch_equals_triton():
     q, k, _ = _inputs(1, 4, 2, 29, 16, pad=False, seed=2)
-    a = attention_received(q, k, backend="torch")
-    b = attention_received(q, k, attention_mask=torch.ones(1, 29, dtype=torch.bool), backend="torch")
+    a = received(q, k, backend="torch")
+    b = received(q, k, attention_mask=torch.ones(1, 29, dtype=torch.bool), backend="torch")
     torch.testing.assert_close(a, b)
     if HAS_TRITON:
-        c = attention_received(q, k, backend="triton", block=16)
+        c = received(q, k, backend="triton", block=16)
         torch.testing.assert_close(a, c, atol=2e-6, rtol=2e-5)
 
 
@@ -124,7 +133,7 @@ def test_no_mask_equals_all_ones_and_torch_equals_triton():
 def test_half_precision_inputs(dtype, backend):
     q, k, mask = _inputs(2, 4, 2, 33, 16, pad=True, seed=3, dtype=dtype)
     want = reference(q, k, mask=mask, window=6)
-    got = attention_received(q, k, attention_mask=mask, sliding_window=6, backend=backend, block=16)
+    got = received(q, k, attention_mask=mask, sliding_window=6, backend=backend, block=16)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 

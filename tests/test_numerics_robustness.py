@@ -59,23 +59,23 @@ def check_against_oracle(backend, h, w, y, *, bias=None, reduction="mean", grad_
     return loss, st
 
 
-def _problem(N=24, D=16, V=300, dtype=torch.float32, seed=0):
+def _problem(N=24, D=16, V=300, dtype=torch.float32, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    h = (torch.randn(N, D, generator=g) * 0.5).to(dtype).to(DEVICE)
-    w = (torch.randn(V, D, generator=g) * D**-0.5).to(dtype).to(DEVICE)
-    y = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    h = (torch.randn(N, D, generator=g) * 0.5).to(dtype).to(device)
+    w = (torch.randn(V, D, generator=g) * D**-0.5).to(dtype).to(device)
+    y = torch.randint(0, V, (N,), generator=g).to(device)
     return h, w, y
 
 
 # --------------------------------------------------------------- 1. large common logit offset
 @pytest.mark.parametrize("offset", [1e6, 1e8])
-def test_offset_two_equal_logits_is_log2(backend, offset):
+def test_offset_two_equal_logits_is_log2(backend, device, offset):
     """All logits equal to a huge offset: loss and -logprob are log 2 exactly, as
     F.cross_entropy gives at every offset (the fp32 lse alone cannot hold log 2 there)."""
-    h = torch.zeros(1, 4, device=DEVICE, requires_grad=True)
-    w = torch.zeros(2, 4, device=DEVICE)
-    b = torch.full((2,), offset, device=DEVICE, requires_grad=True)
-    loss, st = masked_ce(h, w, torch.tensor([0], device=DEVICE), bias=b, return_stats=True,
+    h = torch.zeros(1, 4, device=device, requires_grad=True)
+    w = torch.zeros(2, 4, device=device)
+    b = torch.full((2,), offset, device=device, requires_grad=True)
+    loss, st = masked_ce(h, w, torch.tensor([0], device=device), bias=b, return_stats=True,
                          backend=backend)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
     assert st.logprob.item() == pytest.approx(-math.log(2), abs=1e-7)
@@ -85,20 +85,20 @@ def test_offset_two_equal_logits_is_log2(backend, offset):
 
 
 @pytest.mark.parametrize("reduction,grad_in_forward", [("mean", True), ("mean", False), ("none", True)])
-def test_offset_3e4_meets_the_oracle(backend, reduction, grad_in_forward):
+def test_offset_3e4_meets_the_oracle(backend, device, reduction, grad_in_forward):
     """N(0, 1)-scale logits plus a common offset of 3e4 (through the bias): loss, logprob and
     gradients as precise as same-dtype PyTorch, on every gradient path."""
-    h, w, y = _problem(N=24, D=16, V=300)
-    bias = torch.full((300,), 3e4, device=DEVICE) + torch.randn(300, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    h, w, y = _problem(device=device, N=24, D=16, V=300)
+    bias = torch.full((300,), 3e4, device=device) + torch.randn(300, generator=torch.Generator().manual_seed(1)).to(device)
     check_against_oracle(backend, h, w, y, bias=bias, reduction=reduction, grad_in_forward=grad_in_forward)
 
 
-def test_offset_through_the_gemm_keeps_logprob_precise(backend):
+def test_offset_through_the_gemm_keeps_logprob_precise(backend, device):
     """A common offset of 3e4 produced by the GEMM itself: the log-probability (small) keeps
     its precision instead of inheriting the fp32 rounding of the log-sum-exp (~1e-3)."""
-    h, w, y = _problem(N=16, D=16, V=200, seed=2)
-    h = torch.cat([h, torch.ones(16, 1, device=DEVICE)], 1)
-    w = torch.cat([w, torch.full((200, 1), 3e4, device=DEVICE)], 1)
+    h, w, y = _problem(device=device, N=16, D=16, V=200, seed=2)
+    h = torch.cat([h, torch.ones(16, 1, device=device)], 1)
+    w = torch.cat([w, torch.full((200, 1), 3e4, device=device)], 1)
     # (gradients not compared: d_hidden of the offset column is 3e4 * sum(softmax - onehot),
     # pure cancellation whose fp32 rounding is random in every implementation)
     _, st = check_against_oracle(backend, h, w, y, check_grads=False)
@@ -108,12 +108,12 @@ def test_offset_through_the_gemm_keeps_logprob_precise(backend):
 
 
 # --------------------------------------------------------------- 2. entropy with -inf logits
-def test_entropy_with_minus_inf_logits(backend):
+def test_entropy_with_minus_inf_logits(backend, device):
     """Vocabulary masking through a -inf bias: entropy uses 0 log 0 = 0 (no NaN); loss,
     statistics and gradients meet the oracle."""
-    for dtype in dtypes_for(backend, DEVICE):
-        h, w, y = _problem(N=20, D=16, V=300, dtype=dtype, seed=3)
-        bias = torch.zeros(300, dtype=dtype, device=DEVICE)
+    for dtype in dtypes_for(backend, device):
+        h, w, y = _problem(device=device, N=20, D=16, V=300, dtype=dtype, seed=3)
+        bias = torch.zeros(300, dtype=dtype, device=device)
         bias[100:] = float("-inf")
         y = y % 100  # gold tokens in the allowed part
         _, st = check_against_oracle(backend, h, w, y, bias=bias)
@@ -123,8 +123,8 @@ def test_entropy_with_minus_inf_logits(backend):
 
 # --------------------------------------------------------------- 3. double backward
 @pytest.mark.parametrize("reduction,grad_in_forward", [("mean", True), ("none", True), ("mean", False)])
-def test_double_backward_is_refused_clearly(backend, reduction, grad_in_forward):
-    h, w, y = _problem(N=6, D=8, V=11)
+def test_double_backward_is_refused_clearly(backend, device, reduction, grad_in_forward):
+    h, w, y = _problem(device=device, N=6, D=8, V=11)
     h.requires_grad_()
     with xtf_kernels.options(grad_in_forward=grad_in_forward):
         out = masked_ce(h, w, y, reduction=reduction, backend=backend)
@@ -145,8 +145,8 @@ def test_double_backward_is_refused_on_the_compiled_path():
         g.pow(2).sum().backward()
 
 
-def test_create_graph_first_order_gradient_is_still_right(backend):
-    h, w, y = _problem(N=6, D=8, V=11)
+def test_create_graph_first_order_gradient_is_still_right(backend, device):
+    h, w, y = _problem(device=device, N=6, D=8, V=11)
     grads = []
     for create_graph in (False, True):
         hh, ww = _leaf(h), _leaf(w)
@@ -157,22 +157,22 @@ def test_create_graph_first_order_gradient_is_still_right(backend):
 
 # --------------------------------------------------------------- 4. half precision epilogue
 @pytest.mark.parametrize("opts", [{"softcap": 3.0}, {"label_smoothing": 0.1}], ids=["bias+softcap", "bias"])
-def test_half_bias_softcap_keep_fp32_logits(backend, opts):
+def test_half_bias_softcap_keep_fp32_logits(backend, device, opts):
     """fp16 / bf16 with a bias or softcap: torch and Triton keep the GEMM accumulator fp32
     through the epilogue, so lse / logprob are fp32-accurate (rounding the GEMM output to the
     input dtype first costs ~1e-3 here). The native CPU backend rounds first (no fast bf16
     GEMM with an fp32 result on the CPU; docs/numerics.md): it must meet the oracle."""
-    for dtype in [d for d in dtypes_for(backend, DEVICE) if d != torch.float32]:
-        h, w, y = _problem(N=24, D=64, V=500, dtype=dtype, seed=4)
+    for dtype in [d for d in dtypes_for(backend, device) if d != torch.float32]:
+        h, w, y = _problem(device=device, N=24, D=64, V=500, dtype=dtype, seed=4)
         h = h * 4
-        bias = (torch.randn(500, generator=torch.Generator().manual_seed(5)) * 2).to(dtype).to(DEVICE)
+        bias = (torch.randn(500, generator=torch.Generator().manual_seed(5)) * 2).to(dtype).to(device)
         _, rs = reference_masked_ce(h.cpu().double(), w.cpu().double(), y.cpu(), bias=bias.cpu().double(), **opts)
         # small chunks: statistics from the fused / chunked sweep; large: the gradient rows'
         # statistics from the logits buffer of the one-chunk gradient path
         for grad_in_forward, chunk in ((True, 4096), (False, 4096), (True, 1 << 16)):
             _, st = check_against_oracle(backend, h, w, y, bias=bias, grad_in_forward=grad_in_forward,
                                          chunk_elems=chunk, **opts)
-            if backend == "native" and DEVICE == "cpu":
+            if backend == "native":
                 continue
             for f in ("lse", "logprob"):
                 err = (getattr(st, f).cpu().double() - rs[f]).abs().max().item()
@@ -214,10 +214,10 @@ def test_softcap_is_accurate_for_small_arguments(impl):
         assert excess <= 0, f"c={c}: softcap error exceeds torch fp32 + 2 ulp by {excess:.2e}"
 
 
-def test_softcap_small_arguments_through_masked_ce(backend):
+def test_softcap_small_arguments_through_masked_ce(backend, device):
     """A large softcap (|logit / c| ~ 1e-3): statistics and gradients meet the oracle, and
     lse / logprob are fp32-accurate (the cancelling form was off by ~1e-5 to 1e-4 here)."""
-    h, w, y = _problem(N=16, D=16, V=300, seed=6)
+    h, w, y = _problem(device=device, N=16, D=16, V=300, seed=6)
     for chunk in (4096, 1 << 16):
         _, st = check_against_oracle(backend, h, w, y, softcap=1000.0, chunk_elems=chunk)
         _, rs = reference_masked_ce(h.cpu().double(), w.cpu().double(), y.cpu(), softcap=1000.0)
@@ -228,8 +228,8 @@ def test_softcap_small_arguments_through_masked_ce(backend):
 
 # --------------------------------------------------------------- 6. integer label dtypes
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
-def test_any_integer_label_dtype(backend, dtype):
-    h, w, y = _problem(N=12, D=8, V=100)
+def test_any_integer_label_dtype(backend, device, dtype):
+    h, w, y = _problem(device=device, N=12, D=8, V=100)
     y[::5] = -100 if dtype != torch.uint8 else 99
     ignore = -100 if dtype != torch.uint8 else 99
     ref = masked_ce(h, w, y, ignore_index=ignore, backend=backend, return_stats=True)
@@ -240,17 +240,17 @@ def test_any_integer_label_dtype(backend, dtype):
 
 # --------------------------------------------------------------- 7. autocast
 @pytest.mark.parametrize("bias", [False, True])
-def test_autocast_matches_eager_hugging_face(backend, bias):
+def test_autocast_matches_eager_hugging_face(backend, device, bias):
     """Under torch.autocast every backend does what eager HF does: the GEMM in the autocast
     dtype (fp32 accumulation), then an fp32 loss; gradients come back fp32."""
     be = load_backend(backend)
-    dt = torch.bfloat16 if be.supports(torch.device(DEVICE), torch.bfloat16)[0] else torch.float16
-    h, w, y = _problem(N=32, D=32, V=300, seed=7)
-    b = torch.randn(300, generator=torch.Generator().manual_seed(8)).to(DEVICE) if bias else None
+    dt = torch.bfloat16 if be.supports(torch.device(device), torch.bfloat16)[0] else torch.float16
+    h, w, y = _problem(device=device, N=32, D=32, V=300, seed=7)
+    b = torch.randn(300, generator=torch.Generator().manual_seed(8)).to(device) if bias else None
     out = []
     for fused in (False, True):
         hh, ww, bb = _leaf(h), _leaf(w), _leaf(b)
-        with torch.autocast(DEVICE, dtype=dt):
+        with torch.autocast(device, dtype=dt):
             if fused:
                 loss = masked_ce(hh, ww, y, bias=bb, backend=backend)
             else:

@@ -15,7 +15,8 @@ import torch
 
 HALF = (torch.bfloat16, torch.float16)
 
-_out_dtype_ok = True
+#: which fp32-output half-precision GEMMs this torch has on CUDA (probed on first use)
+_f32_gemm = {"addmm": True, "mm": True}
 
 
 def f32_epilogue(dtype: torch.dtype, has_bias: bool, softcap: float | None) -> bool:
@@ -27,24 +28,30 @@ def mm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool
     """``out (+)= a @ b`` with fp32 accumulation; ``out`` is fp32 or ``a.dtype``.
 
     Half-precision inputs with an fp32 ``out`` use cuBLAS' fp32-output GEMM on CUDA (no
-    rounding of partial sums); elsewhere the inputs are upcast.
+    rounding of partial sums; ``addmm`` where this torch has it, else ``mm`` into a temporary
+    and an add); elsewhere the inputs are upcast (an fp32 GEMM: correct but slow).
     """
-    global _out_dtype_ok
     if out.dtype == a.dtype:
         if accumulate:
             out.addmm_(a, b)
         else:
             torch.mm(a, b, out=out)
         return
-    if _out_dtype_ok and a.is_cuda:
+    if a.is_cuda and (not accumulate or _f32_gemm["addmm"]) and _f32_gemm["mm"]:
         try:
             if accumulate:
                 torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
             else:
                 torch.mm(a, b, out_dtype=torch.float32, out=out)
             return
-        except (RuntimeError, TypeError):  # older torch: no fp32-output half GEMM
-            _out_dtype_ok = False
+        except (RuntimeError, TypeError):  # this torch lacks that fp32-output GEMM
+            _f32_gemm["addmm" if accumulate else "mm"] = False
+    if a.is_cuda and accumulate and _f32_gemm["mm"]:
+        try:
+            out += torch.mm(a, b, out_dtype=torch.float32)
+            return
+        except (RuntimeError, TypeError):
+            _f32_gemm["mm"] = False
     if accumulate:
         out.addmm_(a.float(), b.float())
     else:

@@ -87,16 +87,16 @@ def _logits_dtype(x: torch.Tensor, b: torch.Tensor | None, cfg: CEConfig) -> tor
     return torch.float32 if f32_epilogue(x.dtype, b is not None, cfg.softcap) else x.dtype
 
 
-def _logits_buffers(rows: int, cols: int, x: torch.Tensor, b, cfg: CEConfig):
-    """(logits buffer, gradient buffer or None) of ``rows * cols`` elements each.
+def _logits_buffers(rows: int, cols: int, x: torch.Tensor, b, cfg: CEConfig, grad: bool = True):
+    """(logits buffer, gradient buffer or None), each ``[rows, cols]``.
 
-    With an fp32 logits buffer (:func:`_logits_dtype`) the gradient goes to a separate
-    ``x.dtype`` buffer (the gradient GEMMs' operand); otherwise the logits buffer is
+    With an fp32 logits buffer (:func:`_logits_dtype`) and ``grad``, the gradient goes to a
+    separate ``x.dtype`` buffer (the gradient GEMMs' operand); otherwise the logits buffer is
     overwritten in place with the gradient.
     """
     dt = _logits_dtype(x, b, cfg)
-    buf = torch.empty(rows * cols, dtype=dt, device=x.device)
-    gbuf = torch.empty(rows * cols, dtype=x.dtype, device=x.device) if dt != x.dtype else None
+    buf = torch.empty(rows, cols, dtype=dt, device=x.device)
+    gbuf = torch.empty(rows, cols, dtype=x.dtype, device=x.device) if (grad and dt != x.dtype) else None
     return buf, gbuf
 
 
@@ -106,6 +106,20 @@ def _logits_mm(out: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> None:
         torch.mm(x, wt, out=out)
     else:
         _mm_f32(out, x, wt, accumulate=False)
+
+
+#: how the statistics of rows without a gradient are computed on CUDA: "cublas" (row chunks of
+#: logits by torch.mm, then the row kernel) or "fused" (the Triton GEMM kernel, no logits in
+#: memory). The interpreter always uses "fused". A tuning knob, not API.
+STATS_MODE = "cublas"
+
+
+def _checked_select(row_select: RowSelect, s: int, e: int, stats: torch.Tensor) -> torch.Tensor:
+    """``row_select`` on rows ``[s, e)`` of the ``[5, M]`` statistics, checked: bool ``[e - s]``."""
+    m = row_select(s, e, *stats[:4, s:e])
+    if not isinstance(m, torch.Tensor) or m.shape != (e - s,) or m.dtype != torch.bool:
+        raise ValueError(f"row_select: expected a bool [{e - s}] tensor")
+    return m
 
 
 class TritonBackend:
@@ -170,14 +184,13 @@ class TritonBackend:
 
         Returns:
             :class:`ForwardOut`: fp32 ``[M]`` statistics; ``dx`` ``[n_grad, D]`` x.dtype, ``dw``
-            ``[V, D]`` fp32, ``db`` ``[V]`` fp32 (or None) when ``n_grad > 0``.
+            ``[V, D]`` fp32 or w.dtype (one fp32-accumulated GEMM per vocabulary block), ``db`` ``[V]`` fp32 (or None) when ``n_grad > 0``.
         """
         _check_problem(x, w, b, y, cfg)
         M = x.shape[0]
         if not isinstance(n_grad, int) or not 0 <= n_grad <= M:
             raise ValueError(f"n_grad: expected an int in [0, {M}], got {n_grad!r}")
         x, w, b, y = self._prep(x, w, b, y)
-        k = _load_kernels()
         stats = torch.empty(5, M, dtype=torch.float32, device=x.device)
         dx = dw = db = None
         V = w.shape[0]
@@ -185,14 +198,14 @@ class TritonBackend:
             # one row chunk holds every gradient row: Liger-style, 3 GEMMs, dW written once
             dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, n_grad, None)
             if M > n_grad:
-                k.fused_stats(x[n_grad:], w, b, y[n_grad:], cfg.softcap, stats[:, n_grad:])
+                self._stats(x[n_grad:], w, b, y[n_grad:], cfg, stats[:, n_grad:])
         else:
             # statistics of every row from the fused kernel (no logits in memory), then the
             # gradient by vocabulary blocks: no fp32 [V, D] read-modify-write per row chunk
-            k.fused_stats(x, w, b, y, cfg.softcap, stats)
+            self._stats(x, w, b, y, cfg, stats)
             if n_grad:
                 dx, dw, db = self._vocab_blocked_grad(
-                    x[:n_grad], w, b, y[:n_grad], stats[:2, :n_grad], None, cfg, torch.float32
+                    x[:n_grad], w, b, y[:n_grad], stats[:2, :n_grad], None, cfg, w.dtype
                 )
         return ForwardOut(*stats, dx, dw, db)
 
@@ -220,7 +233,19 @@ class TritonBackend:
         M = x.shape[0]
         stats = torch.empty(5, M, dtype=torch.float32, device=x.device)
         sel = torch.zeros(M, dtype=torch.bool, device=x.device)
-        dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, M, (row_select, sel))
+        if M <= _rows_per_chunk(M, w.shape[0], cfg, _logits_dtype(x, b, cfg)):
+            # one logits GEMM per row chunk serves the statistics, the selection and the gradient
+            dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, M, (row_select, sel))
+        else:
+            # many chunks (GPU): statistics and selection chunk by chunk, then the selected rows'
+            # gradient by vocabulary blocks (dW formed once in w.dtype; no fp32 [V, D] updated
+            # once per chunk, which costs more memory traffic than the extra logits GEMM)
+            self._stats(x, w, b, y, cfg, stats, row_select=row_select, sel=sel)
+            idx = sel.nonzero().squeeze(1)
+            dx, dw, db = self._vocab_blocked_grad(
+                x.index_select(0, idx), w, b, y.index_select(0, idx), stats[:2].index_select(1, idx),
+                None, cfg, w.dtype,
+            )
         return ForwardOut(*stats, dx, dw, db), sel
 
     # ----------------------------------------------------------------- backward
@@ -261,6 +286,26 @@ class TritonBackend:
 
     # ----------------------------------------------------------------- internals
     @staticmethod
+    def _stats(x, w, b, y, cfg, out, row_select=None, sel=None) -> None:
+        """Statistics ``[5, M]`` of rows that need no gradient (see :data:`STATS_MODE`); with
+        ``row_select``, each chunk's selection is written into the bool ``sel`` [M]."""
+        k = _load_kernels()
+        if row_select is None and (k.INTERPRETED or not x.is_cuda or STATS_MODE == "fused"):
+            k.fused_stats(x, w, b, y, cfg.softcap, out)
+            return
+        M, V = x.shape[0], w.shape[0]
+        rows = _rows_per_chunk(M, V, cfg, _logits_dtype(x, b, cfg))
+        buf, _ = _logits_buffers(rows, V, x, b, cfg, grad=False)
+        for s in range(0, M, rows):
+            e = min(M, s + rows)
+            g = buf[: e - s]
+            _logits_mm(g, x[s:e], w.t())
+            k.rows_pass(g, b, y[s:e], softcap=cfg.softcap, z_loss=0.0, label_smoothing=0.0,
+                        stats_out=out[:, s:e], grad=False)
+            if row_select is not None:
+                sel[s:e] = _checked_select(row_select, s, e, out)
+
+    @staticmethod
     def _prep(x, w, b, y):
         """Unit stride along the feature / vocabulary dims (what the kernels index)."""
         x = x if x.stride(-1) == 1 else x.contiguous()
@@ -282,8 +327,7 @@ class TritonBackend:
         ``lse_parts``: ``[2, n]`` fp32 row maximum and log-sum-exp relative to it. Each block
         of ``vb`` columns ``[v0, v1)`` and ``rc`` rows: logits ``x @ w[v0:v1].T``, the row
         kernel turns them into the gradient (in place, or into the half buffer after fp32
-        logits, see :func:`_logits_buffers`), ``dx += G @ w[v0:v1]`` (fp32) and
-        ``dW[v0:v1] (+)= G^T @ x``. With up to
+        logits, see :func:`_logits_buffers`), ``dx += G @ w[v0:v1]`` (fp32) and ``dW[v0:v1] (+)= G^T @ x``. With up to
         ``sqrt(budget)`` gradient rows every vocabulary block holds all of them, so dW is
         formed in one GEMM per block and written once. Returns
         ``(dx x.dtype, dw, db fp32 or None)``; ``dw`` is ``dw_dtype`` when one GEMM formed each
@@ -300,8 +344,13 @@ class TritonBackend:
         # an fp32 slice of dx (rc x D) and, unless rc covers all rows, of dW (vb x D): square
         # blocks minimise that traffic; all rows in one block when they fit (dW written once)
         budget = _budget(cfg, _logits_dtype(x, b, cfg))
-        rc = min(n, max(math.isqrt(budget), -(-budget // V)))
-        vb = min(V, max(16, budget // rc))
+        if budget // n >= min(V, 256):
+            rc = n  # every row in each vocabulary block: dW[v0:v1] by one GEMM, written once
+        else:
+            rc = min(n, max(math.isqrt(budget), -(-budget // V)))
+        # block widths (the buffer's row stride) in multiples of 128 elements: cuBLAS needs
+        # 16-byte aligned leading dimensions for its tensor-core kernels
+        vb = min(V, max(128, budget // rc // 128 * 128))
         one_gemm = rc >= n
         dx = torch.zeros(n, D, dtype=torch.float32, device=dev)
         dw = torch.empty(V, D, dtype=dw_dtype if one_gemm else torch.float32, device=dev)
@@ -315,9 +364,9 @@ class TritonBackend:
             bb = b[v0:v1] if b is not None else None
             for s in range(0, n, rc):
                 e = min(n, s + rc)
-                z = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
+                z = buf[: e - s, : v1 - v0]  # row stride vb (aligned) also for the last block
                 _logits_mm(z, x[s:e], wb.t())
-                g = z if gbuf is None else gbuf[: z.numel()].view(z.shape)
+                g = z if gbuf is None else gbuf[: e - s, : v1 - v0]
                 k.rows_pass(z, bb, y[s:e], row_max=lse_parts[0, s:e], lse=lse_parts[1, s:e],
                             row_scale=None if row_scale is None else row_scale[s:e],
                             v_off=v0, vocab=V, out=g, **opts)
@@ -345,17 +394,15 @@ class TritonBackend:
             dx_parts: list[torch.Tensor] = []
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            z = buf[: (e - s) * V].view(e - s, V)
+            z = buf[: e - s]
             _logits_mm(z, x[s:e], w.t())
-            g = z if gbuf is None else gbuf[: z.numel()].view(z.shape)
+            g = z if gbuf is None else gbuf[: e - s]
             if rowwise is None:
                 k.rows_pass(z, b, y[s:e], stats_out=stats[:, s:e], out=g, **opts)
                 self._grad_gemms(g, x[s:e], w, dx[s:e], dw, db)
                 continue
             k.rows_pass(z, b, y[s:e], stats_out=stats[:, s:e], grad=False, **opts)
-            m = row_select(s, e, *stats[:4, s:e])
-            if not isinstance(m, torch.Tensor) or m.shape != (e - s,) or m.dtype != torch.bool:
-                raise ValueError(f"row_select: expected a bool [{e - s}] tensor")
+            m = _checked_select(row_select, s, e, stats)
             sel[s:e] = m
             idx = m.nonzero().squeeze(1)
             if idx.numel() == 0:
