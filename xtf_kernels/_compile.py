@@ -123,7 +123,7 @@ def _backward(ctx, grad_loss, *_unused):
 
 
 def _no_double_backward(ctx, *grads):
-    from .ops import SECOND_ORDER_MESSAGE
+    from ._autograd import SECOND_ORDER_MESSAGE
 
     raise RuntimeError(SECOND_ORDER_MESSAGE)
 

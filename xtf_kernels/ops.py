@@ -8,14 +8,13 @@ per-token statistics back to the labels' shape.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ._autograd import autocast_operands, first_order_only, no_autocast
 from ._validate import check_labels_in_range, check_select_output, validate
 from .backends import CEConfig, resolve_backend
 from .config import get_options
@@ -44,42 +43,6 @@ def _nan(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> to
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu")
-
-SECOND_ORDER_MESSAGE = (
-    "masked_ce: second-order gradients are not supported: its backward is computed by fused "
-    "kernels and is not itself differentiable (create_graph=True gives a first-order gradient "
-    "that cannot be differentiated again). For a gradient penalty or a Hessian-vector product "
-    "through the loss, use an unfused F.linear + F.cross_entropy for that term"
-)
-
-
-def _no_autocast(device_type: str):
-    """A context with autocast off for ``device_type`` (no-op where autocast does not exist)."""
-    if device_type in _AUTOCAST_DEVICES:
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _first_order_only(backward):
-    """``torch.autograd.function.once_differentiable`` for :class:`MaskedCE`, with a message that
-    names masked_ce, and refusing also when only the inputs (not the incoming gradients)
-    require grad: under ``create_graph=True`` every gradient it returns carries a node that
-    raises :data:`SECOND_ORDER_MESSAGE` when something differentiates through it."""
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        with torch.no_grad(), _no_autocast(ctx.device_type):
-            outs = backward(ctx, *grads)
-        if not torch.is_grad_enabled():  # the usual backward, no create_graph
-            return outs
-        err = torch._C._functions.DelayedError(SECOND_ORDER_MESSAGE, len(outs))
-        fake = [o.detach().requires_grad_() if isinstance(o, torch.Tensor) else o for o in outs]
-        return err(*fake)
-
-    return wrapper
-
-
 class MaskedCE(torch.autograd.Function):
     """``torch.autograd.Function`` for the fused masked CE.
 
@@ -91,7 +54,7 @@ class MaskedCE(torch.autograd.Function):
     maximum and its log-sum-exp relative to it (what a backward recompute needs at full
     precision). Inputs are not validated here (labels must be int64): :func:`masked_ce` is
     the validated entry point. Second-order gradients are refused (see
-    :data:`SECOND_ORDER_MESSAGE`).
+    :data:`xtf_kernels._autograd.SECOND_ORDER_MESSAGE`).
     """
 
     @staticmethod
@@ -273,7 +236,7 @@ class MaskedCE(torch.autograd.Function):
         return outs
 
     @staticmethod
-    @_first_order_only
+    @first_order_only
     def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
         spec = ctx.spec
         need_h, need_w, need_b = ctx.need_grad_in
@@ -362,24 +325,6 @@ def _chunk_selector(select, x, pos, kept, ref_logprobs, task_vector, acc):
         return mask & kept_rows[s:e]
 
     return row_select
-
-
-def _autocast_operands(hidden, weight, bias):
-    """Under ``torch.autocast``: the GEMM operands in the autocast dtype, as ``nn.Linear`` casts
-    them (fp32 / fp16 / bf16 tensors; float64 stays). Otherwise (or for arguments that are not
-    tensors, which validation then reports) they are returned unchanged."""
-    if not isinstance(hidden, torch.Tensor) or hidden.device.type not in _AUTOCAST_DEVICES:
-        return hidden, weight, bias
-    dev = hidden.device.type
-    if not torch.is_autocast_enabled(dev):
-        return hidden, weight, bias
-    dt = torch.get_autocast_dtype(dev)
-
-    def cast(t):
-        ok = isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        return t.to(dt) if ok else t
-
-    return cast(hidden), cast(weight), cast(bias)
 
 
 def _positions(
@@ -490,7 +435,7 @@ def masked_ce(
     the parameters' dtype. First-order gradients only (``create_graph=True`` gives a
     gradient that refuses to be differentiated again). Details: ``docs/numerics.md``.
     """
-    hidden, weight, bias = _autocast_operands(hidden, weight, bias)
+    hidden, weight, bias = autocast_operands(hidden, weight, bias)
     validate(
         hidden, weight, labels, bias, keep, ignore_index, reduction, num_items, label_smoothing,
         z_loss, softcap, shift, ref_logprobs, task_vector, select, return_stats, backend,
@@ -514,7 +459,7 @@ def masked_ce(
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None
     args = (hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, spec)
-    with _no_autocast(hidden.device.type):  # operands are cast already; the epilogue is fp32
+    with no_autocast(hidden.device.type):  # operands are cast already; the epilogue is fp32
         if select is None and torch.compiler.is_compiling():
             from ._compile import compiled_masked_ce
 
