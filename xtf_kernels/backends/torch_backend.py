@@ -150,12 +150,15 @@ class TorchBackend:
             z = _logits(x[s:e], w, b, cfg)
             c_max = z.amax(dim=1)
             z.sub_(c_max.unsqueeze(1))  # relative to the row max from here on
-            c_lse = torch.logsumexp(z, dim=1)
-            p = torch.exp(z - c_lse.unsqueeze(1))
+            p = torch.exp(z)
+            c_sum = p.sum(1)
+            c_lse = c_sum.log()
+            p.div_(c_sum.unsqueeze(1))  # softmax
             mx[s:e] = c_max
             lse[s:e] = c_lse
             gold[s:e] = z.gather(1, y[s:e].unsqueeze(1)).squeeze(1)
-            ent[s:e] = c_lse - torch.where(p > 0, p * z, 0.0).sum(1)  # 0 log 0 = 0
+            # 0 log 0 = 0: p * z is NaN only where p = 0 and z = -inf (a NaN logit makes lse NaN)
+            ent[s:e] = c_lse - (p * z).nansum(1)
             zsum[s:e] = z.sum(1)
             if want:
                 g = grad_rows(s, e, c_max, c_lse, gold[s:e], ent[s:e])
