@@ -17,11 +17,15 @@ class Shape:
     ignore: float = 0.2
     softcap: float | None = None
     logits: str = "peaked"  # "peaked" (trained-model scale, see make_inputs) or "random"
+    bias: bool = False  # an N(0, 1) LM-head bias (compared with xtf and eager only)
 
 
 CPU_SHAPES = {
     "S1": Shape("S1", 4096, 1024, 32000, "float32", logits="random"),
     "S2": Shape("S2", 2048, 2048, 128256, "bfloat16", logits="random"),
+    # the bf16 epilogue row (issue 10, item 4): S2 with an LM-head bias and a Gemma-2 softcap
+    "S2-bias-cap": Shape("S2-bias-cap", 2048, 2048, 128256, "bfloat16", softcap=30.0, logits="random",
+                         bias=True),
 }
 GPU_SHAPES = {
     "llama3-8k": Shape("llama3-8k", 8192, 4096, 128256, "bfloat16"),
