@@ -45,6 +45,18 @@ on the CPU ``lse-reuse`` (the design where a private ATen kernel,
 log-sum-exp, and one extra tiled pass over ``Q K^T`` sums ``exp(s - lse)``). Results:
 ``<out>/score_throughput_layer_<device>.csv``.
 
+Part 4, **packed vs padded scoring** (``--packed-scoring``, end to end, one fresh subprocess
+per layout, the part-1 model): ``--score-docs`` records of uniform random length in [32, 1024]
+tokens scored by :func:`~xtf_kernels.xtf.score_dataset` with ``max_length = --row`` twice:
+
+* ``padded``: ``pack=False``, ``--pad-batch`` examples per right-padded batch;
+* ``packed``: ``pack=True``, ``--pack-rows`` rows of up to ``--row`` tokens per forward.
+
+Both write the same records (tests/test_packing_scoring.py); the packed run's
+``summary["packing"]`` gives the positions each layout feeds the model. Target (issue 12):
+packed faster than padded by at least half the padding share. Results:
+``<out>/score_throughput_packed_<device>.csv``.
+
 All parts are plotted in ``<out>/score_throughput_<device>.png`` and printed as tables.
 """
 
@@ -74,6 +86,8 @@ FIELDS = ["device", "method", "L", "examples", "batch", "threads", "status", "se
           "vs_floor", "cpu_seconds", "cpu_vs_floor", "tokens_per_s", "peak_mb", "note", "load_avg", "torch", "model"]
 LAYER_FIELDS = ["device", "method", "L", "Hq", "Hkv", "Dh", "dtype", "seconds", "seconds_median", "vs_sdpa",
                 "threads"]
+PACKED_FIELDS = ["device", "layout", "documents", "real_tokens", "positions", "padding_share", "batch", "row",
+                 "seconds", "seconds_median", "vs_padded", "tokens_per_s", "peak_mb", "threads", "status", "note"]
 MIXED_FIELDS = ["device", "layout", "backend", "documents", "real_tokens", "slots", "padding_share", "rows", "L",
                 "seconds", "seconds_median", "vs_padded", "threads", "note"]
 
@@ -467,6 +481,116 @@ def run_layer(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- part 4: packed vs padded scoring
+
+
+def _mixed_records(n: int, row: int, vocab: int, seed: int = 0) -> list[dict]:
+    """``n`` records of uniform random length in [32, min(1024, row)] tokens (EOS included)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        L = rng.randint(32, min(1024, row))
+        out += _records(1, L, vocab, seed=rng.randrange(2**31))
+    return out
+
+
+def _child_packed(args: argparse.Namespace) -> None:
+    """One layout of part 4 in this (fresh) process: prints seconds, peak and the packing counts."""
+    import torch
+
+    from xtf_kernels.xtf import score_dataset
+
+    torch.set_num_threads(args.threads)
+    spec = GPU_MODEL if args.device == "cuda" else CPU_MODEL
+    model = _model(spec, args.row, args.device, args.dtype, "sdpa")
+    tok = _tokenizer(spec["vocab_size"])
+    records = _mixed_records(args.score_docs, args.row, spec["vocab_size"])
+    pack = args.child_packed == "packed"
+    batch = args.pack_rows if pack else args.pad_batch
+
+    def once(recs) -> dict:
+        with tempfile.TemporaryDirectory() as d:
+            return score_dataset(model, recs, d, tokenizer=tok, batch_size=batch, max_length=args.row,
+                                 device=args.device, progress=False, pack=pack, shard_size=max(256, len(recs)))
+
+    once(_mixed_records(2, 64, spec["vocab_size"], seed=1))  # warm-up (and a first native build)
+    times, summary = [], {}
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        summary = once(records)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    if pack:
+        positions = summary["packing"]["positions_packed"]
+    else:  # right-padded batches of `batch` records in data order (each record is exactly its length)
+        n = [len(_ids([r], tok, "cpu")[0]) for r in records]
+        positions = sum(len(n[i : i + batch]) * max(n[i : i + batch]) for i in range(0, len(n), batch))
+    tokens = summary["tokens"]["total"]
+    print(json.dumps({"seconds": min(times), "seconds_median": statistics.median(times), "peak_mb": peak,
+                      "batch": batch, "tokens": tokens, "positions": positions,
+                      "padding_share": 1 - tokens / positions}))
+
+
+def run_packed_scoring(args: argparse.Namespace) -> list[dict]:
+    rows: list[dict] = []
+    for layout in ("padded", "packed"):
+        cmd = [sys.executable, "-m", "benchmarks.score_throughput", "--child-packed", layout, "--score-docs",
+               str(args.score_docs), "--row", str(args.row), "--pad-batch", str(args.pad_batch), "--pack-rows",
+               str(args.pack_rows), "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
+               "--repeats", str(args.repeats)]
+        row = dict(device=args.device, layout=layout, documents=args.score_docs, row=args.row, threads=args.threads,
+                   status="ok", note="")
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+        except subprocess.TimeoutExpired:
+            rows.append({**row, "status": "timeout", "note": f"over {args.timeout} s"})
+            continue
+        if res.returncode != 0:
+            rows.append({**row, "status": "failed", "note": (res.stderr.strip().splitlines() or ["?"])[-1][:200]})
+            continue
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        row.update(seconds=round(out["seconds"], 3), seconds_median=round(out["seconds_median"], 3),
+                   peak_mb=round(out["peak_mb"]), batch=out["batch"], real_tokens=out["tokens"],
+                   tokens_per_s=round(out["tokens"] / out["seconds"]))
+        row.update(positions=out["positions"], padding_share=round(out["padding_share"], 4))
+        rows.append(row)
+        print(f"scoring {layout:6s}: {row['status']} {row.get('seconds')} s, peak {row.get('peak_mb')} MB", flush=True)
+    if len(rows) == 2 and all(r["status"] == "ok" for r in rows):
+        pad, pk = rows
+        pk["vs_padded"] = round(pk["seconds"] / pad["seconds"], 3)
+        pad["vs_padded"] = 1.0
+        target = 1 - pad["padding_share"] / 2
+        pk["note"] = (f"target: <= {target:.3f} x padded (half the padding share); "
+                      f"{'met' if pk['vs_padded'] <= target else 'NOT met'}")
+    return rows
+
+
+def _plot_packed(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.bar([r["layout"] for r in ok], [r["seconds"] for r in ok], color=["tab:gray", "tab:green"][: len(ok)])
+    for j, r in enumerate(ok):
+        ax.annotate(f"{r.get('vs_padded', '')}x\n{r.get('positions', '?')} positions", (j, r["seconds"]),
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel("seconds (fastest repeat)")
+    ax.set_title(f"score_dataset, {args.score_docs} records of 32-1024 tokens, rows of {args.row}\n"
+                 f"({args.device}, {args.threads} threads)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -569,6 +693,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--docs", type=int, default=64, help="documents in part 2")
     ap.add_argument("--row", type=int, default=2048, help="packed row length in part 2")
     ap.add_argument("--pad-batch", type=int, default=4, help="documents per padded batch in part 2")
+    ap.add_argument("--packed-scoring", action=argparse.BooleanOptionalAction, default=True,
+                    help="part 4: score_dataset packed vs padded on mixed lengths (default on)")
+    ap.add_argument("--score-docs", type=int, default=24, help="records scored in part 4")
+    ap.add_argument("--pack-rows", type=int, default=1, help="packed rows per forward in part 4")
+    ap.add_argument("--child-packed", choices=["padded", "packed"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
@@ -585,7 +714,11 @@ def main(argv: list[str] | None = None) -> None:
         args.L = args.lengths[0]
         _child(args)
         return
-    for name in ("tokens", "batch_tokens", "head_chunk", "repeats", "threads", "docs", "row", "pad_batch"):
+    if args.child_packed:
+        _child_packed(args)
+        return
+    for name in ("tokens", "batch_tokens", "head_chunk", "repeats", "threads", "docs", "row", "pad_batch",
+                 "score_docs", "pack_rows"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
     if any(L < 2 for L in args.lengths):
@@ -606,6 +739,12 @@ def main(argv: list[str] | None = None) -> None:
     if layer_rows:
         _write_csv(args.out / f"score_throughput_layer_{args.device}.csv", LAYER_FIELDS, layer_rows)
         print(_table(layer_rows, ["method", "L", "seconds", "seconds_median", "vs_sdpa"]))
+    packed_rows = run_packed_scoring(args) if args.packed_scoring else []
+    if packed_rows:
+        _write_csv(args.out / f"score_throughput_packed_{args.device}.csv", PACKED_FIELDS, packed_rows)
+        print(_table(packed_rows, ["layout", "batch", "real_tokens", "positions", "padding_share", "seconds",
+                                   "vs_padded", "peak_mb", "note"]))
+        _plot_packed(packed_rows, args.out / f"score_throughput_packed_{args.device}.png", args)
     if score_rows or mixed_rows or layer_rows:
         _plot(score_rows, mixed_rows, layer_rows, stem.with_suffix(".png"), args)
         print(f"wrote {stem}.csv / .png under {args.out}")

@@ -18,6 +18,7 @@ from ._autograd import autocast_operands, first_order_only, no_autocast
 from ._validate import check_labels_in_range, check_select_output, validate
 from .backends import CEConfig, resolve_backend
 from .config import get_options
+from .documents import check_position_ids, mask_unpredicted
 from .stats import TokenStats
 
 SelectFn = Callable[[TokenStats], torch.Tensor]
@@ -394,6 +395,7 @@ def masked_ce(
     select: SelectFn | None = None,
     return_stats: bool = False,
     backend: str = "auto",
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` over kept tokens, never materialising logits.
 
@@ -424,6 +426,10 @@ def masked_ce(
             the statistics of every non-ignored token; its mask is AND-ed with ``keep``.
         return_stats: also return a :class:`TokenStats`.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"native"``.
+        position_ids: optional ``[...]`` integers (labels' shape) of packed rows, restarting
+            at 0 for every document; needs ``shift=True``. A label at a document start is not
+            predicted from the previous document's last hidden state: it is ignored (no loss,
+            NaN statistics, not counted), as when each document runs alone.
 
     Returns:
         ``loss`` (0-d fp32, or ``[...]`` for ``"none"``), or ``(loss, TokenStats)``.
@@ -440,6 +446,8 @@ def masked_ce(
         hidden, weight, labels, bias, keep, ignore_index, reduction, num_items, label_smoothing,
         z_loss, softcap, shift, ref_logprobs, task_vector, select, return_stats, backend,
     )
+    if position_ids is not None:  # packed rows: document starts have no predictor
+        labels = mask_unpredicted(labels, check_position_ids(position_ids, labels), ignore_index, shift)
     spec = MaskedCESpec(
         ignore_index=ignore_index,
         reduction=reduction,

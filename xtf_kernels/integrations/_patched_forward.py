@@ -5,7 +5,8 @@
 2. :func:`_forward_capturing_head`: the model's own forward with the LM head swapped for a
    capture of its input (an empty ``[..., 0]`` placeholder instead of the logits);
 3. :func:`_align_targets`: labels, keep mask and reference log-probs aligned to the captured
-   hidden states (``shift_labels``, ``logits_to_keep``), ``num_items_in_batch`` checked;
+   hidden states (``shift_labels``, ``logits_to_keep``), the documents of packed rows
+   (:mod:`.packed`), ``num_items_in_batch`` checked;
 4. :func:`_loss`: :func:`masked_ce` over the LM head as :func:`lm_head_spec` describes it,
    plus the MoE load-balancing term;
 5. :func:`_pack_output`: the model's own output class with the new ``loss``.
@@ -26,6 +27,7 @@ from ..ops import masked_ce
 from ..stats import TokenStats
 from ._patch_state import XTFPatch
 from .distributed import count_kept_tokens
+from .packed import batch_position_ids
 
 
 def linear_head_spec(model: nn.Module) -> LMHeadSpec:
@@ -62,7 +64,8 @@ def _align(t: torch.Tensor | None, name: str, want: tuple[int, ...], slice_last:
     return t
 
 
-def _check_num_items(num_items: Any, labels: torch.Tensor, keep: torch.Tensor | None, shift: bool) -> Any:
+def _check_num_items(num_items: Any, labels: torch.Tensor, keep: torch.Tensor | None, shift: bool,
+                     position_ids: torch.Tensor | None = None) -> Any:
     """Zero ``num_items_in_batch``: None (loss 0) when nothing is kept here, else an error."""
     if num_items is None:
         return None
@@ -76,7 +79,7 @@ def _check_num_items(num_items: Any, labels: torch.Tensor, keep: torch.Tensor | 
         num_items = num_items.reshape(())
     if isinstance(num_items, torch.Tensor) and num_items.device.type != "cpu":
         # no host sync: an async device assert, then a divisor that is never 0
-        n_here = count_kept_tokens(labels, keep, shift=shift)
+        n_here = count_kept_tokens(labels, keep, shift=shift, position_ids=position_ids)
         torch._assert_async(
             (num_items > 0) | (n_here == 0),
             "num_items_in_batch is 0 but this micro-batch has kept tokens",
@@ -85,7 +88,7 @@ def _check_num_items(num_items: Any, labels: torch.Tensor, keep: torch.Tensor | 
     if float(num_items) < 0:
         raise ValueError(f"num_items_in_batch: expected >= 0, got {float(num_items)}")
     if float(num_items) == 0:
-        n_here = int(count_kept_tokens(labels, keep, shift=shift))
+        n_here = int(count_kept_tokens(labels, keep, shift=shift, position_ids=position_ids))
         if n_here:
             raise ValueError(
                 f"num_items_in_batch: got 0 but this micro-batch has {n_here} kept tokens; it must "
@@ -171,7 +174,7 @@ def _forward_capturing_head(
 
 
 def _align_targets(call: _Call, patch: XTFPatch, hidden: torch.Tensor) -> tuple[Any, ...]:
-    """(labels, keep, ref, shift, num_items) on the positions whose logits the model computes."""
+    """(labels, keep, ref, shift, num_items, position_ids) on the positions whose logits the model computes."""
     lead = tuple(hidden.shape[:-1])
     shift = call.shift_labels is None
     y = call.labels if shift else call.shift_labels
@@ -203,14 +206,15 @@ def _align_targets(call: _Call, patch: XTFPatch, hidden: torch.Tensor) -> tuple[
         if not isinstance(ref, torch.Tensor) or not ref.dtype.is_floating_point:
             raise TypeError(f"{patch.ref_key}: expected a float tensor of reference log-probs")
         ref = _align(ref, patch.ref_key, tuple(y.shape), slice_last).to(hidden.device)
-    return y, keep, ref, shift, _check_num_items(call.num_items, y, keep, shift)
+    pos = batch_position_ids(call.kwargs, y) if shift else None  # packed rows: their documents
+    return y, keep, ref, shift, _check_num_items(call.num_items, y, keep, shift, pos), pos
 
 
 def _loss(
     spec: LMHeadSpec, hidden: torch.Tensor, out: Any, patch: XTFPatch, targets: tuple[Any, ...], want_stats: bool
 ) -> tuple[torch.Tensor, TokenStats | None]:
     """The loss (and statistics when wanted or a policy needs them) from the captured hidden states."""
-    y, keep, ref, shift, num_items = targets
+    y, keep, ref, shift, num_items, pos = targets
     h, weight, bias = spec.operands(hidden)
     need_stats = want_stats or patch.select is not None
     res = masked_ce(
@@ -230,6 +234,7 @@ def _loss(
         select=patch.select,
         return_stats=need_stats,
         backend=patch.backend,
+        position_ids=pos,
     )
     loss, stats = res if need_stats else (res, None)
     aux = getattr(out, "aux_loss", None)

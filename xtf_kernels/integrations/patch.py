@@ -91,6 +91,11 @@ def apply_xtf(
     * ``xtf_stats``: a :class:`TokenStats` (label-aligned) when ``return_stats=True`` or the
       call passes ``xtf_return_stats=True``, or when ``select`` is set; else None.
 
+    Packed (padding-free) batches: ``position_ids`` (and ``cu_seq_lens_q/k``,
+    ``max_length_q/k``) go to the model unchanged; the label-aligned ``position_ids`` (else
+    documents from ``cu_seq_lens_q``) also go to ``masked_ce``, so a label at a document start
+    is never predicted from the previous document (:mod:`xtf_kernels.documents`).
+
     Without ``labels`` (and ``shift_labels``) the original forward runs unchanged.
 
     Args:

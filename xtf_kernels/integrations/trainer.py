@@ -14,6 +14,7 @@ import torch
 from ..stats import TokenStats
 from ._patch_state import get_patch, is_patched
 from ._patched_forward import as_keep
+from .packed import mask_batch_labels
 from .patch import apply_xtf
 
 __all__ = ["XTFTrainerMixin", "make_trainer_class"]
@@ -94,6 +95,8 @@ class XTFTrainerMixin:
         for b in batch_samples:
             if isinstance(b, Mapping) and key in b and "labels" in b and "shift_labels" not in b:
                 b = {**b, "labels": _mask_labels(b["labels"], b[key])}
+            if isinstance(b, Mapping) and "labels" in b and "shift_labels" not in b:
+                b = {**b, "labels": mask_batch_labels(b, b["labels"])}  # packed rows: document starts
             masked.append(b)
         return super()._get_num_items_in_batch(masked, device)  # type: ignore[misc]
 

@@ -69,6 +69,7 @@ def score_dataset(
     tr_source: str | None = None,
     ri_aggregation: str | None = None,
     protect: Sequence[int] | None = None,
+    pack: bool = False,
 ) -> dict:
     """Score every response token of a dataset with XTF and write the per-token records.
 
@@ -105,6 +106,11 @@ def score_dataset(
             TR from the ``"input"`` embedding row (default) or the ``"contextual"`` final hidden
             state; RI ``"mean"`` over visible queries (default) or ``"debiased"`` against
             uniform causal attention; token ids never masked. All enter the fingerprint.
+        pack: score rows packed with whole examples (rows of up to ``max_length`` tokens,
+            ``batch_size`` rows per forward; :mod:`.packed_scoring`): the records of an
+            unpacked run; ``summary["packing"]`` reports the padding saved and the tokens within
+            1e-5 of a threshold; enters the fingerprint. Refused for a model whose attention
+            does not honour packed ``position_ids``.
 
     Returns:
         The summary dict (also written to ``out_dir/summary.json`` by rank 0), plus ``"run"``
@@ -123,7 +129,7 @@ def score_dataset(
         shard_size=shard_size, on_error=on_error, truncation=truncation, add_eos=add_eos, ri_layers=ri_layers,
         ri_reduce=ri_reduce, tr_metric=tr_metric, domain_words=domain_words, resume=resume, overwrite=overwrite,
         progress=progress, ri_fn=ri_fn, backend=backend, tr_source=tr_source, ri_aggregation=ri_aggregation,
-        protect=protect,
+        protect=protect, pack=pack,
     )
     run = prepare_run(model, data, out_dir, opts, tokenizer=tokenizer, ref_model=ref_model)
     todo, reused, n_tok = pending_pass1(run)

@@ -135,6 +135,7 @@ def knowledge_novelty(
     hidden: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     backend: str = "auto",
+    position_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """S_KN = 1 - p(gold) under teacher forcing, plus log-prob and entropy, label-aligned.
 
@@ -143,6 +144,8 @@ def knowledge_novelty(
         hidden: final hidden states ``[B, L, D]`` if already computed (else the decoder is run).
         ref_logprobs: fp32 ``[B, L]`` reference-model log-probs (gives ``logprob_delta``).
         backend: masked_ce backend.
+        position_ids: ``[B, L]`` of packed rows (pass ``hidden`` computed with them): a
+            document's first token is not predicted from the previous document (NaN).
 
     Returns:
         dict of fp32 ``[B, L]`` tensors ``kn``, ``logprob``, ``entropy`` (and ``logprob_delta``
@@ -156,7 +159,7 @@ def knowledge_novelty(
     labels = input_ids.long().masked_fill(attention_mask == 0, -100)
     _, stats = masked_ce(
         h, w, labels, bias=b, shift=True, reduction="sum", softcap=spec.softcap,
-        ref_logprobs=ref_logprobs, return_stats=True, backend=backend,
+        ref_logprobs=ref_logprobs, return_stats=True, backend=backend, position_ids=position_ids,
     )
     out = {"kn": 1.0 - stats.prob.float(), "logprob": stats.logprob.float(), "entropy": stats.entropy.float()}
     if stats.logprob_delta is not None:

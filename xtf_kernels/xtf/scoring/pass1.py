@@ -119,7 +119,8 @@ def run_pass1(run: ScoreRun, todo: Sequence[int], n_tok: int) -> float:
     try:
         for s in todo:
             hsum = [None, 0] if run.contextual else None
-            tbl = _score_shard(run, run.shard_examples(s), pbar, hidden_sum=hsum)
+            score = run.packed.score_shard if run.packed is not None else _score_shard
+            tbl = score(run, run.shard_examples(s), pbar, hidden_sum=hsum)
             extra = {} if hsum is None else {HIDDEN_SUM_KEY: encode_meta(
                 hsum[0] if hsum[0] is not None else np.zeros(0), hsum[1])}
             sh.write_table_atomic(tbl, run.shard_path(rundir.PASS1, s), {**run.meta, **extra})

@@ -21,6 +21,7 @@ import torch
 from .. import rundir
 from .. import shards as sh
 from ..data import Example, TokenizeStats, tokenize_records
+from ..packed_scoring import PackedScoring
 from ..rules import RuleConfig
 from ..scorers import resolve_ri_fn
 from ..summary import PAPER, with_readings
@@ -54,6 +55,7 @@ class ScoreOptions:
     tr_source: str | None
     ri_aggregation: str | None
     protect: Sequence[int] | None
+    pack: bool = False
 
 
 @dataclass
@@ -81,6 +83,8 @@ class ScoreRun:
     n_shards: int = 0
     mine: list[int] = field(default_factory=list)
     run_start: float | None = None
+    #: packed scoring (:class:`~xtf_kernels.xtf.packed_scoring.PackedScoring`) or None
+    packed: Any = None
 
     @property
     def show(self) -> bool:
@@ -125,6 +129,8 @@ def _check_options(opts: ScoreOptions, out_dir: Any) -> ScoreRun:
     for name, v in (("batch_size", opts.batch_size), ("shard_size", opts.shard_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if not isinstance(opts.pack, bool):
+        raise TypeError(f"pack: expected a bool, got {type(opts.pack).__name__}")
     if opts.tr_metric not in ("cosine", "euclidean"):
         raise ValueError(f"tr_metric: expected 'cosine' or 'euclidean', got {opts.tr_metric!r}")
     dev = resolve_device(opts.device)
@@ -187,6 +193,8 @@ def _fix_settings(run: ScoreRun, model_id: str, ref_id: str | None, max_length: 
         "tr_metric": o.tr_metric, "domain_words": None if o.domain_words is None else list(o.domain_words),
         "examples_sha256": _examples_digest(run.examples),
     }
+    if o.pack:  # only when on: the fingerprints of unpacked runs stay as they were
+        run.settings["pack"] = True
     run.fingerprint = hashlib.sha256(json.dumps(run.settings, sort_keys=True).encode()).hexdigest()[:16]
     run.n_shards = (len(run.examples) + o.shard_size - 1) // o.shard_size
     run.mine = [s for s in range(run.n_shards) if s % run.world == run.rank]
@@ -216,5 +224,6 @@ def prepare_run(model: Any, data: Any, out_dir: Any, opts: ScoreOptions, *, toke
     )
     max_length = _load_examples(run, data)
     _fix_settings(run, model_id, ref_id, max_length)
+    run.packed = PackedScoring.start(run, max_length)  # refuses a model that cannot pack, before any write
     _claim_output(run)
     return run

@@ -43,6 +43,9 @@ def write_summary(run: ScoreRun, between: Between, texts: TokenTexts, n_tok: int
     summary["diagnostics"] = type_diagnostics(
         per_type[0], per_type[1], {r.name: per_type[2 + i] for i, r in enumerate(REASONS)},
         lambda i: texts(np.asarray([i]))[0])
+    if run.packed is not None:
+        paths = [run.shard_path(rundir.TOKENS, s) for s in run.mine]
+        summary.update(run.packed.summary(paths, run.rules, between.thresholds))
     if run.rank == 0:
         sh.write_json_atomic(summary, run.out / "summary.json")
         if run.show and n_tok:
