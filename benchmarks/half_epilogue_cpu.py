@@ -181,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             rel = f"{r['vs_bf16_mm']:.2f}" if "vs_bf16_mm" in r else "-"
             err = f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else "-"
             print(f"{r['route']:<28}{sec:>9}{rel:>8}{err:>10}  {r.get('note', '')}")
-    print(f"\n{'per-row error vs float64':<28}{'lse mean':>10}{'lse max':>10}{'lp mean':>10}{'lp max':>10}"
+    print(f"\n{'per-row error vs float64':<38}{'lse mean':>10}{'lse max':>10}{'lp mean':>10}{'lp max':>10}"
           f"{'lse -same':>11}{'lp -same':>10}")
     for r in rows:
         if r["part"] == "error":
             ex = [r.get("lse_excess_max"), r.get("logprob_excess_max")]
-            print(f"{r['route']:<28}{r['lse_mean']:>10.2e}{r['lse_max']:>10.2e}{r['logprob_mean']:>10.2e}"
+            print(f"{r['route']:<38}{r['lse_mean']:>10.2e}{r['lse_max']:>10.2e}{r['logprob_mean']:>10.2e}"
                   f"{r['logprob_max']:>10.2e}" + "".join("" if v is None else f"{v:>11.2e}" for v in ex))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
