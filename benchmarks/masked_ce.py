@@ -54,7 +54,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Shape:
-    """One benchmark problem: N tokens, hidden D, vocabulary V, dtype, ignored share, softcap."""
+    """One benchmark problem: N tokens, hidden D, vocabulary V, dtype, ignored share, softcap,
+    LM-head bias (``bias``: N(0, 1) entries; compared with xtf and eager only)."""
 
     name: str
     N: int
@@ -64,11 +65,15 @@ class Shape:
     ignore: float = 0.2
     softcap: float | None = None
     logits: str = "peaked"  # "peaked" (trained-model scale, see make_inputs) or "random"
+    bias: bool = False
 
 
 CPU_SHAPES = {
     "S1": Shape("S1", 4096, 1024, 32000, "float32", logits="random"),
     "S2": Shape("S2", 2048, 2048, 128256, "bfloat16", logits="random"),
+    # the bf16 epilogue row (issue 10, item 4): S2 with an LM-head bias and a Gemma-2 softcap
+    "S2-bias-cap": Shape("S2-bias-cap", 2048, 2048, 128256, "bfloat16", softcap=30.0, logits="random",
+                         bias=True),
 }
 GPU_SHAPES = {
     "llama3-8k": Shape("llama3-8k", 8192, 4096, 128256, "bfloat16"),
@@ -267,6 +272,9 @@ def build(case: Case, device: str):
     scored = y != -100
     kept_rows = int(scored.sum())
     inputs = {"h": h, "w": w, "y": y}
+    b = _bias(shape, device)
+    if b is not None and not (m.startswith("xtf-") or m in ("gemm-floor", "eager")):
+        raise RuntimeError(f"the bias row compares xtf with eager only, not {m}")
 
     if m == "gemm-floor":
         xk = h[scored].contiguous()
@@ -288,7 +296,7 @@ def build(case: Case, device: str):
 
     if m.startswith("xtf-"):
         be = m[4:]
-        kw: dict = {"backend": be, "softcap": shape.softcap}
+        kw: dict = {"backend": be, "softcap": shape.softcap, "bias": b}
         if case.scenario == "stats":
             kw["return_stats"] = True
         elif case.scenario.startswith("mask"):
@@ -297,7 +305,7 @@ def build(case: Case, device: str):
             kw["keep"] = keep
             kept_rows = int((scored & keep).sum())
         elif case.scenario == "xtf-step":
-            thr, kept_rows = _median_logprob(h, w, y, shape, be)
+            thr, kept_rows = _median_logprob(h, w, y, shape, be, b)
             kw["return_stats"] = True
             kw["select"] = xtf_kernels.rowwise(lambda s: s.logprob < thr)
 
@@ -319,8 +327,26 @@ def build(case: Case, device: str):
             return fn(hh.index_select(0, idx), ww, y.index_select(0, idx))
         return inputs, fwd, n_sel
 
+    if b is not None:  # eager with the bias: F.linear in the input dtype, fp32 softcap and loss
+        cap = shape.softcap
+
+        def eager_bias(hh, ww):
+            z = torch.nn.functional.linear(hh, ww, b).float()
+            z = cap * torch.tanh(z / cap) if cap is not None else z
+            return torch.nn.functional.cross_entropy(z, y, ignore_index=-100)
+        return inputs, eager_bias, kept_rows
     fn = peer_loss_fn(m, shape, device)
     return inputs, (lambda hh, ww: fn(hh, ww, y)), kept_rows
+
+
+def _bias(shape: Shape, device: str):
+    """The LM-head bias of a ``bias`` shape (N(0, 1), the shape's dtype), else None."""
+    import torch
+
+    if not shape.bias:
+        return None
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(shape.V, generator=g).to(getattr(torch, shape.dtype)).to(device)
 
 
 def input_summary(h, w, y, softcap: float | None, chunk: int = 2048) -> str:
@@ -343,7 +369,7 @@ def input_summary(h, w, y, softcap: float | None, chunk: int = 2048) -> str:
     return f"inputs: mean loss {tot / max(n, 1):.2f} nats, mean P(gold) {pg / max(n, 1):.2f}"
 
 
-def _median_logprob(h, w, y, shape: Shape, backend: str) -> tuple[float, int]:
+def _median_logprob(h, w, y, shape: Shape, backend: str, bias=None) -> tuple[float, int]:
     """Median gold log-prob over the scored tokens and the count below it (the xtf-step rule
     keeps the lower half: the tokens the model predicts worst)."""
     import torch
@@ -351,7 +377,7 @@ def _median_logprob(h, w, y, shape: Shape, backend: str) -> tuple[float, int]:
     from xtf_kernels import masked_ce
 
     with torch.no_grad():
-        _, st = masked_ce(h, w, y, return_stats=True, backend=backend, softcap=shape.softcap)
+        _, st = masked_ce(h, w, y, bias=bias, return_stats=True, backend=backend, softcap=shape.softcap)
     lp = st.logprob[~torch.isnan(st.logprob)]
     thr = float(lp.median())
     return thr, int((lp < thr).sum())

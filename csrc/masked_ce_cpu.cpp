@@ -1,8 +1,8 @@
 // Native CPU row kernels of xtf_kernels' masked cross-entropy (backend="native").
 //
 // The GEMMs stay in ATen (oneDNN / MKL through torch.mm); this file owns everything around
-// them: one pass over each row of a logits chunk that produces the fp32 statistics (online
-// log-sum-exp, gold logit, entropy, sum of logits) and, for rows that need a gradient,
+// them: one pass over each row of a logits chunk that produces the fp32 statistics (row
+// maximum, log-sum-exp, gold logit, entropy, sum of logits) and, for rows that need a gradient,
 // overwrites the logits in place with d loss / d raw-logits (softmax - smoothed one-hot,
 // z-loss and softcap chain rule, optional per-row scale; optionally its fp32 column sums,
 // i.e. the bias gradient, taken before the rounding to bf16 / fp16). Rows are spread over ATen's
@@ -12,8 +12,12 @@
 // (round-to-nearest-even), fp32 lane sums folded into double per block.
 //
 // Math (z = softcap(raw + bias), c = softcap, ls = label smoothing, zl = z-loss, V = vocab):
-//   lse = logsumexp_v z_v, gold = z_y, entropy = lse - sum_v softmax_v z_v, zsum = sum_v z_v
-//   d loss / d z_v = softmax_v (1 + 2 zl lse) - ls / V - (1 - ls) [v == y]
+//   m = max_v z_v; every statistic is kept relative to it, so a large common offset of the
+//   logits costs no precision (loss = lse_rel - gold_rel never subtracts two big numbers):
+//   lse_rel = log sum_v exp(z_v - m), gold_rel = z_y - m, zsum_rel = sum_v (z_v - m),
+//   entropy = lse_rel - sum_v softmax_v (z_v - m)   (0 log 0 = 0: -inf logits are fine)
+//   d loss / d z_v = softmax_v (1 + 2 zl lse) - ls / V - (1 - ls) [v == y], lse = m + lse_rel,
+//     softmax_v = exp(z_v - m) exp(-lse_rel)
 //   d loss / d raw_v = d loss / d z_v * (1 - (z_v / c)^2)        (softcap only)
 // Offsets are int64 everywhere (rows x vocab may exceed 2^31 elements).
 
@@ -97,12 +101,23 @@ XTF_INLINE float fast_exp(float x) {
   return (x != x) ? x : out;
 }
 
-// c * tanh(raw / c) through one exp: tanh(t) = sign(t) (1 - 2 / (exp(2|t|) + 1)).
+// c * tanh(raw / c). For |t| >= 0.625 through one exp, tanh|t| = 1 - 2 / (exp(2|t|) + 1)
+// (no cancellation there: the result is >= 0.55); below, where that form cancels, the odd
+// minimax polynomial of Cephes' tanhf (relative error ~1e-7). Both are computed and one is
+// selected, so the loop stays branch-free and vectorised.
 XTF_INLINE float softcap_fn(float raw, float c, float inv_c) {
   const float t = raw * inv_c;
   const float a = t < 0.0f ? -t : t;
   const float e = fast_exp(2.0f * (a > 40.0f ? 40.0f : a));
-  float th = 1.0f - 2.0f / (e + 1.0f);
+  const float big = 1.0f - 2.0f / (e + 1.0f);
+  const float s = a * a;
+  float poly = -5.70498872745e-3f;
+  poly = poly * s + 2.06390887954e-2f;
+  poly = poly * s - 5.37397155531e-2f;
+  poly = poly * s + 1.33314422036e-1f;
+  poly = poly * s - 3.33332819422e-1f;
+  const float small = poly * s * a + a;
+  float th = a < 0.625f ? small : big;
   th = t < 0.0f ? -th : th;
   th = (raw != raw) ? raw : th;
   return c * th;
@@ -135,10 +150,10 @@ inline double zval_precise(const T* row, const float* bias, int64_t j, const Par
 }
 
 struct RowStats {
-  float lse, gold, entropy, zsum;
+  float max, lse, gold, entropy, zsum;  // lse, gold, zsum relative to max
 };
 
-// Statistics of one full-vocabulary row (two sweeps: max, then exp-sums).
+// Statistics of one full-vocabulary row (two sweeps: max, then exp-sums of z - max).
 template <typename T, bool CAP, bool BIAS>
 RowStats row_stats_t(const T* row, const float* bias, int64_t C, int64_t y, const Params& P) {
   const float cap = P.cap, inv_cap = P.inv_cap;
@@ -156,22 +171,22 @@ RowStats row_stats_t(const T* row, const float* bias, int64_t C, int64_t y, cons
     float bs = 0.0f, bt = 0.0f, bz = 0.0f;
 #pragma omp simd reduction(+ : bs, bt, bz)
     for (int64_t j = j0; j < j1; ++j) {
-      const float z = zval<T, CAP, BIAS>(row, bias, j, cap, inv_cap);
-      const float e = fast_exp(z - m);
+      const float zc = zval<T, CAP, BIAS>(row, bias, j, cap, inv_cap) - m;
+      const float e = fast_exp(zc);
       bs += e;
-      bt += e * z;
-      bz += z;
+      bt += e > 0.0f ? e * zc : 0.0f;  // 0 * log 0 = 0 (a -inf logit)
+      bz += zc;
     }
     s += bs;
     t += bt;
     zs += bz;
   }
-  const bool bad = std::isnan(s) || std::isnan(zs) || !std::isfinite(m);
+  const bool bad = std::isnan(s) || !std::isfinite(m);  // a NaN, a +inf or an all -inf row
   RowStats r;
-  const double lse = static_cast<double>(m) + std::log(s);
+  const double lse = std::log(s);
+  r.max = m;
   r.lse = bad ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(lse);
-  if (std::isinf(m) && m > 0) r.lse = m;  // a +inf logit: lse is +inf
-  r.gold = static_cast<float>(zval_precise(row, bias, y, P));
+  r.gold = static_cast<float>(zval_precise(row, bias, y, P) - static_cast<double>(m));
   r.entropy = static_cast<float>(lse - t / s);
   r.zsum = static_cast<float>(zs);
   return r;
@@ -188,15 +203,16 @@ RowStats row_stats(const T* row, const float* bias, int64_t C, int64_t y, const 
 }
 
 // Overwrite columns [0, C) of a row (vocabulary columns [v0, v0 + C)) with
-// scale * d loss / d raw, given the row's lse. y_local = y - v0 (outside [0, C): no gold here).
+// scale * d loss / d raw, given the row's max m and lse_rel (a carries exp(-lse_rel)).
+// y_local = y - v0 (outside [0, C): no gold here).
 template <typename T, bool CAP, bool BIAS, bool ACC>
-void row_grad_t(T* row, const float* bias, int64_t C, float lse, float a, float sub,
+void row_grad_t(T* row, const float* bias, int64_t C, float m, float a, float sub,
                 const Params& P, float* acc) {
   const float cap = P.cap, inv_cap = P.inv_cap;
 #pragma omp simd
   for (int64_t j = 0; j < C; ++j) {
     const float z = zval<T, CAP, BIAS>(row, bias, j, cap, inv_cap);
-    float g = fast_exp(z - lse) * a - sub;
+    float g = fast_exp(z - m) * a - sub;
     if constexpr (CAP) {
       const float q = z * inv_cap;
       g *= 1.0f - q * q;
@@ -207,17 +223,18 @@ void row_grad_t(T* row, const float* bias, int64_t C, float lse, float a, float 
 }
 
 template <typename T, bool CAP, bool BIAS>
-void row_grad_acc(T* row, const float* bias, int64_t C, float lse, float a, float sub,
+void row_grad_acc(T* row, const float* bias, int64_t C, float m, float a, float sub,
                   const Params& P, float* acc) {
-  if (acc) row_grad_t<T, CAP, BIAS, true>(row, bias, C, lse, a, sub, P, acc);
-  else row_grad_t<T, CAP, BIAS, false>(row, bias, C, lse, a, sub, P, acc);
+  if (acc) row_grad_t<T, CAP, BIAS, true>(row, bias, C, m, a, sub, P, acc);
+  else row_grad_t<T, CAP, BIAS, false>(row, bias, C, m, a, sub, P, acc);
 }
 
 // acc (optional, fp32 [C]): += the row's gradient before rounding (the bias gradient)
 template <typename T>
-void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float lse, float scale,
-              const Params& P, float* acc) {
-  const float a = scale * (1.0f + 2.0f * P.zl * lse);
+void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float m, float lse_rel,
+              float scale, const Params& P, float* acc) {
+  const double lse = static_cast<double>(m) + lse_rel;
+  const float a = static_cast<float>(scale * (1.0 + 2.0 * P.zl * lse) * std::exp(-lse_rel));
   const float sub = scale * P.ls / static_cast<float>(P.vocab);
   // gold element from the precise z before the row is overwritten
   double gold_grad = 0.0;
@@ -225,7 +242,7 @@ void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float lse, 
   const bool hit = y_local >= 0 && y_local < C;
   if (hit) {
     const double z = zval_precise(row, bias, y_local, P);
-    const double p = std::exp(z - static_cast<double>(lse));
+    const double p = std::exp(z - static_cast<double>(m) - lse_rel);
     double g = p * (1.0 + 2.0 * P.zl * lse) - P.ls / static_cast<double>(P.vocab) - (1.0 - P.ls);
     if (P.has_cap) {
       const double q = z / P.cap;
@@ -235,7 +252,7 @@ void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float lse, 
     if (acc) {
       float zv = load(row, y_local) + (bias ? bias[y_local] : 0.0f);
       if (P.has_cap) zv = softcap_fn(zv, P.cap, P.inv_cap);
-      float gv = fast_exp(zv - lse) * a - sub;
+      float gv = fast_exp(zv - m) * a - sub;
       if (P.has_cap) {
         const float q = zv * P.inv_cap;
         gv *= 1.0f - q * q;
@@ -244,11 +261,11 @@ void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float lse, 
     }
   }
   if (P.has_cap) {
-    if (bias) row_grad_acc<T, true, true>(row, bias, C, lse, a, sub, P, acc);
-    else row_grad_acc<T, true, false>(row, bias, C, lse, a, sub, P, acc);
+    if (bias) row_grad_acc<T, true, true>(row, bias, C, m, a, sub, P, acc);
+    else row_grad_acc<T, true, false>(row, bias, C, m, a, sub, P, acc);
   } else {
-    if (bias) row_grad_acc<T, false, true>(row, bias, C, lse, a, sub, P, acc);
-    else row_grad_acc<T, false, false>(row, bias, C, lse, a, sub, P, acc);
+    if (bias) row_grad_acc<T, false, true>(row, bias, C, m, a, sub, P, acc);
+    else row_grad_acc<T, false, false>(row, bias, C, m, a, sub, P, acc);
   }
   if (hit) {
     store(row, y_local, static_cast<float>(gold_grad));
@@ -325,7 +342,8 @@ void check_rows(const torch::Tensor& t, int64_t rows, at::ScalarType dt, const c
 // Statistics of every row of z [R, V] (the full vocabulary). For the first n_grad rows,
 // z is then overwritten with d loss / d raw logits (unit upstream gradient); db (optional,
 // fp32 [V]) += the column sums of that gradient in fp32.
-// Returns (lse, gold, entropy, sum_logits), each fp32 [R].
+// Returns (row_max, lse, gold, entropy, sum_logits), each fp32 [R]; lse, gold and sum_logits
+// are relative to row_max (lse = log sum exp(z - row_max), gold = z_y - row_max, ...).
 std::vector<torch::Tensor> stats_and_grad(torch::Tensor z, torch::Tensor y,
                                           c10::optional<torch::Tensor> bias,
                                           c10::optional<double> softcap, double label_smoothing,
@@ -338,10 +356,10 @@ std::vector<torch::Tensor> stats_and_grad(torch::Tensor z, torch::Tensor y,
   const float* b = bias_ptr(bias, V, 0);
   const Params P = make_params(softcap, label_smoothing, z_loss, V);
   auto opts = torch::TensorOptions().dtype(torch::kFloat32);
-  auto lse = torch::empty({R}, opts), gold = torch::empty({R}, opts);
-  auto ent = torch::empty({R}, opts), zsum = torch::empty({R}, opts);
+  auto mx = torch::empty({R}, opts), lse = torch::empty({R}, opts);
+  auto gold = torch::empty({R}, opts), ent = torch::empty({R}, opts), zsum = torch::empty({R}, opts);
   const int64_t* yp = y.data_ptr<int64_t>();
-  float *lp = lse.data_ptr<float>(), *gp = gold.data_ptr<float>();
+  float *mp = mx.data_ptr<float>(), *lp = lse.data_ptr<float>(), *gp = gold.data_ptr<float>();
   float *ep = ent.data_ptr<float>(), *sp = zsum.data_ptr<float>();
   const int64_t ld = z.stride(0);
   ColumnSums sums(db, V);
@@ -353,28 +371,31 @@ std::vector<torch::Tensor> stats_and_grad(torch::Tensor z, torch::Tensor y,
         scalar_t* row = base + r * ld;
         TORCH_CHECK(yp[r] >= 0 && yp[r] < V, "y: expected labels in [0, ", V, ")");
         const RowStats st = row_stats(row, b, V, yp[r], P);
+        mp[r] = st.max;
         lp[r] = st.lse;
         gp[r] = st.gold;
         ep[r] = st.entropy;
         sp[r] = st.zsum;
-        if (r < n_grad) row_grad(row, b, V, yp[r], st.lse, 1.0f, P, acc);
+        if (r < n_grad) row_grad(row, b, V, yp[r], st.max, st.lse, 1.0f, P, acc);
       }
     });
   });
   sums.reduce();
-  return {lse, gold, ent, zsum};
+  return {mx, lse, gold, ent, zsum};
 }
 
 // Overwrite z [R, C], the raw logits of vocabulary columns [v0, v0 + C) of R rows, with
-// row_scale[r] * d loss_r / d raw, given each row's lse. vocab = the full vocabulary size;
+// row_scale[r] * d loss_r / d raw, given each row's maximum and log-sum-exp relative to it
+// (as stats_and_grad returns them). vocab = the full vocabulary size;
 // db (optional, fp32 [C]) += the column sums of the gradient in fp32.
-void grad_block_(torch::Tensor z, torch::Tensor y, torch::Tensor lse,
+void grad_block_(torch::Tensor z, torch::Tensor y, torch::Tensor row_max, torch::Tensor lse,
                  c10::optional<torch::Tensor> row_scale, c10::optional<torch::Tensor> bias,
                  int64_t v0, int64_t vocab, c10::optional<double> softcap, double label_smoothing,
                  double z_loss, c10::optional<torch::Tensor> db) {
   check_logits(z, "z");
   const int64_t R = z.size(0), C = z.size(1);
   check_rows(y, R, at::kLong, "y");
+  check_rows(row_max, R, at::kFloat, "row_max");
   check_rows(lse, R, at::kFloat, "lse");
   TORCH_CHECK(v0 >= 0 && v0 + C <= vocab, "v0: expected the block [v0, v0 + ", C,
               ") inside the vocabulary of ", vocab);
@@ -386,6 +407,7 @@ void grad_block_(torch::Tensor z, torch::Tensor y, torch::Tensor lse,
   const float* b = bias_ptr(bias, C, v0);
   const Params P = make_params(softcap, label_smoothing, z_loss, vocab);
   const int64_t* yp = y.data_ptr<int64_t>();
+  const float* mp = row_max.data_ptr<float>();
   const float* lp = lse.data_ptr<float>();
   const int64_t ld = z.stride(0);
   ColumnSums sums(db, C);
@@ -394,11 +416,26 @@ void grad_block_(torch::Tensor z, torch::Tensor y, torch::Tensor lse,
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
       float* acc = sums.local();
       for (int64_t r = r0; r < r1; ++r) {
-        row_grad(base + r * ld, b, C, yp[r] - v0, lp[r], sc ? sc[r] : 1.0f, P, acc);
+        row_grad(base + r * ld, b, C, yp[r] - v0, mp[r], lp[r], sc ? sc[r] : 1.0f, P, acc);
       }
     });
   });
   sums.reduce();
+}
+
+// c * tanh(x / c) elementwise through the row kernels' softcap_fn (a test hook).
+torch::Tensor softcap_values(torch::Tensor x, double c) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x: expected a contiguous float32 CPU tensor");
+  TORCH_CHECK(c > 0, "c: expected a positive softcap, got ", c);
+  auto out = torch::empty_like(x);
+  const float cf = static_cast<float>(c), inv = 1.0f / cf;
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = x.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) op[i] = softcap_fn(xp[i], cf, inv);
+  return out;
 }
 
 // Kernel self-description for `python -m xtf_kernels.info`.
@@ -422,8 +459,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("z"), py::arg("y"), py::arg("bias"), py::arg("softcap"), py::arg("label_smoothing"),
         py::arg("z_loss"), py::arg("n_grad"), py::arg("db") = py::none());
   m.def("grad_block_", &grad_block_, "gradient in place for a vocabulary block of logits",
-        py::arg("z"), py::arg("y"), py::arg("lse"), py::arg("row_scale"), py::arg("bias"),
+        py::arg("z"), py::arg("y"), py::arg("row_max"), py::arg("lse"), py::arg("row_scale"),
+        py::arg("bias"),
         py::arg("v0"), py::arg("vocab"), py::arg("softcap"), py::arg("label_smoothing"),
         py::arg("z_loss"), py::arg("db") = py::none());
+  m.def("softcap_values", &softcap_values, "c * tanh(x / c) through the kernels' softcap (test hook)",
+        py::arg("x"), py::arg("c"));
   m.def("build_info", &build_info, "compile-time features of this build");
 }

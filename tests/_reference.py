@@ -55,7 +55,7 @@ def reference_masked_ce(
     safe_y = torch.where(valid, y, torch.zeros_like(y))
     gold = acc.gather(1, safe_y[:, None]).squeeze(1)
     p = torch.softmax(acc, -1)
-    ent = lse - (p * acc).sum(-1)
+    ent = lse - torch.where(p > 0, p * acc, 0.0).sum(-1)  # 0 log 0 = 0 (-inf logits)
     logprob = gold - lse
     nan = torch.tensor(float("nan"), dtype=acc.dtype)
     stats = {
@@ -100,3 +100,23 @@ def reference_masked_ce(
         loss = tok.sum() / div
     stats = {k: (None if v is None else v.reshape(lead)) for k, v in stats.items()}
     return loss, stats
+
+
+def absolute_stats(fo, V: int) -> dict:
+    """A backend's ``ForwardOut`` statistics in absolute terms, float64 on the CPU.
+
+    Backends return ``lse``, ``gold`` and ``sum_logits`` relative to ``row_max`` (see
+    ``xtf_kernels/backends/base.py``); comparing backends of different precisions compares
+    these reconstructions, plus ``logprob = gold - lse`` formed from the relative values.
+    The sum of logits is compared as the mean logit, the scale at which it enters the loss
+    (label smoothing's ``ls * sum / V``).
+    """
+    m = fo.row_max.double().cpu()
+    lse, gold = fo.lse.double().cpu(), fo.gold.double().cpu()
+    return {
+        "lse": m + lse,
+        "gold": m + gold,
+        "logprob": gold - lse,
+        "entropy": fo.entropy.double().cpu(),
+        "mean_logit": fo.sum_logits.double().cpu() / V + m,
+    }

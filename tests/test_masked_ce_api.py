@@ -57,6 +57,13 @@ BAD = [
     (dict(num_items=0), ValueError, "num_items: 0 while 6 tokens are kept"),
     (dict(num_items=torch.tensor(0)), ValueError, "num_items: 0 while 6 tokens are kept"),
     (dict(num_items=torch.ones(2)), ValueError, "num_items: expected an int or a 0-d tensor"),
+    (dict(num_items=0.5), ValueError, "num_items: expected a whole number of tokens, got 0.5"),
+    (dict(num_items=float("nan")), ValueError, "num_items: expected a whole number of tokens"),
+    (dict(num_items=torch.tensor(2.5)), ValueError, "num_items: expected a whole number of tokens, got 2.5"),
+    (dict(num_items=torch.tensor(True)), TypeError, "num_items: expected an integer or float tensor"),
+    (dict(num_items="6"), TypeError, "num_items: expected an int or a 0-d tensor"),
+    (dict(hidden=torch.zeros(6, 0), weight=torch.zeros(11, 0)), ValueError,
+     "hidden: expected a feature dimension D >= 1 (shape [..., D]), got shape (6, 0)"),
     (dict(hidden=h.long()), TypeError, "hidden: expected a floating dtype"),
     (dict(hidden=[1.0]), TypeError, "hidden: expected a torch.Tensor"),
     (dict(select=3), TypeError, "select: expected a callable"),
@@ -91,6 +98,14 @@ def test_unavailable_backend_is_clear():
         if not ok:
             with pytest.raises(RuntimeError, match=f"backend='{name}' is not available here"):
                 masked_ce(h, w, y, backend=name)
+
+
+@pytest.mark.parametrize("n", [6, 6.0, torch.tensor(6), torch.tensor(6.0), torch.tensor(6, dtype=torch.int32)])
+def test_num_items_whole_numbers_in_any_form(n):
+    """ints, whole floats and integer-valued tensors of any dtype (the compiled path passes a
+    float tensor) are the same divisor."""
+    ref = masked_ce(h, w, y, reduction="sum", backend="torch") / 6
+    torch.testing.assert_close(masked_ce(h, w, y, num_items=n, backend="torch"), ref)
 
 
 def test_num_items_zero_with_nothing_kept_is_zero_loss():

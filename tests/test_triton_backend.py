@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from xtf_kernels.backends.base import CEConfig
+from xtf_kernels.backends.base import CEConfig, ForwardOut
 from xtf_kernels.backends.torch_backend import TorchBackend
 
+from ._reference import absolute_stats
 from .conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,10 +86,12 @@ def check_forward(M, D, V, dtype, cfg, n_grad, bias=True, seed=0, scale=0.5):
     x64, w64, b64 = as64(x, w, b)
     ref = TORCH.forward(x64, w64, b64, y.cpu(), cfg, n_grad)
     same = TORCH.forward(x.cpu(), w.cpu(), None if b is None else b.cpu(), y.cpu(), cfg, n_grad)
-    for f in ("lse", "gold", "entropy", "sum_logits"):
+    for f in ("row_max", "lse", "gold", "entropy", "sum_logits"):
         o = getattr(ours, f)
         assert o.dtype == torch.float32 and o.shape == (M,), f
-        close(f, o, getattr(ref, f), getattr(same, f), dtype)
+    o, r, sm = (absolute_stats(t, V) for t in (ours, ref, same))
+    for f in r:
+        close(f, o[f], r[f], sm[f], dtype)
     if n_grad:
         assert ours.dx.dtype == dtype and ours.dx.shape == (n_grad, D)
         assert ours.dw.dtype in (torch.float32, dtype)  # w.dtype when one GEMM formed each block
@@ -137,7 +140,7 @@ def test_forward_gradient_paths_agree(monkeypatch, dtype):
     c = TB.forward(x, w, b, y, small, 16)
     assert calls[1:] == ["_vocab_blocked_grad"]
     atol, rtol = TOL[dtype]
-    for f in ("lse", "gold", "entropy", "dx", "dw", "db"):
+    for f in ("row_max", "lse", "gold", "entropy", "dx", "dw", "db"):
         torch.testing.assert_close(getattr(c, f).float(), getattr(a, f).float(), atol=atol, rtol=rtol)
 
 
@@ -154,13 +157,14 @@ def test_backward_row_scale(M, D, V, cfg, dtype):
     cfg = CFGS[cfg]
     x, w, b, y = problem(M, D, V, dtype, seed=2)
     x64, w64, b64 = as64(x, w, b)
-    lse = TORCH.forward(x64, w64, b64, y.cpu(), cfg, 0).lse
+    fo = TORCH.forward(x64, w64, b64, y.cpu(), cfg, 0)
+    mx, lse = fo.row_max, fo.lse
     g = torch.Generator().manual_seed(5)
     scale = torch.randn(M, generator=g, dtype=torch.float64)
     scale[::4] = 0.0  # rows with a zero upstream gradient contribute nothing
-    ours = TB.backward(x, w, b, y, lse.float().to(DEVICE), scale.float().to(DEVICE), cfg)
-    ref = TORCH.backward(x64, w64, b64, y.cpu(), lse, scale, cfg)
-    same = TORCH.backward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), lse.float(), scale.float(), cfg)
+    ours = TB.backward(x, w, b, y, mx.float().to(DEVICE), lse.float().to(DEVICE), scale.float().to(DEVICE), cfg)
+    ref = TORCH.backward(x64, w64, b64, y.cpu(), mx, lse, scale, cfg)
+    same = TORCH.backward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), mx.float(), lse.float(), scale.float(), cfg)
     assert ours.dx.dtype == dtype and ours.db.dtype == torch.float32
     # fp32, or w.dtype when one GEMM formed each vocabulary block of dW (fp32 inside it)
     assert ours.dw.dtype in (torch.float32, dtype)
@@ -177,12 +181,13 @@ def test_backward_blocks_rows_and_vocabulary(dtype):
     cfg = CEConfig(softcap=4.0, label_smoothing=0.1, z_loss=1e-3, chunk_elems=128)
     x, w, b, y = problem(M, D, V, dtype, seed=12)
     x64, w64, b64 = as64(x, w, b)
-    lse = TORCH.forward(x64, w64, b64, y.cpu(), cfg, 0).lse
+    fo = TORCH.forward(x64, w64, b64, y.cpu(), cfg, 0)
+    mx, lse = fo.row_max, fo.lse
     scale = torch.linspace(-1.0, 2.0, M, dtype=torch.float64)
-    ours = TB.backward(x, w, b, y, lse.float().to(DEVICE), scale.float().to(DEVICE), cfg)
+    ours = TB.backward(x, w, b, y, mx.float().to(DEVICE), lse.float().to(DEVICE), scale.float().to(DEVICE), cfg)
     assert ours.dw.dtype == torch.float32
-    ref = TORCH.backward(x64, w64, b64, y.cpu(), lse, scale, cfg)
-    same = TORCH.backward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), lse.float(), scale.float(), cfg)
+    ref = TORCH.backward(x64, w64, b64, y.cpu(), mx, lse, scale, cfg)
+    same = TORCH.backward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), mx.float(), lse.float(), scale.float(), cfg)
     close("dx", ours.dx, ref.dx, same.dx, dtype)
     close("dw", ours.dw, ref.dw, same.dw, dtype)
     close("db", ours.db, ref.db, same.db, dtype)
@@ -191,7 +196,7 @@ def test_backward_blocks_rows_and_vocabulary(dtype):
 def test_backward_without_rows_gives_zeros():
     x, w, b, y = problem(0, 24, 50, torch.float32)
     empty = torch.empty(0, device=DEVICE)
-    out = TB.backward(x, w, b, y, empty, empty, CFGS["plain"])
+    out = TB.backward(x, w, b, y, empty, empty, empty, CFGS["plain"])
     assert out.dx.shape == (0, 24)
     assert torch.count_nonzero(out.dw) == 0 and torch.count_nonzero(out.db) == 0
 
@@ -202,8 +207,8 @@ def test_forward_rowwise_selects_and_matches():
     x, w, b, y = problem(M, D, V, torch.float32, seed=7)
     calls = []
 
-    def rule(s, e, lse, gold, ent):
-        calls.append((s, e, lse.clone(), gold.clone(), ent.clone()))
+    def rule(s, e, mx, lse, gold, ent):
+        calls.append((s, e, mx.clone(), lse.clone(), gold.clone(), ent.clone()))
         return (torch.arange(s, e, device=lse.device) % 3) != 0
 
     ours, sel = TB.forward_rowwise(x, w, b, y, cfg, rule)
@@ -214,10 +219,14 @@ def test_forward_rowwise_selects_and_matches():
     ref, ref_sel = TORCH.forward_rowwise(x64, w64, b64, y.cpu(), cfg, lambda s, e, *a: rule(s, e, *a))
     assert torch.equal(sel.cpu(), ref_sel) and sel.dtype == torch.bool
     same, _ = TORCH.forward_rowwise(x.cpu(), w.cpu(), b.cpu(), y.cpu(), cfg, lambda s, e, *a: rule(s, e, *a))
-    for f in ("lse", "gold", "entropy", "sum_logits", "dx", "dw", "db"):
+    for f in ("dx", "dw", "db"):
         close(f, getattr(ours, f), getattr(ref, f), getattr(same, f), torch.float32)
+    o, r, sm = (absolute_stats(t, V) for t in (ours, ref, same))
+    for f in r:
+        close(f, o[f], r[f], sm[f], torch.float32)
     # the rule saw the final statistics of its chunk
-    for s, e, lse, gold, ent in seen:
+    for s, e, mx, lse, gold, ent in seen:
+        torch.testing.assert_close(mx, ours.row_max[s:e])
         torch.testing.assert_close(lse, ours.lse[s:e])
         torch.testing.assert_close(gold, ours.gold[s:e])
         torch.testing.assert_close(ent, ours.entropy[s:e])
@@ -239,14 +248,15 @@ def test_vocab_splits_merge(splits):
     x, w, b, y = problem(M, D, V, torch.float32, seed=3)
     k = kernels()
     assert k._splits(M, V, x.device, splits)[0] == splits
-    out1 = torch.empty(4, M, device=DEVICE)
-    outs = torch.empty(4, M, device=DEVICE)
+    out1 = torch.empty(5, M, device=DEVICE)
+    outs = torch.empty(5, M, device=DEVICE)
     k.fused_stats(x, w, b, y, 3.0, out1, splits=1)
     k.fused_stats(x, w, b, y, 3.0, outs, splits=splits)
     torch.testing.assert_close(outs, out1, atol=2e-5, rtol=1e-5)
-    ref = TORCH.forward(*as64(x, w, b), y.cpu(), CEConfig(softcap=3.0), 0)
-    torch.testing.assert_close(outs[0].cpu().double(), ref.lse, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(outs[2].cpu().double(), ref.entropy, atol=2e-5, rtol=1e-5)
+    ref = absolute_stats(TORCH.forward(*as64(x, w, b), y.cpu(), CEConfig(softcap=3.0), 0), V)
+    ours = absolute_stats(ForwardOut(*outs, None, None, None), V)
+    for f in ("lse", "logprob", "entropy", "mean_logit"):
+        torch.testing.assert_close(ours[f], ref[f], atol=2e-5, rtol=1e-5)
 
 
 def test_row_kernel_respects_buffer_row_stride():
@@ -256,10 +266,10 @@ def test_row_kernel_respects_buffer_row_stride():
     wide = torch.full((M, V + 37), float("nan"), device=DEVICE)
     view = wide[:, :V]
     view.copy_(x @ w.t())
-    stats = torch.empty(4, M, device=DEVICE)
+    stats = torch.empty(5, M, device=DEVICE)
     kernels().rows_pass(view, b, y, softcap=None, z_loss=0.0, label_smoothing=0.0, stats_out=stats)
     ref = TORCH.forward(*as64(x, w, b), y.cpu(), CEConfig(), M)
-    torch.testing.assert_close(stats[0].cpu().double(), ref.lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((stats[0] + stats[1]).cpu().double(), ref.row_max + ref.lse, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(view.cpu().double() @ w.cpu().double(), ref.dx, atol=1e-5, rtol=1e-5)
     assert torch.isnan(wide[:, V:]).all(), "wrote outside the row"
 
@@ -296,7 +306,7 @@ def test_kernels_index_rows_through_the_int64_helper():
     src_stats = inspect.getsource(k._stats_kernel.fn)
     src_rows = inspect.getsource(k._rows_kernel.fn)
     assert "row_offset(rows, stride_x)" in src_stats and "row_offset(cols, stride_w)" in src_stats
-    assert "row_offset(row, stride_l)" in src_rows
+    assert "row_offset(row, stride_l)" in src_rows and "row_offset(row, stride_o)" in src_rows
     assert "to(tl.int64) * M" in src_stats  # partial-statistics offsets
 
 
@@ -325,10 +335,13 @@ def test_bad_inputs_name_the_argument():
         TB.forward(x, w, b, y, cfg, 5)
     with pytest.raises(TypeError, match="cfg"):
         TB.forward(x, w, b, y, {"softcap": None}, 0)
+    z4 = torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError, match="row_max"):
+        TB.backward(x, w, b, y, torch.zeros(3, device=DEVICE), z4, torch.ones(4, device=DEVICE), cfg)
     with pytest.raises(ValueError, match="lse"):
-        TB.backward(x, w, b, y, torch.zeros(3, device=DEVICE), torch.ones(4, device=DEVICE), cfg)
+        TB.backward(x, w, b, y, z4, torch.zeros(3, device=DEVICE), torch.ones(4, device=DEVICE), cfg)
     with pytest.raises(ValueError, match="row_scale"):
-        TB.backward(x, w, b, y, torch.zeros(4, device=DEVICE), torch.ones(4, 1, device=DEVICE), cfg)
+        TB.backward(x, w, b, y, z4, z4, torch.ones(4, 1, device=DEVICE), cfg)
     with pytest.raises(TypeError, match="rows"):
         kernels().row_offsets(torch.arange(16), 3)
     with pytest.raises(ValueError, match="rows"):
@@ -395,10 +408,10 @@ def test_cuda_int64_offsets_in_the_row_kernel():
     vals = torch.randn(2, V, device="cuda", generator=g).half()
     view.copy_(vals)
     y = torch.tensor([5, 4000], device="cuda")
-    stats = torch.empty(4, 2, device="cuda")
+    stats = torch.empty(5, 2, device="cuda")
     kernels().rows_pass(view, None, y, softcap=None, z_loss=0.0, label_smoothing=0.0, stats_out=stats)
     ref = torch.logsumexp(vals.float(), dim=1)
-    torch.testing.assert_close(stats[0], ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats[0] + stats[1], ref, atol=1e-4, rtol=1e-4)
     p = torch.softmax(vals.float(), dim=1)
     p[0, 5] -= 1
     p[1, 4000] -= 1
@@ -410,11 +423,11 @@ def test_cuda_int64_offsets_in_the_row_kernel():
 def test_cuda_autotuned_fused_stats_bf16_and_splits():
     M, D, V = 300, 128, 50_000
     x, w, b, y = problem(M, D, V, torch.bfloat16, seed=9)
-    out = TB.forward(x, w, b, y, CEConfig(softcap=30.0), 0)
-    ref = TORCH.forward(*as64(x, w, b), y.cpu(), CEConfig(softcap=30.0), 0)
-    torch.testing.assert_close(out.lse.cpu().double(), ref.lse, atol=2e-2, rtol=1e-3)
-    torch.testing.assert_close(out.entropy.cpu().double(), ref.entropy, atol=2e-2, rtol=1e-2)
-    assert math.isfinite(out.sum_logits.sum().item())
+    out = absolute_stats(TB.forward(x, w, b, y, CEConfig(softcap=30.0), 0), V)
+    ref = absolute_stats(TORCH.forward(*as64(x, w, b), y.cpu(), CEConfig(softcap=30.0), 0), V)
+    torch.testing.assert_close(out["lse"], ref["lse"], atol=2e-2, rtol=1e-3)
+    torch.testing.assert_close(out["entropy"], ref["entropy"], atol=2e-2, rtol=1e-2)
+    assert math.isfinite(out["mean_logit"].sum().item())
 
 
 _COMPILE_SM90 = r"""
@@ -435,15 +448,14 @@ cfg = k._FUSED_CONFIGS[0]
 src = ASTSource(fn=k._stats_kernel, signature=stats_sig,
                 constexprs=dict(HAS_BIAS=True, HAS_CAP=True, IEEE=False, **cfg.kwargs))
 triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-rows_sig = {n: t for n, t in zip(
-    ["L", "stride_l", "B", "Y", "ROWS", "LSE", "SCALE", "STATS", "stride_st", "n", "V", "v_off",
-     "cap", "zl2", "gold_w", "smooth_v"],
-    ["*bf16", "i32", "*bf16", "*i64", "*i64", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "i32"]
-    + ["fp32"] * 4)}
-for c in ("HAS_ROWS", "HAS_BIAS", "HAS_CAP", "HAS_SCALE", "DO_STATS", "DO_GRAD", "BR", "BV"):
-    rows_sig[c] = "constexpr"
+names = ["L", "stride_l", "OUT", "stride_o", "B", "Y", "ROWS", "MAX", "LSE", "SCALE", "STATS",
+         "stride_st", "n", "V", "v_off", "cap", "zl2", "gold_w", "smooth_v"]
 br, bv, warps = 1, 8192, 16
-for stats, rows in ((True, False), (False, True)):
+for logits, stats, rows in (("*bf16", True, False), ("*bf16", False, True), ("*fp32", True, False)):
+    rows_sig = {n: t for n, t in zip(names, [logits, "i32", "*bf16", "i32", "*bf16", "*i64", "*i64"]
+                                     + ["*fp32"] * 4 + ["i32"] * 4 + ["fp32"] * 4)}
+    for c in ("HAS_ROWS", "HAS_BIAS", "HAS_CAP", "HAS_SCALE", "DO_STATS", "DO_GRAD", "BR", "BV"):
+        rows_sig[c] = "constexpr"
     src = ASTSource(fn=k._rows_kernel, signature=rows_sig, constexprs=dict(
         HAS_ROWS=rows, HAS_BIAS=True, HAS_CAP=True, HAS_SCALE=not stats, DO_STATS=stats,
         DO_GRAD=True, BR=br, BV=bv))

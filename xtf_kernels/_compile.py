@@ -6,12 +6,16 @@ autograd formula calls ``xtf_kernels::masked_ce_bwd``, which recomputes the logi
 rows (the four-GEMM path: the data-dependent row compaction happens inside the op, so every
 output has a static shape and the fake implementations are exact). A ``select`` callable
 cannot live inside a graph: with one, Dynamo breaks the graph at the ``MaskedCE`` call.
+Second-order gradients are refused with the same message as the eager path.
 """
 
 import torch
 
 from .backends import CEConfig, resolve_backend
 from .config import get_options
+
+_Outs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+              torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @torch.library.custom_op("xtf_kernels::masked_ce_fwd", mutates_args=())
@@ -31,8 +35,7 @@ def masked_ce_fwd(
     softcap: float | None,
     shift: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
+) -> _Outs:
     from .ops import MaskedCE, MaskedCESpec
 
     spec = MaskedCESpec(ignore_index, reduction, label_smoothing, z_loss, softcap, shift, None, backend)
@@ -52,7 +55,9 @@ def _(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, 
     loss = hidden.new_empty(lead if reduction == "none" else (), dtype=acc)
     delta = stat() if ref_logprobs is not None else hidden.new_empty((0,), dtype=acc)
     rel = stat() if task_vector is not None else hidden.new_empty((0,), dtype=acc)
-    return (loss, stat(), stat(), stat(), stat(), delta, rel, labels.new_empty(lead, dtype=torch.bool))
+    parts = hidden.new_empty((2, *lead), dtype=acc)
+    return (loss, stat(), stat(), stat(), stat(), delta, rel, labels.new_empty(lead, dtype=torch.bool),
+            parts)
 
 
 @torch.library.custom_op("xtf_kernels::masked_ce_bwd", mutates_args=())
@@ -63,7 +68,7 @@ def masked_ce_bwd(
     labels: torch.Tensor,
     bias: torch.Tensor | None,
     kept: torch.Tensor,
-    lse: torch.Tensor,
+    lse_parts: torch.Tensor,
     num_items: torch.Tensor | None,
     reduction: str,
     label_smoothing: float,
@@ -83,11 +88,12 @@ def masked_ce_bwd(
     divisor = None
     if reduction == "mean":
         divisor = num_items if num_items is not None else torch.as_tensor(
-            max(kept_pos.numel(), 1), dtype=lse.dtype, device=lse.device
+            max(kept_pos.numel(), 1), dtype=lse_parts.dtype, device=lse_parts.device
         )
+    parts_k = lse_parts.reshape(2, -1).index_select(1, kept_pos)
     dh, dw, db = _recompute_grads(
         be, cfg, reduction, grad_loss, divisor, h2, weight.contiguous(), bias,
-        labels.reshape(-1).index_select(0, kept_pos), lse.reshape(-1).index_select(0, kept_pos),
+        labels.reshape(-1).index_select(0, kept_pos), (parts_k[0], parts_k[1]),
         src.index_select(0, kept_pos), kept_pos, tuple(hidden.shape), (True, True, bias is not None),
     )
     if db is None:
@@ -96,7 +102,7 @@ def masked_ce_bwd(
 
 
 @masked_ce_bwd.register_fake
-def _(grad_loss, hidden, weight, labels, bias, kept, lse, num_items, reduction, label_smoothing,
+def _(grad_loss, hidden, weight, labels, bias, kept, lse_parts, num_items, reduction, label_smoothing,
       z_loss, softcap, shift, backend):
     db = torch.empty_like(bias) if bias is not None else weight.new_empty((0,))
     return torch.empty_like(hidden), torch.empty_like(weight), db
@@ -105,18 +111,25 @@ def _(grad_loss, hidden, weight, labels, bias, kept, lse, num_items, reduction, 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, ignore_index,
      reduction, label_smoothing, z_loss, softcap, shift, backend) = inputs
-    ctx.save_for_backward(hidden, weight, labels, bias, output[7], output[4], num_items)
+    ctx.save_for_backward(hidden, weight, labels, bias, output[7], output[8], num_items)
     ctx.args = (reduction, label_smoothing, z_loss, softcap, shift, backend)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_loss, *_unused):
-    hidden, weight, labels, bias, kept, lse, num_items = ctx.saved_tensors
-    dh, dw, db = masked_ce_bwd(grad_loss, hidden, weight, labels, bias, kept, lse, num_items, *ctx.args)
+    hidden, weight, labels, bias, kept, lse_parts, num_items = ctx.saved_tensors
+    dh, dw, db = masked_ce_bwd(grad_loss, hidden, weight, labels, bias, kept, lse_parts, num_items, *ctx.args)
     return (dh, dw, None, db if ctx.has_bias else None) + (None,) * 11
 
 
+def _no_double_backward(ctx, *grads):
+    from ._autograd import SECOND_ORDER_MESSAGE
+
+    raise RuntimeError(SECOND_ORDER_MESSAGE)
+
+
 masked_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+masked_ce_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def compiled_masked_ce(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, spec):

@@ -49,6 +49,8 @@ def validate(
         raise TypeError(f"hidden: expected a floating dtype {FLOAT_DTYPES}, got {hidden.dtype}")
     if hidden.dim() < 1:
         raise ValueError("hidden: expected shape [..., D], got a 0-d tensor")
+    if hidden.shape[-1] < 1:
+        raise ValueError(f"hidden: expected a feature dimension D >= 1 (shape [..., D]), got shape {_shape(hidden)}")
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D [V, D] tensor, got shape {_shape(weight)}")
     if weight.shape[1] != hidden.shape[-1]:
@@ -61,7 +63,7 @@ def validate(
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected dtype {hidden.dtype} (hidden's), got {weight.dtype}")
     if labels.dtype in (torch.bool,) or labels.dtype.is_floating_point or labels.is_complex():
-        raise TypeError(f"labels: expected an integer dtype (int64), got {labels.dtype}")
+        raise TypeError(f"labels: expected an integer dtype (any width; converted to int64), got {labels.dtype}")
     if _shape(labels) != _shape(hidden)[:-1]:
         raise ValueError(
             f"labels: expected shape {_shape(hidden)[:-1]} (hidden's leading shape), "
@@ -109,15 +111,7 @@ def validate(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            if num_items.dim() != 0:
-                raise ValueError(f"num_items: expected an int or a 0-d tensor, got shape {_shape(num_items)}")
-            if num_items.device.type == "cpu" and float(num_items) < 0:
-                raise ValueError(f"num_items: expected >= 0, got {num_items.item()}")
-        elif isinstance(num_items, bool) or not isinstance(num_items, int | float):
-            raise TypeError(f"num_items: expected an int or a 0-d tensor, got {type(num_items).__name__}")
-        elif num_items < 0:
-            raise ValueError(f"num_items: expected >= 0, got {num_items}")
+        check_num_items(num_items)
     for name, val in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
         if isinstance(val, bool) or not isinstance(val, int | float):
             raise TypeError(f"{name}: expected a float, got {type(val).__name__}")
@@ -140,6 +134,28 @@ def validate(
         raise TypeError(f"return_stats: expected a bool, got {type(return_stats).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def check_num_items(num_items: Any) -> None:
+    """A token count: an int, or a 0-d tensor holding a whole number >= 0 (a float tensor such
+    as the compiled path passes is fine when it is whole; values on an accelerator are not
+    read back, to avoid a host sync)."""
+    if isinstance(num_items, torch.Tensor):
+        if num_items.dim() != 0:
+            raise ValueError(f"num_items: expected an int or a 0-d tensor, got shape {_shape(num_items)}")
+        if num_items.dtype == torch.bool or num_items.is_complex():
+            raise TypeError(f"num_items: expected an integer or float tensor, got dtype {num_items.dtype}")
+        if num_items.device.type != "cpu":
+            return
+        value = num_items.item()
+    elif isinstance(num_items, bool) or not isinstance(num_items, int | float):
+        raise TypeError(f"num_items: expected an int or a 0-d tensor, got {type(num_items).__name__}")
+    else:
+        value = num_items
+    if not float(value).is_integer():
+        raise ValueError(f"num_items: expected a whole number of tokens, got {value}")
+    if value < 0:
+        raise ValueError(f"num_items: expected >= 0, got {value}")
 
 
 def check_labels_in_range(y: torch.Tensor, valid: torch.Tensor, V: int, ignore_index: int) -> None:

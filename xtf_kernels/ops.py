@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._autograd import autocast_operands, first_order_only, no_autocast
 from ._validate import check_labels_in_range, check_select_output, validate
 from .backends import CEConfig, resolve_backend
 from .config import get_options
@@ -46,10 +47,14 @@ class MaskedCE(torch.autograd.Function):
     """``torch.autograd.Function`` for the fused masked CE.
 
     ``MaskedCE.apply(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items,
-    spec)`` returns ``(loss, logprob, prob, entropy, lse, logprob_delta, relevance, keep)``
-    where the statistics are detached fp32 tensors with the labels' shape; ``logprob_delta``
-    and ``relevance`` are empty tensors when ``ref_logprobs`` / ``task_vector`` are None.
-    Inputs are not validated here: :func:`masked_ce` is the validated entry point.
+    spec)`` returns ``(loss, logprob, prob, entropy, lse, logprob_delta, relevance, keep,
+    lse_parts)`` where the statistics are detached fp32 tensors with the labels' shape;
+    ``logprob_delta`` and ``relevance`` are empty tensors when ``ref_logprobs`` /
+    ``task_vector`` are None; ``lse_parts`` ``[2, *labels.shape]`` holds each row's logit
+    maximum and its log-sum-exp relative to it (what a backward recompute needs at full
+    precision). Inputs are not validated here (labels must be int64): :func:`masked_ce` is
+    the validated entry point. Second-order gradients are refused (see
+    :data:`xtf_kernels._autograd.SECOND_ORDER_MESSAGE`).
     """
 
     @staticmethod
@@ -130,16 +135,13 @@ class MaskedCE(torch.autograd.Function):
         else:
             fo = be.forward(x, w, b, ys, cfg, n_kept if grad_now else 0)
 
-        # scatter statistics to label positions
-        lse = _nan((n_tok,), dev, acc)
-        gold = _nan((n_tok,), dev, acc)
-        ent = _nan((n_tok,), dev, acc)
-        zsum = _nan((n_tok,), dev, acc)
-        lse[pos] = fo.lse
-        gold[pos] = fo.gold
-        ent[pos] = fo.entropy
-        zsum[pos] = fo.sum_logits
-        logprob = gold - lse
+        # scatter statistics to label positions; lse_r, gold_r, zsum_r are relative to row_max
+        # (a large common logit offset costs no precision in the loss and logprob)
+        parts = _nan((5, n_tok), dev, acc)
+        parts[:, pos] = torch.stack(fo[:5])
+        row_max, lse_r, gold_r, ent, zsum_r = parts.unbind(0)
+        lse = row_max + lse_r
+        logprob = gold_r - lse_r
         prob = logprob.exp()
         delta = None
         if ref_logprobs is not None:
@@ -168,9 +170,9 @@ class MaskedCE(torch.autograd.Function):
 
         # per-token loss on kept rows
         ls = float(spec.label_smoothing)
-        tok_loss = lse - (1.0 - ls) * gold
+        tok_loss = lse_r - (1.0 - ls) * gold_r
         if ls:
-            tok_loss = tok_loss - ls * zsum / V
+            tok_loss = tok_loss - ls * zsum_r / V
         if spec.z_loss:
             tok_loss = tok_loss + float(spec.z_loss) * lse.square()
         tok_loss = torch.where(kept, tok_loss, torch.zeros((), device=dev))
@@ -197,6 +199,7 @@ class MaskedCE(torch.autograd.Function):
                 loss = total / divisor
 
         ctx.spec = spec
+        ctx.device_type = dev.type
         ctx.cfg = cfg
         ctx.be = be
         ctx.grad_now = grad_now
@@ -213,8 +216,8 @@ class MaskedCE(torch.autograd.Function):
                 ctx.dw, ctx.db = fo.dw, fo.db
             else:
                 ctx.save_for_backward(
-                    src_kept, h2, w, b, y.index_select(0, kept_pos), lse.index_select(0, kept_pos),
-                    kept_pos, divisor,
+                    src_kept, h2, w, b, y.index_select(0, kept_pos), row_max.index_select(0, kept_pos),
+                    lse_r.index_select(0, kept_pos), kept_pos, divisor,
                 )
         out_delta = delta.view(lead) if delta is not None else torch.empty(0, device=dev)
         out_rel = relevance.view(lead) if relevance is not None else torch.empty(0, device=dev)
@@ -227,11 +230,13 @@ class MaskedCE(torch.autograd.Function):
             out_delta,
             out_rel,
             kept.view(lead),
+            torch.stack((row_max, lse_r)).view(2, *lead),
         )
         ctx.mark_non_differentiable(*outs[1:])
         return outs
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
         spec = ctx.spec
         need_h, need_w, need_b = ctx.need_grad_in
@@ -264,10 +269,10 @@ class MaskedCE(torch.autograd.Function):
             dW = dw.mul_(scale).to(dtype) if need_w else None
             dB = db.mul_(scale).to(dtype) if (need_b and db is not None) else None
             return dh, dW, None, dB, None, None, None, None, None
-        src_kept, h2, w, b, y_k, lse_k, kept_pos, divisor = ctx.saved_tensors
+        src_kept, h2, w, b, y_k, max_k, lse_k, kept_pos, divisor = ctx.saved_tensors
         dh, dW, dB = _recompute_grads(
-            ctx.be, ctx.cfg, spec.reduction, grad_loss, divisor, h2, w, b, y_k, lse_k, src_kept,
-            kept_pos, ctx.hidden_shape, (need_h, need_w, need_b),
+            ctx.be, ctx.cfg, spec.reduction, grad_loss, divisor, h2, w, b, y_k, (max_k, lse_k),
+            src_kept, kept_pos, ctx.hidden_shape, (need_h, need_w, need_b),
         )
         return dh, dW, None, dB, None, None, None, None, None
 
@@ -297,18 +302,19 @@ def rowwise(select: SelectFn) -> SelectFn:
 
 
 def _chunk_selector(select, x, pos, kept, ref_logprobs, task_vector, acc):
-    """Adapt a rowwise ``select`` to the backend's ``row_select(start, end, lse, gold, ent)``."""
+    """Adapt a rowwise ``select`` to the backend's ``row_select(start, end, row_max, lse, gold, ent)``."""
     kept_rows = kept.index_select(0, pos)
     ref_rows = None if ref_logprobs is None else ref_logprobs.reshape(-1).to(acc).index_select(0, pos)
     tv = None if task_vector is None else task_vector.to(x.device, acc).unsqueeze(0)
 
-    def row_select(s: int, e: int, lse: torch.Tensor, gold: torch.Tensor, ent: torch.Tensor):
-        lp = gold - lse
+    def row_select(s: int, e: int, row_max: torch.Tensor, lse: torch.Tensor, gold: torch.Tensor,
+                   ent: torch.Tensor):
+        lp = gold - lse  # both relative to row_max
         stats = TokenStats(
             logprob=lp,
             prob=lp.exp(),
             entropy=ent,
-            lse=lse,
+            lse=row_max + lse,
             logprob_delta=None if ref_rows is None else lp - ref_rows[s:e],
             relevance=None if tv is None else torch.nn.functional.cosine_similarity(
                 x[s:e].to(acc), tv, dim=1
@@ -337,11 +343,15 @@ def _positions(
     return valid, kept, src
 
 
-def _recompute_grads(be, cfg, reduction, grad_loss, divisor, h2, w, b, y_k, lse_k, src_kept,
+def _recompute_grads(be, cfg, reduction, grad_loss, divisor, h2, w, b, y_k, lse_parts_k, src_kept,
                      kept_pos, hidden_shape, need):
-    """Gradients by recomputing the logits of the kept rows: returns (d_hidden, d_weight, d_bias)."""
+    """Gradients by recomputing the logits of the kept rows: returns (d_hidden, d_weight, d_bias).
+
+    ``lse_parts_k`` = (row maximum, log-sum-exp relative to it) of the kept rows.
+    """
     need_h, need_w, need_b = need
     dtype = h2.dtype
+    max_k, lse_k = lse_parts_k
     acc = lse_k.dtype
     if reduction == "none":
         row_scale = grad_loss.reshape(-1).to(acc).index_select(0, kept_pos)
@@ -351,7 +361,7 @@ def _recompute_grads(be, cfg, reduction, grad_loss, divisor, h2, w, b, y_k, lse_
             g = g / divisor
         row_scale = g.expand(kept_pos.numel()).contiguous()
     x = h2.index_select(0, src_kept)
-    go = be.backward(x, w, b, y_k, lse_k, row_scale, cfg)
+    go = be.backward(x, w, b, y_k, max_k, lse_k, row_scale, cfg)
     dh = _scatter_rows(go.dx.to(dtype), src_kept, hidden_shape) if need_h else None
     dW = go.dw.to(dtype) if need_w else None
     dB = go.db.to(dtype) if (need_b and go.db is not None) else None
@@ -388,9 +398,10 @@ def masked_ce(
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` over kept tokens, never materialising logits.
 
     Args:
-        hidden: ``[..., D]`` float32 / bfloat16 / float16 final hidden states.
+        hidden: ``[..., D]`` float32 / bfloat16 / float16 final hidden states (``D >= 1``).
         weight: ``[V, D]`` LM-head weight, same dtype as ``hidden``.
-        labels: ``[...]`` integer target ids (``hidden``'s leading shape).
+        labels: ``[...]`` integer target ids (``hidden``'s leading shape), any integer dtype
+            (converted to int64 once).
         bias: optional ``[V]`` LM-head bias, same dtype.
         keep: optional ``[...]`` bool; False = masked (noisy) token: no loss, no gradient,
             statistics still computed.
@@ -398,8 +409,9 @@ def masked_ce(
         reduction: ``"mean"`` (sum over kept tokens / ``num_items``), ``"sum"`` or
             ``"none"`` (per-token fp32 loss with the labels' shape, 0 where not kept).
         num_items: divisor for ``"mean"`` (e.g. the global kept-token count under gradient
-            accumulation / data parallelism); default: the number of kept tokens here.
-            A batch with no kept token gives 0.0 with zero gradients.
+            accumulation / data parallelism): a whole number, as an int or a 0-d tensor
+            (integer dtype, or a float holding a whole number); default: the number of kept
+            tokens here. A batch with no kept token gives 0.0 with zero gradients.
         label_smoothing: in ``[0, 1)``, as in ``F.cross_entropy``.
         z_loss: adds ``z_loss * lse**2`` per kept token.
         softcap: logits -> ``softcap * tanh(logits / softcap)`` (Gemma 2 style).
@@ -415,7 +427,15 @@ def masked_ce(
 
     Returns:
         ``loss`` (0-d fp32, or ``[...]`` for ``"none"``), or ``(loss, TokenStats)``.
+
+    Precision: every accumulation is fp32; statistics are kept relative to each row's logit
+    maximum, so large common logit offsets cost nothing. Under ``torch.autocast`` the GEMM
+    operands (``hidden``, ``weight``, ``bias``) are cast to the autocast dtype, as
+    ``nn.Linear`` would, with fp32 accumulation and an fp32 epilogue; gradients come back in
+    the parameters' dtype. First-order gradients only (``create_graph=True`` gives a
+    gradient that refuses to be differentiated again). Details: ``docs/numerics.md``.
     """
+    hidden, weight, bias = autocast_operands(hidden, weight, bias)
     validate(
         hidden, weight, labels, bias, keep, ignore_index, reduction, num_items, label_smoothing,
         z_loss, softcap, shift, ref_logprobs, task_vector, select, return_stats, backend,
@@ -433,15 +453,19 @@ def masked_ce(
     )
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.detach()
+    if labels.dtype != torch.int64:  # any integer dtype, converted once for every backend
+        labels = labels.long()
     if not torch.is_grad_enabled():  # scoring pass: make sure no gradient work is done
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None
-    if select is None and torch.compiler.is_compiling():
-        from ._compile import compiled_masked_ce
+    args = (hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, spec)
+    with no_autocast(hidden.device.type):  # operands are cast already; the epilogue is fp32
+        if select is None and torch.compiler.is_compiling():
+            from ._compile import compiled_masked_ce
 
-        outs = compiled_masked_ce(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, spec)
-    else:
-        outs = MaskedCE.apply(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, spec)
+            outs = compiled_masked_ce(*args)
+        else:
+            outs = MaskedCE.apply(*args)
     loss = outs[0]
     if not return_stats:
         return loss

@@ -7,34 +7,50 @@ problems whose rows are all valid (labels in ``[0, V)``) and implements two prim
 
 ``forward(x, w, b, y, cfg, n_grad)``
     One sweep over the vocabulary for every row of ``x``. Returns per-row fp32 statistics
-    (``lse``, ``gold`` logit, ``entropy``, ``sum_logits``). When ``n_grad > 0`` it also
+    (``row_max``, and relative to it ``lse``, ``gold`` logit, ``sum_logits``; ``entropy``).
+    When ``n_grad > 0`` it also
     returns the gradient of ``sum_i loss_i`` over the first ``n_grad`` rows (unit upstream
     gradient): ``dx`` ``[n_grad, D]`` in ``x.dtype``, ``dw`` ``[V, D]`` fp32 and ``db`` ``[V]``
     fp32 (or None without bias). This is the Liger-style "gradient during the forward"
     path: three GEMMs per kept row in total. Rows past ``n_grad`` are scored only.
 
-``backward(x, w, b, y, lse, row_scale, cfg)``
-    Recompute the logits of the given rows and return ``dx`` (``x.dtype``), ``dw`` (fp32),
+``backward(x, w, b, y, row_max, lse, row_scale, cfg)``
+    Recompute the logits of the given rows (``row_max`` and ``lse`` as the forward returned
+    them) and return ``dx`` (``x.dtype``), ``dw`` (fp32),
     ``db`` (fp32 or None) of ``sum_i row_scale[i] * loss_i``. Used when the keep mask is only
     known after the statistics (``select``) or when the upstream gradient is per token
     (``reduction="none"``).
 
 Optional: ``forward_rowwise(x, w, b, y, cfg, row_select) -> (ForwardOut, sel)``
     Like ``forward`` but the gradient rows are chosen chunk by chunk by
-    ``row_select(start, end, lse, gold, entropy) -> bool [end - start]`` while the chunk's
+    ``row_select(start, end, row_max, lse, gold, entropy) -> bool [end - start]`` while the chunk's
     logits are in memory (a per-token ``select`` rule: one logits GEMM for statistics,
     selection and gradient). ``dx`` holds the selected rows in row order; ``sel`` is bool [M].
     Backends without it fall back to ``forward`` + ``backward`` (recompute of the kept rows).
 
 Per-row math (z = logits after the optional softcap ``c * tanh(raw / c)``)::
 
-    lse     = logsumexp_v z_v
-    gold    = z_y
-    entropy = lse - sum_v softmax(z)_v z_v
-    sum_logits = sum_v z_v
-    loss    = lse - (1 - ls) * gold - ls * sum_logits / V + zl * lse**2
-    dloss/dz_v = softmax_v * (1 + 2 zl lse) - (1 - ls) [v == y] - ls / V
+    row_max = max_v z_v                                  (m below)
+    lse     = logsumexp_v (z_v - m)                      (the log-sum-exp is m + lse)
+    gold    = z_y - m
+    sum_logits = sum_v (z_v - m)
+    entropy = lse - sum_v softmax(z)_v (z_v - m)         (0 log 0 = 0 for -inf logits)
+    loss    = lse - (1 - ls) * gold - ls * sum_logits / V + zl * (m + lse)**2
+    dloss/dz_v = softmax_v * (1 + 2 zl (m + lse)) - (1 - ls) [v == y] - ls / V,
+                 softmax_v = exp(z_v - m - lse)
     dloss/draw_v = dloss/dz_v * (1 - (z_v / c)**2)            (softcap only)
+
+Every statistic is relative to the row maximum so that a large common offset of the logits
+(a bias of 1e6, say) costs no precision: the loss and ``logprob = gold - lse`` never subtract
+two full-magnitude fp32 numbers. The softcap is evaluated without the cancellation of
+``1 - 2 / (exp(2t) + 1)`` at small ``t``.
+
+Half-precision inputs: the GEMMs take ``x.dtype`` operands with fp32 accumulation. When
+there is an epilogue (``bias`` or ``softcap``) the logits stay fp32 from the GEMM
+accumulator through the epilogue where the platform has a fast GEMM with an fp32 output
+(CUDA); the native CPU backend rounds the GEMM output to ``x.dtype`` first (no bf16 GEMM
+with an fp32 result is reachable at bf16 speed on the CPU; the measured error is in
+``docs/numerics.md``).
 
 All accumulation (lse, statistics, dW, db) is fp32 whatever the input dtype. A backend may
 hand ``dw`` back already cast to ``w.dtype`` when every partial sum of it was accumulated in
@@ -63,10 +79,11 @@ class CEConfig:
 
 
 class ForwardOut(NamedTuple):
-    lse: torch.Tensor  # [M] fp32
-    gold: torch.Tensor  # [M] fp32 (after softcap)
+    row_max: torch.Tensor  # [M] fp32 max_v z_v (after softcap); lse, gold, sum_logits are relative to it
+    lse: torch.Tensor  # [M] fp32 logsumexp(z - row_max)
+    gold: torch.Tensor  # [M] fp32 z_y - row_max
     entropy: torch.Tensor  # [M] fp32
-    sum_logits: torch.Tensor  # [M] fp32
+    sum_logits: torch.Tensor  # [M] fp32 sum_v (z_v - row_max)
     dx: torch.Tensor | None  # [n_grad, D] x.dtype
     dw: torch.Tensor | None  # [V, D] fp32 (or w.dtype once accumulated in fp32)
     db: torch.Tensor | None  # [V] fp32
@@ -105,6 +122,7 @@ class Backend(Protocol):
         w: torch.Tensor,
         b: torch.Tensor | None,
         y: torch.Tensor,
+        row_max: torch.Tensor,
         lse: torch.Tensor,
         row_scale: torch.Tensor,
         cfg: CEConfig,

@@ -32,7 +32,7 @@ import torch
 
 from .base import CEConfig, ForwardOut, GradOut
 
-RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -90,7 +90,7 @@ class NativeBackend:
         return TorchBackend()
 
     def _stats_rows(self, x, w, bf, y, cfg, out, start: int) -> None:
-        """Statistics of rows ``start:`` of x (no gradient) into ``out`` = (lse, gold, ent, zsum)."""
+        """Statistics of rows ``start:`` of x (no gradient) into ``out`` (the five of ForwardOut)."""
         M = x.shape[0]
         V = w.shape[0]
         if start >= M:
@@ -120,7 +120,8 @@ class NativeBackend:
         """Statistics of every row; gradient of the first ``n_grad`` rows (see the module doc).
 
         Shapes: x [M, D], w [V, D], b [V] | None (all one float dtype), y [M] int64 in [0, V).
-        Returns fp32 [M] statistics, dx [n_grad, D] (x.dtype), dw [V, D] (fp32 for fp32
+        Returns fp32 [M] statistics (row_max and the rest relative to it, as in
+        :class:`ForwardOut`), dx [n_grad, D] (x.dtype), dw [V, D] (fp32 for fp32
         inputs, else x.dtype rounded once from fp32 sums), db [V] fp32.
         """
         _check(x, w, b, y)
@@ -132,7 +133,7 @@ class NativeBackend:
         x = x.contiguous()
         y = y.contiguous()
         bf = b.float().contiguous() if b is not None else None
-        out = tuple(torch.empty(M, dtype=torch.float32) for _ in range(4))
+        out = tuple(torch.empty(M, dtype=torch.float32) for _ in range(5))
         dx = dw = db = None
         if n_grad:
             dx, dw, db = self._grad_rows(x[:n_grad], w, bf, y[:n_grad], cfg, out)
@@ -198,7 +199,7 @@ class NativeBackend:
     ) -> tuple[ForwardOut, torch.Tensor]:
         """Forward whose gradient rows are chosen chunk by chunk by ``row_select``.
 
-        ``row_select(start, end, lse, gold, entropy) -> bool [end - start]`` sees each chunk's
+        ``row_select(start, end, row_max, lse, gold, entropy) -> bool [end - start]`` sees each chunk's
         fp32 statistics while its logits are in memory; selected rows get their gradient from
         the same logits (one logits GEMM in total). Returns (ForwardOut with dx of the selected
         rows in row order, bool [M] selection).
@@ -213,7 +214,7 @@ class NativeBackend:
         x = x.contiguous()
         y = y.contiguous()
         bf = b.float().contiguous() if b is not None else None
-        out = tuple(torch.empty(M, dtype=torch.float32) for _ in range(4))
+        out = tuple(torch.empty(M, dtype=torch.float32) for _ in range(5))
         sel = torch.zeros(M, dtype=torch.bool)
         wt = w.t()
         rows = min(max(M, 1), self._budget_rows(cfg, V, dt))
@@ -228,7 +229,7 @@ class NativeBackend:
                 o.copy_(v)
             for s in range(0, M, rows):
                 e = min(M, s + rows)
-                sel[s:e] = row_select(s, e, out[0][s:e], out[1][s:e], out[2][s:e])
+                sel[s:e] = row_select(s, e, *(o[s:e] for o in out[:4]))
             g = sel.nonzero().squeeze(1)
             k = g.numel()
             for i, r in enumerate(g.tolist()):  # r >= i: forward copies never clobber unread rows
@@ -236,8 +237,9 @@ class NativeBackend:
                     z[i].copy_(z[r])
             zg = z[:k]
             if k:
-                ext.grad_block_(zg, y.index_select(0, g), out[0].index_select(0, g), None, bf, 0, V,
-                                cfg.softcap, cfg.label_smoothing, cfg.z_loss, db)
+                ext.grad_block_(zg, y.index_select(0, g), out[0].index_select(0, g),
+                                out[1].index_select(0, g), None, bf, 0, V, cfg.softcap,
+                                cfg.label_smoothing, cfg.z_loss, db)
             dx = torch.mm(zg, w)
             dw = torch.mm(zg.t(), x.index_select(0, g)) if k else torch.zeros(V, D, dtype=dt)
             return ForwardOut(*out, dx, dw, db), sel
@@ -252,14 +254,15 @@ class NativeBackend:
             st = ext.stats_and_grad(z, y[s:e], bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, 0)
             for o, v in zip(out, st):
                 o[s:e] = v
-            m = row_select(s, e, st[0], st[1], st[2])
+            m = row_select(s, e, *st[:4])
             sel[s:e] = m
             g = m.nonzero().squeeze(1)
             if not g.numel():
                 continue
             zg = z.index_select(0, g)
-            ext.grad_block_(zg, y[s:e].index_select(0, g), st[0].index_select(0, g), None, bf, 0, V,
-                            cfg.softcap, cfg.label_smoothing, cfg.z_loss, db)
+            ext.grad_block_(zg, y[s:e].index_select(0, g), st[0].index_select(0, g),
+                            st[1].index_select(0, g), None, bf, 0, V, cfg.softcap,
+                            cfg.label_smoothing, cfg.z_loss, db)
             dx_parts.append(torch.mm(zg, w))
             xg = x[s:e].index_select(0, g)
             if dt == torch.float32:
@@ -279,25 +282,28 @@ class NativeBackend:
         w: torch.Tensor,
         b: torch.Tensor | None,
         y: torch.Tensor,
+        row_max: torch.Tensor,
         lse: torch.Tensor,
         row_scale: torch.Tensor,
         cfg: CEConfig,
     ) -> GradOut:
         """Gradients of ``sum_i row_scale[i] * loss_i`` by vocabulary-blocked recompute.
 
-        Shapes: x [M, D], w [V, D], b [V] | None, y [M] int64, lse / row_scale [M] fp32.
+        Shapes: x [M, D], w [V, D], b [V] | None, y [M] int64, row_max / lse (relative to
+        row_max, as the forward returns them) / row_scale [M] fp32.
         Returns dx [M, D] (x.dtype), dw [V, D] (w.dtype; each block one GEMM over all rows,
         fp32 inside), db [V] fp32 | None.
         """
         _check(x, w, b, y)
         if x.dtype == torch.float64:
-            return self._torch().backward(x, w, b, y, lse, row_scale, cfg)
+            return self._torch().backward(x, w, b, y, row_max, lse, row_scale, cfg)
         ext = _ext()
         M, D = x.shape
         V = w.shape[0]
         dt = x.dtype
         x = x.contiguous()
         y = y.contiguous()
+        row_max = row_max.float().contiguous()
         lse = lse.float().contiguous()
         row_scale = row_scale.float().contiguous()
         bf = b.float().contiguous() if b is not None else None
@@ -320,7 +326,7 @@ class NativeBackend:
                 e = min(M, s + rc)
                 z = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
                 torch.mm(x[s:e], wb.t(), out=z)
-                ext.grad_block_(z, y[s:e], lse[s:e], row_scale[s:e], bf, v0, V, cfg.softcap,
+                ext.grad_block_(z, y[s:e], row_max[s:e], lse[s:e], row_scale[s:e], bf, v0, V, cfg.softcap,
                                 cfg.label_smoothing, cfg.z_loss, None if db is None else db[v0:v1])
                 if dt == torch.float32:
                     dx[s:e].addmm_(z, wb)

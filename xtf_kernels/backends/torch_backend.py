@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 import torch
 
+from ._gemm import f32_epilogue, mm_f32
 from .base import CEConfig, ForwardOut, GradOut
 
-RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -23,8 +24,17 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: CEConfig) -> torch.Tensor:
-    """fp32 logits of ``x @ w.T (+ b)`` after the optional softcap, shape [rows, cols]."""
-    z = (x @ w.t()).to(_acc(x.dtype))
+    """fp32 logits of ``x @ w.T (+ b)`` after the optional softcap, shape [rows, cols].
+
+    Half-precision inputs with a bias or softcap keep the GEMM result in fp32 through the
+    epilogue (see :mod:`._gemm`); without an epilogue the GEMM output is rounded to
+    ``x.dtype`` first, as ``F.linear`` does.
+    """
+    if f32_epilogue(x.dtype, b is not None, cfg.softcap):
+        z = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
+        mm_f32(z, x, w.t(), accumulate=False)
+    else:
+        z = (x @ w.t()).to(_acc(x.dtype))
     if b is not None:
         z += b.to(z.dtype)
     if cfg.softcap is not None:
@@ -34,7 +44,8 @@ def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: CECon
 
 def _dlogits_(
     p: torch.Tensor,
-    z: torch.Tensor,
+    zc: torch.Tensor,
+    row_max: torch.Tensor,
     lse: torch.Tensor,
     scale: torch.Tensor | None,
     gold_col: torch.Tensor,
@@ -44,11 +55,12 @@ def _dlogits_(
 ) -> torch.Tensor:
     """Turn the softmax ``p`` [r, c] into d(scale * loss)/d(raw logits), in place.
 
-    ``gold_col`` holds, per row, the column of the gold token inside this block; ``gold_hit``
-    says which rows have their gold token in the block (None: all of them).
+    ``zc`` are the logits minus ``row_max`` and ``lse`` is relative to ``row_max`` (see
+    :mod:`.base`). ``gold_col`` holds, per row, the column of the gold token inside this
+    block; ``gold_hit`` says which rows have their gold token in the block (None: all).
     """
     if cfg.z_loss:
-        p.mul_((1.0 + 2.0 * cfg.z_loss * lse).unsqueeze(1))
+        p.mul_((1.0 + 2.0 * cfg.z_loss * (row_max + lse)).unsqueeze(1))
     if cfg.label_smoothing:
         p.sub_(cfg.label_smoothing / V)
     rows = torch.arange(p.shape[0], device=p.device)
@@ -59,7 +71,7 @@ def _dlogits_(
     p[rows, gold_col] -= onehot
     if cfg.softcap is not None:
         # d/draw [c * tanh(raw / c)] = 1 - tanh^2 = 1 - (z / c)^2
-        p.mul_(1.0 - (z / cfg.softcap).square_())
+        p.mul_(1.0 - ((zc + row_max.unsqueeze(1)) / cfg.softcap).square_())
     if scale is not None:
         p.mul_(scale.unsqueeze(1))
     return p
@@ -85,7 +97,7 @@ class TorchBackend:
         cfg: CEConfig,
         n_grad: int,
     ) -> ForwardOut:
-        def grad_rows(s, e, lse, gold, ent):
+        def grad_rows(s, e, row_max, lse, gold, ent):
             return torch.arange(max(0, min(e, n_grad) - s), device=x.device)
 
         fo, _ = self._sweep(x, w, b, y, cfg, grad_rows if n_grad else None)
@@ -102,15 +114,15 @@ class TorchBackend:
     ) -> tuple[ForwardOut, torch.Tensor]:
         """Forward whose gradient rows are chosen chunk by chunk by ``row_select``.
 
-        ``row_select(start, end, lse, gold, entropy) -> bool [end - start]`` sees each chunk's
+        ``row_select(start, end, row_max, lse, gold, entropy) -> bool [end - start]`` sees each chunk's
         statistics while its logits are still in memory, so a per-token rule (the XTF KN rule,
         an entropy or excess-loss threshold) costs one logits GEMM in total. Returns the
         forward output (``dx`` for the selected rows, in row order) and the bool [M] selection.
         """
         sel = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
-        def grad_rows(s, e, lse, gold, ent):
-            m = row_select(s, e, lse, gold, ent)
+        def grad_rows(s, e, row_max, lse, gold, ent):
+            m = row_select(s, e, row_max, lse, gold, ent)
             sel[s:e] = m
             return m.nonzero().squeeze(1)
 
@@ -123,7 +135,8 @@ class TorchBackend:
         V = w.shape[0]
         dev = x.device
         acc = _acc(x.dtype)
-        lse = torch.empty(M, device=dev, dtype=acc)
+        mx = torch.empty(M, device=dev, dtype=acc)
+        lse = torch.empty_like(mx)
         gold = torch.empty_like(lse)
         ent = torch.empty_like(lse)
         zsum = torch.empty_like(lse)
@@ -135,20 +148,26 @@ class TorchBackend:
         for s in range(0, M, rows):
             e = min(M, s + rows)
             z = _logits(x[s:e], w, b, cfg)
-            c_lse = torch.logsumexp(z, dim=1)
-            p = torch.exp(z - c_lse.unsqueeze(1))
+            c_max = z.amax(dim=1)
+            z.sub_(c_max.unsqueeze(1))  # relative to the row max from here on
+            p = torch.exp(z)
+            c_sum = p.sum(1)
+            c_lse = c_sum.log()
+            p.div_(c_sum.unsqueeze(1))  # softmax
+            mx[s:e] = c_max
             lse[s:e] = c_lse
             gold[s:e] = z.gather(1, y[s:e].unsqueeze(1)).squeeze(1)
-            ent[s:e] = c_lse - (p * z).sum(1)
+            # 0 log 0 = 0: p * z is NaN only where p = 0 and z = -inf (a NaN logit makes lse NaN)
+            ent[s:e] = c_lse - (p * z).nansum(1)
             zsum[s:e] = z.sum(1)
             if want:
-                g = grad_rows(s, e, c_lse, gold[s:e], ent[s:e])
+                g = grad_rows(s, e, c_max, c_lse, gold[s:e], ent[s:e])
                 if g.numel():
                     full = g.numel() == e - s
                     pg = p if full else p.index_select(0, g)
                     zg = z if full else z.index_select(0, g)
                     xg = x[s:e] if full else x[s:e].index_select(0, g)
-                    dz = _dlogits_(pg, zg, c_lse.index_select(0, g), None,
+                    dz = _dlogits_(pg, zg, c_max.index_select(0, g), c_lse.index_select(0, g), None,
                                    y[s:e].index_select(0, g), None, V, cfg)
                     dzc = dz.to(x.dtype)
                     dx_parts.append(dzc @ w)
@@ -162,7 +181,7 @@ class TorchBackend:
         dx = None
         if want:
             dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
-        return ForwardOut(lse, gold, ent, zsum, dx, dw, db), None
+        return ForwardOut(mx, lse, gold, ent, zsum, dx, dw, db), None
 
     def backward(
         self,
@@ -170,6 +189,7 @@ class TorchBackend:
         w: torch.Tensor,
         b: torch.Tensor | None,
         y: torch.Tensor,
+        row_max: torch.Tensor,
         lse: torch.Tensor,
         row_scale: torch.Tensor,
         cfg: CEConfig,
@@ -197,10 +217,11 @@ class TorchBackend:
             for s in range(0, M, rc):
                 e = min(M, s + rc)
                 z = _logits(x[s:e], wb, bb, cfg)
+                z.sub_(row_max[s:e].unsqueeze(1))
                 p = torch.exp(z - lse[s:e].unsqueeze(1))
                 ys = y[s:e]
                 hit = ((ys >= v0) & (ys < v1)).to(acc)
-                dz = _dlogits_(p, z, lse[s:e], row_scale[s:e], ys - v0, hit, V, cfg)
+                dz = _dlogits_(p, z, row_max[s:e], lse[s:e], row_scale[s:e], ys - v0, hit, V, cfg)
                 dzc = dz.to(x.dtype)
                 if x.dtype == acc:
                     dx_acc[s:e].addmm_(dzc, wb)

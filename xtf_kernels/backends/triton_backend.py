@@ -10,6 +10,9 @@ Paths (the design is in ``docs/triton.md``):
 * gradient rows: row chunks of ``cfg.chunk_elems // V`` rows; logits by ``torch.mm`` into a
   reused ``[chunk, V]`` buffer, one Triton row kernel computes the statistics and overwrites
   the buffer with ``d(loss)/d(raw logits)``, then ``dx = G @ W`` and ``dW += G^T @ X`` (fp32);
+  half-precision inputs with a bias or softcap get an fp32 logits buffer (cuBLAS'
+  fp32-output GEMM) and a separate half buffer for the gradient, so the epilogue never sees
+  rounded logits;
 * :meth:`TritonBackend.backward`: the same chunks, with the given ``lse`` (one sweep).
 """
 
@@ -22,9 +25,11 @@ from types import ModuleType
 
 import torch
 
+from ._gemm import f32_epilogue
+from ._gemm import mm_f32 as _mm_f32
 from .base import CEConfig, ForwardOut, GradOut
 
-RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _kernels: ModuleType | None = None
@@ -76,42 +81,31 @@ def _rows_per_chunk(n: int, V: int, cfg: CEConfig, dtype: torch.dtype) -> int:
     return max(1, min(n, _budget(cfg, dtype) // max(V, 1)))
 
 
-#: which fp32-output half-precision GEMMs this torch has on CUDA (probed on first use)
-_f32_gemm = {"addmm": True, "mm": True}
+def _logits_dtype(x: torch.Tensor, b: torch.Tensor | None, cfg: CEConfig) -> torch.dtype:
+    """dtype of the logits buffer: fp32 for half-precision inputs with a bias or softcap (the
+    epilogue then never sees rounded logits), else ``x.dtype``."""
+    return torch.float32 if f32_epilogue(x.dtype, b is not None, cfg.softcap) else x.dtype
 
 
-def _mm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """``out (+)= a @ b`` with fp32 accumulation; ``out`` is fp32 or ``a.dtype``.
+def _logits_buffers(rows: int, cols: int, x: torch.Tensor, b, cfg: CEConfig, grad: bool = True):
+    """(logits buffer, gradient buffer or None), each ``[rows, cols]``.
 
-    Half-precision inputs with an fp32 ``out`` use cuBLAS' fp32-output GEMM on CUDA (no
-    rounding of partial sums; ``addmm`` where this torch has it, else ``mm`` into a temporary
-    and an add); elsewhere the inputs are upcast (an fp32 GEMM: correct but slow).
+    With an fp32 logits buffer (:func:`_logits_dtype`) and ``grad``, the gradient goes to a
+    separate ``x.dtype`` buffer (the gradient GEMMs' operand); otherwise the logits buffer is
+    overwritten in place with the gradient.
     """
-    if out.dtype == a.dtype:
-        if accumulate:
-            out.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=out)
-        return
-    if a.is_cuda and (not accumulate or _f32_gemm["addmm"]) and _f32_gemm["mm"]:
-        try:
-            if accumulate:
-                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-            else:
-                torch.mm(a, b, out_dtype=torch.float32, out=out)
-            return
-        except (RuntimeError, TypeError):  # this torch lacks that fp32-output GEMM
-            _f32_gemm["addmm" if accumulate else "mm"] = False
-    if a.is_cuda and accumulate and _f32_gemm["mm"]:
-        try:
-            out += torch.mm(a, b, out_dtype=torch.float32)
-            return
-        except (RuntimeError, TypeError):
-            _f32_gemm["mm"] = False
-    if accumulate:
-        out.addmm_(a.float(), b.float())
+    dt = _logits_dtype(x, b, cfg)
+    buf = torch.empty(rows, cols, dtype=dt, device=x.device)
+    gbuf = torch.empty(rows, cols, dtype=x.dtype, device=x.device) if (grad and dt != x.dtype) else None
+    return buf, gbuf
+
+
+def _logits_mm(out: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> None:
+    """``out = x @ wt`` in ``out``'s dtype (fp32 straight from the accumulator when it is fp32)."""
+    if out.dtype == x.dtype:
+        torch.mm(x, wt, out=out)
     else:
-        torch.mm(a.float(), b.float(), out=out)
+        _mm_f32(out, x, wt, accumulate=False)
 
 
 #: how the statistics of rows without a gradient are computed on CUDA: "cublas" (row chunks of
@@ -121,8 +115,8 @@ STATS_MODE = "cublas"
 
 
 def _checked_select(row_select: RowSelect, s: int, e: int, stats: torch.Tensor) -> torch.Tensor:
-    """``row_select`` on rows ``[s, e)`` of the ``[4, M]`` statistics, checked: bool ``[e - s]``."""
-    m = row_select(s, e, stats[0, s:e], stats[1, s:e], stats[2, s:e])
+    """``row_select`` on rows ``[s, e)`` of the ``[5, M]`` statistics, checked: bool ``[e - s]``."""
+    m = row_select(s, e, *stats[:4, s:e])
     if not isinstance(m, torch.Tensor) or m.shape != (e - s,) or m.dtype != torch.bool:
         raise ValueError(f"row_select: expected a bool [{e - s}] tensor")
     return m
@@ -197,10 +191,10 @@ class TritonBackend:
         if not isinstance(n_grad, int) or not 0 <= n_grad <= M:
             raise ValueError(f"n_grad: expected an int in [0, {M}], got {n_grad!r}")
         x, w, b, y = self._prep(x, w, b, y)
-        stats = torch.empty(4, M, dtype=torch.float32, device=x.device)
+        stats = torch.empty(5, M, dtype=torch.float32, device=x.device)
         dx = dw = db = None
         V = w.shape[0]
-        if n_grad and n_grad <= _rows_per_chunk(n_grad, V, cfg, x.dtype):
+        if n_grad and n_grad <= _rows_per_chunk(n_grad, V, cfg, _logits_dtype(x, b, cfg)):
             # one row chunk holds every gradient row: Liger-style, 3 GEMMs, dW written once
             dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, n_grad, None)
             if M > n_grad:
@@ -211,9 +205,9 @@ class TritonBackend:
             self._stats(x, w, b, y, cfg, stats)
             if n_grad:
                 dx, dw, db = self._vocab_blocked_grad(
-                    x[:n_grad], w, b, y[:n_grad], stats[0, :n_grad], None, cfg, w.dtype
+                    x[:n_grad], w, b, y[:n_grad], stats[:2, :n_grad], None, cfg, w.dtype
                 )
-        return ForwardOut(stats[0], stats[1], stats[2], stats[3], dx, dw, db)
+        return ForwardOut(*stats, dx, dw, db)
 
     def forward_rowwise(
         self,
@@ -226,7 +220,7 @@ class TritonBackend:
     ) -> tuple[ForwardOut, torch.Tensor]:
         """Forward whose gradient rows are chosen chunk by chunk by ``row_select``.
 
-        ``row_select(start, end, lse, gold, entropy) -> bool [end - start]`` sees each chunk's
+        ``row_select(start, end, row_max, lse, gold, entropy) -> bool [end - start]`` sees each chunk's
         fp32 statistics while its logits are in the buffer; the selected rows then get their
         gradient from the same logits (one logits GEMM in total). Returns the
         :class:`ForwardOut` (``dx`` ``[n_selected, D]`` in row order) and the bool ``[M]``
@@ -237,9 +231,9 @@ class TritonBackend:
             raise TypeError(f"row_select: expected a callable, got {type(row_select).__name__}")
         x, w, b, y = self._prep(x, w, b, y)
         M = x.shape[0]
-        stats = torch.empty(4, M, dtype=torch.float32, device=x.device)
+        stats = torch.empty(5, M, dtype=torch.float32, device=x.device)
         sel = torch.zeros(M, dtype=torch.bool, device=x.device)
-        if M <= _rows_per_chunk(M, w.shape[0], cfg, x.dtype):
+        if M <= _rows_per_chunk(M, w.shape[0], cfg, _logits_dtype(x, b, cfg)):
             # one logits GEMM per row chunk serves the statistics, the selection and the gradient
             dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, M, (row_select, sel))
         else:
@@ -249,10 +243,10 @@ class TritonBackend:
             self._stats(x, w, b, y, cfg, stats, row_select=row_select, sel=sel)
             idx = sel.nonzero().squeeze(1)
             dx, dw, db = self._vocab_blocked_grad(
-                x.index_select(0, idx), w, b, y.index_select(0, idx), stats[0].index_select(0, idx),
+                x.index_select(0, idx), w, b, y.index_select(0, idx), stats[:2].index_select(1, idx),
                 None, cfg, w.dtype,
             )
-        return ForwardOut(stats[0], stats[1], stats[2], stats[3], dx, dw, db), sel
+        return ForwardOut(*stats, dx, dw, db), sel
 
     # ----------------------------------------------------------------- backward
     def backward(
@@ -261,6 +255,7 @@ class TritonBackend:
         w: torch.Tensor,
         b: torch.Tensor | None,
         y: torch.Tensor,
+        row_max: torch.Tensor,
         lse: torch.Tensor,
         row_scale: torch.Tensor,
         cfg: CEConfig,
@@ -269,7 +264,8 @@ class TritonBackend:
 
         Args:
             x, w, b, y, cfg: as in :meth:`forward`.
-            lse: ``[M]`` fp32 log-sum-exp of the rows (from the forward).
+            row_max, lse: ``[M]`` fp32 row maximum and log-sum-exp relative to it (from the
+                forward).
             row_scale: ``[M]`` fp32 upstream factor per row.
 
         Returns:
@@ -278,32 +274,32 @@ class TritonBackend:
         """
         _check_problem(x, w, b, y, cfg)
         M = x.shape[0]
-        for name, t in (("lse", lse), ("row_scale", row_scale)):
+        for name, t in (("row_max", row_max), ("lse", lse), ("row_scale", row_scale)):
             if not isinstance(t, torch.Tensor) or t.shape != (M,) or not t.is_floating_point():
                 raise ValueError(f"{name}: expected a floating [{M}] tensor")
             if t.device != x.device:
                 raise ValueError(f"{name}: expected device {x.device}, got {t.device}")
         x, w, b, y = self._prep(x, w, b, y)
-        lse = lse.to(torch.float32).contiguous()
+        parts = torch.stack((row_max, lse)).to(torch.float32)
         row_scale = row_scale.to(torch.float32).contiguous()
-        return GradOut(*self._vocab_blocked_grad(x, w, b, y, lse, row_scale, cfg, w.dtype))
+        return GradOut(*self._vocab_blocked_grad(x, w, b, y, parts, row_scale, cfg, w.dtype))
 
     # ----------------------------------------------------------------- internals
     @staticmethod
     def _stats(x, w, b, y, cfg, out, row_select=None, sel=None) -> None:
-        """Statistics ``[4, M]`` of rows that need no gradient (see :data:`STATS_MODE`); with
+        """Statistics ``[5, M]`` of rows that need no gradient (see :data:`STATS_MODE`); with
         ``row_select``, each chunk's selection is written into the bool ``sel`` [M]."""
         k = _load_kernels()
         if row_select is None and (k.INTERPRETED or not x.is_cuda or STATS_MODE == "fused"):
             k.fused_stats(x, w, b, y, cfg.softcap, out)
             return
         M, V = x.shape[0], w.shape[0]
-        rows = _rows_per_chunk(M, V, cfg, x.dtype)
-        buf = torch.empty(rows, V, dtype=x.dtype, device=x.device)
+        rows = _rows_per_chunk(M, V, cfg, _logits_dtype(x, b, cfg))
+        buf, _ = _logits_buffers(rows, V, x, b, cfg, grad=False)
         for s in range(0, M, rows):
             e = min(M, s + rows)
             g = buf[: e - s]
-            torch.mm(x[s:e], w.t(), out=g)
+            _logits_mm(g, x[s:e], w.t())
             k.rows_pass(g, b, y[s:e], softcap=cfg.softcap, z_loss=0.0, label_smoothing=0.0,
                         stats_out=out[:, s:e], grad=False)
             if row_select is not None:
@@ -325,12 +321,13 @@ class TritonBackend:
         if db is not None:
             db += g.sum(0, dtype=torch.float32)
 
-    def _vocab_blocked_grad(self, x, w, b, y, lse, row_scale, cfg, dw_dtype):
+    def _vocab_blocked_grad(self, x, w, b, y, lse_parts, row_scale, cfg, dw_dtype):
         """Gradient of ``sum_i row_scale[i] * loss_i`` (scale 1 when None) by vocabulary blocks.
 
-        Each block of ``vb`` columns ``[v0, v1)`` and ``rc`` rows: logits
-        ``x @ w[v0:v1].T``, the row kernel turns them into the gradient in place (``lse``
-        known), ``dx += G @ w[v0:v1]`` (fp32) and ``dW[v0:v1] (+)= G^T @ x``. With up to
+        ``lse_parts``: ``[2, n]`` fp32 row maximum and log-sum-exp relative to it. Each block
+        of ``vb`` columns ``[v0, v1)`` and ``rc`` rows: logits ``x @ w[v0:v1].T``, the row
+        kernel turns them into the gradient (in place, or into the half buffer after fp32
+        logits, see :func:`_logits_buffers`), ``dx += G @ w[v0:v1]`` (fp32) and ``dW[v0:v1] (+)= G^T @ x``. With up to
         ``sqrt(budget)`` gradient rows every vocabulary block holds all of them, so dW is
         formed in one GEMM per block and written once. Returns
         ``(dx x.dtype, dw, db fp32 or None)``; ``dw`` is ``dw_dtype`` when one GEMM formed each
@@ -346,7 +343,7 @@ class TritonBackend:
         # blocks of rc rows x vb columns (rc * vb <= budget). Every block re-reads and writes
         # an fp32 slice of dx (rc x D) and, unless rc covers all rows, of dW (vb x D): square
         # blocks minimise that traffic; all rows in one block when they fit (dW written once)
-        budget = _budget(cfg, x.dtype)
+        budget = _budget(cfg, _logits_dtype(x, b, cfg))
         if budget // n >= min(V, 256):
             rc = n  # every row in each vocabulary block: dW[v0:v1] by one GEMM, written once
         else:
@@ -359,7 +356,7 @@ class TritonBackend:
         dw = torch.empty(V, D, dtype=dw_dtype if one_gemm else torch.float32, device=dev)
         if not one_gemm:
             dw.zero_()
-        buf = torch.empty(min(rc, n), vb, dtype=x.dtype, device=dev)
+        buf, gbuf = _logits_buffers(min(rc, n), vb, x, b, cfg)
         opts = dict(softcap=cfg.softcap, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
         for v0 in range(0, V, vb):
             v1 = min(V, v0 + vb)
@@ -367,11 +364,12 @@ class TritonBackend:
             bb = b[v0:v1] if b is not None else None
             for s in range(0, n, rc):
                 e = min(n, s + rc)
-                g = buf[: e - s, : v1 - v0]  # row stride vb (aligned) also for the last block
-                torch.mm(x[s:e], wb.t(), out=g)
-                k.rows_pass(g, bb, y[s:e], lse=lse[s:e],
+                z = buf[: e - s, : v1 - v0]  # row stride vb (aligned) also for the last block
+                _logits_mm(z, x[s:e], wb.t())
+                g = z if gbuf is None else gbuf[: e - s, : v1 - v0]
+                k.rows_pass(z, bb, y[s:e], row_max=lse_parts[0, s:e], lse=lse_parts[1, s:e],
                             row_scale=None if row_scale is None else row_scale[s:e],
-                            v_off=v0, vocab=V, **opts)
+                            v_off=v0, vocab=V, out=g, **opts)
                 _mm_f32(dx[s:e], g, wb, accumulate=True)
                 _mm_f32(dw[v0:v1], g.t(), x[s:e], accumulate=not one_gemm)
                 if db is not None:
@@ -386,8 +384,8 @@ class TritonBackend:
         dev = x.device
         dw = torch.zeros(V, D, dtype=torch.float32, device=dev)
         db = torch.zeros(V, dtype=torch.float32, device=dev) if b is not None else None
-        rows = _rows_per_chunk(n, V, cfg, x.dtype)
-        buf = torch.empty(rows, V, dtype=x.dtype, device=dev)
+        rows = _rows_per_chunk(n, V, cfg, _logits_dtype(x, b, cfg))
+        buf, gbuf = _logits_buffers(rows, V, x, b, cfg)
         opts = dict(softcap=cfg.softcap, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
         if rowwise is None:
             dx = torch.empty(n, D, dtype=x.dtype, device=dev)
@@ -396,19 +394,20 @@ class TritonBackend:
             dx_parts: list[torch.Tensor] = []
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            g = buf[: e - s]
-            torch.mm(x[s:e], w.t(), out=g)
+            z = buf[: e - s]
+            _logits_mm(z, x[s:e], w.t())
+            g = z if gbuf is None else gbuf[: e - s]
             if rowwise is None:
-                k.rows_pass(g, b, y[s:e], stats_out=stats[:, s:e], **opts)
+                k.rows_pass(z, b, y[s:e], stats_out=stats[:, s:e], out=g, **opts)
                 self._grad_gemms(g, x[s:e], w, dx[s:e], dw, db)
                 continue
-            k.rows_pass(g, b, y[s:e], stats_out=stats[:, s:e], grad=False, **opts)
+            k.rows_pass(z, b, y[s:e], stats_out=stats[:, s:e], grad=False, **opts)
             m = _checked_select(row_select, s, e, stats)
             sel[s:e] = m
             idx = m.nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue
-            k.rows_pass(g, b, y[s:e], lse=stats[0, s:e], rows=idx, **opts)
+            k.rows_pass(z, b, y[s:e], row_max=stats[0, s:e], lse=stats[1, s:e], rows=idx, out=g, **opts)
             full = idx.numel() == e - s
             gs = g if full else g.index_select(0, idx)
             xs = x[s:e] if full else x[s:e].index_select(0, idx)

@@ -7,9 +7,10 @@ Two kernels (the design is in ``docs/triton.md``):
     program loops over the vocabulary tiles of its split and, inside, over ``D`` tiles with
     ``tl.dot`` (fp32 accumulator). The epilogue adds the bias, applies the softcap and folds
     the tile into an online log-sum-exp ``(m, s)``, an online shifted entropy term
-    ``t = sum exp(z - m) * (z - m)``, the gold logit and the sum of logits. Each split writes
-    its partial ``(m, s, t, gold, zsum)``; :func:`fused_stats` merges the splits (splits keep
-    an H100 busy when there are few row blocks).
+    ``t = sum exp(z - m) * (z - m)``, the gold logit and the shifted sum of logits
+    ``sum (z - m)``. Each split writes its partial ``(m, s, t, gold, zsum)``;
+    :func:`fused_stats` merges the splits (splits keep an H100 busy when there are few row
+    blocks).
 
 ``_rows_kernel``
     One program per row (a block of rows in the interpreter) of a ``[rows, V]`` logits
@@ -19,7 +20,8 @@ Two kernels (the design is in ``docs/triton.md``):
     gradient GEMMs (``dx (+)= G @ W``, ``dW (+)= G^T @ X``) done by the caller.
 
 Every row offset is computed in int64 (:func:`row_offset`): ``rows x V`` or ``rows x D`` can
-exceed 2**31 elements. All accumulation is fp32.
+exceed 2**31 elements. All accumulation is fp32. Statistics are returned relative to the row
+maximum (see :mod:`xtf_kernels.backends.base`): a large common logit offset costs no precision.
 """
 
 from __future__ import annotations
@@ -46,6 +48,45 @@ def row_offset(row, stride):
 def _row_offset_probe(OUT, ROWS, stride, N: tl.constexpr):
     r = tl.load(ROWS + tl.arange(0, N))
     tl.store(OUT + tl.arange(0, N), row_offset(r, stride))
+
+
+@triton.jit
+def _softcap(z, cap):
+    """``cap * tanh(z / cap)``: ``1 - 2 / (exp(2|t|) + 1)`` for ``|t| >= 0.625``, below it (where
+    that form cancels) the odd minimax polynomial of Cephes' tanhf (relative error ~1e-7)."""
+    t = z / cap
+    a = tl.abs(t)
+    a_big = tl.where(a > 40.0, 40.0, a)  # exp(80) fits fp32; a NaN stays NaN
+    big = 1.0 - 2.0 / (tl.exp(2.0 * a_big) + 1.0)
+    q = a * a
+    poly = (((-5.70498872745e-3 * q + 2.06390887954e-2) * q - 5.37397155531e-2) * q
+            + 1.33314422036e-1) * q - 3.33332819422e-1
+    small = poly * q * a + a
+    th = tl.where(a < 0.625, small, big)
+    return cap * tl.where(t < 0.0, -th, th)
+
+
+@triton.jit
+def _softcap_probe(OUT, X, cap, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    tl.store(OUT + offs, _softcap(tl.load(X + offs, mask=mask, other=0.0), cap), mask=mask)
+
+
+@triton.jit
+def _fold_tile(m, s, t, zs, z, valid, n_prev):
+    """Fold a ``[R, BV]`` tile of logits ``z`` (``valid``: column mask) into the running row
+    statistics ``m`` (max), ``s = sum exp(z - m)``, ``t = sum exp(z - m) (z - m)`` and
+    ``zs = sum (z - m)``; ``n_prev``: columns folded before this tile. 0 log 0 = 0."""
+    zm = tl.where(valid, z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(zm, axis=1))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(zm - m_new[:, None])
+    zc = tl.where(valid, z - m_new[:, None], 0.0)
+    t = alpha * (t + (m - m_new) * s) + tl.sum(tl.where(e > 0.0, e * zc, 0.0), axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    zs = zs + (m - m_new) * n_prev + tl.sum(zc, axis=1)
+    return m_new, s, t, zs
 
 
 @triton.jit
@@ -86,19 +127,10 @@ def _stats_kernel(
         z = acc
         if HAS_BIAS:
             z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_CAP:  # cap * tanh(z / cap), tanh(u) = 2 / (1 + exp(-2u)) - 1
-            z = cap * (2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0)
-        valid = cmask[None, :]
-        zm = tl.where(valid, z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(zm, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        e = tl.exp(zm - m_new[:, None])
-        zc = tl.where(valid, z - m_new[:, None], 0.0)
-        t_i = alpha * (t_i + (m_i - m_new) * s_i) + tl.sum(e * zc, axis=1)
-        s_i = alpha * s_i + tl.sum(e, axis=1)
-        m_i = m_new
+        if HAS_CAP:
+            z = _softcap(z, cap)
+        m_i, s_i, t_i, zs_i = _fold_tile(m_i, s_i, t_i, zs_i, z, cmask[None, :], (v0 - v_lo) * 1.0)
         g_i += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        zs_i += tl.sum(tl.where(valid, z, 0.0), axis=1)
     off = pid_s.to(tl.int64) * M + rows
     tl.store(PART + off, m_i, mask=rmask)
     tl.store(PART + SM + off, s_i, mask=rmask)
@@ -109,7 +141,7 @@ def _stats_kernel(
 
 @triton.jit
 def _rows_kernel(
-    L, stride_l, B, Y, ROWS, LSE, SCALE, STATS, stride_st,
+    L, stride_l, OUT, stride_o, B, Y, ROWS, MAX, LSE, SCALE, STATS, stride_st,
     n, V, v_off, cap, zl2, gold_w, smooth_v,
     HAS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
     HAS_SCALE: tl.constexpr, DO_STATS: tl.constexpr, DO_GRAD: tl.constexpr,
@@ -133,41 +165,35 @@ def _rows_kernel(
         for v0 in range(0, V, BV):
             cols = v0 + offs
             cmask = cols < V
-            valid = cmask[None, :]
-            z = tl.load(base[:, None] + cols[None, :], mask=rmask[:, None] & valid, other=0.0)
+            z = tl.load(base[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
             z = z.to(tl.float32)
             if HAS_BIAS:
                 z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            if HAS_CAP:  # cap * tanh(z / cap), tanh(u) = 2 / (1 + exp(-2u)) - 1
-                z = cap * (2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0)
-            zm = tl.where(valid, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(zm, axis=1))
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(zm - m_new[:, None])
-            zc = tl.where(valid, z - m_new[:, None], 0.0)
-            t = alpha * (t + (m - m_new) * s) + tl.sum(e * zc, axis=1)
-            s = alpha * s + tl.sum(e, axis=1)
-            m = m_new
-            zs += tl.sum(tl.where(valid, z, 0.0), axis=1)
-        log_s = tl.log(s)
-        lse = m + log_s
+            if HAS_CAP:
+                z = _softcap(z, cap)
+            m, s, t, zs = _fold_tile(m, s, t, zs, z, cmask[None, :], v0 * 1.0)
+        lse = tl.log(s)  # relative to the row max m
         gz = tl.load(base + y, mask=rmask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             gz += tl.load(B + y, mask=rmask, other=0.0).to(tl.float32)
         if HAS_CAP:
-            gz = cap * (2.0 / (1.0 + tl.exp(-2.0 * gz / cap)) - 1.0)
+            gz = _softcap(gz, cap)
         st = STATS + row
-        tl.store(st, lse, mask=rmask)
-        tl.store(st + stride_st, gz, mask=rmask)
-        tl.store(st + 2 * stride_st, log_s - t / s, mask=rmask)
-        tl.store(st + 3 * stride_st, zs, mask=rmask)
+        tl.store(st, m, mask=rmask)
+        tl.store(st + stride_st, lse, mask=rmask)
+        tl.store(st + 2 * stride_st, gz - m, mask=rmask)
+        tl.store(st + 3 * stride_st, lse - t / s, mask=rmask)
+        tl.store(st + 4 * stride_st, zs, mask=rmask)
     else:
+        m = tl.load(MAX + row, mask=rmask, other=0.0)
         lse = tl.load(LSE + row, mask=rmask, other=0.0)
     if DO_GRAD:
         # the buffer may hold a vocabulary block [v_off, v_off + V): gold column relative to it
         y_blk = (y - v_off)[:, None]
-        coef = (1.0 + zl2 * lse)[:, None]
+        coef = (1.0 + zl2 * (m + lse))[:, None]
+        m2 = m[:, None]
         lse2 = lse[:, None]
+        out_base = OUT + row_offset(row, stride_o)
         if HAS_SCALE:
             scale = tl.load(SCALE + row, mask=rmask, other=0.0)[:, None]
         for v0 in range(0, V, BV):
@@ -178,15 +204,15 @@ def _rows_kernel(
             if HAS_BIAS:
                 z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             if HAS_CAP:
-                z = cap * (2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0)
-            g = tl.exp(z - lse2) * coef - smooth_v
+                z = _softcap(z, cap)
+            g = tl.exp((z - m2) - lse2) * coef - smooth_v
             g -= tl.where(cols[None, :] == y_blk, gold_w, 0.0)
             if HAS_CAP:
                 zr = z / cap
                 g = g * (1.0 - zr * zr)
             if HAS_SCALE:
                 g = g * scale
-            tl.store(base[:, None] + cols[None, :], g.to(L.dtype.element_ty), mask=mask2)
+            tl.store(out_base[:, None] + cols[None, :], g.to(OUT.dtype.element_ty), mask=mask2)
 
 
 INTERPRETED: bool = isinstance(_stats_kernel, _Interpreted) if _Interpreted else False
@@ -266,6 +292,27 @@ def row_offsets(rows: torch.Tensor, stride: int) -> torch.Tensor:
     return out
 
 
+def softcap_values(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` elementwise through the kernels' softcap (a test hook).
+
+    Args:
+        x: contiguous fp32 tensor on the kernels' device.
+        cap: the softcap, > 0.
+
+    Returns:
+        fp32 tensor of ``x``'s shape.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not x.is_contiguous():
+        raise TypeError("x: expected a contiguous float32 tensor")
+    if not cap > 0:
+        raise ValueError(f"cap: expected a positive softcap, got {cap!r}")
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        _softcap_probe[(math.ceil(n / 1024),)](out, x, float(cap), n, BLOCK=1024)
+    return out
+
+
 def _splits(M: int, V: int, device: torch.device, splits: int | None) -> tuple[int, int]:
     """(number of vocabulary splits, split size) for the fused statistics kernel."""
     if splits is None:
@@ -297,7 +344,8 @@ def fused_stats(
         b: ``[V]`` same dtype, contiguous, or None.
         y: ``[M]`` int64 gold ids in ``[0, V)``, contiguous.
         softcap: logit softcap or None.
-        out: ``[4, M]`` fp32, written with (lse, gold, entropy, sum_logits).
+        out: ``[5, M]`` fp32, written with (row_max, lse, gold, entropy, sum_logits), the
+            middle three and the last relative to row_max.
         splits: number of vocabulary splits (None: chosen from the device's SM count).
     """
     M, D = x.shape
@@ -320,17 +368,21 @@ def fused_stats(
         _stats_tuned[lambda meta: (triton.cdiv(M, meta["BM"]), n_split)](*args, **flags)
     pm, ps, pt, pg, pz = part.unbind(0)
     if n_split == 1:
-        m, s, t = pm[0], ps[0], pt[0]
+        m, s, t, zs = pm[0], ps[0], pt[0], pz[0]
     else:
         m = pm.max(dim=0).values
         a = torch.exp(pm - m)
         s = (a * ps).sum(0)
         t = (a * (pt + (pm - m) * ps)).sum(0)
+        cols = torch.tensor([min(vs, V - k * vs) for k in range(n_split)], dtype=torch.float32,
+                            device=x.device)
+        zs = (pz + cols[:, None] * (pm - m)).sum(0)
     log_s = torch.log(s)
-    out[0].copy_(m + log_s)
-    out[1].copy_(pg.sum(0))
-    out[2].copy_(log_s - t / s)
-    out[3].copy_(pz.sum(0))
+    out[0].copy_(m)
+    out[1].copy_(log_s)
+    out[2].copy_(pg.sum(0) - m)
+    out[3].copy_(log_s - t / s)
+    out[4].copy_(zs)
 
 
 def _rows_block(n: int, V: int) -> tuple[int, int, int]:
@@ -351,47 +403,56 @@ def rows_pass(
     z_loss: float,
     label_smoothing: float,
     stats_out: torch.Tensor | None = None,
+    row_max: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     grad: bool = True,
     v_off: int = 0,
     vocab: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> None:
-    """Statistics and/or in-place gradient of the rows of a ``[R, V]`` logits buffer.
+    """Statistics and/or gradient of the rows of a ``[R, V]`` logits buffer.
 
     Args:
-        logits: ``[R, V]`` raw logits ``x @ w.T`` (fp32/fp16/bf16, unit stride along ``V``);
-            with ``grad`` its processed rows are overwritten with
-            ``row_scale * d(loss)/d(raw logits)`` in the same dtype.
+        logits: ``[R, V]`` raw logits ``x @ w.T`` (fp32/fp16/bf16, unit stride along ``V``).
         b: ``[V]`` bias or None (added in fp32).
         y: ``[R]`` int64 gold ids.
         softcap, z_loss, label_smoothing: as in :class:`~xtf_kernels.backends.base.CEConfig`.
-        stats_out: ``[4, R]`` fp32 view (unit stride along rows) receiving
-            (lse, gold, entropy, sum_logits); None: the statistics sweep is skipped and
-            ``lse`` is used.
-        lse: ``[R]`` fp32 log-sum-exp, required when ``stats_out`` is None.
+        stats_out: ``[5, R]`` fp32 view (unit stride along rows) receiving
+            (row_max, lse, gold, entropy, sum_logits), lse, gold and sum_logits relative to
+            row_max; None: the statistics sweep is skipped and ``row_max`` / ``lse`` are used.
+        row_max, lse: ``[R]`` fp32 row maximum and log-sum-exp relative to it, required
+            when ``stats_out`` is None.
         row_scale: ``[R]`` fp32 per-row factor of the gradient, or None (1).
         rows: ``[K]`` int64 subset of rows to process (None: all ``R``).
         grad: run the gradient sweep.
         v_off: first vocabulary id of the buffer's columns (a vocabulary block of the full
             ``[R, vocab]`` logits; gradient sweep only, ``b`` is then the block's bias).
         vocab: full vocabulary size (label smoothing's ``1 / V``); None: the buffer's width.
+        out: ``[R, V]`` receiving ``row_scale * d(loss)/d(raw logits)`` in its dtype (unit
+            stride along ``V``); None: ``logits`` itself, overwritten in place. An fp32
+            ``logits`` buffer with a half-precision ``out`` keeps the logits fp32 from the
+            GEMM through the bias / softcap epilogue.
     """
     R, V = logits.shape
     n = R if rows is None else rows.numel()
     if n == 0 or V == 0:
         return
-    if stats_out is None and lse is None:
-        raise ValueError("lse: required when stats_out is None")
+    if stats_out is None and (lse is None or row_max is None):
+        raise ValueError("row_max, lse: required when stats_out is None")
+    out = logits if out is None else out
+    if out.shape != logits.shape or out.stride(-1) != 1:
+        raise ValueError(f"out: expected shape {tuple(logits.shape)} with unit stride, got {tuple(out.shape)}")
     if v_off and stats_out is not None:
         raise ValueError("v_off: statistics need whole rows (v_off must be 0 with stats_out)")
     vocab = V if vocab is None else int(vocab)
     br, bv, warps = _rows_block(n, V)
     dummy = logits
     _rows_kernel[(math.ceil(n / br),)](
-        logits, logits.stride(0), b if b is not None else dummy, y,
+        logits, logits.stride(0), out, out.stride(0), b if b is not None else dummy, y,
         rows if rows is not None else dummy,
+        row_max if row_max is not None else dummy,
         lse if lse is not None else dummy,
         row_scale if row_scale is not None else dummy,
         stats_out if stats_out is not None else dummy,
