@@ -1,10 +1,13 @@
-"""Input validation for :func:`xtf_kernels.masked_ce`: every check runs before any kernel."""
+"""Input validation for :func:`xtf_kernels.masked_ce`: every check runs once, before any kernel
+(the backends rely on it and do not check again)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+from ..backends import BACKENDS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -21,6 +24,7 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
 
 
 def validate(
+    *,
     hidden: Any,
     weight: Any,
     labels: Any,
@@ -40,8 +44,6 @@ def validate(
     backend: Any,
 ) -> None:
     """Raise TypeError/ValueError naming the argument for anything masked_ce cannot take."""
-    from .backends import BACKENDS
-
     hidden = check_tensor("hidden", hidden)
     weight = check_tensor("weight", weight)
     labels = check_tensor("labels", labels)
