@@ -463,14 +463,16 @@ def test_vocab_blocks_are_aligned_for_cublas(monkeypatch):
     monkeypatch.setattr(k, "rows_pass", spy)
     M, D, V = 7, 16, 1000  # budget // M = 585: not a multiple of 128
     x, w, b, y = problem(M, D, V, torch.float32, seed=3)
-    lse = TORCH.forward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), CFGS["plain"], 0).lse.to(x.device)
+    fo = TORCH.forward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), CFGS["plain"], 0)
+    mx, lse = fo.row_max.to(x.device), fo.lse.to(x.device)
     cfg = CEConfig(chunk_elems=4096)
-    ours = TB.backward(x, w, b, y, lse, torch.ones(M, device=x.device), cfg)
+    ours = TB.backward(x, w, b, y, mx, lse, torch.ones(M, device=x.device), cfg)
     widths = {s for _, s in seen}
     assert len(seen) > 1 and len(widths) == 1 and widths.pop() % 128 == 0, seen
     assert seen[-1][0] == V % seen[0][1]  # the last, narrower block keeps the stride
     x64, w64, b64 = as64(x, w, b)
-    ref = TORCH.backward(x64, w64, b64, y.cpu(), lse.cpu().double(), torch.ones(M, dtype=torch.float64), cfg)
-    same = TORCH.backward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), lse.cpu(), torch.ones(M), cfg)
+    ref = TORCH.backward(x64, w64, b64, y.cpu(), mx.cpu().double(), lse.cpu().double(),
+                         torch.ones(M, dtype=torch.float64), cfg)
+    same = TORCH.backward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), mx.cpu(), lse.cpu(), torch.ones(M), cfg)
     for f in ("dx", "dw", "db"):
         close(f, getattr(ours, f), getattr(ref, f), getattr(same, f), torch.float32)
