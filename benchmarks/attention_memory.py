@@ -4,7 +4,7 @@ For each sequence length L, one attention layer's received attention is computed
 each in a fresh subprocess so the peak resident set size (RSS, CPU) or the peak CUDA
 allocation (GPU) belongs to that case alone:
 
-* ``xtf``: :func:`xtf_kernels.attention.attention_received` (tiled, O(L) extra per head);
+* ``xtf``: :func:`xtf_kernels.attention.attention_received` (query blocks, O(L) extra per head);
 * ``eager``: what ``attn_implementation="eager"`` + ``output_attentions=True`` does, i.e. the
   full ``[B, H, L, L]`` scores and fp32 softmax probabilities, then their column sums.
 
@@ -203,7 +203,7 @@ def _plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, label, style in (("xtf", "attention_received (tiled)", "o-"),
+    for method, label, style in (("xtf", "attention_received (query blocks)", "o-"),
                                  ("eager", "eager probabilities [B,H,L,L]", "s--")):
         pts = [(r["L"], r["extra_mb"]) for r in rows if r["method"] == method and r["status"] == "ok"]
         if pts:

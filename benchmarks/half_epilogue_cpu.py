@@ -16,10 +16,11 @@ that torch offers on this machine, against the bf16 GEMM the native backend uses
 * ``mm-out_dtype``: ``torch.mm(..., out_dtype=torch.float32)``, reported if it raises.
 
 Part 2 (error) runs ``masked_ce`` with a bias and softcap 30 on bf16 inputs (N = 512,
-D = 2048, V = 32000, logits of standard deviation ~3 plus an N(0, 1) bias) on the native
-backend (bf16 GEMM output, then fp32 epilogue) and the torch backend (fp32 GEMM result
-through the epilogue), and same-dtype PyTorch (``F.linear`` in bf16, softcap in bf16, fp32
-loss: what eager code does). Per-row ``lse`` and ``logprob`` errors against float64: mean
+D = 2048, V = 32000, logits of standard deviation ~3 plus an N(0, 1) bias) on the CPU
+backends (native and torch: bf16 GEMM output, then the fp32 epilogue), the fp32-logits
+route the CUDA backends take (the GEMM result in fp32 through the epilogue, here by an
+upcast GEMM), and same-dtype PyTorch (``F.linear`` in bf16, softcap in bf16, fp32 loss: what
+eager code does). Per-row ``lse`` and ``logprob`` errors against float64: mean
 and max over rows, and the native backend's error minus same-dtype PyTorch's, per row.
 
 Prints both tables and writes ``<out>/cpu-half-epilogue.csv``.
@@ -142,6 +143,12 @@ def error(N: int = 512, D: int = 2048, V: int = 32000, cap: float = 30.0) -> lis
     s_lse, s_lp = _errors(same_lse, same_lp, ref_lse, ref_lp)
     out = [{"part": "error", "route": "same-dtype PyTorch (eager)", "lse_mean": s_lse.mean().item(),
             "lse_max": s_lse.max().item(), "logprob_mean": s_lp.mean().item(), "logprob_max": s_lp.max().item()}]
+    z32 = h.float() @ w.float().t() + b.float()
+    f_lse, f_lp = _errors(*stats_of(cap * torch.tanh(z32 / cap)), ref_lse, ref_lp)
+    out.append({"part": "error", "route": "fp32 logits (torch / Triton on CUDA)", "lse_mean": f_lse.mean().item(),
+                "lse_max": f_lse.max().item(), "logprob_mean": f_lp.mean().item(),
+                "logprob_max": f_lp.max().item(), "lse_excess_max": (f_lse - s_lse).max().item(),
+                "logprob_excess_max": (f_lp - s_lp).max().item()})
     for be in ("native", "torch"):
         if not backend_status()[be][0]:
             continue

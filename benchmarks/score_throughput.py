@@ -17,8 +17,9 @@ CUDA the ``--gpu-preset`` model): the same examples of exactly ``L`` tokens
   ``--max-naive-gb``.
 
 Each subprocess warms up on a short batch, then times ``--repeats`` runs (the fastest is
-reported, with the median) and reports its peak resident set (``ru_maxrss``; on CUDA the
-peak allocation). Results: ``<out>/score_throughput_<device>.csv``.
+reported, with the median, and the process CPU time of the fastest: on a loaded machine with
+one thread per process, CPU seconds are the steadier measure) and reports its peak resident
+set (``ru_maxrss``; on CUDA the peak allocation). Results: ``<out>/score_throughput_<device>.csv``.
 
 Part 2, **packed vs padded attention** (``--mixed``, kernel level, in this process): documents
 of uniform random length in [32, 1024] tokens, laid out two ways, and
@@ -43,6 +44,18 @@ on the CPU ``lse-reuse`` (the design where a private ATen kernel,
 ``aten._scaled_dot_product_flash_attention_for_cpu``, returns the output and the row
 log-sum-exp, and one extra tiled pass over ``Q K^T`` sums ``exp(s - lse)``). Results:
 ``<out>/score_throughput_layer_<device>.csv``.
+
+Part 4, **packed vs padded scoring** (``--packed-scoring``, end to end, one fresh subprocess
+per layout, the part-1 model): ``--score-docs`` records of uniform random length in [32, 1024]
+tokens scored by :func:`~xtf_kernels.xtf.score_dataset` with ``max_length = --row`` twice:
+
+* ``padded``: ``pack=False``, ``--pad-batch`` examples per right-padded batch;
+* ``packed``: ``pack=True``, ``--pack-rows`` rows of up to ``--row`` tokens per forward.
+
+Both write the same records (tests/test_packing_scoring.py); the packed run's
+``summary["packing"]`` gives the positions each layout feeds the model. Target (issue 12):
+packed faster than padded by at least half the padding share. Results:
+``<out>/score_throughput_packed_<device>.csv``.
 
 All parts are plotted in ``<out>/score_throughput_<device>.png`` and printed as tables.
 """
@@ -70,9 +83,11 @@ CPU_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, n
 GPU_MODEL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
                  num_key_value_heads=8, vocab_size=128256)
 FIELDS = ["device", "method", "L", "examples", "batch", "threads", "status", "seconds", "seconds_median",
-          "vs_floor", "tokens_per_s", "peak_mb", "note", "load_avg", "torch", "model"]
+          "vs_floor", "cpu_seconds", "cpu_vs_floor", "tokens_per_s", "peak_mb", "note", "load_avg", "torch", "model"]
 LAYER_FIELDS = ["device", "method", "L", "Hq", "Hkv", "Dh", "dtype", "seconds", "seconds_median", "vs_sdpa",
                 "threads"]
+PACKED_FIELDS = ["device", "layout", "documents", "real_tokens", "positions", "padding_share", "batch", "row",
+                 "seconds", "seconds_median", "vs_padded", "tokens_per_s", "peak_mb", "threads", "status", "note"]
 MIXED_FIELDS = ["device", "layout", "backend", "documents", "real_tokens", "slots", "padding_share", "rows", "L",
                 "seconds", "seconds_median", "vs_padded", "threads", "note"]
 
@@ -190,22 +205,23 @@ def _child(args: argparse.Namespace) -> None:
             _run_ours(model, recs, tok, batch, args.L, args.device)
 
     once(warm, None)
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeats):
         if args.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         once(records, ids)
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": min(times), "seconds_median": statistics.median(times), "peak_mb": peak,
-                      "examples": n, "batch": batch}))
+    print(json.dumps({"seconds": min(times), "seconds_median": statistics.median(times), "cpu_seconds": min(cpu),
+                      "peak_mb": peak, "examples": n, "batch": batch}))
 
 
 # --------------------------------------------------------------------------- part 1 driver
@@ -235,7 +251,8 @@ def run_scoring(args: argparse.Namespace) -> list[dict]:
         batch = max(1, min(n, args.batch_tokens // L))
         for method in args.methods:
             row = dict(device=args.device, method=method, L=L, examples=n, batch=batch, threads=args.threads,
-                       status="ok", seconds="", seconds_median="", vs_floor="", tokens_per_s="", peak_mb="",
+                       status="ok", seconds="", seconds_median="", vs_floor="", cpu_seconds="", cpu_vs_floor="",
+                       tokens_per_s="", peak_mb="",
                        note="", load_avg=_load_avg(), torch=torch.__version__,
                        model=",".join(f"{k}={v}" for k, v in spec.items()) + f",{args.dtype}")
             est = _naive_gb(spec, L, batch, itemsize)
@@ -260,7 +277,8 @@ def run_scoring(args: argparse.Namespace) -> list[dict]:
             else:
                 out = json.loads(res.stdout.strip().splitlines()[-1])
                 row.update(seconds=round(out["seconds"], 3), seconds_median=round(out["seconds_median"], 3),
-                           peak_mb=round(out["peak_mb"]), tokens_per_s=round(n * L / out["seconds"]))
+                           cpu_seconds=round(out["cpu_seconds"], 3), peak_mb=round(out["peak_mb"]),
+                           tokens_per_s=round(n * L / out["seconds"]))
             rows.append(row)
             print(f"{method:6s} L={L:6d}: {row['status']} {row['seconds']} s, peak {row['peak_mb']} MB {row['note']}",
                   flush=True)
@@ -268,6 +286,7 @@ def run_scoring(args: argparse.Namespace) -> list[dict]:
         floor = next((f for f in rows if f["method"] == "floor" and f["L"] == r["L"] and f["status"] == "ok"), None)
         if floor and r["status"] == "ok":
             r["vs_floor"] = round(r["seconds"] / floor["seconds"], 3)
+            r["cpu_vs_floor"] = round(r["cpu_seconds"] / floor["cpu_seconds"], 3)
     return rows
 
 
@@ -462,6 +481,116 @@ def run_layer(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- part 4: packed vs padded scoring
+
+
+def _mixed_records(n: int, row: int, vocab: int, seed: int = 0) -> list[dict]:
+    """``n`` records of uniform random length in [32, min(1024, row)] tokens (EOS included)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        L = rng.randint(32, min(1024, row))
+        out += _records(1, L, vocab, seed=rng.randrange(2**31))
+    return out
+
+
+def _child_packed(args: argparse.Namespace) -> None:
+    """One layout of part 4 in this (fresh) process: prints seconds, peak and the packing counts."""
+    import torch
+
+    from xtf_kernels.xtf import score_dataset
+
+    torch.set_num_threads(args.threads)
+    spec = GPU_MODEL if args.device == "cuda" else CPU_MODEL
+    model = _model(spec, args.row, args.device, args.dtype, "sdpa")
+    tok = _tokenizer(spec["vocab_size"])
+    records = _mixed_records(args.score_docs, args.row, spec["vocab_size"])
+    pack = args.child_packed == "packed"
+    batch = args.pack_rows if pack else args.pad_batch
+
+    def once(recs) -> dict:
+        with tempfile.TemporaryDirectory() as d:
+            return score_dataset(model, recs, d, tokenizer=tok, batch_size=batch, max_length=args.row,
+                                 device=args.device, progress=False, pack=pack, shard_size=max(256, len(recs)))
+
+    once(_mixed_records(2, 64, spec["vocab_size"], seed=1))  # warm-up (and a first native build)
+    times, summary = [], {}
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        summary = once(records)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    if pack:
+        positions = summary["packing"]["positions_packed"]
+    else:  # right-padded batches of `batch` records in data order (each record is exactly its length)
+        n = [len(_ids([r], tok, "cpu")[0]) for r in records]
+        positions = sum(len(n[i : i + batch]) * max(n[i : i + batch]) for i in range(0, len(n), batch))
+    tokens = summary["tokens"]["total"]
+    print(json.dumps({"seconds": min(times), "seconds_median": statistics.median(times), "peak_mb": peak,
+                      "batch": batch, "tokens": tokens, "positions": positions,
+                      "padding_share": 1 - tokens / positions}))
+
+
+def run_packed_scoring(args: argparse.Namespace) -> list[dict]:
+    rows: list[dict] = []
+    for layout in ("padded", "packed"):
+        cmd = [sys.executable, "-m", "benchmarks.score_throughput", "--child-packed", layout, "--score-docs",
+               str(args.score_docs), "--row", str(args.row), "--pad-batch", str(args.pad_batch), "--pack-rows",
+               str(args.pack_rows), "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
+               "--repeats", str(args.repeats)]
+        row = dict(device=args.device, layout=layout, documents=args.score_docs, row=args.row, threads=args.threads,
+                   status="ok", note="")
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+        except subprocess.TimeoutExpired:
+            rows.append({**row, "status": "timeout", "note": f"over {args.timeout} s"})
+            continue
+        if res.returncode != 0:
+            rows.append({**row, "status": "failed", "note": (res.stderr.strip().splitlines() or ["?"])[-1][:200]})
+            continue
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        row.update(seconds=round(out["seconds"], 3), seconds_median=round(out["seconds_median"], 3),
+                   peak_mb=round(out["peak_mb"]), batch=out["batch"], real_tokens=out["tokens"],
+                   tokens_per_s=round(out["tokens"] / out["seconds"]))
+        row.update(positions=out["positions"], padding_share=round(out["padding_share"], 4))
+        rows.append(row)
+        print(f"scoring {layout:6s}: {row['status']} {row.get('seconds')} s, peak {row.get('peak_mb')} MB", flush=True)
+    if len(rows) == 2 and all(r["status"] == "ok" for r in rows):
+        pad, pk = rows
+        pk["vs_padded"] = round(pk["seconds"] / pad["seconds"], 3)
+        pad["vs_padded"] = 1.0
+        target = 1 - pad["padding_share"] / 2
+        pk["note"] = (f"target: <= {target:.3f} x padded (half the padding share); "
+                      f"{'met' if pk['vs_padded'] <= target else 'NOT met'}")
+    return rows
+
+
+def _plot_packed(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.bar([r["layout"] for r in ok], [r["seconds"] for r in ok], color=["tab:gray", "tab:green"][: len(ok)])
+    for j, r in enumerate(ok):
+        ax.annotate(f"{r.get('vs_padded', '')}x\n{r.get('positions', '?')} positions", (j, r["seconds"]),
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel("seconds (fastest repeat)")
+    ax.set_title(f"score_dataset, {args.score_docs} records of 32-1024 tokens, rows of {args.row}\n"
+                 f"({args.device}, {args.threads} threads)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -502,14 +631,15 @@ def _plot(score_rows: list[dict], mixed_rows: list[dict], layer_rows: list[dict]
                 ys.append(r["seconds"])
                 ax.annotate(f"{r['peak_mb']} MB", (xs[-1], ys[-1]), ha="center", va="bottom", fontsize=6)
             else:
-                ax.annotate(r["status"], (j + (i - 1) * width, 0), ha="center", va="bottom", fontsize=7, rotation=90)
+                ax.annotate(f"{method}: {r['status']}", (j + (i - 1) * width, 0.02), xycoords=("data", "axes fraction"),
+                            ha="center", va="bottom", fontsize=7, rotation=90)
         if xs:
             ax.bar(xs, ys, width, label=method)
     ax.set_xticks(range(len(lengths)), [f"L={L}\n({next(r['examples'] for r in score_rows if r['L'] == L)} ex.)"
                                         for L in lengths])
     ax.set_ylabel("seconds (fastest repeat)")
     ax.set_title(f"scoring, random Llama ({args.device}, {args.threads} threads)", fontsize=9)
-    if score_rows:
+    if any(r["status"] == "ok" for r in score_rows):
         ax.legend(fontsize=8)
     ax = axes[1]
     if mixed_rows:
@@ -518,6 +648,7 @@ def _plot(score_rows: list[dict], mixed_rows: list[dict], layer_rows: list[dict]
         for j, r in enumerate(mixed_rows):
             ax.annotate(f"{r['vs_padded']}x\n{r['slots']} slots", (j, r["seconds"]), ha="center", va="bottom",
                         fontsize=7)
+        ax.margins(y=0.15)
         ax.set_title(f"attention + received, {mixed_rows[0]['documents']} docs of 32-1024 tokens "
                      f"(padding share {mixed_rows[0]['padding_share']:.0%})", fontsize=9)
         ax.set_ylabel("seconds (fastest repeat)")
@@ -562,6 +693,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--docs", type=int, default=64, help="documents in part 2")
     ap.add_argument("--row", type=int, default=2048, help="packed row length in part 2")
     ap.add_argument("--pad-batch", type=int, default=4, help="documents per padded batch in part 2")
+    ap.add_argument("--packed-scoring", action=argparse.BooleanOptionalAction, default=True,
+                    help="part 4: score_dataset packed vs padded on mixed lengths (default on)")
+    ap.add_argument("--score-docs", type=int, default=24, help="records scored in part 4")
+    ap.add_argument("--pack-rows", type=int, default=1, help="packed rows per forward in part 4")
+    ap.add_argument("--child-packed", choices=["padded", "packed"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
@@ -578,7 +714,11 @@ def main(argv: list[str] | None = None) -> None:
         args.L = args.lengths[0]
         _child(args)
         return
-    for name in ("tokens", "batch_tokens", "head_chunk", "repeats", "threads", "docs", "row", "pad_batch"):
+    if args.child_packed:
+        _child_packed(args)
+        return
+    for name in ("tokens", "batch_tokens", "head_chunk", "repeats", "threads", "docs", "row", "pad_batch",
+                 "score_docs", "pack_rows"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
     if any(L < 2 for L in args.lengths):
@@ -589,8 +729,8 @@ def main(argv: list[str] | None = None) -> None:
     score_rows = run_scoring(args) if args.scoring else []
     if score_rows:
         _write_csv(stem.with_suffix(".csv"), FIELDS, score_rows)
-        print(_table(score_rows, ["method", "L", "examples", "batch", "status", "seconds", "vs_floor", "peak_mb",
-                                  "tokens_per_s", "note"]))
+        print(_table(score_rows, ["method", "L", "examples", "batch", "status", "seconds", "vs_floor", "cpu_seconds",
+                                  "cpu_vs_floor", "peak_mb", "note"]))
     mixed_rows = run_mixed(args) if args.mixed else []
     if mixed_rows:
         _write_csv(args.out / f"score_throughput_mixed_{args.device}.csv", MIXED_FIELDS, mixed_rows)
@@ -599,6 +739,12 @@ def main(argv: list[str] | None = None) -> None:
     if layer_rows:
         _write_csv(args.out / f"score_throughput_layer_{args.device}.csv", LAYER_FIELDS, layer_rows)
         print(_table(layer_rows, ["method", "L", "seconds", "seconds_median", "vs_sdpa"]))
+    packed_rows = run_packed_scoring(args) if args.packed_scoring else []
+    if packed_rows:
+        _write_csv(args.out / f"score_throughput_packed_{args.device}.csv", PACKED_FIELDS, packed_rows)
+        print(_table(packed_rows, ["layout", "batch", "real_tokens", "positions", "padding_share", "seconds",
+                                   "vs_padded", "peak_mb", "note"]))
+        _plot_packed(packed_rows, args.out / f"score_throughput_packed_{args.device}.png", args)
     if score_rows or mixed_rows or layer_rows:
         _plot(score_rows, mixed_rows, layer_rows, stem.with_suffix(".png"), args)
         print(f"wrote {stem}.csv / .png under {args.out}")

@@ -366,6 +366,27 @@ def test_collector_reads_packed_kwargs(tiny_models):
         torch.testing.assert_close(col.result(), want, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_collector_reused_across_batches(tiny_models):
+    """One collector, two batches with different packings (and an in-place change): no stale documents."""
+    model = tiny_models["llama"]
+    ids, pos = _packed_batch(seed=3)
+    flat_ids, flat_pos = ids.reshape(1, -1), pos.reshape(1, -1)
+    want, _ = _eager_per_document(model, "llama", ids)
+    col = ReceivedAttentionCollector(None)
+    buf = torch.arange(flat_ids.shape[1])[None]  # first: one document
+    for positions, expect in ((buf, None), (flat_pos, want.reshape(1, -1))):
+        if expect is not None:
+            buf.copy_(positions)  # same tensor object, new values
+        col.reset()
+        with torch.no_grad(), col.attach(model):
+            model.model(input_ids=flat_ids, position_ids=buf, use_cache=False)
+        if expect is None:
+            one_doc = eager_received(model, "llama", flat_ids, torch.ones_like(flat_ids))
+            torch.testing.assert_close(col.result(), one_doc, atol=1e-6, rtol=1e-5)
+        else:
+            torch.testing.assert_close(col.result(), expect, atol=1e-6, rtol=1e-5)
+
+
 def test_collector_packed_with_padding_mask(tiny_models):
     """A packed row followed by padding, with an attention mask and position_ids together."""
     model = tiny_models["qwen2"]

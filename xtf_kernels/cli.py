@@ -69,6 +69,9 @@ def _add_score(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (its shards, summary and report; other files are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (model loading, scoring)")
+    p.add_argument("--pack", action="store_true",
+                   help="pack whole examples into rows of up to --max-length tokens (--batch-size rows per "
+                        "forward): same records, fewer padded positions")
     p.set_defaults(func=_cmd_score)
 
 
@@ -91,7 +94,7 @@ def _cmd_score(a) -> int:
             add_eos=not a.no_eos, ri_layers=a.ri_layers, ri_reduce=a.ri_reduce, tr_metric=a.tr_metric,
             domain_words=None if a.domain_words is None else [w for w in a.domain_words.split(",") if w],
             ref_model=a.ref_model, resume=not a.no_resume, overwrite=a.overwrite, progress=not a.quiet,
-            tr_source=a.tr_source, ri_aggregation=a.ri_aggregation, protect=a.protect,
+            tr_source=a.tr_source, ri_aggregation=a.ri_aggregation, protect=a.protect, pack=a.pack,
         )
     finally:
         if dist:
@@ -138,6 +141,12 @@ def score_notes(summary: dict) -> list[str]:
     if ex.get("truncated"):
         lines.append(f"truncated {_plural(ex['truncated'], 'response')} to the context of {ctx} tokens "
                      "(--truncation right; --truncation skip drops them instead)")
+    pk = summary.get("packing")
+    if pk:
+        lines.append(f"packed {pk['tokens']} tokens into {pk['rows']} rows: {pk['positions_saved']:.0%} fewer positions "
+                     f"than padded batches (padding {pk['padding_share_padded']:.0%} -> "
+                     f"{pk['padding_share_packed']:.0%}); {pk['near_threshold_tokens']} tokens lie within "
+                     f"{pk['near_threshold_tol']:g} of a threshold")
     run = summary.get("run") or {}
     n, r1, r2 = run.get("shards", 0), run.get("reused_pass1", 0), run.get("reused_tokens", 0)
     if n and r1 == r2 == n:
@@ -232,7 +241,7 @@ _FLAGS = {
               "domain_words": "--domain-words", "tr_metric": "--tr-metric", "truncation": "--truncation",
               "on_error": "--on-error", "add_eos": "--no-eos", "ri_k": "--ri-k", "kn_threshold": "--kn-threshold",
               "tr_classes": "--tr-classes", "tr_masked_class": "--tr-masked-class", "enabled": "--rules",
-              "rules": "the rule options"},
+              "rules": "the rule options", "pack": "--pack"},
     "export": {"out_dir": "DIR", "dest": "--to", "format": "--format", "policy": "--policy", "ratio": "--ratio"},
     "report": {"out_dir": "DIR", "dest": "--out", "max_examples": "--max-examples"},
 }

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..documents import document_starts
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCES = ("mean_over_queries", "sum")
 ATTN_BACKENDS = ("auto", "torch", "triton")
@@ -170,7 +172,7 @@ def documents(
 ) -> Documents | None:
     """The :class:`Documents` of validated ``position_ids`` / ``cu_seqlens``; None for one per row."""
     if position_ids is not None:
-        starts = position_ids.to(device).expand(B, L) == 0
+        starts = document_starts(position_ids.to(device).expand(B, L))
     elif cu_seqlens is not None:
         flat = torch.zeros(B * L + 1, dtype=torch.bool, device=device)
         flat[cu_seqlens.to(device=device, dtype=torch.int64)] = True

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ._common import REDUCES, Documents, documents, validate_documents
+from ._common import ATTN_BACKENDS, REDUCES, Documents, documents, validate_documents
 from .received import attention_with_documents
 
 #: Name under which the collecting attention function is registered in transformers.
@@ -162,8 +162,8 @@ class ReceivedAttentionCollector:
                     raise TypeError(f"layers: expected int layer indices, got {li!r}")
         if reduce not in REDUCES:
             raise ValueError(f"reduce: expected one of {REDUCES}, got {reduce!r}")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend: expected one of ('auto', 'torch', 'triton'), got {backend!r}")
+        if backend not in ATTN_BACKENDS:
+            raise ValueError(f"backend: expected one of {ATTN_BACKENDS}, got {backend!r}")
         if position_ids is not None and cu_seqlens is not None:
             raise ValueError("position_ids: pass either position_ids or cu_seqlens, not both")
         for name, t in (("position_ids", position_ids), ("cu_seqlens", cu_seqlens)):
@@ -174,6 +174,7 @@ class ReceivedAttentionCollector:
         self.cu_seqlens = cu_seqlens
         self._docs_src: tuple[Any, ...] | None = None
         self._docs: Documents | None = None
+        self._docs_inputs: tuple[Any, ...] = ()
         self.layers_requested = None if layers is None else list(layers)
         self.reduce = reduce
         self.backend = backend
@@ -237,13 +238,15 @@ class ReceivedAttentionCollector:
                     pos = p
         if pos is None and cu is None:
             return None
-        src = (pos, cu, B, L, device)
-        if self._docs_src is not None and all(x is y or x == y for x, y in zip(src, self._docs_src)):
+        # same tensors (identity and in-place version) -> same documents; a new batch recomputes
+        src = (_tensor_key(pos), _tensor_key(cu), B, L, device)
+        if self._docs_src == src:
             return self._docs
         pos_d = None if pos is None else pos.to(device)
         validate_documents(pos_d, cu, B, L, device)
         self._docs = documents(pos_d, cu, B, L, device)
         self._docs_src = src
+        self._docs_inputs = (pos, cu)  # keeps the keyed tensors alive, so their ids stay unique
         return self._docs
 
     def _forward(
@@ -322,6 +325,10 @@ class ReceivedAttentionCollector:
             if missing:
                 raise RuntimeError(f"layers: requested layers {missing} never ran attention")
         return self._sum / len(self._seen)
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple[int, int] | None:
+    return None if t is None else (id(t), t._version)
 
 
 def _num_layers(model: torch.nn.Module) -> int | None:

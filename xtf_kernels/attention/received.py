@@ -7,20 +7,7 @@ from typing import Any
 import torch
 
 from ._common import Documents, documents, finish, valid_mask, validate_received_args
-
-
-def _triton_ok(device: torch.device) -> bool:
-    try:
-        from .triton_impl import available
-    except Exception:  # Triton not installed: fall back to torch
-        return False
-    return available(device)[0]
-
-
-def _backend_name(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_ok(device) else "torch"
-    return backend
+from .backends import resolve_attend
 
 
 def _run(
@@ -35,16 +22,10 @@ def _run(
     **kw: Any,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(output or None, fp32 [B, Hq, L] summed received mass or None) from the chosen backend."""
+    _, attend = resolve_attend(backend, q.device)
     with torch.no_grad():
-        if _backend_name(backend, q.device) == "triton":
-            from .triton_impl import attend_triton
-
-            return attend_triton(q.detach(), k.detach(), None if v is None else v.detach(), valid, docs,
-                                 received=received, **kw)
-        from .torch_impl import attend_torch
-
-        return attend_torch(q.detach(), k.detach(), None if v is None else v.detach(), valid, docs,
-                            received=received, **kw)
+        return attend(q.detach(), k.detach(), None if v is None else v.detach(), valid, docs,
+                      received=received, **kw)
 
 
 def attention_received(

@@ -15,18 +15,17 @@ documents are never loaded; tiles straddling a boundary are masked.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .._env import triton_interpret
 from ._common import Documents
 
 
 def interpreting() -> bool:
-    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET`` = 1/true/on/yes)."""
+    return triton_interpret()
 
 
 def available(device: torch.device) -> tuple[bool, str]:

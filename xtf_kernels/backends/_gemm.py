@@ -5,8 +5,8 @@ dtype. Where an epilogue follows (bias, softcap) or partial sums are added up (d
 chunks), that rounding is avoidable: :func:`mm_f32` keeps the fp32 result, through cuBLAS'
 fp32-output half GEMM on CUDA (``out_dtype=torch.float32``, same speed) and by upcasting
 the operands elsewhere (exact: every product of two half values is exact in fp32, but an
-fp32 GEMM; on the CPU, where ATen has no fp32-output half GEMM, that is ~2.5-3.7x slower,
-which is why the native CPU backend does not use it; see ``docs/numerics.md``).
+fp32 GEMM; on the CPU, where ATen has no fp32-output half GEMM, that costs 2.3-4x the bf16
+GEMM, so the CPU backends keep the rounded bf16 GEMM output; see ``docs/numerics.md``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ _f32_gemm = {"addmm": True, "mm": True}
 
 
 def f32_epilogue(dtype: torch.dtype, has_bias: bool, softcap: float | None) -> bool:
-    """Whether half-precision logits should stay fp32 from the GEMM through the epilogue."""
+    """Whether half-precision logits should stay fp32 from the GEMM through the epilogue
+    (where a fast fp32-output GEMM exists: see :func:`fast_f32_gemm`)."""
     return dtype in HALF and (has_bias or softcap is not None)
+
+
+def fast_f32_gemm(device: torch.device) -> bool:
+    """Whether a half-precision GEMM with an fp32 result runs at half-precision speed here
+    (CUDA: cuBLAS; the CPU has none, ``docs/numerics.md``)."""
+    return torch.device(device).type == "cuda"
 
 
 def mm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:

@@ -1,6 +1,6 @@
 """The contract every masked-CE backend implements.
 
-The front end (:mod:`xtf_kernels.ops`) does everything that is the same for all backends:
+The front end (:mod:`xtf_kernels.masked_ce`) does everything that is the same for all backends:
 validation, flattening, the causal shift, ignore/keep/select handling, row compaction, the
 loss formula, reductions, scattering statistics back. A backend only sees *compacted* 2-D
 problems whose rows are all valid (labels in ``[0, V)``) and implements two primitives:
@@ -55,9 +55,9 @@ two full-magnitude fp32 numbers. The softcap is evaluated without the cancellati
 Half-precision inputs: the GEMMs take ``x.dtype`` operands with fp32 accumulation. When
 there is an epilogue (``bias`` or ``softcap``) the logits stay fp32 from the GEMM
 accumulator through the epilogue where the platform has a fast GEMM with an fp32 output
-(CUDA); the native CPU backend rounds the GEMM output to ``x.dtype`` first (no bf16 GEMM
-with an fp32 result is reachable at bf16 speed on the CPU; the measured error is in
-``docs/numerics.md``).
+(CUDA, and the Triton backend everywhere); on the CPU the native and torch backends round
+the GEMM output to ``x.dtype`` first (no bf16 GEMM with an fp32 result is reachable at bf16
+speed there; the measured error is in ``docs/numerics.md``).
 
 All accumulation (lse, statistics, dW, db) is fp32 whatever the input dtype. A backend may
 hand ``dw`` back already cast to ``w.dtype`` when every partial sum of it was accumulated in

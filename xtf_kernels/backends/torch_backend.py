@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._gemm import f32_epilogue, mm_f32
+from ._gemm import f32_epilogue, fast_f32_gemm, mm_f32
 from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect
 
 
@@ -23,10 +23,10 @@ def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cfg: CECon
     """fp32 logits of ``x @ w.T (+ b)`` after the optional softcap, shape [rows, cols].
 
     Half-precision inputs with a bias or softcap keep the GEMM result in fp32 through the
-    epilogue (see :mod:`._gemm`); without an epilogue the GEMM output is rounded to
-    ``x.dtype`` first, as ``F.linear`` does.
+    epilogue on CUDA (see :mod:`._gemm`); otherwise (and on the CPU, like the native backend)
+    the GEMM output is rounded to ``x.dtype`` first, as ``F.linear`` does.
     """
-    if f32_epilogue(x.dtype, b is not None, cfg.softcap):
+    if f32_epilogue(x.dtype, b is not None, cfg.softcap) and fast_f32_gemm(x.device):
         z = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
         mm_f32(z, x, w.t(), accumulate=False)
     else:

@@ -6,7 +6,8 @@
 * :mod:`.collator`: :class:`XTFCollator` (``xtf export`` records -> padded batches).
 * :mod:`.distributed`: :func:`global_num_items` (kept-token count of a step, all ranks).
 
-Submodules are imported on use, so ``transformers`` / ``trl`` stay optional.
+Importing this package does not import ``transformers`` or ``trl``: ``XTFTrainer`` is built on
+first access and :mod:`.trl` is imported only when named, so both stay optional.
 """
 
 from .collator import XTFCollator

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .packed import flatten_records
+
 #: field names accepted for the keep mask in a record, in order of preference
 KEEP_FIELDS = ("keep", "xtf_keep")
 #: field names accepted for reference log-probs in a record
@@ -52,6 +54,15 @@ class XTFCollator:
         pad_to_multiple_of: round the padded length up to a multiple of this.
         apply_keep_to_labels: write -100 into labels where keep is False and drop the mask
             (for trainers or models that cannot take a keep mask).
+        packing: padding-free batches, as transformers' ``DataCollatorWithFlattening``: the
+            records are concatenated into ONE row ``[1, T]`` with ``position_ids`` restarting
+            at 0 per record and no ``attention_mask`` (transformers then builds block-diagonal
+            masks for SDPA / eager attention; flash-attention reads the documents from
+            ``position_ids``); the first label of every record is -100 and the keep mask /
+            reference log-probs stay aligned token by token. ``padding_side`` does not apply;
+            ``pad_to_multiple_of`` appends one-token padding documents (label -100, keep False).
+        return_flash_attn_kwargs: with ``packing``, also return ``cu_seq_lens_q/k`` (int32
+            document offsets) and ``max_length_q/k`` (ints), as transformers does.
     """
 
     def __init__(
@@ -64,6 +75,8 @@ class XTFCollator:
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
         apply_keep_to_labels: bool = False,
+        packing: bool = False,
+        return_flash_attn_kwargs: bool = False,
     ) -> None:
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
             raise ValueError(f"pad_token_id: expected a non-negative int, got {pad_token_id!r}")
@@ -75,8 +88,12 @@ class XTFCollator:
         for name, val in (("max_length", max_length), ("pad_to_multiple_of", pad_to_multiple_of)):
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
                 raise ValueError(f"{name}: expected a positive int or None, got {val!r}")
-        if not isinstance(apply_keep_to_labels, bool):
-            raise TypeError(f"apply_keep_to_labels: expected a bool, got {type(apply_keep_to_labels).__name__}")
+        for name, val in (("apply_keep_to_labels", apply_keep_to_labels), ("packing", packing),
+                          ("return_flash_attn_kwargs", return_flash_attn_kwargs)):
+            if not isinstance(val, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(val).__name__}")
+        if return_flash_attn_kwargs and not packing:
+            raise ValueError("return_flash_attn_kwargs: only with packing=True")
         self.pad_token_id = pad_token_id
         self.keep_key = keep_key
         self.ref_key = ref_key
@@ -84,8 +101,10 @@ class XTFCollator:
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.apply_keep_to_labels = apply_keep_to_labels
+        self.packing = packing
+        self.return_flash_attn_kwargs = return_flash_attn_kwargs
 
-    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Collate ``records`` (see the class docstring) into a dict of ``[B, L]`` tensors."""
         if isinstance(records, Mapping) or not isinstance(records, Sequence) or len(records) == 0:
             raise ValueError("records: expected a non-empty list of dict records")
@@ -94,6 +113,8 @@ class XTFCollator:
         has_ref = any(r is not None for _, _, _, r in rows)
         if has_ref and not all(r is not None for _, _, _, r in rows):
             raise ValueError("records: ref_logprobs present in some records only; give all or none")
+        if self.packing:
+            return self._packed(rows, has_keep)
         L = max(len(ids) for ids, _, _, _ in rows)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
@@ -123,6 +144,18 @@ class XTFCollator:
         if ref_t is not None:
             out[self.ref_key] = ref_t
         return out
+
+    def _packed(self, rows: list, has_keep: bool) -> dict[str, Any]:
+        flat = flatten_records(rows, pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of,
+                               flash_attn_kwargs=self.return_flash_attn_kwargs)
+        keep, ref = flat.pop("keep"), flat.pop("ref")
+        if self.apply_keep_to_labels:
+            flat["labels"] = flat["labels"].masked_fill(~keep, -100)
+        elif has_keep:
+            flat[self.keep_key] = keep
+        if ref is not None:
+            flat[self.ref_key] = ref
+        return flat
 
     def _parse(self, rec: Mapping[str, Any], i: int) -> tuple[list, list, list | None, list | None]:
         if not isinstance(rec, Mapping):

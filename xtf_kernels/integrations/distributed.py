@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..documents import check_position_ids, counted_mask
+
 
 def count_kept_tokens(
     labels: torch.Tensor,
@@ -29,6 +31,7 @@ def count_kept_tokens(
     *,
     ignore_index: int = -100,
     shift: bool = True,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Number of tokens that contribute to the loss of one micro-batch (no host sync).
 
@@ -39,6 +42,9 @@ def count_kept_tokens(
         ignore_index: label value that is never trained.
         shift: True for the causal-LM shift (position 0 of each sequence has no predictor and
             is not counted), as ``masked_ce(..., shift=True)`` and the Trainer's count.
+        position_ids: optional ``[..., L]`` integers of packed rows (labels' shape); the label
+            at each document start (``position_ids == 0``) is not counted, as in
+            ``masked_ce(..., position_ids=...)`` (see :mod:`xtf_kernels.documents`).
 
     Returns:
         A 0-d int64 tensor on ``labels.device``.
@@ -51,7 +57,6 @@ def count_kept_tokens(
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     if not isinstance(shift, bool):
         raise TypeError(f"shift: expected a bool, got {type(shift).__name__}")
-    valid = labels != ignore_index
     if keep is not None:
         if not isinstance(keep, torch.Tensor):
             raise TypeError(f"keep: expected a bool tensor, got {type(keep).__name__}")
@@ -59,25 +64,29 @@ def count_kept_tokens(
             raise TypeError(f"keep: expected a bool (or 0/1 integer) tensor, got {keep.dtype}")
         if tuple(keep.shape) != tuple(labels.shape):
             raise ValueError(f"keep: expected shape {tuple(labels.shape)} (labels'), got {tuple(keep.shape)}")
-        valid = valid & (keep.to(labels.device) != 0)
-    if shift:
-        if labels.dim() < 1:
-            raise ValueError("labels: shift=True needs a sequence dimension, got a 0-d tensor")
-        valid = valid[..., 1:]
+    if shift and labels.dim() < 1:
+        raise ValueError("labels: shift=True needs a sequence dimension, got a 0-d tensor")
+    if position_ids is not None:
+        check_position_ids(position_ids, labels)
+    valid = counted_mask(labels, keep, ignore_index=ignore_index, shift=shift, position_ids=position_ids)
     return valid.sum(dtype=torch.int64)
 
 
-def _split_item(item: Any, labels_key: str, keep_key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _split_item(item: Any, labels_key: str, keep_key: str) -> tuple[Any, Any, Any]:
+    """(labels, keep, position_ids) of one micro-batch."""
     if isinstance(item, torch.Tensor):
-        return item, None
+        return item, None, None
     if isinstance(item, Mapping):
         if labels_key not in item:
             raise ValueError(f"batches: a batch has no {labels_key!r} field (keys: {sorted(item)})")
-        return item[labels_key], item.get(keep_key)
-    if isinstance(item, tuple | list) and len(item) == 2:
-        return item[0], item[1]
+        pos = item.get("position_ids")
+        if isinstance(pos, torch.Tensor) and tuple(pos.shape) != tuple(item[labels_key].shape):
+            pos = None  # e.g. multimodal rotary positions [3, B, L]: they do not mark documents
+        return item[labels_key], item.get(keep_key), pos
+    if isinstance(item, tuple | list) and len(item) in (2, 3):
+        return item[0], item[1], item[2] if len(item) == 3 else None
     raise TypeError(
-        "batches: expected labels tensors, (labels, keep) pairs or batch dicts, got "
+        "batches: expected labels tensors, (labels, keep[, position_ids]) tuples or batch dicts, got "
         f"{type(item).__name__}"
     )
 
@@ -100,8 +109,9 @@ def global_num_items(
 
     Args:
         batches: the step's micro-batches on this rank, each a labels tensor ``[B, L]``, a
-            ``(labels, keep)`` pair, or a batch dict with ``labels_key`` and optionally
-            ``keep_key``.
+            ``(labels, keep)`` pair or ``(labels, keep, position_ids)`` triple, or a batch dict
+            with ``labels_key`` and optionally ``keep_key`` and ``position_ids`` (packed rows:
+            document starts are not counted; see :func:`count_kept_tokens`).
         keep_key: keep-mask field of batch dicts.
         labels_key: labels field of batch dicts.
         ignore_index: label value that is never trained.
@@ -130,8 +140,8 @@ def global_num_items(
         raise TypeError(f"average_across_ranks: expected a bool, got {type(average_across_ranks).__name__}")
     total: torch.Tensor | None = None
     for item in batches:
-        labels, keep = _split_item(item, labels_key, keep_key)
-        n = count_kept_tokens(labels, keep, ignore_index=ignore_index, shift=shift)
+        labels, keep, pos = _split_item(item, labels_key, keep_key)
+        n = count_kept_tokens(labels, keep, ignore_index=ignore_index, shift=shift, position_ids=pos)
         total = n if total is None else total + n.to(total.device)
     assert total is not None
     if device is not None:

@@ -59,8 +59,12 @@ def _make_sft_class() -> type:
             n = float(n_scored)
             self._metrics[mode]["entropy"].append(float(ent) / n if n else 0.0)
             self._metrics[mode]["xtf/kept_fraction"].append(float(kept) / n if n else 0.0)
-        if mode == "train" and "attention_mask" in inputs:
-            seen = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+        # padding-free batches carry position_ids instead of an attention mask (as TRL counts)
+        seen_here = inputs["attention_mask"].sum() if "attention_mask" in inputs else None
+        if seen_here is None and isinstance(inputs.get("position_ids"), torch.Tensor):
+            seen_here = torch.tensor(inputs["position_ids"].size(-1), device=inputs["position_ids"].device)
+        if mode == "train" and seen_here is not None:
+            seen = self.accelerator.gather_for_metrics(seen_here).sum().item()
             self._total_train_tokens += seen // getattr(self, "_tp_size", 1)
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss

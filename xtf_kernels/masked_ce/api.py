@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..config import get_options
+from ..documents import check_position_ids, mask_unpredicted
 from ..stats import TokenStats
 from .autograd import MaskedCE
 from .context import autocast_operands, no_autocast
@@ -33,6 +34,7 @@ def masked_ce(
     select: SelectFn | None = None,
     return_stats: bool = False,
     backend: str = "auto",
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` over kept tokens, never materialising logits.
 
@@ -63,6 +65,10 @@ def masked_ce(
             the statistics of every non-ignored token; its mask is AND-ed with ``keep``.
         return_stats: also return a :class:`TokenStats`.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"native"``.
+        position_ids: optional ``[...]`` integers (labels' shape) of packed rows, restarting
+            at 0 for every document; needs ``shift=True``. A label at a document start is not
+            predicted from the previous document's last hidden state: it is ignored (no loss,
+            NaN statistics, not counted), as when each document runs alone.
 
     Returns:
         ``loss`` (0-d fp32, or ``[...]`` for ``"none"``), or ``(loss, TokenStats)``.
@@ -81,6 +87,8 @@ def masked_ce(
         softcap=softcap, shift=shift, ref_logprobs=ref_logprobs, task_vector=task_vector,
         select=select, return_stats=return_stats, backend=backend,
     )
+    if position_ids is not None:  # packed rows: document starts have no predictor
+        labels = mask_unpredicted(labels, check_position_ids(position_ids, labels), ignore_index, shift)
     opts = get_options()  # once per call; the backward reads the spec, never the options
     spec = MaskedCESpec(
         ignore_index=ignore_index,

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from ..backends.base import Backend, CEConfig, ForwardOut
+from ..documents import counted_mask
 
 
 class Positions(NamedTuple):
@@ -33,15 +34,14 @@ def positions(labels: torch.Tensor, keep: torch.Tensor | None, *, ignore_index: 
     """Which label positions are scored and kept, and the hidden row predicting each.
 
     With ``shift`` the label at ``t`` is predicted from ``hidden[..., t - 1, :]``; position 0
-    of every sequence has no predictor and is not scored.
+    of every sequence has no predictor and is not scored. The rule is the package's one
+    kept-token rule (:func:`xtf_kernels.documents.counted_mask`, also behind
+    ``count_kept_tokens`` and the Trainer's ``num_items`` checks); packed rows reach here with
+    their document starts already set to ``ignore_index`` (``masked_ce(position_ids=...)``).
     """
-    y = labels.reshape(-1)
-    flat = torch.arange(y.numel(), device=labels.device)
-    valid = y != ignore_index
-    if shift:
-        valid &= (flat % labels.shape[-1]) != 0
+    valid = counted_mask(labels, ignore_index=ignore_index, shift=shift).reshape(-1)
     kept = valid if keep is None else valid & keep.reshape(-1)
-    return Positions(valid=valid, kept=kept, src=flat - 1 if shift else flat)
+    return Positions(valid=valid, kept=kept, src=source_rows(labels, shift=shift))
 
 
 def source_rows(labels: torch.Tensor, *, shift: bool) -> torch.Tensor:

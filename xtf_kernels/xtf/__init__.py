@@ -14,6 +14,7 @@ Python API (mirrors the ``xtf`` command line)::
 """
 
 from .data import XTFDataError
+from .dynamic import DynamicXTF
 from .export import export_dataset, load_token_table
 from .multiotsu import fixed_histogram, multiotsu_from_histogram, threshold_multiotsu
 from .pipeline import PAPER, load_model_and_tokenizer, score_dataset
@@ -42,6 +43,7 @@ from .rules import (
 from .scorers import TaskRelevance, knowledge_novelty, reasoning_importance
 
 __all__ = [
+    "DynamicXTF",
     "PAPER",
     "POLICIES",
     "EntropyPolicy",
@@ -73,10 +75,3 @@ __all__ = [
     "threshold_multiotsu",
     "tr_mask",
 ]
-
-try:  # on-the-fly filtering for training, written separately
-    from .dynamic import DynamicXTF  # noqa: F401
-
-    __all__.append("DynamicXTF")
-except ImportError:
-    pass

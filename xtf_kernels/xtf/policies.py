@@ -9,9 +9,10 @@ on NumPy columns of a scored table (what ``xtf export --policy`` uses).
 * :class:`SLMPolicy` (Rho-1, selective language modelling): excess loss of the current model
   over a reference model, ``loss_cur - loss_ref = -(logprob - ref_logprob) = -logprob_delta``;
   keep the highest.
-* :class:`TokenCleaningPolicy` (Pang et al. 2025): influence ``loss_ref - loss_base =
-  logprob_base - logprob_ref = logprob_delta`` (run ``masked_ce`` on the base model with the
-  reference model's log-probs as ``ref_logprobs``); keep the highest.
+* :class:`TokenCleaningPolicy` (Pang et al. 2025): influence = the loss reduction from the
+  base model to the clean reference, ``loss_base - loss_ref = ref_logprob - logprob_base =
+  -logprob_delta`` (run ``masked_ce`` on the base model with the reference model's log-probs
+  as ``ref_logprobs``); keep the highest.
 * :class:`RandomPolicy`: uniformly random tokens at the given (e.g. XTF-matched) ratio.
 * :class:`EntropyPolicy`: keep the highest-entropy tokens.
 """

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from .export import load_token_table
-from .rules import reason_names
+from .rules import N_REASON_MASKS, REASON_COMBINATIONS, REASONS, reason_label, reason_names
 from .rundir import REPORT, check_writable_dir, named_os_error
 from .shards import atomic_path
 
 __all__ = ["build_report", "make_plots"]
 
 _COLORS = {0: "transparent", 1: "#f4a3a3", 2: "#9cc3f5", 3: "#c9a3f4", 4: "#f7e08a", 5: "#f7b77a", 6: "#a8e6a1", 7: "#bdbdbd"}
-_NAMES = {0: "kept", 1: "RI", 2: "KN", 3: "RI+KN", 4: "TR", 5: "RI+TR", 6: "KN+TR", 7: "RI+KN+TR"}
+_NAMES = {b: reason_label(b, none="kept") for b in range(N_REASON_MASKS)}
 
 
 def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> dict[str, bytes]:
@@ -96,10 +96,9 @@ def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> di
     save(fig, "hist_tr")
 
     comb = summary["overlap"]["combinations"]
-    names = [n for n in ("RI", "KN", "TR", "RI+KN", "RI+TR", "KN+TR", "RI+KN+TR")]
+    names = [reason_label(b) for b in REASON_COMBINATIONS]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    bits = {v: k for k, v in _NAMES.items()}
-    ax.bar(names, [comb.get(n, 0) for n in names], color=[_COLORS[bits[n]] for n in names], edgecolor="k")
+    ax.bar(names, [comb.get(n, 0) for n in names], color=[_COLORS[b] for b in REASON_COMBINATIONS], edgecolor="k")
     ax.set_title("Masked tokens by exact combination of rules")
     ax.set_ylabel("tokens")
     ax.tick_params(axis="x", labelrotation=30)
@@ -116,11 +115,12 @@ def _diagnostics_html(diag: dict | None) -> str:
     def rows(items: list[dict]) -> str:
         return "".join(
             f"<tr><td>{html.escape(repr(r['token']))}</td><td>{r['count']}</td><td>{r['masked_share']:.1%}</td>"
-            f"<td>{r.get('RI', 0):.1%}</td><td>{r.get('KN', 0):.1%}</td><td>{r.get('TR', 0):.1%}</td></tr>"
+            + "".join(f"<td>{r.get(rule.name, 0):.1%}</td>" for rule in REASONS) + "</tr>"
             for r in items
         )
 
-    head = "<tr><th>token</th><th>occurrences</th><th>masked</th><th>RI</th><th>KN</th><th>TR</th></tr>"
+    head = ("<tr><th>token</th><th>occurrences</th><th>masked</th>"
+            + "".join(f"<th>{rule.name}</th>" for rule in REASONS) + "</tr>")
     warn = "a long list of common types is a warning sign" if am["count"] else "none"
     return (
         f"<h2>Diagnostics (no ground truth needed)</h2><p><b>{am['count']}</b> token types with at least "
@@ -133,6 +133,123 @@ def _diagnostics_html(diag: dict | None) -> str:
 
 def _fmt(x) -> str:
     return "nan" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{float(x):.4g}"
+
+
+def _example_blocks(cols: dict[str, np.ndarray], max_examples: int, show_prompt: bool) -> tuple[list[str], int]:
+    """(one HTML block per example, first ``max_examples`` by id; the number of examples)."""
+    ex = cols["example_id"]
+    order = np.lexsort((cols["position"], ex))
+    uniq, starts = np.unique(ex[order], return_index=True)
+    bounds = np.append(starts, order.size)
+    blocks = []
+    for i, e in enumerate(uniq[:max_examples]):
+        rows = order[bounds[i] : bounds[i + 1]]
+        spans = []
+        bits_seen = 0
+        text = []
+        for r in rows:
+            tok = str(cols["token_text"][r])
+            text.append(tok)
+            if not cols["is_response"][r]:
+                if show_prompt:
+                    spans.append(f'<span class="p">{html.escape(tok)}</span>')
+                continue
+            b = int(cols["reasons"][r])
+            bits_seen |= b
+            why = ",".join(reason_names(b)) or "kept"
+            tip = (f"{why} | RI={_fmt(cols['ri'][r])} (fence {_fmt(cols['ri_fence'][r])}) "
+                   f"KN={_fmt(cols['kn'][r])} TR={_fmt(cols['tr'][r])} id={int(cols['token_id'][r])}")
+            spans.append(f'<span class="t r{b}" title="{html.escape(tip)}">{html.escape(tok)}</span>')
+        n_resp = int(cols["is_response"][rows].sum())
+        n_mask = int((cols["reasons"][rows] > 0).sum())
+        blocks.append(
+            f'<div class="ex" data-bits="{bits_seen}" data-text="{html.escape("".join(text).lower())}">'
+            f'<div class="hd">example {int(e)} &middot; {n_resp} response tokens, {n_mask} masked</div>'
+            f'<div class="body">{"".join(spans)}</div></div>'
+        )
+    return blocks, len(uniq)
+
+
+def _page(summary: dict, pngs: dict[str, bytes], blocks: list[str], more: str) -> str:
+    """The self-contained HTML page: summary cards, thresholds, diagnostics, plots, examples."""
+    tok = summary["tokens"]
+    frac = summary["masked_fraction"]
+    pairs = summary["overlap"]["pairs"]
+    comb = summary["overlap"]["combinations"]
+    thr = summary["thresholds"]
+    img = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in pngs.items()}
+    legend = "".join(
+        f'<span class="t r{b}" style="margin-right:6px">{_NAMES[b]}</span>' for b in range(1, N_REASON_MASKS)
+    )
+    pair_rows = "".join(
+        f"<tr><td>{k}</td><td>{v['both']}</td><td>{v['jaccard']:.3f}</td><td>{v['overlap_of_smaller']:.3f}</td></tr>"
+        for k, v in pairs.items()
+    )
+    comb_rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in comb.items())
+    rule_cards = "\n".join(
+        f'<div class="card">{r.name}<b>{summary["masked"][r.name]} ({frac[r.name]:.1%})</b></div>' for r in REASONS
+    )
+    filters = "\n".join(
+        f'<label><input type="checkbox" class="f" value="{int(r)}">{r.name}</label>' for r in REASONS
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>XTF report</title>
+<style>
+body{{font-family:system-ui,Segoe UI,Helvetica,Arial,sans-serif;margin:20px;color:#222;max-width:1200px}}
+h1{{font-size:22px}} h2{{font-size:17px;margin-top:22px}}
+table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+.cards{{display:flex;gap:12px;flex-wrap:wrap}} .card{{background:#f5f5f5;border-radius:6px;padding:8px 14px}}
+.card b{{display:block;font-size:20px}}
+.plots img{{width:380px;margin:4px;border:1px solid #ddd}}
+.ex{{border:1px solid #ddd;border-radius:6px;margin:8px 0;padding:6px 10px}}
+.hd{{font-size:12px;color:#666;margin-bottom:4px}}
+.body{{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;line-height:1.6}}
+.p{{color:#999}} .t{{border-radius:3px;padding:0 1px}}
+{"".join(f".r{b}{{background:{c}}}" for b, c in _COLORS.items())}
+.t.r0:hover,.t:hover{{outline:1px solid #333}}
+#controls{{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #ddd}}
+</style></head><body>
+<h1>XTF token filtering report</h1>
+<p>Method: {html.escape(summary.get("paper", ""))}. Masked = any rule fires (union); prompt tokens are never trained on.</p>
+<div class="cards">
+<div class="card">examples<b>{summary["examples"]["scored"]}</b></div>
+<div class="card">response tokens<b>{tok["response"]}</b></div>
+<div class="card">masked (any)<b>{tok["masked"]} ({frac["any"]:.1%})</b></div>
+{rule_cards}
+</div>
+<h2>Thresholds</h2>
+<p>RI: per sequence S_RI &lt; Q1 - {thr["ri"]["k"]}&middot;IQR &middot; KN: S_KN &lt; {thr["kn"]["threshold"]} &middot;
+TR: Multi-Otsu thresholds {html.escape(json.dumps(thr["tr"].get("thresholds")))}, masked class range {html.escape(json.dumps(thr["tr"].get("masked_range")))} ({html.escape(str(thr["tr"].get("metric")))} distance)</p>
+{_diagnostics_html(summary.get("diagnostics"))}
+<h2>Score distributions</h2>
+<div class="plots"><img alt="RI histogram" src="{img["hist_ri"]}"><img alt="KN histogram" src="{img["hist_kn"]}"><img alt="TR histogram" src="{img["hist_tr"]}"><img alt="rule overlap" src="{img["overlap"]}"></div>
+<h2>Overlap of the rules</h2>
+<div class="cards"><table><tr><th>pair</th><th>both</th><th>Jaccard</th><th>of smaller</th></tr>{pair_rows}</table>
+<table><tr><th>exact reasons</th><th>tokens</th></tr>{comb_rows}</table></div>
+<h2>Examples</h2>
+<div id="controls"><input id="q" type="search" placeholder="search text..." size="40">
+{filters}
+<span style="font-size:12px;color:#666">(only examples with a token masked by a checked rule)</span>
+<span id="count"></span><div style="margin-top:4px">{legend}</div></div>
+{more}
+<div id="examples">{"".join(blocks)}</div>
+<script>
+(function(){{
+  var q=document.getElementById('q'), boxes=document.querySelectorAll('.f'), exs=document.querySelectorAll('.ex');
+  function update(){{
+    var s=q.value.toLowerCase(), m=0, n=0;
+    boxes.forEach(function(b){{ if(b.checked) m|=parseInt(b.value); }});
+    exs.forEach(function(e){{
+      var ok=(!s || e.dataset.text.indexOf(s)>=0) && (!m || (parseInt(e.dataset.bits)&m));
+      e.style.display=ok?'':'none'; if(ok) n++;
+    }});
+    document.getElementById('count').textContent=' '+n+' shown';
+  }}
+  q.addEventListener('input',update); boxes.forEach(function(b){{b.addEventListener('change',update);}}); update();
+}})();
+</script>
+</body></html>
+"""
 
 
 def build_report(
@@ -171,113 +288,9 @@ def build_report(
     except OSError as e:
         raise named_os_error(e, f"dest: cannot write the plots next to {dest}") from e
 
-    ex = cols["example_id"]
-    order = np.lexsort((cols["position"], ex))
-    uniq, starts = np.unique(ex[order], return_index=True)
-    bounds = np.append(starts, order.size)
-    blocks = []
-    for i, e in enumerate(uniq[:max_examples]):
-        rows = order[bounds[i] : bounds[i + 1]]
-        spans = []
-        bits_seen = 0
-        text = []
-        for r in rows:
-            tok = str(cols["token_text"][r])
-            text.append(tok)
-            if not cols["is_response"][r]:
-                if show_prompt:
-                    spans.append(f'<span class="p">{html.escape(tok)}</span>')
-                continue
-            b = int(cols["reasons"][r])
-            bits_seen |= b
-            why = ",".join(reason_names(b)) or "kept"
-            tip = (f"{why} | RI={_fmt(cols['ri'][r])} (fence {_fmt(cols['ri_fence'][r])}) "
-                   f"KN={_fmt(cols['kn'][r])} TR={_fmt(cols['tr'][r])} id={int(cols['token_id'][r])}")
-            spans.append(f'<span class="t r{b}" title="{html.escape(tip)}">{html.escape(tok)}</span>')
-        n_resp = int(cols["is_response"][rows].sum())
-        n_mask = int((cols["reasons"][rows] > 0).sum())
-        blocks.append(
-            f'<div class="ex" data-bits="{bits_seen}" data-text="{html.escape("".join(text).lower())}">'
-            f'<div class="hd">example {int(e)} &middot; {n_resp} response tokens, {n_mask} masked</div>'
-            f'<div class="body">{"".join(spans)}</div></div>'
-        )
-    tok = summary["tokens"]
-    frac = summary["masked_fraction"]
-    pairs = summary["overlap"]["pairs"]
-    comb = summary["overlap"]["combinations"]
-    thr = summary["thresholds"]
-    img = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in pngs.items()}
-    legend = "".join(
-        f'<span class="t r{b}" style="margin-right:6px">{_NAMES[b]}</span>' for b in range(1, 8)
-    )
-    pair_rows = "".join(
-        f"<tr><td>{k}</td><td>{v['both']}</td><td>{v['jaccard']:.3f}</td><td>{v['overlap_of_smaller']:.3f}</td></tr>"
-        for k, v in pairs.items()
-    )
-    comb_rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in comb.items())
-    more = "" if len(uniq) <= max_examples else f"<p>Showing {max_examples} of {len(uniq)} examples.</p>"
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>XTF report</title>
-<style>
-body{{font-family:system-ui,Segoe UI,Helvetica,Arial,sans-serif;margin:20px;color:#222;max-width:1200px}}
-h1{{font-size:22px}} h2{{font-size:17px;margin-top:22px}}
-table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-.cards{{display:flex;gap:12px;flex-wrap:wrap}} .card{{background:#f5f5f5;border-radius:6px;padding:8px 14px}}
-.card b{{display:block;font-size:20px}}
-.plots img{{width:380px;margin:4px;border:1px solid #ddd}}
-.ex{{border:1px solid #ddd;border-radius:6px;margin:8px 0;padding:6px 10px}}
-.hd{{font-size:12px;color:#666;margin-bottom:4px}}
-.body{{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;line-height:1.6}}
-.p{{color:#999}} .t{{border-radius:3px;padding:0 1px}}
-{"".join(f".r{b}{{background:{c}}}" for b, c in _COLORS.items())}
-.t.r0:hover,.t:hover{{outline:1px solid #333}}
-#controls{{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #ddd}}
-</style></head><body>
-<h1>XTF token filtering report</h1>
-<p>Method: {html.escape(summary.get("paper", ""))}. Masked = any rule fires (union); prompt tokens are never trained on.</p>
-<div class="cards">
-<div class="card">examples<b>{summary["examples"]["scored"]}</b></div>
-<div class="card">response tokens<b>{tok["response"]}</b></div>
-<div class="card">masked (any)<b>{tok["masked"]} ({frac["any"]:.1%})</b></div>
-<div class="card">RI<b>{summary["masked"]["RI"]} ({frac["RI"]:.1%})</b></div>
-<div class="card">KN<b>{summary["masked"]["KN"]} ({frac["KN"]:.1%})</b></div>
-<div class="card">TR<b>{summary["masked"]["TR"]} ({frac["TR"]:.1%})</b></div>
-</div>
-<h2>Thresholds</h2>
-<p>RI: per sequence S_RI &lt; Q1 - {thr["ri"]["k"]}&middot;IQR &middot; KN: S_KN &lt; {thr["kn"]["threshold"]} &middot;
-TR: Multi-Otsu thresholds {html.escape(json.dumps(thr["tr"].get("thresholds")))}, masked class range {html.escape(json.dumps(thr["tr"].get("masked_range")))} ({html.escape(str(thr["tr"].get("metric")))} distance)</p>
-{_diagnostics_html(summary.get("diagnostics"))}
-<h2>Score distributions</h2>
-<div class="plots"><img alt="RI histogram" src="{img["hist_ri"]}"><img alt="KN histogram" src="{img["hist_kn"]}"><img alt="TR histogram" src="{img["hist_tr"]}"><img alt="rule overlap" src="{img["overlap"]}"></div>
-<h2>Overlap of the rules</h2>
-<div class="cards"><table><tr><th>pair</th><th>both</th><th>Jaccard</th><th>of smaller</th></tr>{pair_rows}</table>
-<table><tr><th>exact reasons</th><th>tokens</th></tr>{comb_rows}</table></div>
-<h2>Examples</h2>
-<div id="controls"><input id="q" type="search" placeholder="search text..." size="40">
-<label><input type="checkbox" class="f" value="1">RI</label>
-<label><input type="checkbox" class="f" value="2">KN</label>
-<label><input type="checkbox" class="f" value="4">TR</label>
-<span style="font-size:12px;color:#666">(only examples with a token masked by a checked rule)</span>
-<span id="count"></span><div style="margin-top:4px">{legend}</div></div>
-{more}
-<div id="examples">{"".join(blocks)}</div>
-<script>
-(function(){{
-  var q=document.getElementById('q'), boxes=document.querySelectorAll('.f'), exs=document.querySelectorAll('.ex');
-  function update(){{
-    var s=q.value.toLowerCase(), m=0, n=0;
-    boxes.forEach(function(b){{ if(b.checked) m|=parseInt(b.value); }});
-    exs.forEach(function(e){{
-      var ok=(!s || e.dataset.text.indexOf(s)>=0) && (!m || (parseInt(e.dataset.bits)&m));
-      e.style.display=ok?'':'none'; if(ok) n++;
-    }});
-    document.getElementById('count').textContent=' '+n+' shown';
-  }}
-  q.addEventListener('input',update); boxes.forEach(function(b){{b.addEventListener('change',update);}}); update();
-}})();
-</script>
-</body></html>
-"""
+    blocks, n_examples = _example_blocks(cols, max_examples, show_prompt)
+    more = "" if n_examples <= max_examples else f"<p>Showing {max_examples} of {n_examples} examples.</p>"
+    page = _page(summary, pngs, blocks, more)
     try:
         with atomic_path(dest) as tmp:
             tmp.write_text(page, encoding="utf-8")

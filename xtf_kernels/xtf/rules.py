@@ -29,7 +29,8 @@ import numpy as np
 from .multiotsu import digitize
 
 __all__ = ["Reason", "RuleConfig", "ri_fence_mask", "kn_mask", "tr_mask", "apply_rules", "overlap_counts", "reason_names",
-           "TR_SOURCES", "RI_AGGREGATIONS", "type_diagnostics"]
+           "reason_label", "REASONS", "N_REASON_MASKS", "REASON_COMBINATIONS", "TR_SOURCES", "RI_AGGREGATIONS",
+           "type_diagnostics"]
 
 
 class Reason(enum.IntFlag):
@@ -40,9 +41,24 @@ class Reason(enum.IntFlag):
     TR = 4
 
 
+#: the rules' bits in their order of record (the single source of the names "RI", "KN", "TR")
+REASONS: tuple[Reason, ...] = (Reason.RI, Reason.KN, Reason.TR)
+#: number of distinct reason bitmasks (0 = kept .. 7 = all three rules)
+N_REASON_MASKS = 1 << len(REASONS)
+#: the non-zero bitmasks, single rules first, then pairs, then all three: 1, 2, 4, 3, 5, 6, 7
+REASON_COMBINATIONS: tuple[int, ...] = tuple(
+    sorted(range(1, N_REASON_MASKS), key=lambda b: (bin(b).count("1"), b))
+)
+
+
 def reason_names(bits: int) -> list[str]:
     """Names of the set bits, e.g. ``reason_names(5) == ["RI", "TR"]``."""
-    return [r.name for r in (Reason.RI, Reason.KN, Reason.TR) if int(bits) & int(r)]
+    return [r.name for r in REASONS if int(bits) & int(r)]
+
+
+def reason_label(bits: int, *, sep: str = "+", none: str = "none") -> str:
+    """One label for a bitmask: ``reason_label(5) == "RI+TR"``; ``none`` for 0."""
+    return sep.join(reason_names(bits)) or none
 
 
 _RULES = ("ri", "kn", "tr")
@@ -237,16 +253,11 @@ def overlap_counts(reasons: np.ndarray, is_response: np.ndarray) -> dict[str, in
     for each of the 8 exact bitmasks 0..7.
     """
     r = np.asarray(reasons, dtype=np.int64)[np.asarray(is_response, dtype=bool)]
-    counts = np.bincount(r, minlength=8)[:8]
-    out: dict[str, int] = {f"only:{b}": int(counts[b]) for b in range(8)}
-    bits = np.arange(8)
-
-    def n(mask: int) -> int:
-        return int(counts[(bits & mask) == mask].sum())
-
-    out.update(
-        {"RI": n(1), "KN": n(2), "TR": n(4), "RI&KN": n(3), "RI&TR": n(5), "KN&TR": n(6), "RI&KN&TR": n(7)}
-    )
+    counts = np.bincount(r, minlength=N_REASON_MASKS)[:N_REASON_MASKS]
+    out: dict[str, int] = {f"only:{b}": int(counts[b]) for b in range(N_REASON_MASKS)}
+    bits = np.arange(N_REASON_MASKS)
+    for mask in REASON_COMBINATIONS:  # fired, possibly with others
+        out[reason_label(mask, sep="&")] = int(counts[(bits & mask) == mask].sum())
     out["response"] = int(counts.sum())
     out["kept"] = int(counts[0])
     out["masked"] = out["response"] - out["kept"]

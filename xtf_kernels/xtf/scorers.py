@@ -3,7 +3,8 @@
 * :func:`reasoning_importance`: attention received per key position, from
   :func:`xtf_kernels.attention.collect_received_attention` (no [L x L] matrices).
 * :func:`knowledge_novelty`: ``S_KN = 1 - p(gold)`` from :func:`xtf_kernels.masked_ce` on the
-  decoder's final hidden states and the LM head with ``shift=True`` (no logits materialised).
+  decoder's final hidden states and the LM head as :func:`xtf_kernels.lm_head.lm_head_spec`
+  describes it (bias, logit scale, softcap) with ``shift=True`` (no logits materialised).
 * :class:`TaskRelevance`: ``S_TR = 1 - minmax(D(E[token], V))`` with ``V`` the mean
   input-embedding row over the dataset's response-token occurrences, accumulated as a token-id
   histogram (streamed; mergeable across ranks), D cosine (default) or euclidean distance.
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..lm_head import lm_head_spec
 from ..ops import masked_ce
 
 __all__ = [
@@ -125,17 +127,6 @@ def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
-def lm_head_params(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None, float]:
-    """(weight [V, D], bias or None, final-logit softcap or None, hidden scale) of the LM head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError("model: has no LM head (get_output_embeddings() is None); load a *ForCausalLM checkpoint")
-    cfg = getattr(model, "config", None)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
-    return head.weight, getattr(head, "bias", None), softcap, scale
-
-
 def knowledge_novelty(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -144,6 +135,7 @@ def knowledge_novelty(
     hidden: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     backend: str = "auto",
+    position_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """S_KN = 1 - p(gold) under teacher forcing, plus log-prob and entropy, label-aligned.
 
@@ -152,6 +144,8 @@ def knowledge_novelty(
         hidden: final hidden states ``[B, L, D]`` if already computed (else the decoder is run).
         ref_logprobs: fp32 ``[B, L]`` reference-model log-probs (gives ``logprob_delta``).
         backend: masked_ce backend.
+        position_ids: ``[B, L]`` of packed rows (pass ``hidden`` computed with them): a
+            document's first token is not predicted from the previous document (NaN).
 
     Returns:
         dict of fp32 ``[B, L]`` tensors ``kn``, ``logprob``, ``entropy`` (and ``logprob_delta``
@@ -160,12 +154,12 @@ def knowledge_novelty(
     _check_batch(input_ids, attention_mask)
     if hidden is None:
         hidden = decoder_hidden(model, input_ids, attention_mask)
-    w, b, softcap, scale = lm_head_params(model)
-    h = hidden if scale == 1.0 else hidden * scale
+    spec = lm_head_spec(model)
+    h, w, b = spec.operands(hidden)
     labels = input_ids.long().masked_fill(attention_mask == 0, -100)
     _, stats = masked_ce(
-        h, w.to(h.dtype), labels, bias=None if b is None else b.to(h.dtype), shift=True,
-        reduction="sum", softcap=softcap, ref_logprobs=ref_logprobs, return_stats=True, backend=backend,
+        h, w, labels, bias=b, shift=True, reduction="sum", softcap=spec.softcap,
+        ref_logprobs=ref_logprobs, return_stats=True, backend=backend, position_ids=position_ids,
     )
     out = {"kn": 1.0 - stats.prob.float(), "logprob": stats.logprob.float(), "entropy": stats.entropy.float()}
     if stats.logprob_delta is not None:

@@ -6,11 +6,12 @@ Everything here works on counts already reduced across ranks (no model, no I/O).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
 from .data import TokenizeStats
-from .rules import RuleConfig
+from .rules import N_REASON_MASKS, REASONS, RuleConfig, reason_label
 
 __all__ = ["PAPER", "build_summary", "count_types", "with_readings"]
 
@@ -23,23 +24,23 @@ PAPER = (
 def build_summary(tot, keys, tstats: TokenizeStats, n_examples, cfg: RuleConfig, thresholds, tr_note, tr_info,
              fp, n_shards, settings) -> dict:
     only = {k: int(v) for k, v in zip(keys, tot[: len(keys)])}
-    bits = np.arange(8)
-    cnt = np.array([only[f"only:{b}"] for b in range(8)])
+    bits = np.arange(N_REASON_MASKS)
+    cnt = np.array([only[f"only:{b}"] for b in range(N_REASON_MASKS)])
 
     def n(mask: int) -> int:
         return int(cnt[(bits & mask) == mask].sum())
 
     response = int(cnt.sum())
     kept = int(cnt[0])
-    masked = {"RI": n(1), "KN": n(2), "TR": n(4), "any": response - kept}
+    masked = {**{r.name: n(int(r)) for r in REASONS}, "any": response - kept}
     frac = {k: (v / response if response else 0.0) for k, v in masked.items()}
     pairs = {}
-    for a, b, m in (("RI", "KN", 3), ("RI", "TR", 5), ("KN", "TR", 6)):
-        both = n(m)
+    for ra, rb in itertools.combinations(REASONS, 2):
+        a, b = ra.name, rb.name
+        both = n(int(ra | rb))
         union = masked[a] + masked[b] - both
         pairs[f"{a}&{b}"] = {"both": both, "jaccard": both / union if union else 0.0,
                              "overlap_of_smaller": both / min(masked[a], masked[b]) if min(masked[a], masked[b]) else 0.0}
-    names = {0: "none", 1: "RI", 2: "KN", 3: "RI+KN", 4: "TR", 5: "RI+TR", 6: "KN+TR", 7: "RI+KN+TR"}
     thr = {
         "ri": {"rule": "per sequence: mask S_RI < Q1 - k * (Q3 - Q1)", "k": cfg.ri_k},
         "kn": {"rule": "mask S_KN < threshold", "threshold": cfg.kn_threshold},
@@ -62,8 +63,8 @@ def build_summary(tot, keys, tstats: TokenizeStats, n_examples, cfg: RuleConfig,
                    "kept": kept, "masked": response - kept},
         "masked": masked,
         "masked_fraction": frac,
-        "overlap": {"pairs": pairs, "all_three": n(7),
-                    "combinations": {names[b]: int(cnt[b]) for b in range(8)}},
+        "overlap": {"pairs": pairs, "all_three": n(N_REASON_MASKS - 1),
+                    "combinations": {reason_label(b): int(cnt[b]) for b in range(N_REASON_MASKS)}},
         "thresholds": thr,
         "settings": settings,
     }
@@ -80,12 +81,17 @@ def with_readings(cfg: RuleConfig, tr_source, ri_aggregation, protect) -> RuleCo
 
 
 def count_types(acc: np.ndarray, ids: np.ndarray, reasons: np.ndarray) -> None:
-    """Add per-token-id counts (occurrences, masked, RI, KN, TR) of response tokens to ``acc`` [5, V]."""
+    """Add per-token-id counts of response tokens to ``acc`` ``[2 + len(REASONS), V]``.
+
+    Rows: occurrences, masked (any rule), then one row per rule in :data:`REASONS` order
+    (RI, KN, TR): occurrences where that rule fired.
+    """
     V = acc.shape[1]
     ids = ids.astype(np.int64)
     r = reasons.astype(np.int64)
     acc[0] += np.bincount(ids, minlength=V)[:V]
-    for row, sel in ((1, r > 0), (2, (r & 1) > 0), (3, (r & 2) > 0), (4, (r & 4) > 0)):
+    sels = [r > 0] + [(r & int(reason)) > 0 for reason in REASONS]
+    for row, sel in enumerate(sels, start=1):
         acc[row] += np.bincount(ids[sel], minlength=V)[:V]
 
 

@@ -1,0 +1,189 @@
+"""Timing and peak memory of one case, and the subprocesses that isolate the cases.
+
+On CPU each case runs in its own subprocess (``--quick``: one for all) started with
+``MALLOC_MMAP_THRESHOLD_`` so freed buffers return to the OS; the peak resident set
+(``VmHWM``, reset through ``/proc/self/clear_refs`` after the warm-up) minus the resident set
+after the inputs and the warm-up is reported. On GPU: ``torch.cuda.max_memory_allocated``
+above the inputs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .cases import build, input_summary
+from .peers import _peer_of, peer_available
+from .shapes import Case, Result, Shape
+
+#: the repository root: the subprocesses run ``python -m benchmarks.masked_ce`` from there
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def _rss_kb(field_name: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(case: Case, device: str) -> Result:
+    """Run one case in this process: warm-up, then timed repeats and the peak memory."""
+    import torch
+
+    shape = case.shape
+    res = Result(shape.name, shape.N, shape.D, shape.V, shape.dtype, case.scenario, case.method)
+    try:
+        inputs, fwd, kept = build(case, device)
+    except Exception as exc:
+        res.note = f"skipped: {type(exc).__name__}: {exc}"[:300]
+        return res
+    res.kept_rows = kept
+    h, w = inputs["h"], inputs["w"]
+    if case.method == "gemm-floor":
+        res.extra["inputs"] = input_summary(h, w, inputs["y"], shape.softcap)
+    cuda = device == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def one() -> tuple[float, float]:
+        hh = h.detach().requires_grad_()
+        ww = w.detach().requires_grad_()
+        if cuda:
+            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            e0.record()
+            loss = fwd(hh, ww)
+            e1.record()
+            loss.backward()
+            e2.record()
+            torch.cuda.synchronize()
+            out = e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
+        else:
+            t0 = time.perf_counter()
+            loss = fwd(hh, ww)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            out = t1 - t0, t2 - t1
+        if not torch.isfinite(loss.detach()).all():
+            raise RuntimeError("non-finite loss")
+        del loss, hh, ww
+        return out
+
+    try:
+        for _ in range(case.warmup):
+            one()
+        gc.collect()
+        sync()
+        if cuda:
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            base = _rss_kb("VmRSS")
+            have_peak = _reset_peak()
+        times = []
+        t_start = time.perf_counter()
+        for _ in range(case.reps):
+            times.append(one())
+            # slow cases (a minute or more per repeat): stop once 75 s of repeats are spent
+            if time.perf_counter() - t_start > 75:
+                break
+        if cuda:
+            res.peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        elif have_peak:
+            res.peak_mb = (_rss_kb("VmHWM") - base) / 1024
+        res.fwd_s = statistics.median(t[0] for t in times)
+        res.bwd_s = statistics.median(t[1] for t in times)
+        res.total_s = statistics.median(t[0] + t[1] for t in times)
+        res.reps = len(times)
+    except Exception as exc:
+        res.note = f"failed: {type(exc).__name__}: {exc}"[:300]
+    return res
+
+
+def _child(payload: str) -> None:
+    """Subprocess entry: run the JSON-encoded cases, print one JSON result per line."""
+    spec = json.loads(payload)
+    device = spec["device"]
+    for c in spec["cases"]:
+        case = Case(Shape(**c["shape"]), c["scenario"], c["method"], c["reps"], c["warmup"])
+        res = measure(case, device)
+        print("@@RESULT " + json.dumps(asdict(res)), flush=True)
+
+
+def run_cases(cases: list[Case], device: str, isolate: bool, timeout: float) -> list[Result]:
+    """Run cases in subprocesses: one per case (``isolate``) or one for all of them."""
+    from tqdm import tqdm
+
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    groups = [[c] for c in cases] if isolate else [cases]
+    results: list[Result] = []
+    bar = tqdm(total=len(cases), desc="masked_ce benchmark", unit="case", file=sys.stderr)
+    for grp in groups:
+        skip = []
+        run = []
+        for c in grp:
+            peer = _peer_of(c.method)
+            ok, why = peer_available(peer, device) if peer else (True, "")
+            if not ok:
+                r = Result(c.shape.name, c.shape.N, c.shape.D, c.shape.V, c.shape.dtype, c.scenario,
+                           c.method, note=f"skipped: {why}")
+                skip.append(r)
+            else:
+                run.append(c)
+        results += skip
+        bar.update(len(skip))
+        if not run:
+            continue
+        payload = json.dumps({
+            "device": device,
+            "cases": [{"shape": asdict(c.shape), "scenario": c.scenario, "method": c.method,
+                       "reps": c.reps, "warmup": c.warmup} for c in run],
+        })
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.masked_ce", "--_child", payload],
+                capture_output=True, text=True, env=env, timeout=timeout,
+                cwd=str(REPO),
+            )
+            out, err, rc = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            err, rc = f"timed out after {timeout:.0f} s", -1
+        got = {}
+        for line in out.splitlines():
+            if line.startswith("@@RESULT "):
+                r = Result(**json.loads(line[len("@@RESULT "):]))
+                got[(r.shape, r.scenario, r.method)] = r
+        for c in run:
+            r = got.get((c.shape.name, c.scenario, c.method))
+            if r is None:
+                tail = (err or "").strip().splitlines()[-1:] or [f"exit code {rc}"]
+                r = Result(c.shape.name, c.shape.N, c.shape.D, c.shape.V, c.shape.dtype, c.scenario,
+                           c.method, note=f"failed: {tail[0][:250]}")
+            results.append(r)
+            bar.update(1)
+    bar.close()
+    return results
+

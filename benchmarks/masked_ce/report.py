@@ -1,0 +1,94 @@
+"""Results out: device name and versions, ratios to the GEMM floor, the CSV and the printed table."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from .shapes import Result
+
+
+def device_name(device: str) -> str:
+    """A file-name-safe device name: the GPU's name or the CPU model."""
+    import torch
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = platform.processor() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as fh:
+                for line in fh:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        name = f"cpu-{os.cpu_count()}core-{name}"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def versions() -> dict[str, str]:
+    """Versions of torch, xtf_kernels and the peers (``-`` when absent)."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "xtf-kernels", "cut-cross-entropy", "liger-kernel", "triton"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "-"
+    return out
+
+
+def add_ratios(results: list[Result]) -> None:
+    """Ratio of every method's fwd+bwd time to the GEMM floor of its shape (scaled to its kept rows)."""
+    floors = {r.shape: r for r in results if r.method == "gemm-floor" and r.total_s}
+    for r in results:
+        f = floors.get(r.shape)
+        if f and r.total_s and f.kept_rows:
+            # the floor is linear in the kept rows: scale it to this case's kept rows
+            fl = f.total_s * max(r.kept_rows, 1) / f.kept_rows
+            r.extra["floor_s"] = fl
+            r.extra["ratio_floor"] = r.total_s / fl
+
+
+def write_csv(results: list[Result], path: Path, meta: dict) -> None:
+    """One row per result, with the device / versions / load average columns repeated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = ["device", "torch", "xtf_kernels", "cut_cross_entropy", "liger_kernel", "threads",
+            "loadavg_start", "shape", "N", "D", "V", "dtype", "scenario", "method", "kept_rows",
+            "fwd_s", "bwd_s", "total_s", "floor_s", "ratio_floor", "peak_mb", "reps", "note", "inputs"]
+    with open(path, "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=cols)
+        wr.writeheader()
+        for r in results:
+            row = {k: v for k, v in asdict(r).items() if k in cols}
+            row.update(meta)
+            row["floor_s"] = r.extra.get("floor_s")
+            row["ratio_floor"] = r.extra.get("ratio_floor")
+            row["inputs"] = r.extra.get("inputs", "")
+            for k in ("fwd_s", "bwd_s", "total_s", "floor_s", "ratio_floor", "peak_mb"):
+                if row[k] is not None:
+                    row[k] = f"{row[k]:.4g}"
+            wr.writerow(row)
+
+
+def print_table(results: list[Result]) -> str:
+    """The results as an aligned text table (also returned)."""
+    head = f"{'shape':<11}{'scenario':<10}{'method':<17}{'kept':>6}{'fwd s':>9}{'bwd s':>9}{'total s':>9}{'x floor':>9}{'peak MB':>9}  note"
+    lines = [head, "-" * len(head)]
+    fmt = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"
+    for r in results:
+        lines.append(
+            f"{r.shape:<11}{r.scenario:<10}{r.method:<17}{r.kept_rows:>6}{fmt(r.fwd_s):>9}{fmt(r.bwd_s):>9}"
+            f"{fmt(r.total_s):>9}{fmt(r.extra.get('ratio_floor'), 2):>9}{fmt(r.peak_mb, 0):>9}  {r.note or r.extra.get('inputs', '')}"
+        )
+    text = "\n".join(lines)
+    print(text)
+    return text
+
