@@ -177,10 +177,24 @@ def check_num_items(num_items: Any) -> None:
         raise TypeError(f"num_items: expected an int or a 0-d tensor, got {type(num_items).__name__}")
     else:
         value = num_items
-    if not float(value).is_integer():
-        raise ValueError(f"num_items: expected a whole number of tokens, got {value}")
+    if not float(value).is_integer() and not _is_rank_share(value):
+        raise ValueError(f"num_items: expected a whole number of tokens (or, under torch.distributed, "
+                         f"the count / world_size that global_num_items returns), got {value}")
     if value < 0:
         raise ValueError(f"num_items: expected >= 0, got {value}")
+
+
+def _is_rank_share(value: float) -> bool:
+    """Whether ``value`` is a whole count divided by the data-parallel world size: the divisor
+    :func:`~xtf_kernels.integrations.distributed.global_num_items` hands every rank so that the
+    averaged gradient is the global mean's."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    world = dist.get_world_size()
+    total = float(value) * world
+    return world > 1 and abs(total - round(total)) <= 1e-6 * max(1.0, abs(total))
 
 
 def check_labels_in_range(y: torch.Tensor, valid: torch.Tensor, V: int, ignore_index: int) -> None:
