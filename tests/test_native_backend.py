@@ -208,17 +208,8 @@ def test_rowwise_grouped_plan_matches_keep_all():
 
 
 @needs_native
-def test_backend_validates_inputs():
+def test_backend_supports():
     be = load_backend("native")
-    x, w, b, y = _problem(4, 8, 10, torch.float32)
-    with pytest.raises(ValueError, match="x, w: expected"):
-        be.forward(x, w[:, :4], b, y, CEConfig(), 0)
-    with pytest.raises(TypeError, match="w: expected dtype"):
-        be.forward(x, w.double(), b, y, CEConfig(), 0)
-    with pytest.raises(ValueError, match="y: expected shape"):
-        be.forward(x, w, b, y[:3], CEConfig(), 0)
-    with pytest.raises(ValueError, match="n_grad: expected"):
-        be.forward(x, w, b, y, CEConfig(), 9)
     assert be.supports(torch.device("cpu"), torch.bfloat16) == (True, "")
     assert not be.supports(torch.device("meta"), torch.float32)[0]
 

@@ -1,10 +1,13 @@
-"""Input validation for :func:`xtf_kernels.masked_ce`: every check runs before any kernel."""
+"""Input validation for :func:`xtf_kernels.masked_ce`: every check runs once, before any kernel
+(the backends rely on it and do not check again)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+from ..backends import BACKENDS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -21,6 +24,7 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
 
 
 def validate(
+    *,
     hidden: Any,
     weight: Any,
     labels: Any,
@@ -40,8 +44,19 @@ def validate(
     backend: Any,
 ) -> None:
     """Raise TypeError/ValueError naming the argument for anything masked_ce cannot take."""
-    from .backends import BACKENDS
+    hidden, weight, labels = _check_head(hidden, weight, labels)
+    devices = _check_aligned(hidden=hidden, weight=weight, labels=labels, bias=bias, keep=keep,
+                             ref_logprobs=ref_logprobs, task_vector=task_vector)
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k}={v}" for k, v in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    _check_scalars(ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift,
+                   labels=labels, select=select, return_stats=return_stats, backend=backend)
 
+
+def _check_head(hidden: Any, weight: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden [..., D], weight [V, D], labels [...] integers: types, shapes, dtypes."""
     hidden = check_tensor("hidden", hidden)
     weight = check_tensor("weight", weight)
     labels = check_tensor("labels", labels)
@@ -69,6 +84,12 @@ def validate(
             f"labels: expected shape {_shape(hidden)[:-1]} (hidden's leading shape), "
             f"got {_shape(labels)}"
         )
+    return hidden, weight, labels
+
+
+def _check_aligned(*, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Any,
+                   keep: Any, ref_logprobs: Any, task_vector: Any) -> dict[str, torch.device]:
+    """The optional tensors against hidden / weight / labels; returns every tensor's device."""
     devices = {"hidden": hidden.device, "weight": weight.device, "labels": labels.device}
     if bias is not None:
         bias = check_tensor("bias", bias)
@@ -103,9 +124,13 @@ def validate(
                 f"got {_shape(task_vector)}"
             )
         devices["task_vector"] = task_vector.device
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{k}={v}" for k, v in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return devices
+
+
+def _check_scalars(*, ignore_index: Any, reduction: Any, num_items: Any, label_smoothing: Any,
+                   z_loss: Any, softcap: Any, shift: Any, labels: torch.Tensor, select: Any,
+                   return_stats: Any, backend: Any) -> None:
+    """The non-tensor arguments (and num_items, an int or a 0-d tensor)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:
