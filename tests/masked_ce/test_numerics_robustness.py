@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import xtf_kernels
+from tests._reference import reference_masked_ce
+from tests.conftest import DEVICE
+from tests.masked_ce.test_masked_ce import TOL, assert_close_crit, dtypes_for
 from xtf_kernels import masked_ce
 from xtf_kernels.backends import load_backend
-
-from ._reference import reference_masked_ce
-from .conftest import DEVICE
-from .test_masked_ce import TOL, assert_close_crit, dtypes_for
 
 
 def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -206,7 +205,7 @@ def test_softcap_is_accurate_for_small_arguments(impl):
     else:
         if not xtf_kernels.backend_status()["triton"][0]:
             pytest.skip("triton backend unavailable")
-        from ._triton_probes import softcap_values as fn
+        from tests._triton_probes import softcap_values as fn
 
         dev = DEVICE
     for c in (1.0, 30.0):

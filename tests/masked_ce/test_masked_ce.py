@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import xtf_kernels
+from tests._reference import reference_masked_ce
 from xtf_kernels import TokenStats, masked_ce
 from xtf_kernels.backends import load_backend
 from xtf_kernels.backends.base import BackendBase
-
-from ._reference import reference_masked_ce
 
 TOL = {
     torch.float32: (2e-5, 2e-4),  # (atol, rtol)

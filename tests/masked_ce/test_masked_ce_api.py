@@ -13,9 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xtf_kernels
+from tests._reference import reference_masked_ce
 from xtf_kernels import masked_ce
-
-from ._reference import reference_masked_ce
 
 
 def _inputs(N=6, D=8, V=11, dtype=torch.float32):

@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._reference import absolute_stats
+from tests.conftest import DEVICE
 from xtf_kernels.backends.base import CEConfig, ForwardOut
 from xtf_kernels.backends.torch_backend import TorchBackend
 
-from ._reference import absolute_stats
-from .conftest import DEVICE
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 triton_backend = pytest.importorskip("xtf_kernels.backends.triton_backend")
 TB = triton_backend.TritonBackend()
@@ -292,7 +291,7 @@ def test_row_offsets_are_int64():
     rows = torch.tensor([0, 1, 2, 3, 7, 100, 4095, 4096, 65535, 65536, 2**20, 2**21 + 5,
                          2**24, 2**26 + 1, 2**30, 2**31 - 1], dtype=torch.int32, device=DEVICE)
     stride = 2**20 + 3  # row * stride exceeds 2**31 for most rows
-    from ._triton_probes import row_offsets
+    from tests._triton_probes import row_offsets
 
     got = row_offsets(rows, stride)
     assert got.dtype == torch.int64
