@@ -216,7 +216,7 @@ def test_no_full_logits_tensor_is_allocated():
 def test_num_items_fraction_only_as_a_rank_share():
     """num_items must be a whole count; the one fractional divisor accepted is count / world_size
     under torch.distributed (what global_num_items hands every rank)."""
-    from xtf_kernels._validate import check_num_items
+    from xtf_kernels.masked_ce.validate import check_num_items
 
     with pytest.raises(ValueError, match="whole number"):
         check_num_items(0.5)

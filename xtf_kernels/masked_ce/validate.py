@@ -178,8 +178,9 @@ def check_num_items(num_items: Any) -> None:
     else:
         value = num_items
     if not float(value).is_integer() and not _is_rank_share(value):
-        raise ValueError(f"num_items: expected a whole number of tokens (or, under torch.distributed, "
-                         f"the count / world_size that global_num_items returns), got {value}")
+        raise ValueError(f"num_items: expected a whole number of tokens, got {value} (under "
+                         f"torch.distributed the count / world_size that global_num_items returns "
+                         f"is accepted too)")
     if value < 0:
         raise ValueError(f"num_items: expected >= 0, got {value}")
 
