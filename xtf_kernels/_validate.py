@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -136,10 +137,19 @@ def validate(
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
+def _world_size() -> int:
+    """World size of the default process group when torch.distributed is initialised, else 1."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def check_num_items(num_items: Any) -> None:
-    """A token count: an int, or a 0-d tensor holding a whole number >= 0 (a float tensor such
-    as the compiled path passes is fine when it is whole; values on an accelerator are not
-    read back, to avoid a host sync)."""
+    """A token count >= 0: a whole number, or under torch.distributed a whole count divided by
+    the world size (what ``integrations.distributed.global_num_items`` returns for DDP / FSDP,
+    which average gradients over ranks). An int, a float or a 0-d tensor (a float tensor such
+    as the compiled path passes is fine); values on an accelerator are not read back, to
+    avoid a host sync."""
     if isinstance(num_items, torch.Tensor):
         if num_items.dim() != 0:
             raise ValueError(f"num_items: expected an int or a 0-d tensor, got shape {_shape(num_items)}")
@@ -152,8 +162,12 @@ def check_num_items(num_items: Any) -> None:
         raise TypeError(f"num_items: expected an int or a 0-d tensor, got {type(num_items).__name__}")
     else:
         value = num_items
-    if not float(value).is_integer():
-        raise ValueError(f"num_items: expected a whole number of tokens, got {value}")
+    world = _world_size()
+    scaled = float(value) * world  # whole when value = count / world (rounding tolerated)
+    if not math.isfinite(scaled) or abs(scaled - round(scaled)) > 1e-6 * max(1.0, abs(scaled)):
+        extra = (f", or one divided by the world size {world} (as global_num_items returns)"
+                 if world > 1 else "")
+        raise ValueError(f"num_items: expected a whole number of tokens{extra}, got {value}")
     if value < 0:
         raise ValueError(f"num_items: expected >= 0, got {value}")
 

@@ -411,9 +411,11 @@ def masked_ce(
         reduction: ``"mean"`` (sum over kept tokens / ``num_items``), ``"sum"`` or
             ``"none"`` (per-token fp32 loss with the labels' shape, 0 where not kept).
         num_items: divisor for ``"mean"`` (e.g. the global kept-token count under gradient
-            accumulation / data parallelism): a whole number, as an int or a 0-d tensor
-            (integer dtype, or a float holding a whole number); default: the number of kept
-            tokens here. A batch with no kept token gives 0.0 with zero gradients.
+            accumulation / data parallelism): a whole number (int, float or 0-d tensor), or
+            under torch.distributed a whole count divided by the world size (what
+            ``integrations.distributed.global_num_items`` returns for gradient-averaging DDP /
+            FSDP); default: the number of kept tokens here. A batch with no kept token gives
+            0.0 with zero gradients.
         label_smoothing: in ``[0, 1)``, as in ``F.cross_entropy``.
         z_loss: adds ``z_loss * lse**2`` per kept token.
         softcap: logits -> ``softcap * tanh(logits / softcap)`` (Gemma 2 style).
