@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv |
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 if [[ $what == tests || $what == all ]]; then
   timeout "${XTF_GPU_TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rfE \
-    ${XTF_GPU_TESTS:-tests/test_triton_backend.py tests/test_masked_ce.py tests/test_attention_received.py} \
+    ${XTF_GPU_TESTS:-tests/backends/test_triton_backend.py tests/masked_ce/test_masked_ce.py tests/xtf/test_attention_received.py} \
     2>&1 | tee "$out/pytest.log"
 fi
 if [[ $what == bench || $what == all ]]; then

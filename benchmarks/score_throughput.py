@@ -52,7 +52,7 @@ tokens scored by :func:`~xtf_kernels.xtf.score_dataset` with ``max_length = --ro
 * ``padded``: ``pack=False``, ``--pad-batch`` examples per right-padded batch;
 * ``packed``: ``pack=True``, ``--pack-rows`` rows of up to ``--row`` tokens per forward.
 
-Both write the same records (tests/test_packing_scoring.py); the packed run's
+Both write the same records (tests/xtf/test_packing_scoring.py); the packed run's
 ``summary["packing"]`` gives the positions each layout feeds the model. Target (issue 12):
 packed faster than padded by at least half the padding share. Results:
 ``<out>/score_throughput_packed_<device>.csv``.

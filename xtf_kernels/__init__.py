@@ -8,7 +8,7 @@ Public API::
 from ._version import __version__
 from .backends import backend_status
 from .config import Options, get_options, options, set_options
-from .ops import MaskedCE, MaskedCESpec, masked_ce, rowwise
+from .masked_ce import MaskedCE, MaskedCESpec, masked_ce, rowwise
 from .stats import TokenStats
 
 __all__ = [

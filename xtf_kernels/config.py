@@ -1,4 +1,8 @@
-"""Process-wide tuning options of the kernels (none of them change results beyond rounding)."""
+"""Process-wide tuning options of the kernels (none of them change results beyond rounding).
+
+A leaf module. :func:`~xtf_kernels.masked_ce` reads the options once per call, when its forward
+runs, into its :class:`~xtf_kernels.MaskedCESpec`; the backward uses that copy.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,16 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+#: default fp32 logits elements held at once (64 MiB); the one default of ``chunk_elems``
+DEFAULT_CHUNK_ELEMS = 1 << 24
+
+_OFF = ("0", "false", "off", "no")
+
+
+def _env_check_labels() -> bool:
+    """``XTF_CHECK_LABELS`` as read now: on unless set to 0 / false / off / no."""
+    return os.environ.get("XTF_CHECK_LABELS", "1").strip().lower() not in _OFF
 
 
 @dataclass(frozen=True)
@@ -20,14 +34,22 @@ class Options:
             GEMMs per kept row instead of four, at the price of holding dX and an fp32 dW
             ([V, D]) from the forward to the backward. False: recompute the logits in the
             backward (lower peak memory at large V, one more GEMM).
-        chunk_elems: fp32 logits elements held at once (rows x vocab) by the chunked backends.
+            Does not apply under ``torch.compile``: the custom-op path always recomputes
+            (its forward op returns no gradient state, by design).
+        chunk_elems: fp32 logits elements held at once (rows x vocab) by the chunked backends
+            (default :data:`DEFAULT_CHUNK_ELEMS`).
         check_labels: check on the device that labels lie in [0, V) (an async device
-            assert on GPU, a plain check on CPU). Env: XTF_CHECK_LABELS=0 turns it off.
+            assert on GPU, a plain check on CPU). None (the default): read the environment
+            variable ``XTF_CHECK_LABELS`` when :func:`get_options` is called (``0``, ``false``,
+            ``off`` or ``no`` turn the check off), so setting it after import counts.
+
+    Under ``torch.compile`` the options are read when the graph is traced; Dynamo retraces
+    when :func:`options` / :func:`set_options` change them (not when the environment changes).
     """
 
     grad_in_forward: bool = True
-    chunk_elems: int = 1 << 24
-    check_labels: bool = os.environ.get("XTF_CHECK_LABELS", "1") != "0"
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    check_labels: bool | None = None
 
 
 _local = threading.local()
@@ -35,8 +57,11 @@ _default = Options()
 
 
 def get_options() -> Options:
-    """The options in force on this thread."""
-    return getattr(_local, "opts", _default)
+    """The options in force on this thread (``check_labels`` resolved to a bool)."""
+    opts = getattr(_local, "opts", _default)
+    if opts.check_labels is None:
+        opts = dataclasses.replace(opts, check_labels=_env_check_labels())
+    return opts
 
 
 def set_options(**changes: object) -> Options:
@@ -50,7 +75,7 @@ def set_options(**changes: object) -> Options:
 def options(**changes: object) -> Iterator[Options]:
     """Temporarily change options on this thread: ``with xtf_kernels.options(chunk_elems=2**20):``."""
     old = getattr(_local, "opts", None)
-    _local.opts = dataclasses.replace(get_options(), **changes)
+    _local.opts = dataclasses.replace(getattr(_local, "opts", _default), **changes)
     try:
         yield _local.opts
     finally:

@@ -1,6 +1,6 @@
 """The contract every masked-CE backend implements.
 
-The front end (:mod:`xtf_kernels.ops`) does everything that is the same for all backends:
+The front end (:mod:`xtf_kernels.masked_ce`) does everything that is the same for all backends:
 validation, flattening, the causal shift, ignore/keep/select handling, row compaction, the
 loss formula, reductions, scattering statistics back. A backend only sees *compacted* 2-D
 problems whose rows are all valid (labels in ``[0, V)``) and implements two primitives:
@@ -21,12 +21,19 @@ problems whose rows are all valid (labels in ``[0, V)``) and implements two prim
     known after the statistics (``select``) or when the upstream gradient is per token
     (``reduction="none"``).
 
-Optional: ``forward_rowwise(x, w, b, y, cfg, row_select) -> (ForwardOut, sel)``
+``forward_rowwise(x, w, b, y, cfg, row_select) -> (ForwardOut, sel)``
     Like ``forward`` but the gradient rows are chosen chunk by chunk by
-    ``row_select(start, end, row_max, lse, gold, entropy) -> bool [end - start]`` while the chunk's
-    logits are in memory (a per-token ``select`` rule: one logits GEMM for statistics,
-    selection and gradient). ``dx`` holds the selected rows in row order; ``sel`` is bool [M].
-    Backends without it fall back to ``forward`` + ``backward`` (recompute of the kept rows).
+    ``row_select(start, end, row_max, lse, gold, entropy) -> bool [end - start]`` (a
+    :data:`RowSelect`) while the chunk's logits are in memory (a per-token ``select`` rule:
+    one logits GEMM for statistics, selection and gradient). ``dx`` holds the selected rows in
+    row order; ``sel`` is bool [M]. :class:`BackendBase` provides a default built on
+    ``forward`` (statistics) and ``backward`` (the selected rows recomputed), so every
+    backend has it; the bundled backends override it with the one-GEMM version.
+
+The front end checks every argument once (:mod:`xtf_kernels.masked_ce.validate`) and hands
+over consistent tensors: ``x`` ``[M, D]`` and ``w`` ``[V, D]`` of one float dtype with
+``V, D >= 1``, ``b`` ``[V]`` of that dtype or None, ``y`` ``[M]`` int64 in ``[0, V)``, all on
+one device, ``0 <= n_grad <= M``. Backends do not check them again.
 
 Per-row math (z = logits after the optional softcap ``c * tanh(raw / c)``)::
 
@@ -60,10 +67,17 @@ of dW in one GEMM over all rows); the front end casts whatever it gets to ``w.dt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
+
+from ..config import DEFAULT_CHUNK_ELEMS
+
+#: ``row_select(start, end, row_max, lse, gold, entropy) -> bool [end - start]``: the gradient
+#: rows of one chunk of a rowwise forward (statistics fp32 ``[end - start]``, relative to row_max)
+RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -74,8 +88,8 @@ class CEConfig:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     #: target number of fp32 logits elements held at once (rows x vocab); backends size
-    #: their row chunks / vocab blocks from it. 2**26 elements = 256 MiB of fp32.
-    chunk_elems: int = 1 << 26
+    #: their row chunks / vocab blocks from it (one default: the options')
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS
 
 
 class ForwardOut(NamedTuple):
@@ -95,16 +109,18 @@ class GradOut(NamedTuple):
     db: torch.Tensor | None  # [V] fp32
 
 
-class Backend(Protocol):
-    name: str
+class BackendBase:
+    """The contract (see the module docstring); concrete backends subclass it."""
+
+    name: str = "?"
 
     def available(self) -> tuple[bool, str]:
         """(usable here?, reason when not)."""
-        ...
+        raise NotImplementedError
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         """Whether this backend can run tensors of this device/dtype (reason when not)."""
-        ...
+        raise NotImplementedError
 
     def forward(
         self,
@@ -114,7 +130,9 @@ class Backend(Protocol):
         y: torch.Tensor,
         cfg: CEConfig,
         n_grad: int,
-    ) -> ForwardOut: ...
+    ) -> ForwardOut:
+        """Statistics of every row; gradient (unit upstream) of the first ``n_grad`` rows."""
+        raise NotImplementedError
 
     def backward(
         self,
@@ -126,4 +144,34 @@ class Backend(Protocol):
         lse: torch.Tensor,
         row_scale: torch.Tensor,
         cfg: CEConfig,
-    ) -> GradOut: ...
+    ) -> GradOut:
+        """Gradient of ``sum_i row_scale[i] * loss_i`` by recomputing the rows' logits."""
+        raise NotImplementedError
+
+    def forward_rowwise(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        y: torch.Tensor,
+        cfg: CEConfig,
+        row_select: RowSelect,
+    ) -> tuple[ForwardOut, torch.Tensor]:
+        """Default: statistics by ``forward``, the selection chunk by chunk, then the selected
+        rows' gradient by ``backward`` (two logits GEMMs for them instead of one)."""
+        M, V = x.shape[0], w.shape[0]
+        fo = self.forward(x, w, b, y, cfg, 0)
+        sel = torch.zeros(M, dtype=torch.bool, device=x.device)
+        rows = max(1, cfg.chunk_elems // max(V, 1))
+        for s in range(0, M, rows):
+            e = min(M, s + rows)
+            sel[s:e] = row_select(s, e, fo.row_max[s:e], fo.lse[s:e], fo.gold[s:e], fo.entropy[s:e])
+        idx = sel.nonzero().squeeze(1)
+        ones = torch.ones(idx.numel(), dtype=fo.lse.dtype, device=x.device)
+        go = self.backward(x.index_select(0, idx), w, b, y.index_select(0, idx),
+                           fo.row_max.index_select(0, idx), fo.lse.index_select(0, idx), ones, cfg)
+        return fo._replace(dx=go.dx, dw=go.dw, db=go.db), sel
+
+
+#: the type the registry hands out
+Backend = BackendBase

@@ -10,14 +10,14 @@ gradient rows, vocabulary ``V``, width ``D``:
 
 * fp32 inputs: row chunks of ``chunk_elems`` logits; ``dW`` (fp32, the output itself) is
   accumulated by ``addmm_`` chunk after chunk. Extra memory: one chunk + dW.
-The bias gradient is summed in fp32 inside the row kernel, before the gradient logits are
-rounded to the input dtype.
-
 * bf16 / fp16 inputs: the gradient logits of all ``M`` rows are kept (``M x V`` in the input
   dtype) whenever that costs no more than the fp32 ``[V, D]`` accumulator it replaces
   (``2 M <= 4 D``, e.g. S2: 420 MB instead of 1.05 GB); ``dW`` is then ONE GEMM over all
   rows, accumulated in fp32 inside the GEMM and rounded once. Otherwise rows are grouped
   by ``chunk_elems`` and the groups' ``dW`` are summed in an fp32 accumulator.
+
+The bias gradient is summed in fp32 inside the row kernel, before the gradient logits are
+rounded to the input dtype.
 
 The recompute path (:meth:`NativeBackend.backward`) walks vocabulary blocks with one GEMM
 over all rows per block (every dW block accumulated in fp32 inside the GEMM): four GEMMs,
@@ -26,13 +26,9 @@ no ``[V, D]`` fp32 buffer. float64 (gradcheck) is delegated to the torch backend
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from .base import CEConfig, ForwardOut, GradOut
-
-RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -43,20 +39,7 @@ def _ext():
     return load_native()
 
 
-def _check(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor) -> None:
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"x, w: expected [M, D] and [V, D], got {tuple(x.shape)} and {tuple(w.shape)}")
-    if x.dtype != w.dtype:
-        raise TypeError(f"w: expected dtype {x.dtype} (as x), got {w.dtype}")
-    if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"y: expected shape ({x.shape[0]},), got {tuple(y.shape)}")
-    if b is not None and tuple(b.shape) != (w.shape[0],):
-        raise ValueError(f"b: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
-    if x.device.type != "cpu":
-        raise ValueError(f"x: expected a CPU tensor, got device {x.device}")
-
-
-class NativeBackend:
+class NativeBackend(BackendBase):
     """C++/OpenMP CPU backend (see :mod:`xtf_kernels.backends.base` for the contract)."""
 
     name = "native"
@@ -124,9 +107,6 @@ class NativeBackend:
         :class:`ForwardOut`), dx [n_grad, D] (x.dtype), dw [V, D] (fp32 for fp32
         inputs, else x.dtype rounded once from fp32 sums), db [V] fp32.
         """
-        _check(x, w, b, y)
-        if not 0 <= n_grad <= x.shape[0]:
-            raise ValueError(f"n_grad: expected a value in [0, {x.shape[0]}], got {n_grad}")
         if x.dtype == torch.float64:
             return self._torch().forward(x, w, b, y, cfg, n_grad)
         M = x.shape[0]
@@ -140,11 +120,8 @@ class NativeBackend:
         self._stats_rows(x, w, bf, y, cfg, out, n_grad)
         return ForwardOut(*out, dx, dw, db)
 
-    def _grad_rows(self, x, w, bf, y, cfg, out, row_ids=None):
-        """Statistics and gradient (unit upstream) of all rows of x; returns (dx, dw, db).
-
-        ``row_ids`` (optional) maps the rows of x to the rows of ``out`` to fill.
-        """
+    def _grad_rows(self, x, w, bf, y, cfg, out):
+        """Statistics and gradient (unit upstream) of all rows of x into ``out``; returns (dx, dw, db)."""
         ext = _ext()
         M, D = x.shape
         V = w.shape[0]
@@ -155,10 +132,7 @@ class NativeBackend:
 
         def put(s, e, st):
             for o, v in zip(out, st):
-                if row_ids is None:
-                    o[s:e] = v
-                else:
-                    o[row_ids[s:e]] = v
+                o[s:e] = v
 
         if dt in _LOW and M * V * 2 <= max(cfg.chunk_elems * 4, V * D * 4):
             # keep every row's gradient logits: dW is one GEMM over all rows (fp32 inside)
@@ -204,7 +178,6 @@ class NativeBackend:
         the same logits (one logits GEMM in total). Returns (ForwardOut with dx of the selected
         rows in row order, bool [M] selection).
         """
-        _check(x, w, b, y)
         if x.dtype == torch.float64:
             return self._torch().forward_rowwise(x, w, b, y, cfg, row_select)
         ext = _ext()
@@ -294,7 +267,6 @@ class NativeBackend:
         Returns dx [M, D] (x.dtype), dw [V, D] (w.dtype; each block one GEMM over all rows,
         fp32 inside), db [V] fp32 | None.
         """
-        _check(x, w, b, y)
         if x.dtype == torch.float64:
             return self._torch().backward(x, w, b, y, row_max, lse, row_scale, cfg)
         ext = _ext()

@@ -8,14 +8,10 @@ block of dW is accumulated in fp32 inside a single GEMM.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from ._gemm import f32_epilogue, fast_f32_gemm, mm_f32
-from .base import CEConfig, ForwardOut, GradOut
-
-RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -77,7 +73,7 @@ def _dlogits_(
     return p
 
 
-class TorchBackend:
+class TorchBackend(BackendBase):
     """The reference chunked implementation (see :mod:`xtf_kernels.backends.base`)."""
 
     name = "torch"

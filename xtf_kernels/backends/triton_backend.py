@@ -19,24 +19,17 @@ Paths (the design is in ``docs/triton.md``):
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
+from .._env import triton_interpret
 from ._gemm import f32_epilogue
 from ._gemm import mm_f32 as _mm_f32
-from .base import CEConfig, ForwardOut, GradOut
-
-RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _kernels: ModuleType | None = None
-
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _load_kernels() -> ModuleType:
@@ -47,28 +40,6 @@ def _load_kernels() -> ModuleType:
 
         _kernels = kernels
     return _kernels
-
-
-def _check_problem(x, w, b, y, cfg) -> None:
-    """Validate a compacted 2-D problem as handed over by the front end."""
-    if not isinstance(cfg, CEConfig):
-        raise TypeError(f"cfg: expected a CEConfig, got {type(cfg).__name__}")
-    for name, t in (("x", x), ("w", w), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"x, w: expected [M, D] and [V, D], got {tuple(x.shape)} and {tuple(w.shape)}")
-    if x.dtype not in _DTYPES or w.dtype != x.dtype:
-        raise TypeError(f"x, w: expected the same dtype among {_DTYPES}, got {x.dtype} and {w.dtype}")
-    if y.shape != (x.shape[0],) or y.dtype != torch.int64:
-        raise ValueError(f"y: expected int64 [{x.shape[0]}], got {y.dtype} {tuple(y.shape)}")
-    if b is not None and (not isinstance(b, torch.Tensor) or b.shape != (w.shape[0],) or b.dtype != x.dtype):
-        raise ValueError(f"b: expected [{w.shape[0]}] {x.dtype} or None")
-    devs = {t.device for t in (x, w, y, b) if t is not None}
-    if len(devs) != 1:
-        raise ValueError(f"x, w, b, y: expected one device, got {sorted(map(str, devs))}")
-    if w.shape[0] == 0:
-        raise ValueError("w: expected at least one vocabulary row (V >= 1)")
 
 
 def _budget(cfg: CEConfig, dtype: torch.dtype) -> int:
@@ -114,15 +85,12 @@ def _logits_mm(out: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> None:
 STATS_MODE = "cublas"
 
 
-def _checked_select(row_select: RowSelect, s: int, e: int, stats: torch.Tensor) -> torch.Tensor:
-    """``row_select`` on rows ``[s, e)`` of the ``[5, M]`` statistics, checked: bool ``[e - s]``."""
-    m = row_select(s, e, *stats[:4, s:e])
-    if not isinstance(m, torch.Tensor) or m.shape != (e - s,) or m.dtype != torch.bool:
-        raise ValueError(f"row_select: expected a bool [{e - s}] tensor")
-    return m
+def _select(row_select: RowSelect, s: int, e: int, stats: torch.Tensor) -> torch.Tensor:
+    """``row_select`` on rows ``[s, e)`` of the ``[5, M]`` statistics: bool ``[e - s]``."""
+    return row_select(s, e, *stats[:4, s:e])
 
 
-class TritonBackend:
+class TritonBackend(BackendBase):
     """Masked-CE backend on Triton kernels (see :mod:`xtf_kernels.backends.base`)."""
 
     name = "triton"
@@ -137,7 +105,7 @@ class TritonBackend:
             return True, ""
         if torch.cuda.is_available():
             return True, ""
-        if _interpret_env():
+        if triton_interpret():
             return False, ("TRITON_INTERPRET=1 was set after the Triton kernels were created; set it "
                            "before importing xtf_kernels' triton backend")
         return False, ("no CUDA device; set TRITON_INTERPRET=1 before importing triton to run the "
@@ -186,10 +154,7 @@ class TritonBackend:
             :class:`ForwardOut`: fp32 ``[M]`` statistics; ``dx`` ``[n_grad, D]`` x.dtype, ``dw``
             ``[V, D]`` fp32 or w.dtype (one fp32-accumulated GEMM per vocabulary block), ``db`` ``[V]`` fp32 (or None) when ``n_grad > 0``.
         """
-        _check_problem(x, w, b, y, cfg)
         M = x.shape[0]
-        if not isinstance(n_grad, int) or not 0 <= n_grad <= M:
-            raise ValueError(f"n_grad: expected an int in [0, {M}], got {n_grad!r}")
         x, w, b, y = self._prep(x, w, b, y)
         stats = torch.empty(5, M, dtype=torch.float32, device=x.device)
         dx = dw = db = None
@@ -226,9 +191,6 @@ class TritonBackend:
         :class:`ForwardOut` (``dx`` ``[n_selected, D]`` in row order) and the bool ``[M]``
         selection.
         """
-        _check_problem(x, w, b, y, cfg)
-        if not callable(row_select):
-            raise TypeError(f"row_select: expected a callable, got {type(row_select).__name__}")
         x, w, b, y = self._prep(x, w, b, y)
         M = x.shape[0]
         stats = torch.empty(5, M, dtype=torch.float32, device=x.device)
@@ -272,13 +234,6 @@ class TritonBackend:
             :class:`GradOut`: ``dx`` ``[M, D]`` x.dtype, ``dw`` ``[V, D]`` fp32, ``db`` ``[V]``
             fp32 or None.
         """
-        _check_problem(x, w, b, y, cfg)
-        M = x.shape[0]
-        for name, t in (("row_max", row_max), ("lse", lse), ("row_scale", row_scale)):
-            if not isinstance(t, torch.Tensor) or t.shape != (M,) or not t.is_floating_point():
-                raise ValueError(f"{name}: expected a floating [{M}] tensor")
-            if t.device != x.device:
-                raise ValueError(f"{name}: expected device {x.device}, got {t.device}")
         x, w, b, y = self._prep(x, w, b, y)
         parts = torch.stack((row_max, lse)).to(torch.float32)
         row_scale = row_scale.to(torch.float32).contiguous()
@@ -303,7 +258,7 @@ class TritonBackend:
             k.rows_pass(g, b, y[s:e], softcap=cfg.softcap, z_loss=0.0, label_smoothing=0.0,
                         stats_out=out[:, s:e], grad=False)
             if row_select is not None:
-                sel[s:e] = _checked_select(row_select, s, e, out)
+                sel[s:e] = _select(row_select, s, e, out)
 
     @staticmethod
     def _prep(x, w, b, y):
@@ -402,7 +357,7 @@ class TritonBackend:
                 self._grad_gemms(g, x[s:e], w, dx[s:e], dw, db)
                 continue
             k.rows_pass(z, b, y[s:e], stats_out=stats[:, s:e], grad=False, **opts)
-            m = _checked_select(row_select, s, e, stats)
+            m = _select(row_select, s, e, stats)
             sel[s:e] = m
             idx = m.nonzero().squeeze(1)
             if idx.numel() == 0:

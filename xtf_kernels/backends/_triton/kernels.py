@@ -45,12 +45,6 @@ def row_offset(row, stride):
 
 
 @triton.jit
-def _row_offset_probe(OUT, ROWS, stride, N: tl.constexpr):
-    r = tl.load(ROWS + tl.arange(0, N))
-    tl.store(OUT + tl.arange(0, N), row_offset(r, stride))
-
-
-@triton.jit
 def _softcap(z, cap):
     """``cap * tanh(z / cap)``: ``1 - 2 / (exp(2|t|) + 1)`` for ``|t| >= 0.625``, below it (where
     that form cancels) the odd minimax polynomial of Cephes' tanhf (relative error ~1e-7)."""
@@ -67,10 +61,15 @@ def _softcap(z, cap):
 
 
 @triton.jit
-def _softcap_probe(OUT, X, cap, N, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    tl.store(OUT + offs, _softcap(tl.load(X + offs, mask=mask, other=0.0), cap), mask=mask)
+def _epilogue(z, B, cols, cmask, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
+    """Logits ``z`` (any float dtype, ``[..., BV]`` or a gathered ``[R]``) in fp32, plus the bias
+    of ``cols`` (masked by ``cmask``), then the softcap: the one epilogue of every kernel."""
+    z = z.to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        z = _softcap(z, cap)
+    return z
 
 
 @triton.jit
@@ -124,11 +123,7 @@ def _stats_kernel(
                 acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xt, wt, acc)
-        z = acc
-        if HAS_BIAS:
-            z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_CAP:
-            z = _softcap(z, cap)
+        z = _epilogue(acc, B, cols[None, :], cmask[None, :], cap, HAS_BIAS, HAS_CAP)
         m_i, s_i, t_i, zs_i = _fold_tile(m_i, s_i, t_i, zs_i, z, cmask[None, :], (v0 - v_lo) * 1.0)
         g_i += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
     off = pid_s.to(tl.int64) * M + rows
@@ -166,18 +161,10 @@ def _rows_kernel(
             cols = v0 + offs
             cmask = cols < V
             z = tl.load(base[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            z = z.to(tl.float32)
-            if HAS_BIAS:
-                z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            if HAS_CAP:
-                z = _softcap(z, cap)
+            z = _epilogue(z, B, cols[None, :], cmask[None, :], cap, HAS_BIAS, HAS_CAP)
             m, s, t, zs = _fold_tile(m, s, t, zs, z, cmask[None, :], v0 * 1.0)
         lse = tl.log(s)  # relative to the row max m
-        gz = tl.load(base + y, mask=rmask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            gz += tl.load(B + y, mask=rmask, other=0.0).to(tl.float32)
-        if HAS_CAP:
-            gz = _softcap(gz, cap)
+        gz = _epilogue(tl.load(base + y, mask=rmask, other=0.0), B, y, rmask, cap, HAS_BIAS, HAS_CAP)
         st = STATS + row
         tl.store(st, m, mask=rmask)
         tl.store(st + stride_st, lse, mask=rmask)
@@ -200,11 +187,8 @@ def _rows_kernel(
             cols = v0 + offs
             cmask = cols < V
             mask2 = rmask[:, None] & cmask[None, :]
-            z = tl.load(base[:, None] + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                z += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            if HAS_CAP:
-                z = _softcap(z, cap)
+            z = tl.load(base[:, None] + cols[None, :], mask=mask2, other=0.0)
+            z = _epilogue(z, B, cols[None, :], cmask[None, :], cap, HAS_BIAS, HAS_CAP)
             g = tl.exp((z - m2) - lse2) * coef - smooth_v
             g -= tl.where(cols[None, :] == y_blk, gold_w, 0.0)
             if HAS_CAP:
@@ -268,49 +252,6 @@ def _ieee(dtype: torch.dtype) -> bool:
     if INTERPRETED:
         return True
     return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-
-
-def row_offsets(rows: torch.Tensor, stride: int) -> torch.Tensor:
-    """``rows * stride`` computed by the kernels' :func:`row_offset` helper (a test hook).
-
-    Args:
-        rows: ``[N]`` int32 row indices, ``N`` a power of two >= 16, on the kernels' device.
-        stride: row stride in elements (any non-negative int, may exceed 2**31).
-
-    Returns:
-        ``[N]`` int64 element offsets.
-    """
-    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int32 or rows.dim() != 1:
-        raise TypeError("rows: expected a 1-D int32 tensor")
-    n = rows.numel()
-    if n < 16 or n & (n - 1):
-        raise ValueError(f"rows: expected a power-of-two length >= 16, got {n}")
-    if not isinstance(stride, int) or stride < 0:
-        raise ValueError(f"stride: expected a non-negative int, got {stride!r}")
-    out = torch.empty(n, dtype=torch.int64, device=rows.device)
-    _row_offset_probe[(1,)](out, rows, stride, N=n)
-    return out
-
-
-def softcap_values(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """``cap * tanh(x / cap)`` elementwise through the kernels' softcap (a test hook).
-
-    Args:
-        x: contiguous fp32 tensor on the kernels' device.
-        cap: the softcap, > 0.
-
-    Returns:
-        fp32 tensor of ``x``'s shape.
-    """
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not x.is_contiguous():
-        raise TypeError("x: expected a contiguous float32 tensor")
-    if not cap > 0:
-        raise ValueError(f"cap: expected a positive softcap, got {cap!r}")
-    out = torch.empty_like(x)
-    n = x.numel()
-    if n:
-        _softcap_probe[(math.ceil(n / 1024),)](out, x, float(cap), n, BLOCK=1024)
-    return out
 
 
 def _splits(M: int, V: int, device: torch.device, splits: int | None) -> tuple[int, int]:

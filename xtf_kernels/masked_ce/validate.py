@@ -1,11 +1,13 @@
-"""Input validation for :func:`xtf_kernels.masked_ce`: every check runs before any kernel."""
+"""Input validation for :func:`xtf_kernels.masked_ce`: every check runs once, before any kernel
+(the backends rely on it and do not check again)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
+
+from ..backends import BACKENDS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -22,6 +24,7 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
 
 
 def validate(
+    *,
     hidden: Any,
     weight: Any,
     labels: Any,
@@ -41,8 +44,19 @@ def validate(
     backend: Any,
 ) -> None:
     """Raise TypeError/ValueError naming the argument for anything masked_ce cannot take."""
-    from .backends import BACKENDS
+    hidden, weight, labels = _check_head(hidden, weight, labels)
+    devices = _check_aligned(hidden=hidden, weight=weight, labels=labels, bias=bias, keep=keep,
+                             ref_logprobs=ref_logprobs, task_vector=task_vector)
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k}={v}" for k, v in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    _check_scalars(ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift,
+                   labels=labels, select=select, return_stats=return_stats, backend=backend)
 
+
+def _check_head(hidden: Any, weight: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden [..., D], weight [V, D], labels [...] integers: types, shapes, dtypes."""
     hidden = check_tensor("hidden", hidden)
     weight = check_tensor("weight", weight)
     labels = check_tensor("labels", labels)
@@ -70,6 +84,12 @@ def validate(
             f"labels: expected shape {_shape(hidden)[:-1]} (hidden's leading shape), "
             f"got {_shape(labels)}"
         )
+    return hidden, weight, labels
+
+
+def _check_aligned(*, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Any,
+                   keep: Any, ref_logprobs: Any, task_vector: Any) -> dict[str, torch.device]:
+    """The optional tensors against hidden / weight / labels; returns every tensor's device."""
     devices = {"hidden": hidden.device, "weight": weight.device, "labels": labels.device}
     if bias is not None:
         bias = check_tensor("bias", bias)
@@ -104,9 +124,13 @@ def validate(
                 f"got {_shape(task_vector)}"
             )
         devices["task_vector"] = task_vector.device
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{k}={v}" for k, v in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return devices
+
+
+def _check_scalars(*, ignore_index: Any, reduction: Any, num_items: Any, label_smoothing: Any,
+                   z_loss: Any, softcap: Any, shift: Any, labels: torch.Tensor, select: Any,
+                   return_stats: Any, backend: Any) -> None:
+    """The non-tensor arguments (and num_items, an int or a 0-d tensor)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:
@@ -137,19 +161,10 @@ def validate(
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
-def _world_size() -> int:
-    """World size of the default process group when torch.distributed is initialised, else 1."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def check_num_items(num_items: Any) -> None:
-    """A token count >= 0: a whole number, or under torch.distributed a whole count divided by
-    the world size (what ``integrations.distributed.global_num_items`` returns for DDP / FSDP,
-    which average gradients over ranks). An int, a float or a 0-d tensor (a float tensor such
-    as the compiled path passes is fine); values on an accelerator are not read back, to
-    avoid a host sync."""
+    """A token count: an int, or a 0-d tensor holding a whole number >= 0 (a float tensor such
+    as the compiled path passes is fine when it is whole; values on an accelerator are not
+    read back, to avoid a host sync)."""
     if isinstance(num_items, torch.Tensor):
         if num_items.dim() != 0:
             raise ValueError(f"num_items: expected an int or a 0-d tensor, got shape {_shape(num_items)}")
@@ -162,14 +177,24 @@ def check_num_items(num_items: Any) -> None:
         raise TypeError(f"num_items: expected an int or a 0-d tensor, got {type(num_items).__name__}")
     else:
         value = num_items
-    world = _world_size()
-    scaled = float(value) * world  # whole when value = count / world (rounding tolerated)
-    if not math.isfinite(scaled) or abs(scaled - round(scaled)) > 1e-6 * max(1.0, abs(scaled)):
-        extra = (f", or one divided by the world size {world} (as global_num_items returns)"
-                 if world > 1 else "")
-        raise ValueError(f"num_items: expected a whole number of tokens{extra}, got {value}")
+    if not float(value).is_integer() and not _is_rank_share(value):
+        raise ValueError(f"num_items: expected a whole number of tokens (or, under torch.distributed, "
+                         f"the count / world_size that global_num_items returns), got {value}")
     if value < 0:
         raise ValueError(f"num_items: expected >= 0, got {value}")
+
+
+def _is_rank_share(value: float) -> bool:
+    """Whether ``value`` is a whole count divided by the data-parallel world size: the divisor
+    :func:`~xtf_kernels.integrations.distributed.global_num_items` hands every rank so that the
+    averaged gradient is the global mean's."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    world = dist.get_world_size()
+    total = float(value) * world
+    return world > 1 and abs(total - round(total)) <= 1e-6 * max(1.0, abs(total))
 
 
 def check_labels_in_range(y: torch.Tensor, valid: torch.Tensor, V: int, ignore_index: int) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from tests._tiny import make_tiny_model_dir
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_module():

@@ -16,7 +16,7 @@ import torch
 
 from tests._tiny import SAMPLE_TEXTS, make_tiny_model_dir
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def xtf(*args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from xtf_kernels.integrations.collator import XTFCollator
 from xtf_kernels.integrations.distributed import count_kept_tokens, global_num_items
 from xtf_kernels.xtf.dynamic import DynamicXTF
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- collator

@@ -159,7 +159,7 @@ def test_pack_refused_when_attention_ignores_position_ids(model_dir, ref_dir, tm
 def test_pack_two_ranks_equal_single_process(model_dir, tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.test_xtf_distributed import _worker
+    from tests.xtf.test_xtf_distributed import _worker
 
     data = _data(tmp_path / "d.jsonl", n=7)
     kw = {"pack": True, "max_length": 96}

@@ -1,4 +1,4 @@
-"""How :class:`~xtf_kernels.ops.MaskedCE` sits in autograd and autocast.
+"""How masked_ce (:class:`~xtf_kernels.MaskedCE` and the custom ops) sits in autograd and autocast.
 
 * Under ``torch.autocast`` the GEMM operands are cast to the autocast dtype, as ``nn.Linear``
   casts them, and the fused computation runs with autocast off (fp32 accumulation and

@@ -13,9 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xtf_kernels
+from tests._reference import reference_masked_ce
 from xtf_kernels import masked_ce
-
-from ._reference import reference_masked_ce
 
 
 def _inputs(N=6, D=8, V=11, dtype=torch.float32):
@@ -226,3 +225,15 @@ def test_no_full_logits_tensor_is_allocated():
     # chunk_elems=2**24 fp32 = 64 MB per logits buffer (+ softmax temp) and a 6.4 MB fp32 dW;
     # the unchunked logits + their gradient alone would be > 800 MB.
     assert delta < 300, f"peak RSS grew by {delta:.0f} MB"
+
+
+def test_num_items_fraction_only_as_a_rank_share():
+    """num_items must be a whole count; the one fractional divisor accepted is count / world_size
+    under torch.distributed (what global_num_items hands every rank)."""
+    from xtf_kernels._validate import check_num_items
+
+    with pytest.raises(ValueError, match="whole number"):
+        check_num_items(0.5)
+    with pytest.raises(ValueError, match="whole number"):
+        check_num_items(torch.tensor(17.5, dtype=torch.float64))  # no process group here
+    check_num_items(torch.tensor(35.0))

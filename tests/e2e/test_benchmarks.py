@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import masked_ce as bm
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests._tiny import make_tiny_model
-from tests.test_attention_received import WINDOWS, eager_received, reference
+from tests.xtf.test_attention_received import WINDOWS, eager_received, reference
 from xtf_kernels.attention import (
     ReceivedAttentionCollector,
     attention_received,
@@ -316,7 +316,7 @@ def _eager_per_document(model, arch, ids, *, layers=None, reduce="mean_over_quer
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    from tests.test_attention_received import ARCH_OVERRIDES
+    from tests.xtf.test_attention_received import ARCH_OVERRIDES
 
     out = {}
     for name in WINDOWS:

@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._reference import absolute_stats
+from tests.conftest import DEVICE
 from xtf_kernels.backends.base import CEConfig, ForwardOut
 from xtf_kernels.backends.torch_backend import TorchBackend
 
-from ._reference import absolute_stats
-from .conftest import DEVICE
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 triton_backend = pytest.importorskip("xtf_kernels.backends.triton_backend")
 TB = triton_backend.TritonBackend()
@@ -237,8 +236,6 @@ def test_forward_rowwise_nothing_selected():
     out, sel = TB.forward_rowwise(x, w, b, y, CFGS["plain"], lambda s, e, *a: torch.zeros(e - s, dtype=torch.bool))
     assert not sel.any() and out.dx.shape == (0, 16)
     assert torch.count_nonzero(out.dw) == 0 and torch.count_nonzero(out.db) == 0
-    with pytest.raises(ValueError, match="row_select"):
-        TB.forward_rowwise(x, w, b, y, CFGS["plain"], lambda s, e, *a: torch.ones(e - s))
 
 
 @pytest.mark.parametrize("splits", [2, 3])
@@ -291,11 +288,12 @@ def test_autotune_pruning(M, ieee):
 
 
 def test_row_offsets_are_int64():
-    k = kernels()
     rows = torch.tensor([0, 1, 2, 3, 7, 100, 4095, 4096, 65535, 65536, 2**20, 2**21 + 5,
                          2**24, 2**26 + 1, 2**30, 2**31 - 1], dtype=torch.int32, device=DEVICE)
     stride = 2**20 + 3  # row * stride exceeds 2**31 for most rows
-    got = k.row_offsets(rows, stride)
+    from tests._triton_probes import row_offsets
+
+    got = row_offsets(rows, stride)
     assert got.dtype == torch.int64
     assert torch.equal(got.cpu(), rows.cpu().long() * stride)
     assert (rows.cpu().long() * stride > 2**31).sum() >= 8
@@ -318,34 +316,6 @@ def test_nan_row_stays_local():
     keep = torch.ones(10, dtype=torch.bool)
     keep[3] = False
     assert torch.isfinite(out.lse[keep]).all() and torch.isfinite(out.entropy[keep]).all()
-
-
-def test_bad_inputs_name_the_argument():
-    x, w, b, y = problem(4, 16, 10, torch.float32)
-    cfg = CFGS["plain"]
-    with pytest.raises(ValueError, match="x, w"):
-        TB.forward(x, w[:, :8], b, y, cfg, 0)
-    with pytest.raises(TypeError, match="x, w"):
-        TB.forward(x.double(), w.double(), None, y, cfg, 0)
-    with pytest.raises(ValueError, match="y"):
-        TB.forward(x, w, b, y.int(), cfg, 0)
-    with pytest.raises(ValueError, match="b"):
-        TB.forward(x, w, b[:3], y, cfg, 0)
-    with pytest.raises(ValueError, match="n_grad"):
-        TB.forward(x, w, b, y, cfg, 5)
-    with pytest.raises(TypeError, match="cfg"):
-        TB.forward(x, w, b, y, {"softcap": None}, 0)
-    z4 = torch.zeros(4, device=DEVICE)
-    with pytest.raises(ValueError, match="row_max"):
-        TB.backward(x, w, b, y, torch.zeros(3, device=DEVICE), z4, torch.ones(4, device=DEVICE), cfg)
-    with pytest.raises(ValueError, match="lse"):
-        TB.backward(x, w, b, y, z4, torch.zeros(3, device=DEVICE), torch.ones(4, device=DEVICE), cfg)
-    with pytest.raises(ValueError, match="row_scale"):
-        TB.backward(x, w, b, y, z4, z4, torch.ones(4, 1, device=DEVICE), cfg)
-    with pytest.raises(TypeError, match="rows"):
-        kernels().row_offsets(torch.arange(16), 3)
-    with pytest.raises(ValueError, match="rows"):
-        kernels().row_offsets(torch.arange(10, dtype=torch.int32), 3)
 
 
 def test_supports_messages():
@@ -492,14 +462,16 @@ def test_vocab_blocks_are_aligned_for_cublas(monkeypatch):
     monkeypatch.setattr(k, "rows_pass", spy)
     M, D, V = 7, 16, 1000  # budget // M = 585: not a multiple of 128
     x, w, b, y = problem(M, D, V, torch.float32, seed=3)
-    lse = TORCH.forward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), CFGS["plain"], 0).lse.to(x.device)
+    fo = TORCH.forward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), CFGS["plain"], 0)
+    mx, lse = fo.row_max.to(x.device), fo.lse.to(x.device)
     cfg = CEConfig(chunk_elems=4096)
-    ours = TB.backward(x, w, b, y, lse, torch.ones(M, device=x.device), cfg)
+    ours = TB.backward(x, w, b, y, mx, lse, torch.ones(M, device=x.device), cfg)
     widths = {s for _, s in seen}
     assert len(seen) > 1 and len(widths) == 1 and widths.pop() % 128 == 0, seen
     assert seen[-1][0] == V % seen[0][1]  # the last, narrower block keeps the stride
     x64, w64, b64 = as64(x, w, b)
-    ref = TORCH.backward(x64, w64, b64, y.cpu(), lse.cpu().double(), torch.ones(M, dtype=torch.float64), cfg)
-    same = TORCH.backward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), lse.cpu(), torch.ones(M), cfg)
+    ref = TORCH.backward(x64, w64, b64, y.cpu(), mx.cpu().double(), lse.cpu().double(),
+                         torch.ones(M, dtype=torch.float64), cfg)
+    same = TORCH.backward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), mx.cpu(), lse.cpu(), torch.ones(M), cfg)
     for f in ("dx", "dw", "db"):
         close(f, getattr(ours, f), getattr(ref, f), getattr(same, f), torch.float32)

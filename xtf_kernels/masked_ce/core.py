@@ -1,0 +1,222 @@
+"""The backend-independent math of masked_ce, as plain functions (no autograd, no global state).
+
+Label positions and row compaction (:func:`positions`, :func:`row_order`), scattering the
+backends' per-row statistics back to label positions (:func:`scatter_stats`), the loss
+formula (:func:`token_loss`), reductions (:func:`reduce_loss`), and the gradients
+(:func:`recompute_grads`, :func:`formed_grads`). :mod:`.forward` strings them into one
+forward; the autograd Function and the torch.library custom ops are thin layers over both.
+Every statistic arrives relative to its row's logit maximum (see
+:mod:`xtf_kernels.backends.base`): the loss and ``logprob`` never subtract two full-magnitude
+numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..backends.base import Backend, CEConfig, ForwardOut
+from ..documents import counted_mask
+
+
+class Positions(NamedTuple):
+    """Flat ``[N]`` views of the label positions (``N = labels.numel()``)."""
+
+    valid: torch.Tensor  #: bool: scored (not ignore_index, and predicted under the shift)
+    kept: torch.Tensor  #: bool: scored and kept (these enter the loss)
+    src: torch.Tensor  #: int64: the flat hidden row that predicts each label position
+
+
+def positions(labels: torch.Tensor, keep: torch.Tensor | None, *, ignore_index: int,
+              shift: bool) -> Positions:
+    """Which label positions are scored and kept, and the hidden row predicting each.
+
+    With ``shift`` the label at ``t`` is predicted from ``hidden[..., t - 1, :]``; position 0
+    of every sequence has no predictor and is not scored. The rule is the package's one
+    kept-token rule (:func:`xtf_kernels.documents.counted_mask`, also behind
+    ``count_kept_tokens`` and the Trainer's ``num_items`` checks); packed rows reach here with
+    their document starts already set to ``ignore_index`` (``masked_ce(position_ids=...)``).
+    """
+    valid = counted_mask(labels, ignore_index=ignore_index, shift=shift).reshape(-1)
+    kept = valid if keep is None else valid & keep.reshape(-1)
+    return Positions(valid=valid, kept=kept, src=source_rows(labels, shift=shift))
+
+
+def source_rows(labels: torch.Tensor, *, shift: bool) -> torch.Tensor:
+    """``[N]`` the flat hidden row that predicts each label position (:attr:`Positions.src`)."""
+    flat = torch.arange(labels.numel(), device=labels.device)
+    return flat - 1 if shift else flat
+
+
+def row_order(pos: Positions, *, with_masked: bool) -> tuple[torch.Tensor, int]:
+    """(label positions in the order the backend sees their rows, number of kept rows).
+
+    Kept rows first (the gradient rows are a prefix), then, when ``with_masked``, the scored
+    but masked rows (statistics only).
+    """
+    kept_pos = pos.kept.nonzero().squeeze(1)
+    if not with_masked:
+        return kept_pos, kept_pos.numel()
+    other = (pos.valid & ~pos.kept).nonzero().squeeze(1)
+    return torch.cat([kept_pos, other]), kept_pos.numel()
+
+
+class RowStats(NamedTuple):
+    """Per label position ``[N]`` (NaN where not scored), relative to ``row_max`` but itself."""
+
+    row_max: torch.Tensor
+    lse: torch.Tensor
+    gold: torch.Tensor
+    entropy: torch.Tensor
+    sum_logits: torch.Tensor
+
+
+def scatter_stats(fo: ForwardOut, *, rows: torch.Tensor, n_tok: int, acc: torch.dtype) -> RowStats:
+    """The backend's per-row statistics of ``rows`` (label positions) at their positions."""
+    parts = torch.full((5, n_tok), float("nan"), dtype=acc, device=rows.device)
+    parts[:, rows] = torch.stack(fo[:5])
+    return RowStats(*parts.unbind(0))
+
+
+def relevance(x: torch.Tensor, task_vector: torch.Tensor, *, rows: torch.Tensor, n_tok: int,
+              acc: torch.dtype) -> torch.Tensor:
+    """``[N]`` cosine(hidden row, task_vector) at the label positions ``rows`` (NaN elsewhere);
+    ``x`` holds the compacted hidden rows in ``rows``' order."""
+    out = torch.full((n_tok,), float("nan"), dtype=acc, device=x.device)
+    tv = task_vector.to(x.device, acc)
+    out[rows] = torch.nn.functional.cosine_similarity(x.to(acc), tv.unsqueeze(0), dim=1)
+    return out
+
+
+def token_loss(st: RowStats, kept: torch.Tensor, *, label_smoothing: float, z_loss: float,
+               vocab: int) -> torch.Tensor:
+    """``[N]`` per-token loss, 0 where not kept::
+
+        lse - (1 - ls) * gold - ls * sum_logits / V + z_loss * (row_max + lse)**2
+    """
+    ls = float(label_smoothing)
+    loss = st.lse - (1.0 - ls) * st.gold
+    if ls:
+        loss = loss - ls * st.sum_logits / vocab
+    if z_loss:
+        loss = loss + float(z_loss) * (st.row_max + st.lse).square()
+    return torch.where(kept, loss, torch.zeros((), device=loss.device))
+
+
+def reduce_loss(tok_loss: torch.Tensor, *, reduction: str, num_items, n_kept: int,
+                shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, divisor of the mean or None). ``"none"``: the per-token loss with ``shape``.
+
+    ``"mean"`` divides by ``num_items`` (default: the kept-token count); a batch with nothing
+    kept gives 0.0 whatever ``num_items`` says. ``num_items = 0`` with kept tokens is an error
+    (checked where the value can be read without a device sync).
+    """
+    if reduction == "none":
+        return tok_loss.view(shape), None
+    total = tok_loss.sum()
+    if reduction == "sum":
+        return total, None
+    acc = tok_loss.dtype
+    if num_items is None or n_kept == 0:
+        divisor = torch.as_tensor(max(n_kept, 1), dtype=acc, device=tok_loss.device)
+    else:
+        divisor = torch.as_tensor(num_items, dtype=acc, device=tok_loss.device)
+        if divisor.device.type == "cpu" and float(divisor) == 0:
+            raise ValueError(
+                f"num_items: 0 while {n_kept} tokens are kept; expected the (global) kept-token count"
+            )
+    return total / divisor, divisor
+
+
+def scatter_rows(rows: torch.Tensor, src: torch.Tensor, hidden_shape: tuple[int, ...]) -> torch.Tensor:
+    """d_hidden: each kept row's gradient added at the hidden row that predicted it."""
+    dh = rows.new_zeros((math.prod(hidden_shape[:-1]), hidden_shape[-1]))
+    dh.index_add_(0, src, rows)
+    return dh.view(hidden_shape)
+
+
+class Need(NamedTuple):
+    """Which gradients the caller wants."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+
+
+def recompute_grads(
+    *,
+    backend: Backend,
+    cfg: CEConfig,
+    reduction: str,
+    grad_loss: torch.Tensor,
+    divisor: torch.Tensor | None,
+    hidden_rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels_kept: torch.Tensor,
+    row_max_kept: torch.Tensor,
+    lse_kept: torch.Tensor,
+    src_kept: torch.Tensor,
+    kept_pos: torch.Tensor,
+    hidden_shape: tuple[int, ...],
+    need: Need,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d_hidden, d_weight, d_bias) by recomputing the logits of the kept rows.
+
+    ``hidden_rows`` is the flat ``[rows, D]`` hidden; ``src_kept`` / ``kept_pos`` the hidden
+    row and the label position of each kept row; ``row_max_kept`` / ``lse_kept`` their logit
+    maximum and log-sum-exp relative to it. ``grad_loss`` is per token (``"none"``, the
+    labels' shape) or a scalar, divided by ``divisor`` for ``"mean"``.
+    """
+    dtype = hidden_rows.dtype
+    acc = lse_kept.dtype
+    if reduction == "none":
+        row_scale = grad_loss.reshape(-1).to(acc).index_select(0, kept_pos)
+    else:
+        g = grad_loss.to(acc)
+        if divisor is not None:
+            g = g / divisor
+        row_scale = g.expand(kept_pos.numel()).contiguous()
+    x = hidden_rows.index_select(0, src_kept)
+    go = backend.backward(x, weight, bias, labels_kept, row_max_kept, lse_kept, row_scale, cfg)
+    dh = scatter_rows(go.dx.to(dtype), src_kept, hidden_shape) if need.hidden else None
+    dw = go.dw.to(dtype) if need.weight else None
+    db = go.db.to(dtype) if (need.bias and go.db is not None) else None
+    return dh, dw, db
+
+
+def formed_grads(
+    *,
+    grad_loss: torch.Tensor,
+    divisor: torch.Tensor | None,
+    dx: torch.Tensor,
+    dw: torch.Tensor,
+    db: torch.Tensor | None,
+    src_kept: torch.Tensor,
+    hidden_shape: tuple[int, ...],
+    need: Need,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d_hidden, d_weight, d_bias) from the unit-upstream gradient formed in the forward.
+
+    ``dw`` and ``db`` are scaled in place (no second ``[V, D]`` buffer): the caller must not
+    use them again.
+    """
+    scale = grad_loss.to(dw.dtype)
+    if divisor is not None:
+        scale = scale / divisor
+    dtype = dx.dtype
+    dh = scatter_rows((dx.to(dw.dtype) * scale).to(dtype), src_kept, hidden_shape) if need.hidden else None
+    d_w = dw.mul_(scale).to(dtype) if need.weight else None
+    d_b = db.mul_(scale).to(dtype) if (need.bias and db is not None) else None
+    return dh, d_w, d_b
+
+
+def zero_grads(*, hidden_shape: tuple[int, ...], hidden_rows: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None, need: Need):
+    """Zero gradients (nothing kept: no kernel launched)."""
+    dh = torch.zeros(hidden_shape, dtype=hidden_rows.dtype, device=hidden_rows.device) if need.hidden else None
+    dw = torch.zeros_like(weight) if need.weight else None
+    db = torch.zeros_like(bias) if (need.bias and bias is not None) else None
+    return dh, dw, db

@@ -1,0 +1,175 @@
+"""masked_ce as ``torch.library`` custom ops, so a ``torch.compile``d training step has no graph break.
+
+Under ``torch.compile`` (and ``select is None``) :func:`xtf_kernels.masked_ce` dispatches here:
+``xtf_kernels::masked_ce_fwd`` runs :func:`.forward.run_forward` as one opaque node (no
+gradient work), and its registered autograd formula calls ``xtf_kernels::masked_ce_bwd``,
+which recomputes the logits of the kept rows (:func:`.core.recompute_grads`, the four-GEMM
+path). ``Options.grad_in_forward`` does not apply here, by design: the row compaction is
+data-dependent, so it happens inside the ops and every output has a static shape (the fake
+implementations are exact). The options are resolved once, in the front end, and travel as op
+arguments (``chunk_elems``, ``check_labels``): the backward never reads the global options.
+A ``select`` callable cannot live inside a graph: with one, Dynamo breaks the graph at the
+``MaskedCE`` call. Second-order gradients are refused with the eager path's message.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import resolve_backend
+from .context import SECOND_ORDER_MESSAGE
+from .core import Need, recompute_grads, source_rows
+from .forward import run_forward
+from .spec import MaskedCEOutputs, MaskedCESpec
+
+_Outs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+              torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("xtf_kernels::masked_ce_fwd", mutates_args=())
+def masked_ce_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    task_vector: torch.Tensor | None,
+    num_items: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    shift: bool,
+    backend: str,
+    chunk_elems: int,
+    check_labels: bool,
+) -> _Outs:
+    spec = MaskedCESpec(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, shift=shift, select=None, backend=backend, grad_in_forward=False,
+        chunk_elems=chunk_elems, check_labels=check_labels,
+    )
+    with torch.no_grad():
+        res = run_forward(
+            hidden=hidden, weight=weight, labels=labels, bias=bias, keep=keep, ref_logprobs=ref_logprobs,
+            task_vector=task_vector, num_items=num_items, spec=spec,
+            need=Need(hidden=False, weight=False, bias=False),
+        )
+    return tuple(o.clone() for o in res.outputs)
+
+
+@masked_ce_fwd.register_fake
+def _(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, ignore_index,
+      reduction, label_smoothing, z_loss, softcap, shift, backend, chunk_elems, check_labels):
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    lead = labels.shape
+
+    def stat():
+        return hidden.new_empty(lead, dtype=acc)
+
+    return tuple(MaskedCEOutputs(
+        loss=hidden.new_empty(lead if reduction == "none" else (), dtype=acc),
+        logprob=stat(), prob=stat(), entropy=stat(), lse=stat(),
+        logprob_delta=stat() if ref_logprobs is not None else hidden.new_empty((0,), dtype=acc),
+        relevance=stat() if task_vector is not None else hidden.new_empty((0,), dtype=acc),
+        keep=labels.new_empty(lead, dtype=torch.bool),
+        lse_parts=hidden.new_empty((2, *lead), dtype=acc),
+    ))
+
+
+@torch.library.custom_op("xtf_kernels::masked_ce_bwd", mutates_args=())
+def masked_ce_bwd(
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    kept: torch.Tensor,
+    lse_parts: torch.Tensor,
+    num_items: torch.Tensor | None,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    shift: bool,
+    backend: str,
+    chunk_elems: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kept_pos = kept.reshape(-1).nonzero().squeeze(1)
+    spec = MaskedCESpec(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                        softcap=softcap, shift=shift, backend=backend, chunk_elems=chunk_elems)
+    divisor = None
+    if reduction == "mean":
+        divisor = num_items if num_items is not None else torch.as_tensor(
+            max(kept_pos.numel(), 1), dtype=lse_parts.dtype, device=lse_parts.device
+        )
+    parts_k = lse_parts.reshape(2, -1).index_select(1, kept_pos)
+    dh, dw, db = recompute_grads(
+        backend=resolve_backend(backend, hidden.device, hidden.dtype), cfg=spec.ce_config(),
+        reduction=reduction, grad_loss=grad_loss, divisor=divisor,
+        hidden_rows=hidden.reshape(-1, hidden.shape[-1]), weight=weight.contiguous(), bias=bias,
+        labels_kept=labels.reshape(-1).index_select(0, kept_pos), row_max_kept=parts_k[0],
+        lse_kept=parts_k[1], src_kept=source_rows(labels, shift=shift).index_select(0, kept_pos),
+        kept_pos=kept_pos, hidden_shape=tuple(hidden.shape),
+        need=Need(hidden=True, weight=True, bias=bias is not None),
+    )
+    return dh, dw, db if db is not None else weight.new_empty((0,))
+
+
+@masked_ce_bwd.register_fake
+def _(grad_loss, hidden, weight, labels, bias, kept, lse_parts, num_items, reduction, label_smoothing,
+      z_loss, softcap, shift, backend, chunk_elems):
+    db = torch.empty_like(bias) if bias is not None else weight.new_empty((0,))
+    return torch.empty_like(hidden), torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, ignore_index,
+     reduction, label_smoothing, z_loss, softcap, shift, backend, chunk_elems, check_labels) = inputs
+    out = MaskedCEOutputs(*output)
+    ctx.save_for_backward(hidden, weight, labels, bias, out.keep, out.lse_parts, num_items)
+    ctx.kwargs = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                      softcap=softcap, shift=shift, backend=backend, chunk_elems=chunk_elems)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_loss, *_unused):
+    hidden, weight, labels, bias, kept, lse_parts, num_items = ctx.saved_tensors
+    dh, dw, db = masked_ce_bwd(grad_loss, hidden, weight, labels, bias, kept, lse_parts, num_items,
+                               **ctx.kwargs)
+    return (dh, dw, None, db if ctx.has_bias else None) + (None,) * 13
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(SECOND_ORDER_MESSAGE)
+
+
+masked_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+masked_ce_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def compiled_masked_ce(
+    *,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    task_vector: torch.Tensor | None,
+    num_items,
+    spec: MaskedCESpec,
+) -> MaskedCEOutputs:
+    """The custom-op path of masked_ce (same outputs as ``MaskedCE.apply``; ``spec`` resolved,
+    ``select`` None)."""
+    if num_items is not None and not isinstance(num_items, torch.Tensor):
+        num_items = torch.tensor(float(num_items), device=hidden.device)
+    outs = masked_ce_fwd(
+        hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items,
+        ignore_index=spec.ignore_index, reduction=spec.reduction, label_smoothing=spec.label_smoothing,
+        z_loss=spec.z_loss, softcap=spec.softcap, shift=spec.shift, backend=spec.backend,
+        chunk_elems=spec.chunk_elems, check_labels=spec.check_labels,
+    )
+    return MaskedCEOutputs(*outs)

@@ -1,0 +1,191 @@
+"""One masked_ce forward, from the call's tensors to :class:`MaskedCEOutputs` and what the
+backward needs (:class:`ForwardResult`). Shared by the autograd Function and the custom op.
+
+Three gradient plans (:data:`GradState`): nothing kept (:class:`ZeroGrad`), the gradient formed
+during the forward with a unit upstream gradient (:class:`FormedGrad`, three GEMMs per kept
+row), or the kept rows recomputed in the backward (:class:`RecomputeGrad`, four GEMMs).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..backends import Backend, CEConfig, resolve_backend
+from ..stats import TokenStats
+from .core import (
+    Need,
+    RowStats,
+    positions,
+    reduce_loss,
+    relevance,
+    row_order,
+    scatter_stats,
+    token_loss,
+)
+from .select import apply_select, chunk_selector, is_rowwise
+from .spec import MaskedCEOutputs, MaskedCESpec
+from .validate import check_labels_in_range
+
+
+class ZeroGrad(NamedTuple):
+    """Nothing kept: zero gradients shaped like these."""
+
+    hidden_rows: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class FormedGrad(NamedTuple):
+    """Gradient of ``sum loss_i`` formed in the forward (``dw``/``db`` are scaled in place later)."""
+
+    src_kept: torch.Tensor
+    dx: torch.Tensor
+    divisor: torch.Tensor | None
+    dw: torch.Tensor
+    db: torch.Tensor | None
+
+
+class RecomputeGrad(NamedTuple):
+    """What a backward recompute of the kept rows needs."""
+
+    src_kept: torch.Tensor
+    hidden_rows: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    labels_kept: torch.Tensor
+    row_max_kept: torch.Tensor
+    lse_kept: torch.Tensor
+    kept_pos: torch.Tensor
+    divisor: torch.Tensor | None
+
+
+GradState = ZeroGrad | FormedGrad | RecomputeGrad | None
+
+
+class ForwardResult(NamedTuple):
+    outputs: MaskedCEOutputs
+    grad: GradState
+    backend: Backend
+    cfg: CEConfig
+
+
+class _Sweep(NamedTuple):
+    """The backend's answer, with the final keep mask when a rowwise rule chose it."""
+
+    stats: RowStats
+    x: torch.Tensor  # compacted hidden rows, in ``rows`` order
+    rows: torch.Tensor  # their label positions
+    kept: torch.Tensor  # flat [N] keep mask
+    kept_pos: torch.Tensor | None  # label positions of the gradient rows (None: select pending)
+    fo_grad: tuple | None  # (dx, dw, db) formed in the forward, else None
+
+
+def run_forward(
+    *,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    task_vector: torch.Tensor | None,
+    num_items,
+    spec: MaskedCESpec,
+    need: Need,
+) -> ForwardResult:
+    """The forward of masked_ce on validated inputs (``labels`` int64, ``spec`` resolved)."""
+    lead = tuple(labels.shape)
+    dev = hidden.device
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    y = labels.reshape(-1)
+    pos = positions(labels, keep, ignore_index=spec.ignore_index, shift=spec.shift)
+    if spec.check_labels:
+        check_labels_in_range(y, pos.valid, weight.shape[0], spec.ignore_index)
+    be = resolve_backend(spec.backend, dev, hidden.dtype)
+    cfg = spec.ce_config()
+    w = weight.contiguous()
+    b = bias.contiguous() if bias is not None else None
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    sw = _sweep(be=be, cfg=cfg, spec=spec, h2=h2, w=w, b=b, y=y, pos=pos, need=need,
+                ref_logprobs=ref_logprobs, task_vector=task_vector, acc=acc)
+    st, kept = sw.stats, sw.kept
+    lse = st.row_max + st.lse
+    logprob = st.gold - st.lse
+    delta = None if ref_logprobs is None else logprob - ref_logprobs.reshape(-1).to(acc)
+    rel = None
+    if task_vector is not None:
+        rel = relevance(sw.x, task_vector, rows=sw.rows, n_tok=y.numel(), acc=acc)
+    prob = logprob.exp()
+    kept_pos = sw.kept_pos
+    if kept_pos is None:  # a global select rule sees every token's statistics
+        stats = TokenStats(
+            logprob=logprob.view(lead), prob=prob.view(lead), entropy=st.entropy.view(lead),
+            lse=lse.view(lead), logprob_delta=None if delta is None else delta.view(lead),
+            relevance=None if rel is None else rel.view(lead), keep=kept.view(lead).clone(),
+        )
+        kept = apply_select(spec.select, stats, kept)
+        kept_pos = kept.nonzero().squeeze(1)
+    n_kept = kept_pos.numel()
+    tok = token_loss(st, kept, label_smoothing=spec.label_smoothing, z_loss=spec.z_loss,
+                     vocab=weight.shape[0])
+    loss, divisor = reduce_loss(tok, reduction=spec.reduction, num_items=num_items, n_kept=n_kept,
+                                shape=lead)
+    grad = _grad_state(need=need, n_kept=n_kept, fo_grad=sw.fo_grad, src=pos.src, kept_pos=kept_pos,
+                       h2=h2, w=w, b=b, y=y, st=st, divisor=divisor)
+    empty = torch.empty(0, device=dev)
+    outputs = MaskedCEOutputs(
+        loss=loss,
+        logprob=logprob.view(lead),
+        prob=prob.view(lead),
+        entropy=st.entropy.view(lead),
+        lse=lse.view(lead),
+        logprob_delta=empty if delta is None else delta.view(lead),
+        relevance=empty if rel is None else rel.view(lead),
+        keep=kept.view(lead),
+        lse_parts=torch.stack((st.row_max, st.lse)).view(2, *lead),
+    )
+    return ForwardResult(outputs=outputs, grad=grad, backend=be, cfg=cfg)
+
+
+def _sweep(*, be, cfg, spec, h2, w, b, y, pos, need, ref_logprobs, task_vector, acc) -> _Sweep:
+    """Compact the scored rows (kept first) and run the backend's forward over them."""
+    rows, n_kept = row_order(pos, with_masked=spec.select is not None or spec.stats)
+    x = h2.index_select(0, pos.src.index_select(0, rows))
+    ys = y.index_select(0, rows)
+    scalar_grad = any(need) and spec.reduction != "none" and spec.grad_in_forward
+    kept = pos.kept
+    if scalar_grad and is_rowwise(spec.select):
+        # a per-token select rule is applied chunk by chunk while the logits are in memory:
+        # statistics, selection and gradient from one logits GEMM
+        row_select = chunk_selector(spec.select, x=x, rows=rows, kept=kept, ref_logprobs=ref_logprobs,
+                                    task_vector=task_vector, acc=acc)
+        fo, sel = be.forward_rowwise(x, w, b, ys, cfg, row_select)
+        kept_pos = rows[sel]
+        kept = torch.zeros_like(kept)
+        kept[kept_pos] = True
+        grad_now = True
+    else:
+        grad_now = scalar_grad and spec.select is None
+        fo = be.forward(x, w, b, ys, cfg, n_kept if grad_now else 0)
+        kept_pos = rows[:n_kept] if spec.select is None else None
+    st = scatter_stats(fo, rows=rows, n_tok=y.numel(), acc=acc)
+    fo_grad = (fo.dx, fo.dw, fo.db) if grad_now else None
+    return _Sweep(stats=st, x=x, rows=rows, kept=kept, kept_pos=kept_pos, fo_grad=fo_grad)
+
+
+def _grad_state(*, need, n_kept, fo_grad, src, kept_pos, h2, w, b, y, st, divisor) -> GradState:
+    if not any(need):
+        return None
+    if n_kept == 0:
+        return ZeroGrad(hidden_rows=h2[:0], weight=w, bias=b)
+    src_kept = src.index_select(0, kept_pos)
+    if fo_grad is not None:
+        dx, dw, db = fo_grad
+        return FormedGrad(src_kept=src_kept, dx=dx, divisor=divisor, dw=dw, db=db)
+    return RecomputeGrad(
+        src_kept=src_kept, hidden_rows=h2, weight=w, bias=b, labels_kept=y.index_select(0, kept_pos),
+        row_max_kept=st.row_max.index_select(0, kept_pos), lse_kept=st.lse.index_select(0, kept_pos),
+        kept_pos=kept_pos, divisor=divisor,
+    )
