@@ -107,6 +107,20 @@ def test_num_items_whole_numbers_in_any_form(n):
     torch.testing.assert_close(masked_ce(h, w, y, num_items=n, backend="torch"), ref)
 
 
+def test_num_items_may_be_a_count_divided_by_the_world_size(monkeypatch):
+    """Under torch.distributed, global_num_items returns count / world (DDP / FSDP average
+    gradients over ranks): such divisors pass, other fractions still fail."""
+    from xtf_kernels import _validate
+
+    monkeypatch.setattr(_validate, "_world_size", lambda: 2)
+    for n in (17.5, 0.5, torch.tensor(35 / 2, dtype=torch.float64), torch.tensor(3.5)):
+        masked_ce(h, w, y, num_items=n, backend="torch")
+    with pytest.raises(ValueError, match="or one divided by the world size 2"):
+        masked_ce(h, w, y, num_items=0.3, backend="torch")
+    monkeypatch.setattr(_validate, "_world_size", lambda: 3)
+    masked_ce(h, w, y, num_items=torch.tensor(35 / 3, dtype=torch.float32), backend="torch")  # fp32 rounding
+
+
 def test_num_items_zero_with_nothing_kept_is_zero_loss():
     ww = w.clone().requires_grad_()
     loss = masked_ce(h, ww, y, keep=torch.zeros(6, dtype=torch.bool), num_items=0, backend="torch")
