@@ -185,15 +185,18 @@ def check_num_items(num_items: Any) -> None:
         raise ValueError(f"num_items: expected >= 0, got {value}")
 
 
+def _world_size() -> int:
+    """The default process group's size (1 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _is_rank_share(value: float) -> bool:
     """Whether ``value`` is a whole count divided by the data-parallel world size: the divisor
     :func:`~xtf_kernels.integrations.distributed.global_num_items` hands every rank so that the
     averaged gradient is the global mean's."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    world = dist.get_world_size()
+    world = _world_size()
     total = float(value) * world
     return world > 1 and abs(total - round(total)) <= 1e-6 * max(1.0, abs(total))
 
