@@ -95,6 +95,19 @@ MIXED_FIELDS = ["device", "layout", "backend", "documents", "real_tokens", "slot
 # --------------------------------------------------------------------------- the model and data
 
 
+
+def _run_child(cmd: list[str], timeout: float) -> tuple[dict | None, dict | None]:
+    """Run one case in a child process from the repository root: ``(the JSON object on its
+    last stdout line, None)``, or ``(None, {"status": "timeout" | "failed", "note": why})``."""
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        return None, {"status": "timeout", "note": f"over {timeout} s"}
+    if res.returncode != 0:
+        return None, {"status": "failed", "note": (res.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(res.stdout.strip().splitlines()[-1]), None
+
 def _model(spec: dict, L: int, device: str, dtype: str, attn: str):
     import torch
     import transformers
@@ -265,17 +278,13 @@ def run_scoring(args: argparse.Namespace) -> list[dict]:
                    "--lengths", str(L), "--tokens", str(args.tokens), "--batch-tokens", str(args.batch_tokens),
                    "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
                    "--repeats", str(args.repeats), "--head-chunk", str(args.head_chunk)]
-            try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
-            except subprocess.TimeoutExpired:
-                row.update(status="timeout", note=f"over {args.timeout} s")
-                rows.append(row)
-                continue
-            if res.returncode != 0:
-                row.update(status="failed", note=(res.stderr.strip().splitlines() or ["?"])[-1][:200])
+            out, failure = _run_child(cmd, args.timeout)
+            if failure is not None:
+                row.update(failure)
+                if failure["status"] == "timeout":
+                    rows.append(row)
+                    continue
             else:
-                out = json.loads(res.stdout.strip().splitlines()[-1])
                 row.update(seconds=round(out["seconds"], 3), seconds_median=round(out["seconds_median"], 3),
                            cpu_seconds=round(out["cpu_seconds"], 3), peak_mb=round(out["peak_mb"]),
                            tokens_per_s=round(n * L / out["seconds"]))
@@ -545,16 +554,10 @@ def run_packed_scoring(args: argparse.Namespace) -> list[dict]:
                "--repeats", str(args.repeats)]
         row = dict(device=args.device, layout=layout, documents=args.score_docs, row=args.row, threads=args.threads,
                    status="ok", note="")
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
-        except subprocess.TimeoutExpired:
-            rows.append({**row, "status": "timeout", "note": f"over {args.timeout} s"})
+        out, failure = _run_child(cmd, args.timeout)
+        if failure is not None:
+            rows.append({**row, **failure})
             continue
-        if res.returncode != 0:
-            rows.append({**row, "status": "failed", "note": (res.stderr.strip().splitlines() or ["?"])[-1][:200]})
-            continue
-        out = json.loads(res.stdout.strip().splitlines()[-1])
         row.update(seconds=round(out["seconds"], 3), seconds_median=round(out["seconds_median"], 3),
                    peak_mb=round(out["peak_mb"]), batch=out["batch"], real_tokens=out["tokens"],
                    tokens_per_s=round(out["tokens"] / out["seconds"]))
