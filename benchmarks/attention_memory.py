@@ -14,8 +14,8 @@ and ``.png``.
 
 Usage::
 
-    python benchmarks/attention_memory.py                       # L = 1024 4096 16384, CPU
-    python benchmarks/attention_memory.py --lengths 1024 4096 --max-eager-gb 4
+    python -m benchmarks.attention_memory                       # L = 1024 4096 16384, CPU
+    python -m benchmarks.attention_memory --lengths 1024 4096 --max-eager-gb 4
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import csv
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks._child import ROOT, run_child
+
 RESULTS = ROOT / "benchmarks" / "results"
 FIELDS = [
     "device", "method", "L", "B", "Hq", "Hkv", "Dh", "dtype", "status",
@@ -48,7 +48,6 @@ def _rss_mb() -> float:
 def _child(args: argparse.Namespace) -> None:
     """Run one case and print a JSON line with its memory numbers."""
     import torch
-
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -80,10 +79,8 @@ def _child(args: argparse.Namespace) -> None:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     secs = sorted(times)[len(times) // 2]
-    if args.method == "sdpa":
-        print(json.dumps({"baseline_mb": base, "peak_mb": peak, "extra_mb": peak - base, "seconds": secs}))
-        return
-    assert r.shape == (B, Hq, L) and bool(torch.isfinite(r).all())
+    if args.method != "sdpa":
+        assert r.shape == (B, Hq, L) and bool(torch.isfinite(r).all())
     print(json.dumps({"baseline_mb": base, "peak_mb": peak, "extra_mb": peak - base, "seconds": secs}))
 
 
@@ -166,21 +163,14 @@ def main(argv: list[str] | None = None) -> None:
             row.update(status="skipped", note=f"needs ~{est:.1f} GiB for [B,H,L,L] scores+probs (> {args.max_eager_gb} GiB)")
             rows.append(row)
             continue
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--method", method, "--L", str(L),
+        cmd = [sys.executable, "-m", "benchmarks.attention_memory", "--child", "--method", method, "--L", str(L),
                "--B", str(args.B), "--Hq", str(args.Hq), "--Hkv", str(args.Hkv), "--Dh", str(args.Dh),
                "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads),
                "--reps", str(args.reps)]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
-        except subprocess.TimeoutExpired:
-            row.update(status="timeout", note=f"over {args.timeout} s")
-            rows.append(row)
-            continue
-        if res.returncode != 0:
-            row.update(status="failed", note=(res.stderr.strip().splitlines() or ["?"])[-1][:200])
+        out, failure = run_child(cmd, args.timeout)
+        if failure:
+            row.update(failure)
         else:
-            out = json.loads(res.stdout.strip().splitlines()[-1])
             row.update({key: round(val, 2) if key != "seconds" else round(val, 6) for key, val in out.items()})
             if method == "eager":
                 row["note"] = f"estimated [B,H,L,L] footprint {est:.2f} GiB"

@@ -69,13 +69,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks._child import ROOT, run_child
+
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("floor", "ours", "naive")
 CPU_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
@@ -95,18 +95,6 @@ MIXED_FIELDS = ["device", "layout", "backend", "documents", "real_tokens", "slot
 # --------------------------------------------------------------------------- the model and data
 
 
-
-def _run_child(cmd: list[str], timeout: float) -> tuple[dict | None, dict | None]:
-    """Run one case in a child process from the repository root: ``(the JSON object on its
-    last stdout line, None)``, or ``(None, {"status": "timeout" | "failed", "note": why})``."""
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    except subprocess.TimeoutExpired:
-        return None, {"status": "timeout", "note": f"over {timeout} s"}
-    if res.returncode != 0:
-        return None, {"status": "failed", "note": (res.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return json.loads(res.stdout.strip().splitlines()[-1]), None
 
 def _model(spec: dict, L: int, device: str, dtype: str, attn: str):
     import torch
@@ -278,7 +266,7 @@ def run_scoring(args: argparse.Namespace) -> list[dict]:
                    "--lengths", str(L), "--tokens", str(args.tokens), "--batch-tokens", str(args.batch_tokens),
                    "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
                    "--repeats", str(args.repeats), "--head-chunk", str(args.head_chunk)]
-            out, failure = _run_child(cmd, args.timeout)
+            out, failure = run_child(cmd, args.timeout)
             if failure is not None:
                 row.update(failure)
                 if failure["status"] == "timeout":
@@ -554,7 +542,7 @@ def run_packed_scoring(args: argparse.Namespace) -> list[dict]:
                "--repeats", str(args.repeats)]
         row = dict(device=args.device, layout=layout, documents=args.score_docs, row=args.row, threads=args.threads,
                    status="ok", note="")
-        out, failure = _run_child(cmd, args.timeout)
+        out, failure = run_child(cmd, args.timeout)
         if failure is not None:
             rows.append({**row, **failure})
             continue

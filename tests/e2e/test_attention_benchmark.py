@@ -1,4 +1,5 @@
-"""benchmarks/score_throughput.py runs end to end on tiny settings and writes its files."""
+"""The attention benchmarks (score_throughput.py, attention_memory.py) run end to end on tiny
+settings and write their files."""
 
 from __future__ import annotations
 
@@ -49,3 +50,15 @@ def test_naive_reported_as_skipped_when_too_big(tmp_path):
     ])
     (row,) = csv.DictReader(open(tmp_path / "score_throughput_cpu.csv"))
     assert row["status"] == "skipped" and "GiB" in row["note"]
+
+
+def test_attention_memory_tiny_run(tmp_path):
+    """benchmarks/attention_memory.py: each case in its own child, one CSV row per case."""
+    from benchmarks import attention_memory as am
+
+    am.main(["--device", "cpu", "--lengths", "64", "--Hq", "2", "--Hkv", "1", "--Dh", "8", "--threads", "1",
+             "--sdpa", "--out", str(tmp_path), "--tag", "tiny"])
+    rows = list(csv.DictReader(open(tmp_path / "attention_memory_tiny.csv")))
+    assert [r["method"] for r in rows] == ["xtf", "eager", "sdpa"]
+    assert all(r["status"] == "ok" and float(r["peak_mb"]) > 0 and float(r["seconds"]) > 0 for r in rows), rows
+    assert (tmp_path / "attention_memory_tiny.png").stat().st_size > 0

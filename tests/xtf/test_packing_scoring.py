@@ -23,11 +23,6 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("m"))
-
-
-@pytest.fixture(scope="module")
 def ref_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("r"), seed=1)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -12,23 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests._tiny import SAMPLE_TEXTS, eager_received_attention, make_tiny_model_dir
+from tests._tiny import SAMPLE_TEXTS, make_tiny_model_dir
 
 pytestmark = pytest.mark.distributed
 
 
-def _ensure_attention() -> None:
-    try:
-        import xtf_kernels.attention  # noqa: F401
-    except ImportError:
-        mod = types.ModuleType("xtf_kernels.attention")
-        mod.collect_received_attention = eager_received_attention
-        sys.modules["xtf_kernels.attention"] = mod
-
-
 def _worker(rank: int, world: int, init_file: str, model_dir: str, data: str, out: str, kw: str = "{}") -> None:
     torch.set_num_threads(1)
-    _ensure_attention()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from xtf_kernels.xtf import score_dataset
@@ -46,7 +34,6 @@ def _files(d: Path) -> dict[str, bytes]:
                          ids=["paper", "readings"])
 def test_two_ranks_equal_single_process(tmp_path, kw):
     """Also under the contextual TR reading (global domain vector, min/max and histogram)."""
-    _ensure_attention()
     from xtf_kernels.xtf import score_dataset
 
     model_dir = make_tiny_model_dir(tmp_path)
@@ -68,7 +55,6 @@ def test_two_ranks_equal_single_process(tmp_path, kw):
 
 def _refusing_worker(rank: int, world: int, init_file: str, model_dir: str, data: str, out: str, res: str) -> None:
     torch.set_num_threads(1)
-    _ensure_attention()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from xtf_kernels.xtf import score_dataset
@@ -84,7 +70,6 @@ def _refusing_worker(rank: int, world: int, init_file: str, model_dir: str, data
 
 
 def test_a_refusal_on_rank_0_fails_every_rank(tmp_path):
-    _ensure_attention()
     from xtf_kernels.xtf import score_dataset
 
     model_dir = make_tiny_model_dir(tmp_path)

@@ -15,16 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tests._tiny import SAMPLE_TEXTS, make_tiny_model_dir
+from tests._tiny import SAMPLE_TEXTS
 from xtf_kernels.cli import main
 from xtf_kernels.xtf import RuleConfig, build_report, export_dataset, rundir, score_dataset
 from xtf_kernels.xtf import shards as sh
 from xtf_kernels.xtf.data import XTFDataError, iter_records, tokenize_records
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("m"))
 
 
 @pytest.fixture(scope="module")

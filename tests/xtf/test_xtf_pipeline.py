@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -23,22 +21,6 @@ from xtf_kernels.xtf import (
 )
 from xtf_kernels.xtf import shards as sh
 from xtf_kernels.xtf.multiotsu import multiotsu_from_histogram
-
-
-@pytest.fixture(autouse=True)
-def _attention_module(monkeypatch):
-    """Use xtf_kernels.attention when present; else the eager oracle under the same name."""
-    try:
-        import xtf_kernels.attention  # noqa: F401
-    except ImportError:
-        mod = types.ModuleType("xtf_kernels.attention")
-        mod.collect_received_attention = eager_received_attention
-        monkeypatch.setitem(sys.modules, "xtf_kernels.attention", mod)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("m"))
 
 
 def write_data(path: Path, n: int = 11) -> Path:

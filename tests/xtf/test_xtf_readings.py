@@ -4,8 +4,6 @@ ground-truth-free per-type diagnostics in summary.json."""
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -14,26 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests._tiny import SAMPLE_TEXTS, eager_received_attention, make_tiny_model_dir
+from tests._tiny import SAMPLE_TEXTS
 from xtf_kernels.xtf import RuleConfig, apply_rules, score_dataset
 from xtf_kernels.xtf.multiotsu import multiotsu_from_histogram
 from xtf_kernels.xtf.rules import type_diagnostics
 from xtf_kernels.xtf.scorers import reasoning_importance, uniform_received_mass
-
-
-@pytest.fixture(autouse=True)
-def _attention_module(monkeypatch):
-    try:
-        import xtf_kernels.attention  # noqa: F401
-    except ImportError:
-        mod = types.ModuleType("xtf_kernels.attention")
-        mod.collect_received_attention = eager_received_attention
-        monkeypatch.setitem(sys.modules, "xtf_kernels.attention", mod)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("m"))
 
 
 def _data(path: Path, n: int = 9) -> Path:
