@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html as html_mod
 import json
 import re
 
@@ -134,12 +135,13 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     from xtf_kernels.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--smoke", "--out", str(out), "--no-progress", "--quiet", "--ablation", "--readings"]) == 0
-    printed = capsys.readouterr().out
-    assert f"report: {out}/report.html" in printed
+    assert main(["demo", "--smoke", "--out", str(out), "--no-progress", "--ablation", "--readings"]) == 0
+    printed = capsys.readouterr()
+    assert f"report: {out}/report.html" in printed.out
+    assert "[seed 0] pretrained the base" in printed.err  # progress lines go with the bars, to stderr
     res = json.loads((out / "results.json").read_text())
     # the interpretation paragraph leads the terminal output and the report
-    assert printed.lstrip().startswith(res["interpretation"][:40]) and "exact match" in res["interpretation"]
+    assert printed.out.lstrip().startswith(res["interpretation"][:40]) and "exact match" in res["interpretation"]
     main_arms = {"base", "normal", "xtf", "random", "slm", "token_cleaning"}
     readings = {"xtf_contextual_tr", "xtf_debiased_ri", "xtf_protect_eos"}
     ablation = {"xtf_ri", "xtf_kn", "xtf_tr", "xtf_ri+kn", "xtf_ri+tr", "xtf_kn+tr"}
@@ -151,6 +153,18 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
         if k != "base":
             assert 0.0 <= m["kept_fraction"] <= 1.0 and 0.0 <= m["kept_noise_share"] <= 1.0
     assert res["methods"]["normal"]["kept_noise_share"] == pytest.approx(res["full_noise_share"])
+    # noise of the kept set by kind (corrupted results apart), and the flag against the full data
+    full = res["full_noise_by_kind"]
+    assert full["all"] == pytest.approx(res["full_noise_share"])
+    assert full["all"] == pytest.approx(full["filler"] + full["boilerplate"] + full["corrupt"])
+    assert full["targeted"] == pytest.approx(full["filler"] + full["boilerplate"])
+    for k, m in res["methods"].items():
+        if k == "base":
+            assert m["kept_noise_by_kind"] is None and m["noise_rises"] is None
+            continue
+        assert m["kept_noise_by_kind"]["all"] == pytest.approx(m["kept_noise_share"])
+        assert m["noise_rises"] == (m["kept_noise_share"] > res["full_noise_share"] + 1e-9)
+    assert res["methods"]["normal"]["noise_rises"] is False
     det = res["detection"]
     assert {"RI", "KN", "TR", "XTF (union)", "random (matched)"} <= set(det)
     assert all(0.0 <= v <= 1.0 for d in det.values() for v in d.values())
@@ -161,7 +175,10 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert {"always_masked", "per_type"} <= set(diag)
     html = (out / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html and "Token Cleaning" in html
-    assert "What the numbers show" in html
+    assert "What the numbers show" in html and "vs full data" in html
+    # sample generations of the first seed, per arm
+    first = res["per_seed"][0]["methods"]["normal"]["samples"][0]
+    assert "<h4>Normal FT</h4>" in html and html_mod.escape(first) in html
     for png in ("loss_curves.png", "accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "table.md").read_text()
@@ -227,6 +244,13 @@ def test_metrics_known_answers():
     assert g["exact_match"] == {"all": pytest.approx(1 / 3), "seen": 0.5, "new": 0.0}
     assert g["filler_share"] == pytest.approx(1 / 3) and g["answer_phrase_share"] == pytest.approx(2 / 3)
     assert kept_noise_share(np.array([1, 1, 0, 1], bool), np.array([0, 2, 1, 1])) == pytest.approx(2 / 3)
+    from xtf_kernels.demo.data import noise_shares
+
+    sh = noise_shares(np.array([1, 1, 0, 1, 1, 1], bool), np.array([0, 2, 1, 1, 3, 0]))
+    assert sh == pytest.approx({"all": 0.6, "filler": 0.2, "boilerplate": 0.2, "corrupt": 0.2, "targeted": 0.4})
+    assert noise_shares(np.zeros(3, bool), np.ones(3, int))["all"] == 0.0  # nothing kept: no division by zero
+    with pytest.raises(ValueError, match="keep, noise"):
+        noise_shares(np.ones(2, bool), np.ones(3, int))
     t = {"is_response": np.ones(45, bool), "token_id": np.array([4] * 25 + [5] * 20),
          "reasons": np.array([2] * 13 + [0] * 12 + [6] * 20)}
     assert kn_masked_types(t) == [4, 5] and kn_masked_types(t, share=0.9) == [5]

@@ -150,6 +150,8 @@ def test_type_diagnostics_known_answer_and_in_summary(model_dir, tmp_path):
     assert d["always_masked"]["count"] == 2 and [r["token"] for r in d["always_masked"]["top"]] == ["t4", "t1"]
     assert d["always_masked"]["top"][0]["TR"] == pytest.approx(39 / 40)
     assert [r["token_id"] for r in d["per_type"]] == [4, 1, 2]  # type 3 has < 20 occurrences
+    d1 = type_diagnostics(n, masked, per, top=1)  # top limits the always-masked list, not per_type
+    assert len(d1["always_masked"]["top"]) == 1 and len(d1["per_type"]) == 3
     with pytest.raises(ValueError, match="counts"):
         type_diagnostics(n, masked[:3], per)
     s = score_dataset(model_dir, _data(tmp_path / "d.jsonl"), tmp_path / "o", progress=False)
@@ -163,6 +165,12 @@ def test_type_diagnostics_known_answer_and_in_summary(model_dir, tmp_path):
         assert row["KN"] == pytest.approx(float(((t["reasons"][sel] & 2) > 0).mean()))
     saved = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert saved["diagnostics"]["always_masked"]["count"] == diag["always_masked"]["count"]
+    frequent = np.bincount(t["token_id"][resp])
+    assert len(diag["per_type"]) == int((frequent >= 20).sum())  # every frequent type, not a top list
+    from xtf_kernels.xtf import build_report
+
+    page = build_report(tmp_path / "o").read_text()
+    assert "Diagnostics (no ground truth needed)" in page and "masked share per rule" in page
 
 
 def test_xtf_score_cli_readings_flags(model_dir, tmp_path, capsys):
@@ -178,3 +186,21 @@ def test_xtf_score_cli_readings_flags(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--protect", "eos"])
     assert "--protect" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tr_source", ["input", "contextual"])
+def test_tr_class_agrees_with_saved_column_and_thresholds(model_dir, tmp_path, tr_source):
+    """The TR bit of every response token is its Multi-Otsu class from the saved (float32) column
+    and the saved thresholds: histogram, rules and file see the same values."""
+    from xtf_kernels.xtf.multiotsu import digitize
+
+    cfg = RuleConfig(enabled=("tr",))  # TR alone
+    s = score_dataset(model_dir, _data(tmp_path / "d.jsonl", n=12), tmp_path / "o", rules=cfg, progress=False,
+                      tr_source=tr_source)
+    thr = s["thresholds"]["tr"]["thresholds"]
+    assert thr is not None
+    t = _table(tmp_path / "o")
+    resp = t["is_response"]
+    assert t["tr"].dtype == np.float32
+    want = resp & (digitize(t["tr"], np.asarray(thr)) == cfg.tr_masked_class)
+    np.testing.assert_array_equal((t["reasons"] & 4) > 0, want)

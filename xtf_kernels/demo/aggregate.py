@@ -3,8 +3,11 @@
 ``results.json`` keys: ``methods.<key>`` for ``base``, ``normal``, ``xtf``, ``random``, ``slm``,
 ``token_cleaning`` and the ablation / readings arms, each with ``exact_match: {all, seen,
 new}`` (means over seeds, fractions in [0, 1]), ``per_seed`` and ``std`` of the same three,
-``kept_fraction``, ``kept_noise_share`` (SLM: the mean over steps), ``filler_share``,
-``answer_phrase_share``, ``retention``; plus ``interpretation`` (a paragraph).
+``kept_fraction``, ``kept_noise_share`` (SLM: the mean over steps), ``kept_noise_by_kind``
+(``all``, ``filler``, ``boilerplate``, ``corrupt``, ``targeted`` = filler + boilerplate),
+``noise_rises`` (the kept set holds more injected noise than the full data: a warning),
+``filler_share``, ``answer_phrase_share``, ``retention``; ``full_noise_share`` and
+``full_noise_by_kind`` of the full data; plus ``interpretation`` (a paragraph).
 """
 
 from __future__ import annotations
@@ -35,7 +38,16 @@ def _method(rows: list[dict], key: str) -> dict:
            "per_seed": per}
     for f in ("kept_fraction", "kept_noise_share", "filler_share", "answer_phrase_share", "retention"):
         out[f] = _mean([r.get(f) for r in rows])
+    by_kind = [r["kept_noise_by_kind"] for r in rows if r.get("kept_noise_by_kind")]
+    out["kept_noise_by_kind"] = {k: _mean([b.get(k) for b in by_kind]) for k in by_kind[0]} if by_kind else None
     return out
+
+
+def _flag_noise(methods: dict, full: float) -> None:
+    """``noise_rises`` per arm: its kept set holds more injected noise than the full data."""
+    for r in methods.values():
+        ks = r.get("kept_noise_share")
+        r["noise_rises"] = None if ks is None else bool(ks > full + 1e-9)
 
 
 def aggregate(cfg, per_seed: Sequence[dict], out_dir: str | Path, *, seconds: float | None = None,
@@ -70,16 +82,23 @@ def aggregate(cfg, per_seed: Sequence[dict], out_dir: str | Path, *, seconds: fl
         "detection": detection,
         "noise_tokens": per_seed[0]["detection"]["_noise_tokens"],
         "full_noise_share": float(np.mean([r["full_noise_share"] for r in per_seed])),
+        "full_noise_by_kind": _mean_dicts([r.get("full_noise_by_kind") for r in per_seed]),
         "params": per_seed[0].get("params"),
         "vocab": per_seed[0].get("vocab"),
         "seconds": seconds,
         "native_backend": native,
         "per_seed": [{k: v for k, v in r.items() if k != "losses"} for r in per_seed],
     }
+    _flag_noise(methods, results["full_noise_share"])
     results["interpretation"] = interpret(results)
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     write_report(results, [r.get("losses", {}) for r in per_seed], out)
     return results
+
+
+def _mean_dicts(ds: list[dict | None]) -> dict | None:
+    ds = [d for d in ds if d]
+    return {k: _mean([d.get(k) for d in ds]) for k in ds[0]} if ds else None
 
 
 def _pct(x: float | None) -> str:
@@ -123,6 +142,13 @@ def interpret(results: dict) -> str:
         trend = "lower than" if ks < full else "HIGHER than"
         s += (f"XTF keeps {_pct(xx['kept_fraction'])} of the response tokens, and {_pct(ks)} of what it keeps is injected "
               f"noise, {trend} the {_pct(full)} of the full data{'' if ks < full else ' (a warning: the filter concentrates noise)'}. ")
+    tk, tf = (xx.get("kept_noise_by_kind") or {}).get("targeted"), (results.get("full_noise_by_kind") or {}).get("targeted")
+    if tk is not None and tf is not None:
+        s += (f"Of the noise XTF targets (filler and boilerplate; corrupted results are outside it) its kept set holds "
+              f"{_pct(tk)}, against {_pct(tf)} in the full data. ")
+    rising = [r["label"] for k, r in m.items() if k != "normal" and r.get("noise_rises")]
+    if rising:
+        s += f"Kept sets with more injected noise than the full data (flagged): {', '.join(rising)}. "
     if "random" in m:
         s += f"Random masking at the same ratio gives {_pct(m['random']['exact_match']['all'])}. "
     for k, name in (("slm", "SLM"), ("token_cleaning", "Token Cleaning")):

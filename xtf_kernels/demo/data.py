@@ -24,6 +24,8 @@ from pathlib import Path
 
 __all__ = [
     "NOISE_KINDS",
+    "TARGETED_KINDS",
+    "noise_shares",
     "FILLER_PHRASES",
     "CHAT_TEMPLATES",
     "CHAT_SLOTS",
@@ -44,6 +46,31 @@ __all__ = [
 ]
 
 NOISE_KINDS: tuple[str, ...] = ("filler", "boilerplate", "corrupt")
+#: The kinds XTF is designed to catch (KN: boilerplate; TR and RI: filler). Corrupted
+#: intermediate results stay in the data and are reported apart.
+TARGETED_KINDS: tuple[str, ...] = ("filler", "boilerplate")
+
+
+def noise_shares(keep, noise) -> dict[str, float]:
+    """Shares of the kept tokens that are injected noise: ``all``, each kind of
+    :data:`NOISE_KINDS`, and ``targeted`` (:data:`TARGETED_KINDS`).
+
+    Args:
+        keep: bool ``[N]`` (NumPy or torch), the kept tokens.
+        noise: int ``[N]``, 0 for clean tokens, else the kind's index in :data:`NOISE_KINDS` + 1.
+    """
+    import numpy as np
+
+    keep = np.asarray(keep, bool).reshape(-1)
+    noise = np.asarray(noise).reshape(-1)
+    if keep.shape != noise.shape:
+        raise ValueError(f"keep, noise: expected one length, got {keep.size} and {noise.size}")
+    kept = noise[keep]
+    n = max(int(kept.size), 1)
+    out = {"all": float((kept > 0).sum() / n)}
+    out.update({k: float((kept == i).sum() / n) for i, k in enumerate(NOISE_KINDS, start=1)})
+    out["targeted"] = float(sum(out[k] for k in TARGETED_KINDS))
+    return out
 
 #: Off-topic conversational sentences: slot templates of the conversational domain. The
 #: pretraining corpus holds documents of these sentences (so their tokens get trained

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .data import MathExample, chat_words
+from .data import MathExample, chat_words, noise_shares
 from .tokenizer import encode_example
 from .train import extract_answer, teacher_forced_logprobs
 
@@ -43,9 +43,9 @@ def generation_metrics(texts: Sequence[str], examples: Sequence[MathExample]) ->
 
 
 def kept_noise_share(keep: np.ndarray, noise: np.ndarray) -> float:
-    """Share of kept tokens that are injected noise (``keep`` bool ``[N]``, ``noise`` int ``[N]``)."""
-    keep = np.asarray(keep, bool)
-    return float((keep & (np.asarray(noise) > 0)).sum() / max(int(keep.sum()), 1))
+    """Share of kept tokens that are injected noise of any kind (``keep`` bool ``[N]``, ``noise``
+    int ``[N]``); :func:`~xtf_kernels.demo.data.noise_shares` splits it by kind."""
+    return noise_shares(keep, noise)["all"]
 
 
 def kn_masked_types(table: dict, *, min_count: int = 20, share: float = 0.5) -> list[int]:

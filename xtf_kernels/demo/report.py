@@ -14,31 +14,49 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["comparison_table", "detection_table", "write_report"]
+__all__ = ["comparison_table", "detection_table", "noise_note", "write_report"]
 
 
 def _p(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _noise_cells(r: dict) -> list[str]:
+    kinds = r.get("kept_noise_by_kind") or {}
+    flag = "-" if r.get("noise_rises") is None else "HIGHER" if r["noise_rises"] else "lower"
+    return [_p(r.get("kept_noise_share")), _p(kinds.get("targeted")), _p(kinds.get("corrupt")), flag]
+
+
+def noise_note(results: dict) -> str:
+    """One sentence: the injected-noise share of the full data, by kind (what "vs full data" compares to)."""
+    full, fk = results.get("full_noise_share"), results.get("full_noise_by_kind") or {}
+    if full is None:
+        return ""
+    return (f"Full data: {_p(full)} % of the response tokens are injected noise (targeted, i.e. filler + boilerplate: "
+            f"{_p(fk.get('targeted'))} %; corrupted results, outside what XTF targets: {_p(fk.get('corrupt'))} %). "
+            "\"vs full data\" flags a kept set that holds more.")
+
+
 def comparison_table(results: dict) -> str:
     """Markdown table: per method, exact match all / seen / new (mean +/- std over seeds, %),
-    delta vs normal FT, kept %, noise share of the kept set %, filler and answer-phrase shares,
-    retention of the KN-masked types."""
+    delta vs normal FT, kept %, noise share of the kept set % (all; targeted = filler +
+    boilerplate; corrupt) and whether it is higher than the full data's, filler and
+    answer-phrase shares of the generations, retention of the KN-masked types."""
     if not isinstance(results, dict) or "methods" not in results:
         raise ValueError("results: expected the dict returned by run_demo (with 'methods')")
     m = results["methods"]
     n = len(results.get("seeds", [])) or 1
     ref = m.get("normal", {}).get("exact_match", {}).get("all")
     lines = [f"| method | exact match % ({n} seed{'s' if n > 1 else ''}) | seen | new | vs normal | kept % "
-             "| kept noise % | filler % | \"The answer is\" % | retention % |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| kept noise % | targeted % | corrupt % | vs full data | filler % | \"The answer is\" % | retention % |",
+             "|---" * 13 + "|"]
     for name, r in m.items():
         em, sd = r["exact_match"], r["std"]
         delta = "" if ref is None or name in ("normal", "base") else f"{100 * (em['all'] - ref):+.1f}"
-        lines.append(f"| {r['label']} | {100 * em['all']:.1f} +/- {100 * sd['all']:.1f} | {100 * em['seen']:.1f} "
-                     f"| {100 * em['new']:.1f} | {delta} | {_p(r.get('kept_fraction'))} | {_p(r.get('kept_noise_share'))} "
-                     f"| {_p(r.get('filler_share'))} | {_p(r.get('answer_phrase_share'))} | {_p(r.get('retention'))} |")
+        cells = [r["label"], f"{100 * em['all']:.1f} +/- {100 * sd['all']:.1f}", f"{100 * em['seen']:.1f}",
+                 f"{100 * em['new']:.1f}", delta, _p(r.get("kept_fraction")), *_noise_cells(r),
+                 _p(r.get("filler_share")), _p(r.get("answer_phrase_share")), _p(r.get("retention"))]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -129,7 +147,7 @@ def write_report(results: dict, losses: Sequence[dict[str, list[float]]], out_di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     comp, det = comparison_table(results), detection_table(results)
-    (out / "table.md").write_text("## Comparison\n\n" + comp + "\n\n## Noise detection (response tokens)\n\n" + det + "\n",
+    (out / "table.md").write_text("## Comparison\n\n" + comp + "\n\n" + noise_note(results) + "\n\n## Noise detection (response tokens)\n\n" + det + "\n",
                                   encoding="utf-8")
     imgs = _plots(results, losses, out)
     emb = "".join(
@@ -137,8 +155,9 @@ def write_report(results: dict, losses: Sequence[dict[str, list[float]]], out_di
     )
     cfg = results.get("config", {})
     noise = results.get("noise_tokens", {})
-    samples = results.get("per_seed", [{}])[0].get("samples", {})
-    samp = "".join(f"<h4>{html.escape(k)}</h4><pre>{html.escape(chr(10).join(v[:3]))}</pre>" for k, v in samples.items())
+    first = (results.get("per_seed") or [{}])[0].get("methods", {})
+    samp = "".join(f"<h4>{html.escape(results['methods'].get(k, {}).get('label', k))}</h4>"
+                   f"<pre>{html.escape(chr(10).join(r['samples'][:3]))}</pre>" for k, r in first.items() if r.get("samples"))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>xtf demo report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
@@ -150,7 +169,7 @@ img{{max-width:100%;display:block;margin:1em 0}}pre{{background:#f6f6f6;padding:
 {html.escape(str(results.get('params')))} parameters, vocabulary {html.escape(str(results.get('vocab')))}, regime {html.escape(str(cfg.get('regime')))}, {cfg.get('finetune_steps')}
 fine-tuning steps per method (same base, seed and batch order). Exact match of the final answer, greedy decoding.
 Method: Yang et al., <i>Explainable Token-level Noise Filtering for LLM Fine-tuning Datasets</i>, ICLR 2026 (arXiv:2602.14536).</p>
-<h2>Comparison</h2>{_md_to_html_table(comp)}
+<h2>Comparison</h2>{_md_to_html_table(comp)}<p>{html.escape(noise_note(results))}</p>
 <h2>How well the XTF masks find the injected noise</h2>
 <p>Injected noise tokens (seed {results['seeds'][0]}): {html.escape(str(noise))}</p>{_md_to_html_table(det)}
 <h2>Plots</h2>{emb}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ import torch
 
 from ..xtf import RuleConfig
 from .arms import Arm, static_arms
-from .data import NoiseConfig, make_demo_data, write_jsonl
+from .data import NOISE_KINDS, NoiseConfig, make_demo_data, noise_shares, write_jsonl
 from .metrics import generation_metrics, kept_noise_share, kn_masked_types, retention
 from .scoring import detection_metrics, reasons_for, score_examples
 from .tokenizer import train_tokenizer
@@ -120,8 +121,9 @@ SCALES: dict[str, DemoConfig] = {
 
 
 def _log(msg: str, quiet: bool) -> None:
+    """A progress line, on stderr with the progress bars: stdout starts with the results."""
     if not quiet:
-        print(msg, flush=True)
+        print(msg, file=sys.stderr, flush=True)
 
 
 def ensure_native(quiet: bool = False) -> str:
@@ -151,6 +153,8 @@ def ensure_native(quiet: bool = False) -> str:
 def _per_example(flat: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
     return [flat[bounds[i] : bounds[i + 1]] for i in range(bounds.size - 1)]
 
+
+_SHARE_KEYS = ("all", *NOISE_KINDS, "targeted")
 
 # state shared with the forked arm workers (set before the pool starts)
 _STATE: dict = {}
@@ -187,11 +191,12 @@ def _run_arm(arm: Arm) -> dict:
     model, losses = _finetune(st["base"], cfg, data, seed, select=arm.select, record=record, desc=arm.key)
     t_ft = time.perf_counter() - t
     res = _evaluate(model, st["tok"], st["eval"], st["kn_types"])
-    if arm.select is not None:
-        share = float(np.mean(record.get("kept_noise_share", [np.nan])))
+    if arm.select is not None:  # the mean over steps of what the policy kept
+        steps = record.get("kept_noise", [])
+        shares = {k: float(np.mean([r[k] for r in steps])) if steps else float("nan") for k in _SHARE_KEYS}
     else:
-        share = kept_noise_share(arm.keep, st["noise_flat"])
-    res.update(kept_fraction=arm.kept_fraction, kept_noise_share=share, losses=losses,
+        shares = noise_shares(arm.keep, st["noise_flat"])
+    res.update(kept_fraction=arm.kept_fraction, kept_noise_share=shares["all"], kept_noise_by_kind=shares, losses=losses,
                seconds={"finetune": t_ft, "eval": time.perf_counter() - t - t_ft})
     return res
 
@@ -299,7 +304,7 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, *, progress: bool = True, qu
                   ref_lp=ref_lp, noise=_per_example(table["noise"], bounds), noise_flat=table["noise"])
     t = time.perf_counter()
     methods = {"base": _evaluate(base, tok, split, kn_types)}
-    methods["base"].update(kept_fraction=None, kept_noise_share=None, losses=[])
+    methods["base"].update(kept_fraction=None, kept_noise_share=None, kept_noise_by_kind=None, losses=[])
     _log(f"[seed {seed}] fine-tuning {len(arms)} arms ({cfg.regime}, {cfg.finetune_steps} steps each, "
          f"{min(cfg.workers, len(arms))} worker(s)) ...", quiet)
     methods.update(_run_arms(arms, cfg.workers))
@@ -316,6 +321,7 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, *, progress: bool = True, qu
            "diagnostics": summary.get("diagnostics"), "xtf_ratio": xtf_ratio, "params": count_params(base),
            "vocab": len(tok), "kn_masked_types": [tok.convert_ids_to_tokens(i) for i in kn_types],
            "full_noise_share": kept_noise_share(resp, table["noise"]),
+           "full_noise_by_kind": noise_shares(resp, table["noise"]),
            "tr_thresholds": summary["thresholds"]["tr"]["thresholds"], "timings": timings}
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
     (out / "seed_result.json").write_text(json.dumps(res, indent=1), encoding="utf-8")

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..ops import masked_ce
-from .data import MathExample
+from .data import MathExample, noise_shares
 from .tokenizer import encode_example
 
 __all__ = ["ModelSize", "make_model", "Batchable", "train", "clone_model", "with_lora", "greedy_answers", "exact_match",
@@ -65,8 +65,9 @@ class Batchable:
         n_prompt: prompt length per sequence (those labels are ignored).
         keep: optional per-token bool keep masks (label-aligned, same lengths as ``ids``).
         ref_logprobs: optional per-token reference-model log-probs (for ``select`` policies).
-        noise: optional per-token ground-truth noise labels (> 0 = injected noise); only used to
-            record the noise share of a dynamic selection (SLM) per step.
+        noise: optional per-token ground-truth noise labels (0 clean, else the kind's index in
+            ``NOISE_KINDS`` + 1); only used to record the noise shares of a dynamic selection
+            (SLM) per step.
     """
 
     ids: list[list[int]]
@@ -96,7 +97,7 @@ class Batchable:
         labels = torch.full_like(ids, -100)
         keep = torch.ones((len(rows), L), dtype=torch.bool) if self.keep is not None else None
         ref = torch.zeros((len(rows), L)) if self.ref_logprobs is not None else None
-        noise = torch.zeros((len(rows), L), dtype=torch.bool) if self.noise is not None else None
+        noise = torch.zeros((len(rows), L), dtype=torch.int8) if self.noise is not None else None
         for b, (i, r) in enumerate(zip(idx, rows)):
             n = len(r)
             ids[b, :n] = torch.tensor(r)
@@ -107,7 +108,7 @@ class Batchable:
             if ref is not None:
                 ref[b, :n] = torch.from_numpy(np.nan_to_num(np.asarray(self.ref_logprobs[i][:n], np.float32)))
             if noise is not None:
-                noise[b, :n] = torch.from_numpy(np.asarray(self.noise[i][:n]) > 0)
+                noise[b, :n] = torch.from_numpy(np.asarray(self.noise[i][:n], dtype=np.int8))
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "keep": keep, "ref": ref, "noise": noise}
 
 
@@ -134,7 +135,8 @@ def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, see
         max_len: truncate sequences (default: the model's ``max_position_embeddings``).
         autocast_dtype: e.g. ``torch.bfloat16`` on a GPU (None: the parameters' dtype).
         record: optional dict; with ``select`` and ``data.noise`` it receives
-            ``kept_noise_share`` (per step: the injected-noise share of the tokens ``select`` kept).
+            ``kept_noise`` (per step: :func:`~xtf_kernels.demo.data.noise_shares` of the tokens
+            ``select`` kept).
 
     Any ``*ForCausalLM`` (also wrapped by ``peft``) works: the decoder is ``get_decoder()``, the
     head ``get_output_embeddings()`` (bias and ``final_logit_softcapping`` honoured); only
@@ -179,8 +181,7 @@ def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, see
                          keep=b["keep"], shift=True, softcap=softcap,
                          ref_logprobs=b["ref"] if select is not None else None, select=sel)
         if sel is not None and sel is not select and sel.last is not None:
-            kept = sel.last.to(b["noise"].device)
-            record.setdefault("kept_noise_share", []).append(float((kept & b["noise"]).sum() / max(int(kept.sum()), 1)))
+            record.setdefault("kept_noise", []).append(noise_shares(sel.last.cpu(), b["noise"].cpu()))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -128,8 +128,9 @@ class ContextualTR:
             return None, f"TR rule off: {e}"
 
     def scores(self, s: int) -> np.ndarray:
-        """S_TR of shard ``s``'s rows: ``1 - (d - min) / (max - min)``; NaN at prompt tokens."""
+        """S_TR of shard ``s``'s rows: ``1 - (d - min) / (max - min)``, float32 (as saved, so the
+        histogram and the rules see the saved values); NaN at prompt tokens."""
         d = self._dist(s)
         if not np.isfinite(self.dmin) or self.dmax <= self.dmin:
-            return np.where(np.isnan(d), np.nan, 1.0)
-        return 1.0 - (d - self.dmin) / (self.dmax - self.dmin)
+            return np.where(np.isnan(d), np.nan, 1.0).astype(np.float32)
+        return (1.0 - (d - self.dmin) / (self.dmax - self.dmin)).astype(np.float32)

@@ -106,6 +106,10 @@ def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> di
     return out
 
 
+#: per-type rows shown in the report (summary.json lists every type with enough occurrences)
+_TYPE_ROWS = 20
+
+
 def _diagnostics_html(diag: dict | None) -> str:
     """The ground-truth-free warnings of ``summary.json``: always-masked types, per-type shares."""
     if not diag:
@@ -127,7 +131,9 @@ def _diagnostics_html(diag: dict | None) -> str:
         f"{am['min_count']} occurrences are masked at &ge; {am['share']:.0%} of their occurrences "
         f"({am['occurrences']} tokens; {warn}). Such a type is masked for what it is, not where it stands.</p>"
         f"<div class=\"cards\"><table><caption>always masked (most frequent)</caption>{head}{rows(am['top'])}</table>"
-        f"<table><caption>most frequent types: masked share per rule</caption>{head}{rows(diag['per_type'])}</table></div>"
+        f"<table><caption>the {min(len(diag['per_type']), _TYPE_ROWS)} most frequent of {len(diag['per_type'])} types: "
+        f"masked share per rule (all of them in summary.json)</caption>{head}{rows(diag['per_type'][:_TYPE_ROWS])}"
+        "</table></div>"
     )
 
 

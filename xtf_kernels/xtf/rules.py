@@ -287,13 +287,14 @@ def type_diagnostics(
         decode: optional ``token_id -> str`` for readable names.
         min_count: types with fewer occurrences are left out.
         share: the "always masked" cut.
-        top: rows listed.
+        top: rows listed in ``always_masked.top``.
 
     Returns:
         ``{"always_masked": {"count", "min_count", "share", "occurrences", "top": [...]},
-        "per_type": [...]}``: each listed row has ``token_id``, ``token``, ``count``,
-        ``masked_share`` and the share per rule; ``always_masked.top`` are the most frequent
-        always-masked types, ``per_type`` the most frequent types overall.
+        "per_type": [...]}``: each row has ``token_id``, ``token``, ``count``,
+        ``masked_share`` and the share per rule; ``always_masked.top`` are the ``top`` most
+        frequent always-masked types, ``per_type`` every type with ``>= min_count``
+        occurrences, most frequent first.
     """
     n = np.asarray(counts, dtype=np.int64)
     m = np.asarray(masked, dtype=np.int64)
@@ -315,5 +316,5 @@ def type_diagnostics(
     return {
         "always_masked": {"count": int(always.size), "min_count": int(min_count), "share": float(share),
                           "occurrences": int(n[always].sum()), "top": [row(t) for t in always[:top]]},
-        "per_type": [row(t) for t in by_count[:top]],
+        "per_type": [row(t) for t in by_count],
     }

@@ -70,7 +70,9 @@ def reduce_between_passes(run: ScoreRun) -> Between:
         trel.add(t["token_id"].to_numpy()[t["is_response"].to_numpy()])
     local_counts = trel.counts.copy()
     trel.counts = sh.all_reduce_sum(local_counts).astype(np.int64)
-    tr_vocab = trel.finalize(run.model.get_input_embeddings().weight.detach(), run.domain_ids)
+    # S_TR is a float32 quantity from here on: the histogram, the rules and the saved column all
+    # see the same values, so a token's class always agrees with the thresholds (bin edges)
+    tr_vocab = trel.finalize(run.model.get_input_embeddings().weight.detach(), run.domain_ids).astype(np.float32)
     ctx = None
     if run.contextual:
         ctx, thresholds, tr_note = _contextual_thresholds(run, trel)
