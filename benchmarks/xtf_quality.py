@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> dict:
             gens = greedy_answers(model, tok, [r["prompt"] for r in test_recs], max_new_tokens=args.max_new_tokens,
                                   batch_size=args.eval_batch_size)
         acc = float(np.mean([extract(g, args.task) == r["gold"] for g, r in zip(gens, test_recs)]))
-        # the demo's results.json keys (one seed; no ground-truth noise labels on real data)
+        # the demo's results.json key names; one seed, and real data has no template groups (so no
+        # exact_match.seen / .new) and no ground-truth noise labels (kept_noise_share is None)
         results[m] = {"exact_match": {"all": acc}, "per_seed": {"all": [acc]}, "std": {"all": 0.0},
                       "kept_fraction": float(np.mean(np.concatenate(specs[m]["keep"])[resp]))
                       if "keep" in specs[m] else (1.0 if m == "normal" else base_ratio),

@@ -241,7 +241,8 @@ _FLAGS = {
               "domain_words": "--domain-words", "tr_metric": "--tr-metric", "truncation": "--truncation",
               "on_error": "--on-error", "add_eos": "--no-eos", "ri_k": "--ri-k", "kn_threshold": "--kn-threshold",
               "tr_classes": "--tr-classes", "tr_masked_class": "--tr-masked-class", "enabled": "--rules",
-              "rules": "the rule options", "pack": "--pack"},
+              "rules": "the rule options", "pack": "--pack", "tr_source": "--tr-source",
+              "ri_aggregation": "--ri-aggregation", "protect": "--protect"},
     "export": {"out_dir": "DIR", "dest": "--to", "format": "--format", "policy": "--policy", "ratio": "--ratio"},
     "report": {"out_dir": "DIR", "dest": "--out", "max_examples": "--max-examples"},
 }

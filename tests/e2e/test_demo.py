@@ -256,8 +256,24 @@ def test_metrics_known_answers():
     assert kn_masked_types(t) == [4, 5] and kn_masked_types(t, share=0.9) == [5]
 
 
-def test_selection_grid_and_reported_seeds_refused(capsys):
-    from xtf_kernels.demo.selection import GRID, VALIDATION_SEEDS, main
+def test_demo_lora_regime_on_validation_split(tmp_path, capsys):
+    """--regime lora trains LoRA adapters through peft (the reference model merged for SLM / Token
+    Cleaning); --eval-split validation with a reported seed warns."""
+    from xtf_kernels.cli import main
+
+    out = tmp_path / "lora"
+    assert main(["demo", "--smoke", "--regime", "lora", "--eval-split", "validation", "--seeds", "0",
+                 "--no-progress", "--quiet", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "are the reported seeds" in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["regime"] == "lora" and res["eval_split"] == "validation"
+    assert {"normal", "xtf", "slm", "token_cleaning"} <= set(res["methods"])
+    assert all(0.0 <= m["exact_match"]["all"] <= 1.0 for m in res["methods"].values())
+
+
+def test_selection_grid_and_reported_seeds_refused(tmp_path, capsys):
+    from xtf_kernels.demo.selection import GRID, VALIDATION_SEEDS, main, sweep
 
     assert not set(VALIDATION_SEEDS) & {0, 1, 2}
     names = [n for n, _ in GRID]
@@ -265,3 +281,6 @@ def test_selection_grid_and_reported_seeds_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--out", "/tmp/never", "--seeds", "1", "100"])
     assert "reported seeds" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="reported seeds"):  # the function refuses them too
+        sweep(tmp_path / "never", seeds=(2,))
+    assert not (tmp_path / "never").exists()

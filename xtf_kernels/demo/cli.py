@@ -118,6 +118,12 @@ def _run_inner(a: argparse.Namespace, threads: int | None) -> int:
     cfg = replace(cfg, ablation=bool(a.ablation), readings=bool(a.readings), eval_split=a.eval_split, **over)
     if any(s < 0 for s in a.seeds):
         raise ValueError(f"--seeds: expected ints >= 0, got {a.seeds}")
+    if a.eval_split == "validation" and not a.collect:
+        from .selection import REPORTED_SEEDS
+
+        if set(a.seeds) & set(REPORTED_SEEDS):
+            print(f"xtf demo: warning: seeds {sorted(set(a.seeds) & set(REPORTED_SEEDS))} are the reported seeds; "
+                  "design choices on the validation split should use other seeds (e.g. 100 101)", file=sys.stderr)
     out = a.out or tempfile.mkdtemp(prefix="xtf-demo-")
     if a.collect:
         res = collect(out, a.collect)

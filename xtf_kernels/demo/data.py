@@ -4,7 +4,8 @@ Every example is a ``prompt`` ("Question: ...\\nAnswer:") and a ``response`` (a 
 step-by-step sentences ending in "The answer is N."). Fine-tuning examples carry noise whose
 exact character spans in the response are recorded as :class:`NoiseSpan`:
 
-* ``filler``: an off-topic phrase inserted between two steps (never in the pretraining text);
+* ``filler``: an off-topic conversational sentence inserted between two steps, drawn from the
+  same distribution as the pretraining text's conversational domain;
 * ``boilerplate``: a stock phrase the base model already knows (it is in the pretraining text);
 * ``corrupt``: the result of an intermediate equation replaced by a wrong number (the
   following steps keep the correct value, so only that number is wrong).
