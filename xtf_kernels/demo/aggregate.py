@@ -5,7 +5,8 @@
 new}`` (means over seeds, fractions in [0, 1]), ``per_seed`` and ``std`` of the same three,
 ``kept_fraction``, ``kept_noise_share`` (SLM: the mean over steps), ``kept_noise_by_kind``
 (``all``, ``filler``, ``boilerplate``, ``corrupt``, ``targeted`` = filler + boilerplate),
-``noise_rises`` (the kept set holds more injected noise than the full data: a warning),
+``noise_rises`` (the kept set holds more than 1.1x the full data's injected-noise share: a
+warning),
 ``filler_share``, ``answer_phrase_share``, ``retention``; ``full_noise_share`` and
 ``full_noise_by_kind`` of the full data; plus ``interpretation`` (a paragraph).
 """
@@ -43,11 +44,16 @@ def _method(rows: list[dict], key: str) -> dict:
     return out
 
 
+#: ``noise_rises`` fires when a kept set's noise share exceeds the full data's by more than this
+#: fraction of it (19 % -> above 20.9 %): random masking at any ratio stays below it.
+NOISE_RISE = 0.10
+
+
 def _flag_noise(methods: dict, full: float) -> None:
-    """``noise_rises`` per arm: its kept set holds more injected noise than the full data."""
+    """``noise_rises`` per arm: its kept set holds clearly more injected noise than the full data."""
     for r in methods.values():
         ks = r.get("kept_noise_share")
-        r["noise_rises"] = None if ks is None else bool(ks > full + 1e-9)
+        r["noise_rises"] = None if ks is None else bool(ks > (1.0 + NOISE_RISE) * full)
 
 
 def aggregate(cfg, per_seed: Sequence[dict], out_dir: str | Path, *, seconds: float | None = None,
@@ -148,7 +154,8 @@ def interpret(results: dict) -> str:
               f"{_pct(tk)}, against {_pct(tf)} in the full data. ")
     rising = [r["label"] for k, r in m.items() if k != "normal" and r.get("noise_rises")]
     if rising:
-        s += f"Kept sets with more injected noise than the full data (flagged): {', '.join(rising)}. "
+        s += (f"Kept sets with more than {1 + NOISE_RISE:.1f}x the full data's noise share (flagged): "
+              f"{', '.join(rising)}. ")
     if "random" in m:
         s += f"Random masking at the same ratio gives {_pct(m['random']['exact_match']['all'])}. "
     for k, name in (("slm", "SLM"), ("token_cleaning", "Token Cleaning")):

@@ -139,8 +139,9 @@ def _run_inner(a: argparse.Namespace, threads: int | None) -> int:
     print(comparison_table(res))
     print()
     print(detection_table(res))
-    print(f"\nseeds {res['seeds']} ({res['eval_split']} split); {res['params']:,} parameters; native backend: "
-          f"{res.get('native_backend')}; torch threads: {threads or torch.get_num_threads()} per process; "
+    native = f"native backend: {res['native_backend']}; " if res.get("native_backend") else ""
+    print(f"\nseeds {res['seeds']} ({res['eval_split']} split); {res['params']:,} parameters; {native}"
+          f"torch threads: {threads or torch.get_num_threads()} per process; "
           f"{res['seconds']:.0f} s in total")
     print(f"report: {out}/report.html")
     return 0

@@ -34,7 +34,7 @@ def noise_note(results: dict) -> str:
         return ""
     return (f"Full data: {_p(full)} % of the response tokens are injected noise (targeted, i.e. filler + boilerplate: "
             f"{_p(fk.get('targeted'))} %; corrupted results, outside what XTF targets: {_p(fk.get('corrupt'))} %). "
-            "\"vs full data\" flags a kept set that holds more.")
+            "\"vs full data\" says HIGHER where a kept set holds more than 1.1x that share.")
 
 
 def comparison_table(results: dict) -> str:
