@@ -188,6 +188,19 @@ def test_xtf_score_cli_readings_flags(model_dir, tmp_path, capsys):
     assert "--protect" in capsys.readouterr().err
 
 
+def test_xtf_score_cli_warns_of_always_masked_types(model_dir, tmp_path, capsys):
+    """With KN masking every score below 1, every frequent type is always masked: the CLI says so."""
+    from xtf_kernels.cli import main
+
+    data, out = _data(tmp_path / "d.jsonl", n=40), tmp_path / "cli"  # enough for >= 20 occurrences
+    assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet",
+                 "--kn-threshold", "1"]) == 0
+    printed = capsys.readouterr().out
+    diag = json.loads((out / "summary.json").read_text())["diagnostics"]["always_masked"]
+    assert diag["count"] > 0
+    assert f"warning: {diag['count']} token types (>= 20 occurrences) are masked at >= 95% of their" in printed
+
+
 @pytest.mark.parametrize("tr_source", ["input", "contextual"])
 def test_tr_class_agrees_with_saved_column_and_thresholds(model_dir, tmp_path, tr_source):
     """The TR bit of every response token is its Multi-Otsu class from the saved (float32) column
