@@ -31,4 +31,7 @@ def run_child(cmd: list[str], timeout: float) -> tuple[dict | None, dict | None]
     lines = res.stdout.strip().splitlines()
     if not lines:
         return None, {"status": "failed", "note": "the child printed no result"}
-    return json.loads(lines[-1]), None
+    try:
+        return json.loads(lines[-1]), None
+    except json.JSONDecodeError:
+        return None, {"status": "failed", "note": f"the child's last line is not a JSON result: {lines[-1][:160]}"}

@@ -62,3 +62,15 @@ def test_attention_memory_tiny_run(tmp_path):
     assert [r["method"] for r in rows] == ["xtf", "eager", "sdpa"]
     assert all(r["status"] == "ok" and float(r["peak_mb"]) > 0 and float(r["seconds"]) > 0 for r in rows), rows
     assert (tmp_path / "attention_memory_tiny.png").stat().st_size > 0
+
+
+def test_run_child_reports_instead_of_raising():
+    import sys
+
+    from benchmarks._child import run_child
+
+    assert run_child([sys.executable, "-c", "print('x'); print('{\"a\": 1}')"], 60) == ({"a": 1}, None)
+    out, failure = run_child([sys.executable, "-c", "print('not json')"], 60)
+    assert out is None and failure["status"] == "failed" and "not a JSON result" in failure["note"]
+    out, failure = run_child([sys.executable, "-c", "import sys; sys.exit('boom')"], 60)
+    assert out is None and failure == {"status": "failed", "note": "boom"}

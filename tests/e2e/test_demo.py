@@ -164,7 +164,10 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
             continue
         assert m["kept_noise_by_kind"]["all"] == pytest.approx(m["kept_noise_share"])
         assert m["noise_rises"] == (m["kept_noise_share"] > 1.1 * res["full_noise_share"])
-    assert res["methods"]["normal"]["noise_rises"] is False
+        want = "HIGHER" if m["noise_rises"] else "lower" if 1.1 * m["kept_noise_share"] < res["full_noise_share"] \
+            else "similar"
+        assert m["noise_vs_full"] == want
+    assert res["methods"]["normal"]["noise_rises"] is False and res["methods"]["normal"]["noise_vs_full"] == "similar"
     det = res["detection"]
     assert {"RI", "KN", "TR", "XTF (union)", "random (matched)"} <= set(det)
     assert all(0.0 <= v <= 1.0 for d in det.values() for v in d.values())
@@ -270,6 +273,18 @@ def test_demo_lora_regime_on_validation_split(tmp_path, capsys):
     assert res["config"]["regime"] == "lora" and res["eval_split"] == "validation"
     assert {"normal", "xtf", "slm", "token_cleaning"} <= set(res["methods"])
     assert all(0.0 <= m["exact_match"]["all"] <= 1.0 for m in res["methods"].values())
+
+
+def test_aggregate_noise_by_kind_needs_every_seed():
+    """Seeds of an older run (no kept_noise_by_kind) collected with new ones: no partial means."""
+    from xtf_kernels.demo.aggregate import _method
+
+    em = {"all": 0.5, "seen": 0.5, "new": 0.5}
+    new = {"exact_match": em, "kept_noise_share": 0.1, "kept_noise_by_kind": {"all": 0.1, "targeted": 0.08}}
+    old = {"exact_match": em, "kept_noise_share": 0.3}
+    assert _method([new, new], "xtf")["kept_noise_by_kind"] == pytest.approx({"all": 0.1, "targeted": 0.08})
+    mixed = _method([new, old], "xtf")
+    assert mixed["kept_noise_by_kind"] is None and mixed["kept_noise_share"] == pytest.approx(0.2)
 
 
 def test_selection_grid_and_reported_seeds_refused(tmp_path, capsys):

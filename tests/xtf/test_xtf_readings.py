@@ -217,3 +217,30 @@ def test_tr_class_agrees_with_saved_column_and_thresholds(model_dir, tmp_path, t
     assert t["tr"].dtype == np.float32
     want = resp & (digitize(t["tr"], np.asarray(thr)) == cfg.tr_masked_class)
     np.testing.assert_array_equal((t["reasons"] & 4) > 0, want)
+
+
+def test_tr_value_just_below_a_bin_edge_is_classed_as_saved(model_dir, tmp_path, monkeypatch):
+    """Three S_TR clusters, the middle one 1e-12 below the bin edge 0.5 (float32 rounds it onto the
+    edge). The histogram must bin the value the rules see (the saved float32), else the middle
+    cluster falls into the class above its threshold and is not masked."""
+    from xtf_kernels.xtf.multiotsu import digitize
+    from xtf_kernels.xtf.scorers import TaskRelevance
+
+    original = TaskRelevance.finalize
+
+    def clustered(self, *args, **kwargs):
+        tr = original(self, *args, **kwargs)
+        ids = np.arange(tr.size)
+        values = np.choose(ids % 3, [0.2, 0.5 - 1e-12, 0.8])
+        return np.where(np.isnan(tr), np.nan, values)
+
+    monkeypatch.setattr(TaskRelevance, "finalize", clustered)
+    s = score_dataset(model_dir, _data(tmp_path / "d.jsonl", n=12), tmp_path / "o", rules=RuleConfig(enabled=("tr",)),
+                      progress=False)
+    thr = np.asarray(s["thresholds"]["tr"]["thresholds"])
+    t = _table(tmp_path / "o")
+    resp = t["is_response"]
+    cls = digitize(t["tr"], thr)
+    middle = resp & (t["token_id"] % 3 == 1)
+    assert middle.any() and (cls[middle] == 1).all(), (thr, np.unique(cls[middle]))
+    np.testing.assert_array_equal((t["reasons"] & 4) > 0, resp & (cls == 1))

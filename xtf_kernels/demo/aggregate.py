@@ -5,8 +5,8 @@
 new}`` (means over seeds, fractions in [0, 1]), ``per_seed`` and ``std`` of the same three,
 ``kept_fraction``, ``kept_noise_share`` (SLM: the mean over steps), ``kept_noise_by_kind``
 (``all``, ``filler``, ``boilerplate``, ``corrupt``, ``targeted`` = filler + boilerplate),
-``noise_rises`` (the kept set holds more than 1.1x the full data's injected-noise share: a
-warning),
+``noise_vs_full`` ("HIGHER" above 1.1x the full data's injected-noise share, "lower" below
+it / 1.1, else "similar") and ``noise_rises`` (it is "HIGHER": a warning),
 ``filler_share``, ``answer_phrase_share``, ``retention``; ``full_noise_share`` and
 ``full_noise_by_kind`` of the full data; plus ``interpretation`` (a paragraph).
 """
@@ -39,8 +39,7 @@ def _method(rows: list[dict], key: str) -> dict:
            "per_seed": per}
     for f in ("kept_fraction", "kept_noise_share", "filler_share", "answer_phrase_share", "retention"):
         out[f] = _mean([r.get(f) for r in rows])
-    by_kind = [r["kept_noise_by_kind"] for r in rows if r.get("kept_noise_by_kind")]
-    out["kept_noise_by_kind"] = {k: _mean([b.get(k) for b in by_kind]) for k in by_kind[0]} if by_kind else None
+    out["kept_noise_by_kind"] = _mean_dicts([r.get("kept_noise_by_kind") for r in rows])
     return out
 
 
@@ -49,11 +48,22 @@ def _method(rows: list[dict], key: str) -> dict:
 NOISE_RISE = 0.10
 
 
+def _vs_full(ks: float | None, full: float | None) -> str | None:
+    """"HIGHER" above (1 + NOISE_RISE) x the full data's noise share, "lower" below it divided by
+    that factor, else "similar" (None without both numbers)."""
+    if ks is None or full is None or np.isnan(ks):
+        return None
+    if ks > (1.0 + NOISE_RISE) * full:
+        return "HIGHER"
+    return "lower" if ks * (1.0 + NOISE_RISE) < full else "similar"
+
+
 def _flag_noise(methods: dict, full: float) -> None:
-    """``noise_rises`` per arm: its kept set holds clearly more injected noise than the full data."""
+    """``noise_vs_full`` and ``noise_rises`` per arm (its kept set holds clearly more injected noise
+    than the full data)."""
     for r in methods.values():
-        ks = r.get("kept_noise_share")
-        r["noise_rises"] = None if ks is None else bool(ks > (1.0 + NOISE_RISE) * full)
+        r["noise_vs_full"] = vs = _vs_full(r.get("kept_noise_share"), full)
+        r["noise_rises"] = None if vs is None else vs == "HIGHER"
 
 
 def aggregate(cfg, per_seed: Sequence[dict], out_dir: str | Path, *, seconds: float | None = None,
@@ -103,8 +113,10 @@ def aggregate(cfg, per_seed: Sequence[dict], out_dir: str | Path, *, seconds: fl
 
 
 def _mean_dicts(ds: list[dict | None]) -> dict | None:
-    ds = [d for d in ds if d]
-    return {k: _mean([d.get(k) for d in ds]) for k in ds[0]} if ds else None
+    """Mean per key over seeds; None unless every seed has the dict (runs of older versions)."""
+    if not ds or not all(ds):
+        return None
+    return {k: _mean([d.get(k) for d in ds]) for k in ds[0]}
 
 
 def _pct(x: float | None) -> str:
@@ -144,10 +156,12 @@ def interpret(results: dict) -> str:
          f"{_pct(nx['exact_match']['new'])}. ")
     full = results.get("full_noise_share")
     ks = xx.get("kept_noise_share")
-    if ks is not None and full is not None:
-        trend = "lower than" if ks < full else "HIGHER than"
+    vs = _vs_full(ks, full)
+    if vs is not None:
+        trend = {"HIGHER": "HIGHER than", "similar": "similar to", "lower": "lower than"}[vs]
+        warn = " (a warning: the filter concentrates noise)" if vs == "HIGHER" else ""
         s += (f"XTF keeps {_pct(xx['kept_fraction'])} of the response tokens, and {_pct(ks)} of what it keeps is injected "
-              f"noise, {trend} the {_pct(full)} of the full data{'' if ks < full else ' (a warning: the filter concentrates noise)'}. ")
+              f"noise, {trend} the {_pct(full)} of the full data{warn}. ")
     tk, tf = (xx.get("kept_noise_by_kind") or {}).get("targeted"), (results.get("full_noise_by_kind") or {}).get("targeted")
     if tk is not None and tf is not None:
         s += (f"Of the noise XTF targets (filler and boilerplate; corrupted results are outside it) its kept set holds "
@@ -155,7 +169,7 @@ def interpret(results: dict) -> str:
     rising = [r["label"] for k, r in m.items() if k != "normal" and r.get("noise_rises")]
     if rising:
         s += (f"Kept sets with more than {1 + NOISE_RISE:.1f}x the full data's noise share (flagged): "
-              f"{', '.join(rising)}. ")
+              f"{'; '.join(rising)}. ")
     if "random" in m:
         s += f"Random masking at the same ratio gives {_pct(m['random']['exact_match']['all'])}. "
     for k, name in (("slm", "SLM"), ("token_cleaning", "Token Cleaning")):

@@ -23,7 +23,7 @@ def _p(x) -> str:
 
 def _noise_cells(r: dict) -> list[str]:
     kinds = r.get("kept_noise_by_kind") or {}
-    flag = "-" if r.get("noise_rises") is None else "HIGHER" if r["noise_rises"] else "lower"
+    flag = r.get("noise_vs_full") or "-"
     return [_p(r.get("kept_noise_share")), _p(kinds.get("targeted")), _p(kinds.get("corrupt")), flag]
 
 
@@ -32,9 +32,10 @@ def noise_note(results: dict) -> str:
     full, fk = results.get("full_noise_share"), results.get("full_noise_by_kind") or {}
     if full is None:
         return ""
-    return (f"Full data: {_p(full)} % of the response tokens are injected noise (targeted, i.e. filler + boilerplate: "
-            f"{_p(fk.get('targeted'))} %; corrupted results, outside what XTF targets: {_p(fk.get('corrupt'))} %). "
-            "\"vs full data\" says HIGHER where a kept set holds more than 1.1x that share.")
+    kinds = (f" (targeted, i.e. filler + boilerplate: {_p(fk['targeted'])} %; corrupted results, outside what XTF "
+             f"targets: {_p(fk['corrupt'])} %)") if fk else ""
+    return (f"Full data: {_p(full)} % of the response tokens are injected noise{kinds}. \"vs full data\" says HIGHER "
+            "where a kept set holds more than 1.1x that share, lower where it holds less than that share / 1.1.")
 
 
 def comparison_table(results: dict) -> str:
