@@ -186,6 +186,18 @@ def make_tiny_model_dir(
     return out
 
 
+def eager_attentions(model, input_ids, attention_mask):
+    """The model's outputs with ``output_attentions=True`` under eager attention (no grad); the
+    model's attention implementation is restored afterwards."""
+    prev = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True, use_cache=False)
+    finally:
+        model.set_attn_implementation(prev)
+
+
 def eager_received_attention(model, input_ids, attention_mask, *, layers=None, reduce="mean_over_queries"):
     """Oracle / fallback for ``collect_received_attention`` from eager ``output_attentions=True``.
 
@@ -194,14 +206,7 @@ def eager_received_attention(model, input_ids, attention_mask, *, layers=None, r
     raw summed mass), then over heads and the chosen layers; 0 at padding. Materialises the
     [B, H, L, L] probabilities, so it is for tiny test models only.
     """
-    prev = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True, use_cache=False)
-    finally:
-        model.set_attn_implementation(prev)
-    atts = out.attentions
+    atts = eager_attentions(model, input_ids, attention_mask).attentions
     idx = range(len(atts)) if layers is None else layers
     m = attention_mask.to(torch.float32)
     total = None

@@ -12,8 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from tests._tiny import make_tiny_model
-from tests.xtf.test_attention_received import WINDOWS, eager_received, reference
+from tests.xtf.test_attention_received import WINDOWS, eager_received, make_tiny_models, reference
 from xtf_kernels.attention import (
     ReceivedAttentionCollector,
     attention_received,
@@ -316,13 +315,7 @@ def _eager_per_document(model, arch, ids, *, layers=None, reduce="mean_over_quer
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    from tests.xtf.test_attention_received import ARCH_OVERRIDES
-
-    out = {}
-    for name in WINDOWS:
-        arch, over = ARCH_OVERRIDES.get(name, (name, {}))
-        out[name] = make_tiny_model(arch, vocab_size=100, **over)
-    return out
+    return make_tiny_models()
 
 
 @pytest.mark.parametrize("arch", list(WINDOWS))

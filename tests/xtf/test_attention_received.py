@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from tests._tiny import make_tiny_model
+from tests._tiny import eager_attentions, make_tiny_model
 from xtf_kernels.attention import (
     ATTN_IMPLEMENTATION,
     ReceivedAttentionCollector,
@@ -205,13 +205,7 @@ def _batch(L=21, B=3, vocab=100, seed=0):
 
 
 def eager_received(model, arch, ids, mask, *, layers=None, reduce="mean_over_queries"):
-    prev = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
-    finally:
-        model.set_attn_implementation(prev)
+    out = eager_attentions(model, ids, mask)
     B, L = ids.shape
     n = len(out.attentions)
     sel = range(n) if layers is None else [li % n for li in layers]
@@ -226,13 +220,18 @@ def eager_received(model, arch, ids, mask, *, layers=None, reduce="mean_over_que
     return torch.stack(per_layer).mean(0).float()
 
 
-@pytest.fixture(scope="module")
-def tiny_models():
+def make_tiny_models() -> dict:
+    """One tiny random model per entry of :data:`WINDOWS` (shared with test_attention_documents)."""
     out = {}
     for name in WINDOWS:
         arch, over = ARCH_OVERRIDES.get(name, (name, {}))
         out[name] = make_tiny_model(arch, vocab_size=100, **over)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    return make_tiny_models()
 
 
 @pytest.mark.parametrize("arch", list(WINDOWS))
