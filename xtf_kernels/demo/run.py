@@ -292,8 +292,9 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, *, progress: bool = True, qu
     xtf_ratio = float(np.asarray(table["keep"]).sum() / max(int(resp.sum()), 1))
     rand = arms["random"].keep if "random" in arms else None
     detection = detection_metrics(table, table["reasons"], rand)
+    full_noise = noise_shares(resp, table["noise"])
     _log(f"[seed {seed}] XTF keeps {xtf_ratio:.1%} of response tokens; noise share of the kept set "
-         f"{kept_noise_share(table['keep'], table['noise']):.1%} (full data {kept_noise_share(resp, table['noise']):.1%})",
+         f"{kept_noise_share(table['keep'], table['noise']):.1%} (full data {full_noise['all']:.1%})",
          quiet)
 
     bounds = np.searchsorted(table["example_id"], np.arange(len(data.finetune) + 1))
@@ -320,8 +321,7 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, *, progress: bool = True, qu
     res = {"seed": seed, "eval_split": cfg.eval_split, "methods": methods, "detection": detection,
            "diagnostics": summary.get("diagnostics"), "xtf_ratio": xtf_ratio, "params": count_params(base),
            "vocab": len(tok), "kn_masked_types": [tok.convert_ids_to_tokens(i) for i in kn_types],
-           "full_noise_share": kept_noise_share(resp, table["noise"]),
-           "full_noise_by_kind": noise_shares(resp, table["noise"]),
+           "full_noise_share": full_noise["all"], "full_noise_by_kind": full_noise,
            "tr_thresholds": summary["thresholds"]["tr"]["thresholds"], "timings": timings}
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
     (out / "seed_result.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
