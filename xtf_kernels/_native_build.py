@@ -11,6 +11,12 @@ seconds) says so on stderr when it starts and ends, as does a process waiting fo
 
 Sources are looked up in a source checkout (``<repo>/csrc``) and in an installed wheel
 (``xtf_kernels/csrc``, copied there by setup.py). ``XTF_NATIVE_SOURCES`` overrides both.
+
+Instruction sets: the default build targets the host (``-march=native``). ``XTF_NATIVE_ISA``
+(or ``load_native(isa=...)``) picks another code path that this CPU can run, so every path the
+build can take is testable on one machine: ``native`` (default), ``avx512`` (x86-64-v4),
+``avx2`` (x86-64-v3) and ``baseline`` (the architecture's base ISA: SSE2 on x86-64). Each is
+its own cached build; :func:`available_isas` lists those this CPU runs.
 """
 
 from __future__ import annotations
@@ -30,11 +36,17 @@ from types import ModuleType
 import torch
 
 _SOURCES = ("masked_ce_cpu.cpp",)
-_CFLAGS = ("-O3", "-std=c++17", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno",
-           "-march=native", "-Wno-unknown-pragmas")
+_CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-Wno-unknown-pragmas",
+           "-Wno-psabi")
+ISAS = ("native", "avx512", "avx2", "baseline")
+# x86 feature flags (/proc/cpuinfo names) each x86-64 level needs
+_X86_NEEDS = {
+    "avx2": ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"),
+    "avx512": ("avx2", "fma", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
 _lock = threading.Lock()
-_module: ModuleType | None = None
-_error: str | None = None
+_modules: dict[str, ModuleType] = {}
+_errors: dict[str, str] = {}
 
 
 def source_dir() -> Path | None:
@@ -66,14 +78,49 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_key(src: Path) -> str:
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
+def default_isa() -> str:
+    """``$XTF_NATIVE_ISA`` or ``"native"``; raises ValueError naming the variable when unknown."""
+    isa = os.environ.get("XTF_NATIVE_ISA", "").strip().lower() or "native"
+    if isa not in ISAS:
+        raise ValueError(f"XTF_NATIVE_ISA: expected one of {', '.join(ISAS)}, got {isa!r}")
+    return isa
+
+
+def available_isas() -> list[str]:
+    """The ISA variants this CPU can run (``native`` and ``baseline`` always)."""
+    flags = set(_cpu_flags().split())
+    out = ["native"]
+    if _is_x86():
+        out += [isa for isa in ("avx512", "avx2") if all(f in flags for f in _X86_NEEDS[isa])]
+    return [*out, "baseline"]
+
+
+def isa_flags(isa: str) -> tuple[str, ...]:
+    """Compiler flags selecting the code path of ``isa`` (one of :data:`ISAS`)."""
+    if isa == "native":
+        return ("-march=native",)
+    if isa == "baseline":
+        return ("-march=x86-64", "-mtune=generic") if _is_x86() else ()
+    if not _is_x86():
+        raise RuntimeError(f"isa={isa!r} is an x86-64 code path; this machine is {platform.machine()}")
+    missing = [f for f in _X86_NEEDS[isa] if f not in set(_cpu_flags().split())]
+    if missing:
+        raise RuntimeError(f"isa={isa!r} needs CPU features this machine lacks: {', '.join(missing)}")
+    return ("-march=x86-64-v4",) if isa == "avx512" else ("-march=x86-64-v3",)
+
+
+def build_key(src: Path, isa: str = "native") -> str:
     """Hash of everything that makes a build reusable: sources, torch, Python, flags, ISA."""
     h = hashlib.sha256()
     for s in _SOURCES:
         h.update((src / s).read_bytes())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
-    h.update(" ".join(_CFLAGS).encode())
+    h.update(" ".join((*_CFLAGS, *isa_flags(isa))).encode())
     h.update(_cpu_flags().encode())
     h.update(platform.machine().encode())
     return h.hexdigest()[:16]
@@ -117,29 +164,37 @@ def _file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def load_native(verbose: bool = False) -> ModuleType:
+def load_native(verbose: bool = False, isa: str | None = None) -> ModuleType:
     """Build (first use) or load (cached) the native extension and return the module.
 
+    ``isa``: the code path (:data:`ISAS`); default ``$XTF_NATIVE_ISA`` or ``"native"``.
+
     Raises:
-        RuntimeError: with the reason, when the sources, a compiler or ninja are missing, or
-            the build fails (the compiler output is included).
+        ValueError: ``isa`` (or ``XTF_NATIVE_ISA``) is not one of :data:`ISAS`.
+        RuntimeError: with the reason, when the sources, a compiler or ninja are missing, the
+            CPU cannot run ``isa``, or the build fails (the compiler output is included).
     """
-    global _module, _error
-    if _module is not None:
-        return _module
+    if isa is None:
+        isa = default_isa()
+    elif isa not in ISAS:
+        raise ValueError(f"isa: expected one of {', '.join(ISAS)}, got {isa!r}")
+    mod = _modules.get(isa)
+    if mod is not None:
+        return mod
     with _lock:
-        if _module is not None:
-            return _module
-        if _error is not None:
-            raise RuntimeError(_error)
+        if isa in _modules:
+            return _modules[isa]
+        if isa in _errors:
+            raise RuntimeError(_errors[isa])
         try:
-            _module = _build(verbose)
+            _modules[isa] = _build(verbose, isa)
         except Exception as exc:
-            _error = f"{type(exc).__name__}: {exc}".strip()
-            if len(_error) > 2000:
-                _error = _error[:1000] + " ... " + _error[-1000:]
-            raise RuntimeError(_error) from exc
-        return _module
+            err = f"{type(exc).__name__}: {exc}".strip()
+            if len(err) > 2000:
+                err = err[:1000] + " ... " + err[-1000:]
+            _errors[isa] = err
+            raise RuntimeError(err) from exc
+        return _modules[isa]
 
 
 def _import_so(name: str, so: Path) -> ModuleType:
@@ -154,13 +209,13 @@ def _import_so(name: str, so: Path) -> ModuleType:
     return mod
 
 
-def _build(verbose: bool) -> ModuleType:
+def _build(verbose: bool, isa: str) -> ModuleType:
     if os.environ.get("XTF_DISABLE_NATIVE", "0") not in ("", "0"):
         raise RuntimeError("disabled by XTF_DISABLE_NATIVE")
     src = source_dir()
     if src is None:
         raise RuntimeError("C++ sources (csrc/masked_ce_cpu.cpp) not found next to the package")
-    key = build_key(src)
+    key = build_key(src, isa)
     name = f"xtf_native_{key}"
     build_dir = cache_root() / name
     so = build_dir / f"{name}.so"
@@ -179,12 +234,13 @@ def _build(verbose: bool) -> ModuleType:
     with _file_lock(build_dir / ".lock", waiting=f"waiting for another process compiling the native CPU kernels in {build_dir}"):
         if done.is_file() and so.is_file():  # another process finished the build meanwhile
             return _import_so(name, so)
-        _say(f"compiling the native CPU kernels (first use on this machine, 30-60 s) into {build_dir} ...")
+        what = "" if isa == "native" else f" ({isa} code path)"
+        _say(f"compiling the native CPU kernels{what} (first use on this machine, 30-60 s) into {build_dir} ...")
         t0 = time.perf_counter()
         mod = cpp_extension.load(
             name=name,
             sources=[str(src / s) for s in _SOURCES],
-            extra_cflags=list(_CFLAGS),
+            extra_cflags=[*_CFLAGS, *isa_flags(isa)],
             build_directory=str(build_dir),
             verbose=verbose,
         )
@@ -197,6 +253,6 @@ def native_status() -> tuple[bool, str]:
     """(True, build description) when the extension loads here, else (False, why not)."""
     try:
         mod = load_native()
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         return False, str(exc)
     return True, mod.build_info()

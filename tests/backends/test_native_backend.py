@@ -138,7 +138,9 @@ def _problem(M, D, V, dtype, seed=0, bias=False):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_memory_plans_agree(dtype, monkeypatch):
     """bf16: all gradient logits kept (one dW GEMM) vs row groups + fp32 accumulator;
-    fp32: chunked addmm. Same results, and the [V, D] fp32 buffer only where planned."""
+    fp32: chunked addmm. Same results, and the [V, D] fp32 buffer only where planned.
+    (The bf16 plans are those of XTF_CPU_HALF_GEMM=half; by default bf16 runs the fp32 plan.)"""
+    monkeypatch.setenv("XTF_CPU_HALF_GEMM", "half")
     be = load_backend("native")
     M, D, V = 64, 16, 200
     x, w, b, y = _problem(M, D, V, dtype, bias=True)

@@ -52,12 +52,13 @@ Every statistic is relative to the row maximum so that a large common offset of 
 two full-magnitude fp32 numbers. The softcap is evaluated without the cancellation of
 ``1 - 2 / (exp(2t) + 1)`` at small ``t``.
 
-Half-precision inputs: the GEMMs take ``x.dtype`` operands with fp32 accumulation. When
-there is an epilogue (``bias`` or ``softcap``) the logits stay fp32 from the GEMM
-accumulator through the epilogue where the platform has a fast GEMM with an fp32 output
-(CUDA, and the Triton backend everywhere); on the CPU the native and torch backends round
-the GEMM output to ``x.dtype`` first (no bf16 GEMM with an fp32 result is reachable at bf16
-speed there; the measured error is in ``docs/numerics.md``).
+Half-precision inputs: on CUDA the GEMMs take ``x.dtype`` operands with fp32 accumulation;
+with an epilogue (``bias`` or ``softcap``) the logits stay fp32 from the GEMM accumulator
+through it (cuBLAS' fp32-output GEMM; the Triton backend everywhere). On the CPU the native
+and torch backends upcast the operands once per call and run every GEMM in fp32
+(:func:`cpu_fp32_call`: fp32 logits, as the peers' accuracy criterion needs; ATen has no
+fp32-output half GEMM on the CPU, and on AVX2 the bf16 GEMM is several times slower than the
+fp32 one); ``XTF_CPU_HALF_GEMM=half`` keeps the half GEMMs (``docs/numerics.md``).
 
 All accumulation (lse, statistics, dW, db) is fp32 whatever the input dtype. A backend may
 hand ``dw`` back already cast to ``w.dtype`` when every partial sum of it was accumulated in
@@ -67,12 +68,14 @@ of dW in one GEMM over all rows); the front end casts whatever it gets to ``w.dt
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
+from .._env import cpu_half_gemm
 from ..config import DEFAULT_CHUNK_ELEMS
 
 #: ``row_select(start, end, row_max, lse, gold, entropy) -> bool [end - start]``: the gradient
@@ -171,6 +174,30 @@ class BackendBase:
         go = self.backward(x.index_select(0, idx), w, b, y.index_select(0, idx),
                            fo.row_max.index_select(0, idx), fo.lse.index_select(0, idx), ones, cfg)
         return fo._replace(dx=go.dx, dw=go.dw, db=go.db), sel
+
+
+_HALF = (torch.bfloat16, torch.float16)
+_F = TypeVar("_F", bound=Callable)
+
+
+def cpu_fp32_call(method: _F) -> _F:
+    """Decorator of a backend method ``(self, x, w, b, ...)``: bf16 / fp16 CPU inputs run it on
+    fp32 copies of ``x``, ``w`` and ``b`` (every GEMM in fp32, fp32 logits), and its ``dx``
+    comes back in ``x.dtype`` (``dw``, ``db`` stay fp32: the front end rounds them once).
+    ``XTF_CPU_HALF_GEMM=half`` turns it off."""
+
+    @functools.wraps(method)
+    def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *args, **kwargs):
+        if x.dtype not in _HALF or x.device.type != "cpu" or cpu_half_gemm() == "half":
+            return method(self, x, w, b, *args, **kwargs)
+        out = method(self, x.float(), w.float(), None if b is None else b.float(), *args, **kwargs)
+        if isinstance(out, GradOut):
+            return out._replace(dx=out.dx.to(x.dtype))
+        fo, sel = out if isinstance(out, tuple) and not isinstance(out, ForwardOut) else (out, None)
+        fo = fo._replace(dx=None if fo.dx is None else fo.dx.to(x.dtype))
+        return fo if sel is None else (fo, sel)
+
+    return run  # type: ignore[return-value]
 
 
 #: the type the registry hands out

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect
+from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect, cpu_fp32_call
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -91,6 +91,7 @@ class NativeBackend(BackendBase):
                 o[s:e] = v
 
     # ------------------------------------------------------------------ forward
+    @cpu_fp32_call
     def forward(
         self,
         x: torch.Tensor,
@@ -162,6 +163,7 @@ class NativeBackend(BackendBase):
             dw = dw.to(dt)  # every partial sum was fp32: one rounding
         return dx, dw, db
 
+    @cpu_fp32_call
     def forward_rowwise(
         self,
         x: torch.Tensor,
@@ -249,6 +251,7 @@ class NativeBackend(BackendBase):
         return ForwardOut(*out, dx, dw, db), sel
 
     # ------------------------------------------------------------------ backward
+    @cpu_fp32_call
     def backward(
         self,
         x: torch.Tensor,

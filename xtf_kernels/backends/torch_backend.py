@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._gemm import f32_epilogue, fast_f32_gemm, mm_f32
-from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect
+from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect, cpu_fp32_call
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -84,6 +84,7 @@ class TorchBackend(BackendBase):
     def supports(self, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         return True, ""
 
+    @cpu_fp32_call
     def forward(
         self,
         x: torch.Tensor,
@@ -99,6 +100,7 @@ class TorchBackend(BackendBase):
         fo, _ = self._sweep(x, w, b, y, cfg, grad_rows if n_grad else None)
         return fo
 
+    @cpu_fp32_call
     def forward_rowwise(
         self,
         x: torch.Tensor,
@@ -179,6 +181,7 @@ class TorchBackend(BackendBase):
             dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
         return ForwardOut(mx, lse, gold, ent, zsum, dx, dw, db), None
 
+    @cpu_fp32_call
     def backward(
         self,
         x: torch.Tensor,
