@@ -173,3 +173,44 @@ def test_accelerate_gradient_accumulation_with_global_divisor(tok, records) -> N
         GradientState._reset_state()
     for k, p in ref.named_parameters():
         torch.testing.assert_close(got[k], p.grad, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_trl_kept_fraction_on_xtf_export_output(tmp_path) -> None:
+    """``xtf export`` writes -100 into labels on masked tokens; the metric still sees them.
+
+    ``xtf/kept_fraction`` = trained / response tokens; before the ``response`` column it was
+    trained / labelled tokens, 1.0 on every exported dataset.
+    """
+    trl = pytest.importorskip("trl")
+    import json
+
+    from tests._tiny import SAMPLE_TEXTS, make_tiny_model_dir
+    from xtf_kernels.integrations.trl import XTFSFTTrainer
+    from xtf_kernels.xtf import export_dataset, score_dataset
+
+    model_dir = make_tiny_model_dir(tmp_path)
+    data = [{"prompt": f"Q{i}: " + t[:18], "response": t} for i, t in enumerate(SAMPLE_TEXTS[:8])]
+    score_dataset(model_dir, data, tmp_path / "run", progress=False)
+    info = export_dataset(tmp_path / "run", tmp_path / "train.jsonl")
+    want = info["trained"] / info["response"]
+    assert info["examples"] == 8 and 0.2 < want < 0.95  # XTF masked part of the response
+    recs = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    # one micro-batch = the whole export: the logged fraction is exactly export's
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=2,
+                         learning_rate=1e-3, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
+                         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
+    tr = XTFSFTTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(model_dir), args=args,
+                       train_dataset=datasets.Dataset.from_list(recs), processing_class=tok,
+                       data_collator=XTFCollator(tok.pad_token_id))
+    logged = _logged(tr)
+    assert len(logged) == 2
+    for h in logged:
+        assert h["xtf/kept_fraction"] == pytest.approx(want, abs=1e-6)
+
+
+def _logged(trainer) -> list[dict]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
