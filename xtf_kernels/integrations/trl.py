@@ -19,9 +19,11 @@ carries: its labels are -100 on masked tokens, so labels alone would give 1.0). 
 mask nor ``xtf_response`` (TRL's own collator), under no ``select`` policy, logs no
 ``xtf/kept_fraction``: it would say 1.0 whatever the labels hide.
 
-Data: pre-tokenised records (``input_ids``, ``labels``, ``keep``: what ``xtf export``
-writes) with ``data_collator=XTFCollator(pad_id)`` and
+Data: pre-tokenised records (``input_ids``, ``labels``, ``keep``, ``response``: what
+``xtf export`` writes) with ``data_collator=XTFCollator(pad_id)`` and
 ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)``.
+Padding-free: ``XTFCollator(pad_id, packing=True)`` with TRL's ``padding_free`` left False
+(TRL refuses a custom collator with ``padding_free=True``).
 TRL is an optional dependency (``pip install xtf-kernels[trl]``).
 """
 
