@@ -291,6 +291,10 @@ def test_keep_alias_and_unknown_keywords_refused() -> None:
             output_hidden_states=True, past_key_values=None, num_items_in_batch=7)
     assert out.hidden_states is not None and out.loss.item() > 0
     assert isinstance(m(input_ids=ids, labels=labels, keep=keep, return_dict=False), tuple)
+    # a tokenizer's token_type_ids (Llama has none) and a None drop nothing: accepted
+    torch.testing.assert_close(
+        m(input_ids=ids, attention_mask=att, labels=labels, keep=keep, token_type_ids=torch.zeros_like(ids),
+          some_option=None).loss, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="keep_key: 'ref_logprobs' is the name of another XTF field"):
         apply_xtf(_model("llama"), keep_key="ref_logprobs")
 

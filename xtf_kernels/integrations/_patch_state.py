@@ -28,9 +28,11 @@ REF_FIELDS = ("ref_logprobs", "xtf_ref_logprobs")
 RESPONSE_FIELDS = ("response", "xtf_response")
 #: loss arguments the patched forward takes out of every call
 LOSS_KWARGS = ("labels", "shift_labels", "num_items_in_batch")
-#: keywords transformers' decorators handle outside the forward's signature
-#: (``can_return_tuple``, ``deprecate_kwarg``) or that older code still passes
-DECORATOR_KWARGS = ("return_dict", "past_key_values", "cache_position")
+#: keywords passed although the forward's signature does not name them: handled by
+#: transformers' decorators (``return_dict``: ``can_return_tuple``; ``past_key_values``:
+#: ``deprecate_kwarg``), passed by older code (``cache_position``), or produced by tokenizers
+#: for models without token types (``token_type_ids``); none of them is a loss mask
+PASSTHROUGH_KWARGS = ("return_dict", "past_key_values", "cache_position", "token_type_ids")
 #: what a model with untyped ``**kwargs`` is refused: names that look like a mask or scores
 MASK_LIKE = re.compile(r"keep|mask|logprob|response", re.IGNORECASE)
 
@@ -45,7 +47,7 @@ def accepted_kwargs(sig: inspect.Signature) -> tuple[frozenset[str], frozenset[s
 
     transformers' ``*ForCausalLM.forward(..., **kwargs: Unpack[TransformersKwargs])`` passes
     unknown keywords on to the attention layers, which ignore them: the set it takes is its
-    explicit parameters plus the keys of that ``TypedDict`` (plus :data:`DECORATOR_KWARGS`).
+    explicit parameters plus the keys of that ``TypedDict`` (plus :data:`PASSTHROUGH_KWARGS`).
     A forward whose ``**kwargs`` is not annotated with a ``TypedDict`` gives None; one without
     ``**kwargs`` gives its parameters (Python itself refuses anything else).
     """
@@ -54,13 +56,13 @@ def accepted_kwargs(sig: inspect.Signature) -> tuple[frozenset[str], frozenset[s
     )
     var_kw = [p for p in sig.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
     if not var_kw:
-        return explicit, explicit | frozenset(DECORATOR_KWARGS)
+        return explicit, explicit | frozenset(PASSTHROUGH_KWARGS)
     ann = var_kw[0].annotation
     if typing.get_origin(ann) is typing.Unpack:
         (td,) = typing.get_args(ann)
         keys = getattr(td, "__annotations__", None)
         if isinstance(keys, dict) and typing.is_typeddict(td):
-            return explicit, explicit | frozenset(keys) | frozenset(DECORATOR_KWARGS)
+            return explicit, explicit | frozenset(keys) | frozenset(PASSTHROUGH_KWARGS)
     return explicit, None
 
 

@@ -160,10 +160,11 @@ def _parse_call(
 
 def _refuse_unknown(model: nn.Module, patch: XTFPatch, kwargs: dict[str, Any]) -> None:
     """TypeError for keywords the model's forward would ignore silently (see :func:`apply_xtf`)."""
+    given = [k for k, v in kwargs.items() if v is not None]  # a None drops nothing
     if patch.accepted is not None:
-        unknown = sorted(k for k in kwargs if k not in patch.accepted)
+        unknown = sorted(k for k in given if k not in patch.accepted)
     else:  # untyped **kwargs: only names that look like a mask are surely a mistake
-        unknown = sorted(k for k in kwargs if k not in patch.explicit and MASK_LIKE.search(k))
+        unknown = sorted(k for k in given if k not in patch.explicit and MASK_LIKE.search(k))
     if unknown:
         names = ", ".join(repr(k) for k in unknown)
         raise TypeError(

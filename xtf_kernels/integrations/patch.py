@@ -121,8 +121,9 @@ def apply_xtf(
     keywords on to the attention layers, which ignore them, so a misspelt mask would give
     the unmasked loss. The keywords a model takes are its forward's parameters, the keys of
     its ``**kwargs: Unpack[TransformersKwargs]`` and ``return_dict`` / ``past_key_values`` /
-    ``cache_position``; a forward with untyped ``**kwargs`` has only mask-like names
-    (containing ``keep``, ``mask``, ``logprob`` or ``response``) refused.
+    ``cache_position`` / ``token_type_ids``; a keyword given as None is never refused; a
+    forward with untyped ``**kwargs`` has only mask-like names (containing ``keep``,
+    ``mask``, ``logprob`` or ``response``) refused.
 
     Args:
         model: a ``*ForCausalLM`` (also accepted wrapped in PEFT / DDP / ``torch.compile``;
