@@ -58,10 +58,11 @@ def accepted_kwargs(sig: inspect.Signature) -> tuple[frozenset[str], frozenset[s
     if not var_kw:
         return explicit, explicit | frozenset(PASSTHROUGH_KWARGS)
     ann = var_kw[0].annotation
-    if typing.get_origin(ann) is typing.Unpack:
-        (td,) = typing.get_args(ann)
-        keys = getattr(td, "__annotations__", None)
-        if isinstance(keys, dict) and typing.is_typeddict(td):
+    origin = typing.get_origin(ann)  # typing.Unpack or typing_extensions.Unpack (distinct objects)
+    if origin is not None and getattr(origin, "_name", None) == "Unpack":
+        args = typing.get_args(ann)
+        keys = getattr(args[0], "__annotations__", None) if len(args) == 1 else None
+        if isinstance(keys, dict) and type(args[0]).__name__ == "_TypedDictMeta":
             return explicit, explicit | frozenset(keys) | frozenset(PASSTHROUGH_KWARGS)
     return explicit, None
 
