@@ -260,3 +260,55 @@ def test_deepcopy_of_patched_model_is_independent() -> None:
     _assert_same_grads(ref, b)
     revert(b)
     assert is_patched(a) and not is_patched(b)
+
+
+def test_keep_alias_and_unknown_keywords_refused() -> None:
+    """``keep=`` (the column xtf export writes) is the keep mask; no keyword is dropped silently."""
+    m = apply_xtf(_model("llama"))
+    ids, att, labels, keep = _batch(seed=10)
+    want = m(input_ids=ids, attention_mask=att, labels=labels, xtf_keep=keep).loss
+    unmasked = m(input_ids=ids, attention_mask=att, labels=labels).loss
+    got = m(input_ids=ids, attention_mask=att, labels=labels, keep=keep).loss
+    assert abs(want.item() - unmasked.item()) > 1e-3  # the mask matters on this batch
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ref = torch.randn(ids.shape)
+    torch.testing.assert_close(
+        m(input_ids=ids, labels=labels, ref_logprobs=ref, xtf_return_stats=True).xtf_stats.logprob_delta,
+        m(input_ids=ids, labels=labels, xtf_ref_logprobs=ref, xtf_return_stats=True).xtf_stats.logprob_delta,
+        equal_nan=True,
+    )
+    with pytest.raises(ValueError, match="'xtf_keep' and 'keep' both given"):
+        m(input_ids=ids, labels=labels, keep=keep, xtf_keep=keep)
+    with pytest.raises(ValueError, match=r"keep: expected shape \(3, 11\)"):
+        m(input_ids=ids, labels=labels, keep=keep[:, 1:])
+    with pytest.raises(ValueError, match="keep given without labels"):
+        m(input_ids=ids, keep=keep)
+    for bad in ("keep_mask", "loss_mask", "kep"):  # transformers would ignore each of them
+        with pytest.raises(TypeError, match=f"unexpected keyword argument.*'{bad}'.*'xtf_keep' / 'keep'"):
+            m(input_ids=ids, labels=labels, **{bad: keep})
+    # real model keywords still pass: TransformersKwargs keys, decorator keywords, parameters
+    out = m(input_ids=ids, attention_mask=att, labels=labels, keep=keep, use_cache=False,
+            output_hidden_states=True, past_key_values=None, num_items_in_batch=7)
+    assert out.hidden_states is not None and out.loss.item() > 0
+    assert isinstance(m(input_ids=ids, labels=labels, keep=keep, return_dict=False), tuple)
+    # a tokenizer's token_type_ids (Llama has none) and a None drop nothing: accepted
+    torch.testing.assert_close(
+        m(input_ids=ids, attention_mask=att, labels=labels, keep=keep, token_type_ids=torch.zeros_like(ids),
+          some_option=None).loss, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="keep_key: 'ref_logprobs' is the name of another XTF field"):
+        apply_xtf(_model("llama"), keep_key="ref_logprobs")
+
+
+def test_untyped_kwargs_model_refuses_mask_like_names() -> None:
+    """A forward with untyped ``**kwargs`` (GPT-2): unknown set, so only mask-like names are refused."""
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    m = apply_xtf(transformers.GPT2LMHeadModel(cfg).float().eval())  # no dropout
+    assert get_patch(m).accepted is None
+    ids, att, labels, keep = _batch(seed=11)
+    a = m(input_ids=ids, labels=labels, keep=keep).loss
+    b = m(input_ids=ids, labels=labels.masked_fill(~keep, -100)).loss
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'completion_mask'"):
+        m(input_ids=ids, labels=labels, completion_mask=keep)
+    assert m(input_ids=ids, labels=labels, some_model_option=1).loss.item() > 0

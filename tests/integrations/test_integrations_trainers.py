@@ -173,3 +173,75 @@ def test_accelerate_gradient_accumulation_with_global_divisor(tok, records) -> N
         GradientState._reset_state()
     for k, p in ref.named_parameters():
         torch.testing.assert_close(got[k], p.grad, rtol=1e-5, atol=1e-7, msg=k)
+
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A real ``xtf score`` + ``xtf export`` run on a tiny Llama: (model dir, jsonl path, export info)."""
+    from tests._tiny import SAMPLE_TEXTS, make_tiny_model_dir
+    from xtf_kernels.xtf import export_dataset, score_dataset
+
+    tmp = tmp_path_factory.mktemp("xtf_export")
+    model_dir = make_tiny_model_dir(tmp)
+    data = [{"prompt": f"Q{i}: " + t[:18], "response": t} for i, t in enumerate(SAMPLE_TEXTS[:8])]
+    score_dataset(model_dir, data, tmp / "run", progress=False)
+    info = export_dataset(tmp / "run", tmp / "train_xtf.jsonl")
+    assert info["examples"] == 8 and 0.2 < info["trained"] / info["response"] < 0.95  # XTF masked part
+    return model_dir, tmp / "train_xtf.jsonl", info
+
+
+def _sft_on_export(trl, exported, tmp_path, collator=None, **config):
+    """XTFSFTTrainer on the exported file; one micro-batch = the whole export, 2 steps."""
+    from xtf_kernels.integrations.trl import XTFSFTTrainer
+
+    model_dir, path, _ = exported
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    train = datasets.Dataset.from_json(str(path), cache_dir=str(tmp_path / "cache"))
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=2,
+                         learning_rate=1e-3, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
+                         seed=0, data_seed=0, dataset_kwargs={"skip_prepare_dataset": True}, **config)
+    tr = XTFSFTTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(model_dir), args=args,
+                       train_dataset=train, processing_class=tok,
+                       data_collator=collator(tok.pad_token_id) if collator else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.train()
+    logged = [h for h in tr.state.log_history if "loss" in h]
+    assert len(logged) == 2
+    return logged
+
+
+def test_trl_kept_fraction_on_xtf_export_output(tmp_path, exported) -> None:
+    """``xtf export`` writes -100 into labels on masked tokens; the metric still sees them.
+
+    ``xtf/kept_fraction`` = trained / response tokens; before the ``response`` column it was
+    trained / labelled tokens, 1.0 on every exported dataset.
+    """
+    trl = pytest.importorskip("trl")
+    info = exported[2]
+    logged = _sft_on_export(trl, exported, tmp_path, XTFCollator, remove_unused_columns=False)
+    for h in logged:
+        assert h["xtf/kept_fraction"] == pytest.approx(info["trained"] / info["response"], abs=1e-6)
+
+
+def test_trl_padding_free_recipe_on_xtf_export_output(tmp_path, exported) -> None:
+    """The README / docs/training.md padding-free recipe for exported data, exactly.
+
+    TRL 1.16 refuses a custom collator with ``SFTConfig(padding_free=True)``: the collator
+    packs instead (``XTFCollator(packing=True)``, TRL's ``padding_free`` left False). Same
+    run as padded batches; TRL's own padding-free collator (``max_length=None``, no
+    collator) gives it too, from export's masked labels, and logs no kept fraction.
+    """
+    trl = pytest.importorskip("trl")
+    from functools import partial
+
+    info = exported[2]
+    packed = _sft_on_export(trl, exported, tmp_path, partial(XTFCollator, packing=True),
+                            remove_unused_columns=False)
+    padded = _sft_on_export(trl, exported, tmp_path, XTFCollator, remove_unused_columns=False)
+    trl_own = _sft_on_export(trl, exported, tmp_path, padding_free=True, max_length=None)
+    torch.testing.assert_close([h["loss"] for h in packed], [h["loss"] for h in padded], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close([h["loss"] for h in trl_own], [h["loss"] for h in padded], rtol=2e-5, atol=2e-5)
+    assert all(h["xtf/kept_fraction"] == pytest.approx(info["trained"] / info["response"]) for h in packed)
+    assert all("xtf/kept_fraction" not in h for h in trl_own)

@@ -45,6 +45,27 @@ def test_collator_pads_labels_keep_and_ref() -> None:
     assert set(no_keep) == {"input_ids", "attention_mask", "labels"}
 
 
+def test_collator_carries_response_mask() -> None:
+    """``response`` (what xtf export writes next to keep) -> ``xtf_response``, padded / packed / cut."""
+    recs = [  # xtf export: labels and keep hide the masked token 7; response does not
+        {"input_ids": [5, 6, 7, 8], "labels": [-100, 6, -100, 8], "keep": [0, 1, 0, 1], "response": [0, 1, 1, 1]},
+        {"input_ids": [9, 10, 11], "labels": [-100, -100, 11], "keep": [0, 0, 1], "response": [False, True, True]},
+    ]
+    b = XTFCollator(0)(recs)
+    assert b["xtf_response"].tolist() == [[False, True, True, True], [False, True, True, False]]
+    assert b["labels"].tolist() == [[-100, 6, -100, 8], [-100, -100, 11, -100]]  # unchanged
+    left = XTFCollator(0, padding_side="left", max_length=3)(recs)
+    assert left["xtf_response"].tolist() == [[False, True, True], [False, True, True]]
+    packed = XTFCollator(0, packing=True, pad_to_multiple_of=8)(recs)
+    assert packed["xtf_response"].tolist() == [[False, True, True, True, False, True, True, False]]
+    assert "xtf_response" not in XTFCollator(0, apply_keep_to_labels=True)(recs)
+    assert "xtf_response" not in XTFCollator(0, packing=True, apply_keep_to_labels=True)(recs)
+    with pytest.raises(ValueError, match="response present in some records only"):
+        XTFCollator(0)([recs[0], {"input_ids": [1, 2]}])
+    with pytest.raises(ValueError, match=r"records\[0\].response: expected length 4"):
+        XTFCollator(0)([{**recs[0], "response": [1, 1]}])
+
+
 def test_collator_bad_input() -> None:
     c = XTFCollator(0)
     with pytest.raises(ValueError, match="missing field 'input_ids'"):

@@ -88,10 +88,12 @@ def test_cli_score_export_report(model_dir, tmp_path, capsys):
     sel = cols["example_id"] == r["example_id"]
     assert r["input_ids"] == cols["token_id"][sel].tolist()
     assert r["labels"] == np.where(cols["keep"][sel], cols["token_id"][sel], -100).tolist()
+    assert r["response"] == cols["is_response"][sel].astype(bool).tolist()  # masked ones included
+    assert sum(sum(q["response"]) for q in recs) == summary["tokens"]["response"]
     assert sum(sum(x != -100 for x in q["labels"]) for q in recs) == summary["tokens"]["kept"]
     info = export_dataset(out, tmp_path / "train.parquet", policy="random", seed=1)
     pt = pq.read_table(tmp_path / "train.parquet")
-    assert pt.column_names == ["example_id", "input_ids", "labels", "keep"]
+    assert pt.column_names == ["example_id", "input_ids", "labels", "keep", "response"]
     assert info["trained"] == summary["tokens"]["kept"]  # matched ratio by default
     with pytest.raises(ValueError, match="needs the reference model.s log-probs.*score with --ref-model"):
         export_dataset(out, tmp_path / "x.jsonl", policy="slm")

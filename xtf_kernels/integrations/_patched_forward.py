@@ -25,7 +25,7 @@ from torch import nn
 from ..lm_head import LMHeadSpec, lm_head_spec
 from ..ops import masked_ce
 from ..stats import TokenStats
-from ._patch_state import XTFPatch
+from ._patch_state import MASK_LIKE, XTFPatch
 from .distributed import count_kept_tokens
 from .packed import batch_position_ids
 
@@ -105,6 +105,9 @@ class _Call:
     kwargs: dict[str, Any]
     keep: Any
     ref: Any
+    response: Any
+    #: the names the keep mask / reference log-probs / response mask came under (for errors)
+    names: tuple[str, str, str]
     labels: Any
     shift_labels: Any
     num_items: Any
@@ -112,12 +115,24 @@ class _Call:
     want_stats: bool
 
 
+def _pop_field(kwargs: dict[str, Any], names: tuple[str, ...], what: str) -> tuple[str, Any]:
+    """(the name it came under, the value) of one XTF field that may come under several names."""
+    given = [n for n in names if kwargs.get(n) is not None]
+    if len(given) > 1:
+        raise ValueError(
+            f"{given[0]!r} and {given[1]!r} both given: both name the {what}; pass it under one name"
+        )
+    values = {n: kwargs.pop(n) for n in names if n in kwargs}
+    return (given[0], values[given[0]]) if given else (names[0], None)
+
+
 def _parse_call(
     model: nn.Module, inner_sig: inspect.Signature, patch: XTFPatch, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> _Call:
     kwargs = dict(kwargs)
-    keep = kwargs.pop(patch.keep_key, None)
-    ref = kwargs.pop(patch.ref_key, None)
+    keep_name, keep = _pop_field(kwargs, patch.keep_names, "keep mask")
+    ref_name, ref = _pop_field(kwargs, patch.ref_names, "reference log-probs")
+    resp_name, response = _pop_field(kwargs, patch.response_names, "response mask")
     want_logits = kwargs.pop("xtf_return_logits", None)
     want_stats = kwargs.pop("xtf_return_stats", None)
     if args:  # normalise positional arguments into keywords, by the original signature
@@ -133,12 +148,31 @@ def _parse_call(
         kwargs=kwargs,
         keep=keep,
         ref=ref,
+        response=response,
+        names=(keep_name, ref_name, resp_name),
         labels=kwargs.pop("labels", None),
         shift_labels=kwargs.pop("shift_labels", None),
         num_items=kwargs.pop("num_items_in_batch", None),
         want_logits=patch.return_logits if want_logits is None else bool(want_logits),
         want_stats=patch.return_stats if want_stats is None else bool(want_stats),
     )
+
+
+def _refuse_unknown(model: nn.Module, patch: XTFPatch, kwargs: dict[str, Any]) -> None:
+    """TypeError for keywords the model's forward would ignore silently (see :func:`apply_xtf`)."""
+    given = [k for k, v in kwargs.items() if v is not None]  # a None drops nothing
+    if patch.accepted is not None:
+        unknown = sorted(k for k in given if k not in patch.accepted)
+    else:  # untyped **kwargs: only names that look like a mask are surely a mistake
+        unknown = sorted(k for k in given if k not in patch.explicit and MASK_LIKE.search(k))
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        raise TypeError(
+            f"{type(model).__name__}.forward (patched by apply_xtf): unexpected keyword argument(s) "
+            f"{names}; the model would ignore them silently. The keep mask goes in "
+            f"{' / '.join(map(repr, patch.keep_names))}, reference log-probs in "
+            f"{' / '.join(map(repr, patch.ref_names))}"
+        )
 
 
 def _forward_capturing_head(
@@ -199,13 +233,16 @@ def _align_targets(call: _Call, patch: XTFPatch, hidden: torch.Tensor) -> tuple[
             )
     y = y.to(hidden.device)
     keep, ref = call.keep, call.ref
+    keep_name, ref_name, resp_name = call.names
     if keep is not None:
-        keep = _align(as_keep(keep, patch.keep_key), patch.keep_key, tuple(y.shape), slice_last)
+        keep = _align(as_keep(keep, keep_name), keep_name, tuple(y.shape), slice_last)
         keep = keep.to(hidden.device)
     if ref is not None:
         if not isinstance(ref, torch.Tensor) or not ref.dtype.is_floating_point:
-            raise TypeError(f"{patch.ref_key}: expected a float tensor of reference log-probs")
-        ref = _align(ref, patch.ref_key, tuple(y.shape), slice_last).to(hidden.device)
+            raise TypeError(f"{ref_name}: expected a float tensor of reference log-probs")
+        ref = _align(ref, ref_name, tuple(y.shape), slice_last).to(hidden.device)
+    if call.response is not None:  # checked like the keep mask; the loss does not use it
+        _align(as_keep(call.response, resp_name), resp_name, tuple(y.shape), slice_last)
     pos = batch_position_ids(call.kwargs, y) if shift else None  # packed rows: their documents
     return y, keep, ref, shift, _check_num_items(call.num_items, y, keep, shift, pos), pos
 
@@ -273,12 +310,14 @@ def patched_call(
     """The patched forward: the model's forward, then the loss by :func:`masked_ce`."""
     call = _parse_call(model, inner_sig, patch, args, kwargs)
     if call.labels is None and call.shift_labels is None:
-        if call.keep is not None or call.ref is not None:
+        given = [n for n, v in zip(call.names, (call.keep, call.ref, call.response)) if v is not None]
+        if given:
             raise ValueError(
-                f"{patch.keep_key}/{patch.ref_key} given without labels: the keep mask only applies "
+                f"{'/'.join(given)} given without labels: the keep mask only applies "
                 "to a loss; pass labels too"
             )
         return inner_forward(**call.kwargs)
+    _refuse_unknown(model, patch, call.kwargs)
     head = linear_head_spec(model).head
     return_dict = call.kwargs.pop("return_dict", None)
     out, hidden = _forward_capturing_head(model, head, inner_forward, call.kwargs, call.want_logits)

@@ -7,12 +7,11 @@ from typing import Any
 
 import torch
 
+from ._patch_state import KEEP_FIELDS, REF_FIELDS, RESPONSE_FIELDS
 from .packed import flatten_records
 
-#: field names accepted for the keep mask in a record, in order of preference
-KEEP_FIELDS = ("keep", "xtf_keep")
-#: field names accepted for reference log-probs in a record
-REF_FIELDS = ("ref_logprobs", "xtf_ref_logprobs")
+#: batch field of the response mask (what trainers count ``xtf/kept_fraction`` against)
+RESPONSE_KEY = RESPONSE_FIELDS[1]
 
 
 def _as_list(value: Any, name: str, index: int) -> list:
@@ -28,12 +27,12 @@ def _as_list(value: Any, name: str, index: int) -> list:
 
 
 class XTFCollator:
-    """Turn records ``{"input_ids", "labels"?, "keep"?, "ref_logprobs"?}`` into padded batches.
+    """Turn records ``{"input_ids", "labels"?, "keep"?, "ref_logprobs"?, "response"?}`` into padded batches.
 
-    Records are what ``xtf export`` writes (``input_ids`` plus ``labels`` with -100 on prompt
-    and masked tokens) or the same with a per-token ``keep`` list instead of / in addition to
-    masked labels (so a batch carries the XTF mask without rewriting labels). Lists, 1-D
-    tensors and NumPy arrays are accepted.
+    Records are what ``xtf export`` writes (``input_ids``, ``labels`` with -100 on prompt
+    and masked tokens, ``keep``, ``response``) or the same with a per-token ``keep`` list
+    instead of / in addition to masked labels (so a batch carries the XTF mask without
+    rewriting labels). Lists, 1-D tensors and NumPy arrays are accepted.
 
     The batch (a dict of tensors) holds:
 
@@ -43,7 +42,11 @@ class XTFCollator:
       -100 on padding; with ``apply_keep_to_labels=True`` also -100 where keep is False;
     * ``keep_key`` (default ``"xtf_keep"``) ``[B, L]`` bool, False on masked tokens and
       padding; omitted with ``apply_keep_to_labels=True`` or when no record has a keep list;
-    * ``ref_key`` ``[B, L]`` fp32 reference log-probs (NaN on padding), when records have them.
+    * ``ref_key`` ``[B, L]`` fp32 reference log-probs (NaN on padding), when records have them;
+    * ``xtf_response`` ``[B, L]`` bool, the records' ``response`` lists (True on response
+      tokens, masked or not; False on padding), when records have them and
+      ``apply_keep_to_labels=False``. The loss does not use it: ``XTFSFTTrainer`` counts
+      ``xtf/kept_fraction`` against it, since ``xtf export``'s labels hide the masked tokens.
 
     Args:
         pad_token_id: id used to pad ``input_ids``.
@@ -109,13 +112,16 @@ class XTFCollator:
         if isinstance(records, Mapping) or not isinstance(records, Sequence) or len(records) == 0:
             raise ValueError("records: expected a non-empty list of dict records")
         rows = [self._parse(r, i) for i, r in enumerate(records)]
-        has_keep = any(k is not None for _, _, k, _ in rows)
-        has_ref = any(r is not None for _, _, _, r in rows)
-        if has_ref and not all(r is not None for _, _, _, r in rows):
+        has_keep = any(row[2] is not None for row in rows)
+        has_ref = any(row[3] is not None for row in rows)
+        if has_ref and not all(row[3] is not None for row in rows):
             raise ValueError("records: ref_logprobs present in some records only; give all or none")
+        has_resp = any(row[4] is not None for row in rows)
+        if has_resp and not all(row[4] is not None for row in rows):
+            raise ValueError("records: response present in some records only; give all or none")
         if self.packing:
             return self._packed(rows, has_keep)
-        L = max(len(ids) for ids, _, _, _ in rows)
+        L = max(len(row[0]) for row in rows)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
             L = (L + m - 1) // m * m
@@ -125,7 +131,8 @@ class XTFCollator:
         att_t = torch.zeros((B, L), dtype=torch.long)
         keep_t = torch.zeros((B, L), dtype=torch.bool)
         ref_t = torch.full((B, L), float("nan"), dtype=torch.float32) if has_ref else None
-        for b, (ids, lab, keep, ref) in enumerate(rows):
+        resp_t = torch.zeros((B, L), dtype=torch.bool) if has_resp and not self.apply_keep_to_labels else None
+        for b, (ids, lab, keep, ref, resp) in enumerate(rows):
             n = len(ids)
             sl = slice(0, n) if self.padding_side == "right" else slice(L - n, L)
             ids_t[b, sl] = torch.tensor(ids, dtype=torch.long)
@@ -134,6 +141,8 @@ class XTFCollator:
             keep_t[b, sl] = True if keep is None else torch.tensor(keep, dtype=torch.bool)
             if ref_t is not None and ref is not None:
                 ref_t[b, sl] = torch.tensor(ref, dtype=torch.float32)
+            if resp_t is not None:
+                resp_t[b, sl] = torch.tensor(resp, dtype=torch.bool)
         out = {"input_ids": ids_t, "attention_mask": att_t}
         if self.apply_keep_to_labels:
             out["labels"] = lab_t.masked_fill(~keep_t, -100)
@@ -143,21 +152,26 @@ class XTFCollator:
                 out[self.keep_key] = keep_t
         if ref_t is not None:
             out[self.ref_key] = ref_t
+        if resp_t is not None:
+            out[RESPONSE_KEY] = resp_t
         return out
 
     def _packed(self, rows: list, has_keep: bool) -> dict[str, Any]:
         flat = flatten_records(rows, pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of,
                                flash_attn_kwargs=self.return_flash_attn_kwargs)
-        keep, ref = flat.pop("keep"), flat.pop("ref")
+        keep, ref, resp = flat.pop("keep"), flat.pop("ref"), flat.pop("response")
         if self.apply_keep_to_labels:
             flat["labels"] = flat["labels"].masked_fill(~keep, -100)
-        elif has_keep:
-            flat[self.keep_key] = keep
+        else:
+            if has_keep:
+                flat[self.keep_key] = keep
+            if resp is not None:
+                flat[RESPONSE_KEY] = resp
         if ref is not None:
             flat[self.ref_key] = ref
         return flat
 
-    def _parse(self, rec: Mapping[str, Any], i: int) -> tuple[list, list, list | None, list | None]:
+    def _parse(self, rec: Mapping[str, Any], i: int) -> tuple[list, list, list | None, list | None, list | None]:
         if not isinstance(rec, Mapping):
             raise TypeError(f"records[{i}]: expected a dict, got {type(rec).__name__}")
         if "input_ids" not in rec:
@@ -186,12 +200,20 @@ class XTFCollator:
                 if len(ref) != len(ids):
                     raise ValueError(f"records[{i}].{f}: expected length {len(ids)} (input_ids'), got {len(ref)}")
                 break
+        resp = None
+        for f in RESPONSE_FIELDS:
+            if rec.get(f) is not None:
+                resp = [bool(v) for v in _as_list(rec[f], f, i)]
+                if len(resp) != len(ids):
+                    raise ValueError(f"records[{i}].{f}: expected length {len(ids)} (input_ids'), got {len(resp)}")
+                break
         if self.max_length is not None and len(ids) > self.max_length:
             n = self.max_length
             ids, lab = ids[:n], lab[:n]
             keep = keep[:n] if keep is not None else None
             ref = ref[:n] if ref is not None else None
-        return ids, lab, keep, ref
+            resp = resp[:n] if resp is not None else None
+        return ids, lab, keep, ref, resp
 
 
 __all__ = ["XTFCollator"]

@@ -48,18 +48,19 @@ def mask_batch_labels(batch: Mapping[str, Any], labels: torch.Tensor) -> torch.T
 
 
 def flatten_records(
-    rows: Sequence[tuple[list, list, list | None, list | None]],
+    rows: Sequence[tuple[list, ...]],
     *,
     pad_token_id: int,
     pad_to_multiple_of: int | None,
     flash_attn_kwargs: bool,
 ) -> dict[str, torch.Tensor | int]:
-    """One packed row from parsed records ``(ids, labels, keep, ref)``.
+    """One packed row from parsed records ``(ids, labels, keep, ref[, response])``.
 
     Returns ``input_ids``, ``labels`` (-100 at each record's first token, as transformers'
     ``DataCollatorWithFlattening``), ``position_ids`` (0, 1, ... per record), ``keep``
     (per-token, aligned; True where a record has none), ``ref`` (NaN where absent, or None
-    when no record has reference log-probs), all ``[1, T]``; padding (``pad_to_multiple_of``)
+    when no record has reference log-probs), ``response`` (bool, or None when no record has
+    a response mask), all ``[1, T]``; padding (``pad_to_multiple_of``)
     adds one-token documents of ``pad_token_id`` with label -100 and keep False, as TRL pads.
     With ``flash_attn_kwargs``: ``cu_seq_lens_q/k`` (int32) and ``max_length_q/k`` (int).
     """
@@ -68,8 +69,11 @@ def flatten_records(
     pos: list[int] = []
     keep: list[bool] = []
     ref: list[float] = []
+    resp: list[bool] = []
     lengths = []
-    for r_ids, r_lab, r_keep, r_ref in rows:
+    for row in rows:
+        r_ids, r_lab, r_keep, r_ref = row[:4]
+        r_resp = row[4] if len(row) > 4 else None
         n = len(r_ids)
         lengths.append(n)
         ids += r_ids
@@ -77,6 +81,7 @@ def flatten_records(
         pos += range(n)
         keep += [True] * n if r_keep is None else list(r_keep)
         ref += [float("nan")] * n if r_ref is None else list(r_ref)
+        resp += [False] * n if r_resp is None else list(r_resp)
     T = len(ids)
     if pad_to_multiple_of:
         pad = -T % pad_to_multiple_of
@@ -85,6 +90,7 @@ def flatten_records(
         pos += [0] * pad
         keep += [False] * pad
         ref += [float("nan")] * pad
+        resp += [False] * pad
         lengths += [1] * pad
     out: dict[str, Any] = {
         "input_ids": torch.tensor([ids], dtype=torch.long),
@@ -92,6 +98,8 @@ def flatten_records(
         "position_ids": torch.tensor([pos], dtype=torch.long),
         "keep": torch.tensor([keep], dtype=torch.bool),
         "ref": torch.tensor([ref], dtype=torch.float32) if any(r[3] is not None for r in rows) else None,
+        "response": torch.tensor([resp], dtype=torch.bool) if any(len(r) > 4 and r[4] is not None for r in rows)
+        else None,
     }
     if flash_attn_kwargs:
         cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)

@@ -17,7 +17,17 @@ from torch import nn
 
 from ..lm_head import text_config
 from ..stats import TokenStats
-from ._patch_state import PATCH_ATTR, XTFPatch, get_patch, is_patched, unwrap_model
+from ._patch_state import (
+    KEEP_FIELDS,
+    PATCH_ATTR,
+    REF_FIELDS,
+    RESPONSE_FIELDS,
+    XTFPatch,
+    accepted_kwargs,
+    get_patch,
+    is_patched,
+    unwrap_model,
+)
 from ._patched_forward import linear_head_spec, patched_call
 
 __all__ = ["apply_xtf", "revert"]
@@ -30,6 +40,10 @@ def _check_options(keep_key: Any, ref_key: Any, select: Any, label_smoothing: An
             raise ValueError(f"{name}: expected a Python identifier string, got {val!r}")
     if keep_key == ref_key:
         raise ValueError(f"keep_key and ref_key must differ, both are {keep_key!r}")
+    for name, val, taken in (("keep_key", keep_key, REF_FIELDS + RESPONSE_FIELDS),
+                             ("ref_key", ref_key, KEEP_FIELDS + RESPONSE_FIELDS)):
+        if val in taken:
+            raise ValueError(f"{name}: {val!r} is the name of another XTF field ({', '.join(taken)}); pick another")
     if select is not None and not callable(select):
         raise TypeError(f"select: expected a callable(TokenStats) -> bool mask, got {type(select).__name__}")
     for name, val in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
@@ -53,7 +67,7 @@ def _signature_with(inner_sig: inspect.Signature, extras: tuple[str, ...]) -> in
     params = [p for p in inner_sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     var_kw = [p for p in inner_sig.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
     names = {p.name for p in params}
-    for extra in extras:
+    for extra in dict.fromkeys(extras):
         if extra not in names:
             params.append(inspect.Parameter(extra, inspect.Parameter.KEYWORD_ONLY, default=None))
     if not var_kw:
@@ -98,13 +112,27 @@ def apply_xtf(
 
     Without ``labels`` (and ``shift_labels``) the original forward runs unchanged.
 
+    Keywords: the keep mask is also taken under ``keep`` (the column ``xtf export`` writes)
+    and ``xtf_keep``, reference log-probs under ``ref_logprobs`` / ``xtf_ref_logprobs``
+    (one name per call: two names for the same field are a ValueError), and
+    ``xtf_response`` / ``response`` (the response tokens, validated and not used by the loss;
+    trainers count ``xtf/kept_fraction`` against it). A call with labels refuses (TypeError)
+    any other keyword the model's forward does not take: transformers passes unknown
+    keywords on to the attention layers, which ignore them, so a misspelt mask would give
+    the unmasked loss. The keywords a model takes are its forward's parameters, the keys of
+    its ``**kwargs: Unpack[TransformersKwargs]`` and ``return_dict`` / ``past_key_values`` /
+    ``cache_position`` / ``token_type_ids``; a keyword given as None is never refused; a
+    forward with untyped ``**kwargs`` has only mask-like names (containing ``keep``,
+    ``mask``, ``logprob`` or ``response``) refused.
+
     Args:
         model: a ``*ForCausalLM`` (also accepted wrapped in PEFT / DDP / ``torch.compile``;
             the inner model is patched) whose ``get_output_embeddings()`` is an ``nn.Linear``
             (tied or not, with or without bias). Gemma 2's ``final_logit_softcapping`` and
             Cohere / Granite logit scales are read from the config.
         keep_key: name of the batch field holding the keep mask: ``[B, L]`` bool (or 0/1
-            integers), label-aligned, False = masked token (no loss, no gradient).
+            integers), label-aligned, False = masked token (no loss, no gradient);
+            ``keep`` and ``xtf_keep`` are accepted too.
         ref_key: name of the batch field holding reference log-probs ``[B, L]`` float
             (label-aligned), for ``TokenStats.logprob_delta`` (excess-loss policies).
         select: optional ``callable(TokenStats) -> bool [B, L]`` policy called inside the
@@ -137,6 +165,7 @@ def apply_xtf(
     had_prev = "forward" in target.__dict__
     prev_forward = target.__dict__.get("forward")
     inner_sig = inspect.signature(target.forward)
+    explicit, accepted = accepted_kwargs(inner_sig)
 
     def xtf_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         # everything is read from the instance, so copy.deepcopy(model) gets its own patch
@@ -145,7 +174,8 @@ def apply_xtf(
             raise RuntimeError("apply_xtf: patched forward called on a model without its patch state")
         return patched_call(self, patch.inner_forward(self), inner_sig, patch, args, kwargs)
 
-    xtf_forward.__signature__ = _signature_with(inner_sig, (keep_key, ref_key))  # type: ignore[attr-defined]
+    extras = (keep_key, *KEEP_FIELDS, ref_key, *REF_FIELDS, *RESPONSE_FIELDS)  # the Trainer keeps these columns
+    xtf_forward.__signature__ = _signature_with(inner_sig, extras)  # type: ignore[attr-defined]
     xtf_forward.__doc__ = (
         f"{type(target).__name__}.forward patched by xtf_kernels apply_xtf (keep_key={keep_key!r})."
     )
@@ -163,6 +193,8 @@ def apply_xtf(
         had_prev=had_prev,
         prev_forward=prev_forward,
         wrapper=bound,
+        explicit=explicit,
+        accepted=accepted,
     )
     return model
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..stats import TokenStats
-from ._patch_state import get_patch, is_patched
+from ._patch_state import KEEP_FIELDS, REF_FIELDS, RESPONSE_FIELDS, get_patch, is_patched
 from ._patched_forward import as_keep
 from .packed import mask_batch_labels
 from .patch import apply_xtf
@@ -82,10 +82,8 @@ class XTFTrainerMixin:
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # type: ignore[misc]
-        from .collator import KEEP_FIELDS, REF_FIELDS
-
         cols = self._signature_columns  # type: ignore[has-type]
-        for name in (*KEEP_FIELDS, *REF_FIELDS):  # record fields XTFCollator reads
+        for name in (*KEEP_FIELDS, *REF_FIELDS, *RESPONSE_FIELDS):  # record fields XTFCollator reads
             if name not in cols:
                 cols.append(name)
 

@@ -9,9 +9,21 @@ tokens (global under gradient accumulation and data parallelism, see
 over scored tokens, from the same fused pass) and ``xtf/kept_fraction``; TRL's
 ``mean_token_accuracy`` needs an argmax over the vocabulary and is not logged.
 
-Data: pre-tokenised records (``input_ids``, ``labels``, ``keep``: what ``xtf export``
-writes) with ``data_collator=XTFCollator(pad_id)`` and
+``xtf/kept_fraction`` = trained tokens / response tokens of a micro-batch (all ranks; the log
+averages it over the micro-batches since the last log, as TRL's own metrics): trained = a
+label, the keep mask and any ``select`` policy agree; response = the tokens a
+trainer would train on without XTF: those with a label, plus those the batch's
+``xtf_response`` marks (``xtf export`` writes a ``response`` list that ``XTFCollator``
+carries: its labels are -100 on masked tokens, so labels alone would give 1.0). Without
+``xtf_response`` the response tokens are the labelled ones; a batch with neither a keep
+mask nor ``xtf_response`` (TRL's own collator), under no ``select`` policy, logs no
+``xtf/kept_fraction``: it would say 1.0 whatever the labels hide.
+
+Data: pre-tokenised records (``input_ids``, ``labels``, ``keep``, ``response``: what
+``xtf export`` writes) with ``data_collator=XTFCollator(pad_id)`` and
 ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)``.
+Padding-free: ``XTFCollator(pad_id, packing=True)`` with TRL's ``padding_free`` left False
+(TRL refuses a custom collator with ``padding_free=True``).
 TRL is an optional dependency (``pip install xtf-kernels[trl]``).
 """
 
@@ -21,7 +33,40 @@ from typing import Any
 
 import torch
 
+from ..stats import TokenStats
+from ._patch_state import RESPONSE_FIELDS, get_patch
+from ._patched_forward import as_keep
+from .distributed import count_kept_tokens
+from .packed import batch_position_ids
 from .transformers import XTFTrainerMixin
+
+
+def kept_and_response(
+    inputs: dict[str, Any], stats: TokenStats, keep_names: tuple[str, ...], has_policy: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(trained tokens, response tokens) of one micro-batch for ``xtf/kept_fraction`` (module docstring).
+
+    Args:
+        inputs: the batch the model was called with (``labels`` ``[B, L]`` int64, optional
+            keep mask, ``xtf_response`` ``[B, L]`` bool, ``position_ids`` of packed rows).
+        stats: the call's label-aligned :class:`TokenStats`.
+        keep_names: the names the keep mask may come under.
+        has_policy: whether a ``select`` policy masks tokens inside the loss.
+
+    Returns:
+        Two 0-d int64 tensors, or None when the batch cannot tell masked tokens apart.
+    """
+    kept = stats.keep.sum(dtype=torch.int64)
+    resp = next((inputs[n] for n in RESPONSE_FIELDS if inputs.get(n) is not None), None)
+    labels = inputs.get("labels")
+    if resp is not None and isinstance(labels, torch.Tensor) and inputs.get("shift_labels") is None:
+        counted = as_keep(resp, RESPONSE_FIELDS[1]).to(labels.device) | (labels != -100)
+        n_resp = count_kept_tokens(torch.where(counted, 0, -100), shift=True,
+                                   position_ids=batch_position_ids(inputs, labels))
+        return kept, n_resp.to(kept.device)
+    if not has_policy and all(inputs.get(n) is None for n in keep_names):
+        return None
+    return kept, (~torch.isnan(stats.lse)).sum(dtype=torch.int64)
 
 
 def _make_sft_class() -> type:
@@ -55,10 +100,13 @@ def _make_sft_class() -> type:
             ent = self.accelerator.gather_for_metrics(
                 torch.nan_to_num(stats.entropy, nan=0.0).sum()
             ).sum()
-            kept = self.accelerator.gather_for_metrics(stats.keep.sum()).sum()
             n = float(n_scored)
             self._metrics[mode]["entropy"].append(float(ent) / n if n else 0.0)
-            self._metrics[mode]["xtf/kept_fraction"].append(float(kept) / n if n else 0.0)
+            patch = get_patch(self.model)
+            counts = kept_and_response(inputs, stats, patch.keep_names, patch.select is not None)
+            if counts is not None:
+                kept, n_resp = (float(self.accelerator.gather_for_metrics(c).sum()) for c in counts)
+                self._metrics[mode]["xtf/kept_fraction"].append(kept / n_resp if n_resp else 0.0)
         # padding-free batches carry position_ids instead of an attention mask (as TRL counts)
         seen_here = inputs["attention_mask"].sum() if "attention_mask" in inputs else None
         if seen_here is None and isinstance(inputs.get("position_ids"), torch.Tensor):

@@ -1,4 +1,9 @@
-"""``export_dataset``: the scored dataset as training data (labels = -100 on masked and prompt tokens)."""
+"""``export_dataset``: the scored dataset as training data (labels = -100 on masked and prompt tokens).
+
+Each record also carries ``keep`` (the policy's mask) and ``response`` (the response tokens:
+those a trainer would train on without XTF), so a trainer can say what fraction of the
+response it trains on (``XTFSFTTrainer``'s ``xtf/kept_fraction``).
+"""
 
 from __future__ import annotations
 
@@ -45,7 +50,11 @@ def export_dataset(
     seed: int = 0,
     ignore_index: int = -100,
 ) -> dict:
-    """Write ``input_ids`` + ``labels`` (+ ``keep``) per example for any trainer.
+    """Write ``input_ids`` + ``labels`` (+ ``keep``, ``response``) per example for any trainer.
+
+    Per example: ``input_ids``; ``labels`` (the token ids, ``ignore_index`` on prompt and
+    masked tokens); ``keep`` (bool, True where trained: the policy's mask, False on prompt
+    tokens); ``response`` (bool, True on the response tokens, masked or not).
 
     Args:
         out_dir: a scored run directory.
@@ -89,17 +98,18 @@ def export_dataset(
         used_ratio = float(ratio)
     ex = cols["example_id"]
     order = np.lexsort((cols["position"], ex))
-    ex_s, ids_s, keep_s = ex[order], cols["token_id"][order].astype(np.int64), keep[order]
+    ex_s, ids_s, keep_s, resp_s = ex[order], cols["token_id"][order].astype(np.int64), keep[order], resp[order]
     uniq, starts = np.unique(ex_s, return_index=True)
     bounds = np.append(starts, ex_s.size)
     labels_all = np.where(keep_s, ids_s, ignore_index)
-    recs = {"example_id": [], "input_ids": [], "labels": [], "keep": []}
+    recs = {"example_id": [], "input_ids": [], "labels": [], "keep": [], "response": []}
     for i, e in enumerate(uniq):
         a, b = bounds[i], bounds[i + 1]
         recs["example_id"].append(int(e))
         recs["input_ids"].append(ids_s[a:b].tolist())
         recs["labels"].append(labels_all[a:b].tolist())
         recs["keep"].append(keep_s[a:b].tolist())
+        recs["response"].append(resp_s[a:b].tolist())
     try:
         if fmt == "parquet":
             write_table_atomic(pa.table(recs), dest)
