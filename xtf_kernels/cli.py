@@ -35,6 +35,16 @@ def _token_ids(s: str) -> list[int]:
     return ids
 
 
+def _percentages(s: str) -> tuple[float, float, float]:
+    try:
+        v = tuple(float(x) for x in s.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--percentages: expected three comma-separated numbers (RI,KN,TR), got {s!r}") from e
+    if len(v) != 3 or not all(0.0 <= x <= 1.0 for x in v):
+        raise argparse.ArgumentTypeError(f"--percentages: expected three numbers in [0, 1] (RI,KN,TR), got {s!r}")
+    return v  # type: ignore[return-value]
+
+
 def _add_score(sub) -> None:
     p = sub.add_parser("score", help="score a dataset with XTF (writes Parquet shards + summary.json)")
     p.add_argument("--model", required=True, help="local Hugging Face causal-LM checkpoint directory (with tokenizer)")
@@ -48,17 +58,28 @@ def _add_score(sub) -> None:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--shard-size", type=int, default=256, help="examples per Parquet shard")
-    p.add_argument("--ri-k", type=float, default=1.0, help="RI fence multiplier k (Q1 - k*IQR)")
-    p.add_argument("--kn-threshold", type=float, default=0.05, help="mask when S_KN < this")
-    p.add_argument("--tr-classes", type=int, default=3)
-    p.add_argument("--tr-masked-class", type=int, default=1, help="Multi-Otsu class masked (0 = lowest mean)")
+    p.add_argument("--preset", choices=["official", "paper"], default="official",
+                   help="official (default): the authors' released rules, capped per sequence; "
+                        "paper: the uncapped literal reading of the paper's text")
+    p.add_argument("--percentages", type=_percentages, default=None,
+                   help="official: per-sequence caps RI,KN,TR (default 0.05,0.10,0.05)")
+    p.add_argument("--ri-source", choices=["released", "received"], default=None,
+                   help="official: RI as released (constant, flags nothing; default) or attention received "
+                        "(layer 0 unless --ri-layers)")
+    p.add_argument("--ri-k", type=float, default=None, help="RI fence multiplier k (Q1 - k*IQR; official 1.5, paper 1.0)")
+    p.add_argument("--kn-threshold", type=float, default=0.05, help="mask when S_KN < this (p > 1 - this)")
+    p.add_argument("--tr-classes", type=int, default=None, help="Multi-Otsu classes (official 5, paper 3)")
+    p.add_argument("--tr-masked-class", type=int, default=1, help="paper: Multi-Otsu class masked (0 = lowest mean)")
     p.add_argument("--tr-metric", choices=["cosine", "euclidean"], default="cosine")
-    p.add_argument("--domain-words", default=None, help="comma-separated domain words for the TR domain vector")
-    p.add_argument("--rules", default="ri,kn,tr", help="enabled rules (ablation), e.g. kn,tr")
+    p.add_argument("--domain-words", default=None,
+                   help="comma-separated domain words for the TR domain vector (official default: the 16 most "
+                        "frequent response words, printed)")
+    p.add_argument("--rules", default="ri,kn,tr", help="enabled rules (ablation), any case, e.g. kn,tr or KN,TR")
     p.add_argument("--ri-layers", type=_layers, default=None, help="comma-separated layer indices for RI")
     p.add_argument("--ri-reduce", default="mean_over_queries", help="RI aggregation over queries")
-    p.add_argument("--tr-source", choices=["input", "contextual"], default="input",
-                   help="TR reading: input-embedding row (paper, default) or the final hidden state per occurrence")
+    p.add_argument("--tr-source", choices=["isolated", "input", "contextual"], default=None,
+                   help="TR reading: the token run alone (official default), its input-embedding row (paper "
+                        "default) or the final hidden state per occurrence (paper only)")
     p.add_argument("--ri-aggregation", choices=["mean", "debiased"], default="mean",
                    help="RI reading: mean over visible queries (default) or received mass / uniform causal attention")
     p.add_argument("--protect", type=_token_ids, default=None, help="comma-separated token ids never masked (e.g. EOS)")
@@ -77,6 +98,7 @@ def _add_score(sub) -> None:
 
 def _cmd_score(a) -> int:
     from .xtf import RuleConfig, score_dataset
+    from .xtf.rules import parse_rules
 
     dist = False
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
@@ -86,15 +108,16 @@ def _cmd_score(a) -> int:
             td.init_process_group("nccl" if _cuda() else "gloo")
             dist = True
     try:
-        rules = RuleConfig(ri_k=a.ri_k, kn_threshold=a.kn_threshold, tr_classes=a.tr_classes,
-                           tr_masked_class=a.tr_masked_class, enabled=tuple(r.strip() for r in a.rules.split(",") if r.strip()))
+        rules = RuleConfig(preset=a.preset, ri_k=a.ri_k, kn_threshold=a.kn_threshold, tr_classes=a.tr_classes,
+                           tr_masked_class=a.tr_masked_class, enabled=parse_rules(a.rules), tr_source=a.tr_source,
+                           ri_source=a.ri_source, percentages=a.percentages)
         summary = score_dataset(
             a.model, a.data, a.out, rules=rules, batch_size=a.batch_size, max_length=a.max_length,
             dtype=a.dtype, device=a.device, shard_size=a.shard_size, on_error=a.on_error, truncation=a.truncation,
             add_eos=not a.no_eos, ri_layers=a.ri_layers, ri_reduce=a.ri_reduce, tr_metric=a.tr_metric,
             domain_words=None if a.domain_words is None else [w for w in a.domain_words.split(",") if w],
             ref_model=a.ref_model, resume=not a.no_resume, overwrite=a.overwrite, progress=not a.quiet,
-            tr_source=a.tr_source, ri_aggregation=a.ri_aggregation, protect=a.protect, pack=a.pack,
+            ri_aggregation=a.ri_aggregation, protect=a.protect, pack=a.pack,
         )
     finally:
         if dist:
@@ -106,6 +129,10 @@ def _cmd_score(a) -> int:
         print(f"scored {summary['examples']['scored']} examples, {tok['response']} response tokens; "
               f"masked {tok['masked']} ({fr['any']:.1%}): RI {fr['RI']:.1%}, KN {fr['KN']:.1%}, TR {fr['TR']:.1%} "
               f"-> {os.path.join(a.out, 'summary.json')}")
+        tr = summary["thresholds"]["tr"]
+        if summary.get("preset") == "official" and tr.get("domain_words"):
+            how = "given" if tr.get("domain") == "words" else "the most frequent response words; --domain-words overrides"
+            print(f"TR domain words ({how}): {', '.join(tr['domain_words'])}")
         for line in score_notes(summary):
             print(line)
         am = (summary.get("diagnostics") or {}).get("always_masked")
@@ -148,11 +175,15 @@ def score_notes(summary: dict) -> list[str]:
                      f"{pk['padding_share_packed']:.0%}); {pk['near_threshold_tokens']} tokens lie within "
                      f"{pk['near_threshold_tol']:g} of a threshold")
     run = summary.get("run") or {}
+    if run.get("rules_changed") is not None:
+        what = ", ".join(run["rules_changed"]) or "rule settings"
+        lines.append(f"only rule parameters changed ({what}): reused pass 1 of the run in this directory, "
+                     "applied the rules again")
     n, r1, r2 = run.get("shards", 0), run.get("reused_pass1", 0), run.get("reused_tokens", 0)
     if n and r1 == r2 == n:
         lines.append(f"nothing to do: all {_plural(n, 'shard')} were already scored by an earlier run with "
                      "the same settings (--no-resume --overwrite scores them again)")
-    elif r1 or r2:
+    elif (r1 or r2) and run.get("rules_changed") is None:
         lines.append(f"resumed: reused {r1} of {n} pass-1 shards and {r2} of {n} final shards of the "
                      "interrupted run")
     return lines
@@ -242,7 +273,8 @@ _FLAGS = {
               "on_error": "--on-error", "add_eos": "--no-eos", "ri_k": "--ri-k", "kn_threshold": "--kn-threshold",
               "tr_classes": "--tr-classes", "tr_masked_class": "--tr-masked-class", "enabled": "--rules",
               "rules": "the rule options", "pack": "--pack", "tr_source": "--tr-source",
-              "ri_aggregation": "--ri-aggregation", "protect": "--protect"},
+              "ri_aggregation": "--ri-aggregation", "protect": "--protect", "preset": "--preset",
+              "percentages": "--percentages", "ri_source": "--ri-source"},
     "export": {"out_dir": "DIR", "dest": "--to", "format": "--format", "policy": "--policy", "ratio": "--ratio"},
     "report": {"out_dir": "DIR", "dest": "--out", "max_examples": "--max-examples"},
 }

@@ -43,7 +43,7 @@ def test_cli_score_export_report(model_dir, tmp_path, capsys):
     data = write_data(tmp_path / "d.jsonl")
     out = tmp_path / "out"
     assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--shard-size", "4",
-                 "--batch-size", "3", "--quiet"]) == 0
+                 "--batch-size", "3", "--quiet", "--preset", "paper"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(p.name for p in (out / "tokens").iterdir()) == [f"shard-0000{i}.parquet" for i in range(3)]
     t = load_token_table(out)
@@ -188,10 +188,11 @@ def test_bad_model_dirs_and_existing_runs(model_dir, tmp_path):
     from xtf_kernels.xtf import RuleConfig
 
     with pytest.raises(FileExistsError, match="different settings"):
-        score_dataset(model_dir, data, out, rules=RuleConfig(kn_threshold=0.1), progress=False)
+        score_dataset(model_dir, data, out, batch_size=3, progress=False)  # pass 1 depends on it
     assert _files(out) == before
-    s = score_dataset(model_dir, data, out, rules=RuleConfig(kn_threshold=0.1), overwrite=True, progress=False)
-    assert s["thresholds"]["kn"]["threshold"] == 0.1
+    s = score_dataset(model_dir, data, out, batch_size=3, rules=RuleConfig(kn_threshold=0.1), overwrite=True,
+                      progress=False)
+    assert s["thresholds"]["kn"]["threshold"] == 0.1 and "rules_changed" not in s["run"]
     with pytest.raises(ValueError, match="batch_size"):
         score_dataset(model_dir, data, out, batch_size=0)
     with pytest.raises(ValueError, match="max_examples"):
@@ -226,7 +227,7 @@ def test_module_api_one_decoder_forward_per_batch_no_logits(model_dir, tmp_path)
     h1 = m.get_decoder().register_forward_hook(lambda *a: n.__setitem__("dec", n["dec"] + 1))
     h2 = m.get_output_embeddings().register_forward_hook(lambda *a: n.__setitem__("head", n["head"] + 1))
     recs = [{"prompt": f"Q{i}:", "response": t} for i, t in enumerate(SAMPLE_TEXTS)]
-    s = score_dataset(m, recs, tmp_path / "o", tokenizer=tok, batch_size=4, progress=False, dtype="fp32")
+    s = score_dataset(m, recs, tmp_path / "o", tokenizer=tok, batch_size=4, progress=False, dtype="fp32", preset="paper")
     h1.remove()
     h2.remove()
     assert n == {"dec": 3, "head": 0}  # 11 examples, batches of 4

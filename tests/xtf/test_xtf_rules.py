@@ -62,7 +62,7 @@ def test_kn_and_tr_known_answers():
 
 def test_apply_rules_union_reasons_and_prompt():
     t = _table()
-    reasons, keep = apply_rules(t, RuleConfig(ri_k=0.1), np.array([0.3, 0.7]))
+    reasons, keep = apply_rules(t, RuleConfig(preset="paper", ri_k=0.1), np.array([0.3, 0.7]))
     want = np.zeros(15, dtype=np.uint8)
     want[[2, 3]] |= np.uint8(Reason.RI)
     want[[3, 5, 14]] |= np.uint8(Reason.KN)
@@ -76,7 +76,7 @@ def test_apply_rules_union_reasons_and_prompt():
     assert oc["response"] == 12 and oc["masked"] == 6 and oc["kept"] == 6
     assert (oc["RI"], oc["KN"], oc["TR"], oc["RI&KN"], oc["KN&TR"], oc["RI&KN&TR"]) == (2, 3, 5, 1, 3, 1)
     # ablation: only KN
-    reasons, keep = apply_rules(t, RuleConfig(enabled=("kn",)), np.array([0.3, 0.7]))
+    reasons, keep = apply_rules(t, RuleConfig(preset="paper", enabled=("kn",)), np.array([0.3, 0.7]))
     assert np.flatnonzero(reasons).tolist() == [3, 5, 14] and set(reasons[reasons > 0]) == {2}
 
 

@@ -70,6 +70,7 @@ def score_dataset(
     ri_aggregation: str | None = None,
     protect: Sequence[int] | None = None,
     pack: bool = False,
+    preset: str | None = None,
 ) -> dict:
     """Score every response token of a dataset with XTF and write the per-token records.
 
@@ -80,7 +81,8 @@ def score_dataset(
             ``datasets`` loads, or an iterable of such dicts.
         out_dir: output directory (``pass1/``, ``tokens/``, ``config.json``, ``summary.json``).
         tokenizer: tokenizer when ``model`` is a module.
-        rules: :class:`RuleConfig` (RI fence k=1.0, KN < 0.05, TR Multi-Otsu 3 classes).
+        rules: :class:`RuleConfig` (default: the ``official`` preset, the released
+            implementation's capped rules; ``RuleConfig(preset="paper")`` for the paper's text).
         batch_size: sequences per forward (right-padded).
         max_length: context limit (default: the model's ``max_position_embeddings``).
         dtype: ``"auto"`` (bf16 on a GPU with bf16, else fp32), ``"bf16"``, ``"fp16"``, ``"fp32"``.
@@ -111,6 +113,9 @@ def score_dataset(
             unpacked run; ``summary["packing"]`` reports the padding saved and the tokens within
             1e-5 of a threshold; enters the fingerprint. Refused for a model whose attention
             does not honour packed ``position_ids``.
+        preset: ``"official"`` or ``"paper"``: shorthand for ``rules=RuleConfig(preset=...)``
+            (refused when it contradicts ``rules.preset``). Under ``official`` the TR domain
+            words default to the 16 most frequent response words (recorded in the summary).
 
     Returns:
         The summary dict (also written to ``out_dir/summary.json`` by rank 0), plus ``"run"``
@@ -129,7 +134,7 @@ def score_dataset(
         shard_size=shard_size, on_error=on_error, truncation=truncation, add_eos=add_eos, ri_layers=ri_layers,
         ri_reduce=ri_reduce, tr_metric=tr_metric, domain_words=domain_words, resume=resume, overwrite=overwrite,
         progress=progress, ri_fn=ri_fn, backend=backend, tr_source=tr_source, ri_aggregation=ri_aggregation,
-        protect=protect, pack=pack,
+        protect=protect, pack=pack, preset=preset,
     )
     run = prepare_run(model, data, out_dir, opts, tokenizer=tokenizer, ref_model=ref_model)
     todo, reused, n_tok = pending_pass1(run)
@@ -143,4 +148,6 @@ def score_dataset(
     reused2, tok_now = sh.all_reduce_sum(np.array([n_reused2, n_tok], dtype=np.int64))
     run_info = {"shards": run.n_shards, "reused_pass1": reused, "reused_tokens": int(reused2),
                 "tokens_scored": int(tok_now), "seconds": elapsed}
+    if run.rules_changed is not None:  # rank 0: only rule parameters changed, pass 1 was reused
+        run_info["rules_changed"] = list(run.rules_changed)
     return {**summary, "run": run_info}

@@ -1,20 +1,29 @@
 """The three XTF noise rules, their union and the per-token reason bitmask.
 
-A response token is masked (label -> ignore index) when ANY enabled rule fires:
+A response token is masked (label -> ignore index) when ANY enabled rule fires. Two presets
+(:class:`RuleConfig` ``preset``) say how the rules read:
 
-* RI (reasoning importance, Eq. 5): per sequence, over its response tokens,
-  ``S_RI < Q1 - k * (Q3 - Q1)`` (quartiles by linear interpolation, ``k = 1.0`` default).
-* KN (knowledge novelty, Eq. 6): ``S_KN < kn_threshold`` (0.05: the base model already gives
-  the gold token P > 0.95).
-* TR (task relevance, Eq. 7): Multi-Otsu on the dataset's S_TR values (3 classes); the class
-  with the second-smallest mean (class index 1 of the ordered classes) is masked.
+* ``"official"`` (default): the rules of the authors' released implementation, each capped per
+  sequence by a percentage (:mod:`.released`): KN ``p > 0.95`` among the top 10 % of the
+  sequence's p; TR ``rel < t_TR`` among the bottom 5 % of its task relevance (cosine
+  similarity of the token run alone to the domain vector; ``t_TR`` from a 5-class Multi-Otsu
+  and the released cumulative-proportion pick); RI as released is constant (flags nothing),
+  ``ri_source="received"`` applies the released fence ``Q1 - 1.5 IQR`` with its 5 % cap to
+  attention received.
+* ``"paper"``: the literal reading of the paper's text, uncapped:
+
+  - RI (Eq. 5): per sequence, ``S_RI < Q1 - k * (Q3 - Q1)`` (linear quartiles, ``k = 1.0``);
+  - KN (Eq. 6): ``S_KN < kn_threshold`` (0.05: the base model gives the gold token P > 0.95);
+  - TR (Eq. 7): Multi-Otsu on the dataset's S_TR values (3 classes); the class with the
+    second-smallest mean (class index 1 of the ordered classes) is masked.
 
 Prompt tokens are never trained on: their ``keep`` is False and their reason bitmask is 0.
 NaN scores never fire a rule. Token ids in ``RuleConfig.protect`` are never masked.
 
-The readings of the paper's ambiguous parts are options here too (the defaults are the paper's
-literal reading, docs/xtf.md): ``tr_source`` (``"input"``: the token's input-embedding row;
-``"contextual"``: the base model's final hidden state at that position) and ``ri_aggregation``
+The readings of the paper's ambiguous parts are options too (docs/xtf.md): ``tr_source``
+(``"isolated"``: the token run alone through the model, the official default; ``"input"``: the
+token's input-embedding row, the paper default; ``"contextual"``: the final hidden state at
+that position), ``ri_source`` (``"released"`` or ``"received"``) and ``ri_aggregation``
 (``"mean"``: attention received averaged over the visible queries; ``"debiased"``: the received
 mass divided by what uniform causal attention would give the key).
 """
@@ -28,7 +37,7 @@ import numpy as np
 
 from .multiotsu import digitize
 
-__all__ = ["Reason", "RuleConfig", "ri_fence_mask", "kn_mask", "tr_mask", "apply_rules", "overlap_counts", "reason_names",
+__all__ = ["Reason", "RuleConfig", "PRESETS", "RI_SOURCES", "parse_rules", "ri_fence_mask", "kn_mask", "tr_mask", "apply_rules", "overlap_counts", "reason_names",
            "reason_label", "REASONS", "N_REASON_MASKS", "REASON_COMBINATIONS", "TR_SOURCES", "RI_AGGREGATIONS",
            "type_diagnostics"]
 
@@ -62,41 +71,118 @@ def reason_label(bits: int, *, sep: str = "+", none: str = "none") -> str:
 
 
 _RULES = ("ri", "kn", "tr")
-TR_SOURCES: tuple[str, ...] = ("input", "contextual")
+PRESETS: tuple[str, ...] = ("official", "paper")
+TR_SOURCES: tuple[str, ...] = ("isolated", "input", "contextual")
+RI_SOURCES: tuple[str, ...] = ("released", "received")
 RI_AGGREGATIONS: tuple[str, ...] = ("mean", "debiased")
+#: the released implementation's per-sequence caps (RI, KN, TR), its main.py defaults
+OFFICIAL_PERCENTAGES: tuple[float, float, float] = (0.05, 0.10, 0.05)
+# what a field left as None means under each preset
+_PRESET_DEFAULTS = {
+    "official": {"ri_k": 1.5, "tr_classes": 5, "tr_source": "isolated", "ri_source": "released",
+                 "percentages": OFFICIAL_PERCENTAGES},
+    "paper": {"ri_k": 1.0, "tr_classes": 3, "tr_source": "input", "ri_source": "received", "percentages": None},
+}
+
+
+def parse_rules(spec: str) -> tuple[str, ...]:
+    """``"KN,tr"`` -> ``("kn", "tr")``: comma-separated rule names in any case.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"rules: expected a comma-separated string, got {type(spec).__name__}")
+    names = tuple(r.strip().lower() for r in spec.split(",") if r.strip())
+    bad = [r for r in names if r not in _RULES]
+    if bad or not names:
+        raise ValueError(f"enabled: expected comma-separated rule names among RI, KN, TR (any case), got {spec!r}")
+    return names
 
 
 @dataclass(frozen=True)
 class RuleConfig:
-    """Thresholds of the three rules (defaults: the method note's reading of the paper).
+    """Preset and thresholds of the three rules.
+
+    Fields left as None take the preset's value (``official`` / ``paper``).
 
     Attributes:
-        ri_k: fence multiplier k in ``Q1 - k * IQR`` (1.0; 1.5 is Tukey's fence).
-        kn_threshold: mask when ``S_KN < kn_threshold``.
-        tr_classes: Multi-Otsu classes.
-        tr_masked_class: which class (0 = lowest mean) is masked; 1 = second-smallest mean.
-        tr_nbins: bins of the fixed [0, 1] histogram of S_TR.
+        preset: ``"official"`` (default: the released implementation's capped rules) or
+            ``"paper"`` (the uncapped literal reading of the paper's text).
+        ri_k: fence multiplier k in ``Q1 - k * IQR`` (official 1.5, paper 1.0).
+        kn_threshold: mask when ``S_KN < kn_threshold``, i.e. ``p > 1 - kn_threshold`` (0.05).
+        tr_classes: Multi-Otsu classes (official 5, paper 3).
+        tr_masked_class: paper: which class (0 = lowest mean) is masked; 1 = second-smallest.
+            Not used by ``official`` (its cut comes from the cumulative-proportion pick).
+        tr_nbins: histogram bins of the Multi-Otsu (256).
         enabled: rules in force, a subset of ("ri", "kn", "tr") (ablations).
-        tr_source: ``"input"`` (S_TR from the token's input-embedding row: a function of the
-            token id) or ``"contextual"`` (from the base model's final hidden state at that
-            position, domain vector = its mean over response tokens; per occurrence).
+        tr_source: ``"isolated"`` (official: the token run alone through the model, final
+            hidden state), ``"input"`` (paper: the token's input-embedding row) or
+            ``"contextual"`` (paper only: the final hidden state at that position).
+        ri_source: ``"released"`` (official: the released computation, constant 1/L, flags
+            nothing, no attention pass) or ``"received"`` (attention received, Eq. 2; the only
+            one under ``paper``).
         ri_aggregation: ``"mean"`` (received attention averaged over the queries that see the
             key) or ``"debiased"`` (received mass divided by uniform causal attention's
             ``sum_{i >= j} 1 / n_keys(i)``: removes the decay along the sequence).
+        percentages: official per-sequence caps (RI, KN, TR) as fractions in [0, 1]
+            (default 0.05, 0.10, 0.05); must be None under ``paper``.
         protect: token ids never masked (e.g. EOS); default none.
     """
 
-    ri_k: float = 1.0
+    preset: str = "official"
+    ri_k: float | None = None
     kn_threshold: float = 0.05
-    tr_classes: int = 3
+    tr_classes: int | None = None
     tr_masked_class: int = 1
     tr_nbins: int = 256
     enabled: tuple[str, ...] = field(default=_RULES)
-    tr_source: str = "input"
+    tr_source: str | None = None
     ri_aggregation: str = "mean"
+    ri_source: str | None = None
+    percentages: tuple[float, float, float] | None = None
     protect: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {PRESETS}, got {self.preset!r}")
+        defaults = _PRESET_DEFAULTS[self.preset]
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        self._check_numbers()
+        en = tuple(self.enabled)
+        if not set(en) <= set(_RULES):
+            raise ValueError(f"enabled: expected a subset of {_RULES}, got {en!r}")
+        object.__setattr__(self, "enabled", tuple(r for r in _RULES if r in en))
+        if self.tr_source not in TR_SOURCES:
+            raise ValueError(f"tr_source: expected one of {TR_SOURCES}, got {self.tr_source!r}")
+        if self.ri_source not in RI_SOURCES:
+            raise ValueError(f"ri_source: expected one of {RI_SOURCES}, got {self.ri_source!r}")
+        if self.ri_aggregation not in RI_AGGREGATIONS:
+            raise ValueError(f"ri_aggregation: expected one of {RI_AGGREGATIONS}, got {self.ri_aggregation!r}")
+        if self.preset == "paper":
+            if self.ri_source != "received":
+                raise ValueError("ri_source: the paper preset reads RI as attention received ('received')")
+            if self.percentages is not None:
+                raise ValueError("percentages: the per-sequence caps belong to the official preset (paper is uncapped)")
+        elif self.tr_source == "contextual":
+            raise ValueError("tr_source: 'contextual' is a reading of the paper preset (official scores TR "
+                             "from the token run alone, 'isolated', or its input-embedding row, 'input')")
+        if self.percentages is not None:
+            pc = tuple(self.percentages)
+            if len(pc) != 3 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0 for x in pc
+            ):
+                raise ValueError(f"percentages: expected three numbers in [0, 1] (RI, KN, TR), got {self.percentages!r}")
+            object.__setattr__(self, "percentages", tuple(float(x) for x in pc))
+        if isinstance(self.protect, (str, bytes)) or not all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in self.protect
+        ):
+            raise ValueError(f"protect: expected a sequence of token ids (ints >= 0), got {self.protect!r}")
+        object.__setattr__(self, "protect", tuple(sorted({int(t) for t in self.protect})))
+
+    def _check_numbers(self) -> None:
         if not isinstance(self.ri_k, (int, float)) or not np.isfinite(self.ri_k) or self.ri_k < 0:
             raise ValueError(f"ri_k: expected a finite number >= 0, got {self.ri_k!r}")
         if not isinstance(self.kn_threshold, (int, float)) or not 0.0 <= self.kn_threshold <= 1.0:
@@ -109,25 +195,18 @@ class RuleConfig:
             )
         if not isinstance(self.tr_nbins, int) or self.tr_nbins < self.tr_classes:
             raise ValueError(f"tr_nbins: expected an int >= tr_classes, got {self.tr_nbins!r}")
-        en = tuple(self.enabled)
-        if not set(en) <= set(_RULES):
-            raise ValueError(f"enabled: expected a subset of {_RULES}, got {en!r}")
-        object.__setattr__(self, "enabled", tuple(r for r in _RULES if r in en))
-        if self.tr_source not in TR_SOURCES:
-            raise ValueError(f"tr_source: expected one of {TR_SOURCES}, got {self.tr_source!r}")
-        if self.ri_aggregation not in RI_AGGREGATIONS:
-            raise ValueError(f"ri_aggregation: expected one of {RI_AGGREGATIONS}, got {self.ri_aggregation!r}")
-        if isinstance(self.protect, (str, bytes)) or not all(
-            isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in self.protect
-        ):
-            raise ValueError(f"protect: expected a sequence of token ids (ints >= 0), got {self.protect!r}")
-        object.__setattr__(self, "protect", tuple(sorted({int(t) for t in self.protect})))
+
+    @property
+    def official(self) -> bool:
+        """True under the ``official`` preset."""
+        return self.preset == "official"
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
         d = asdict(self)
         d["enabled"] = list(self.enabled)
         d["protect"] = list(self.protect)
+        d["percentages"] = None if self.percentages is None else list(self.percentages)
         return d
 
 
@@ -205,6 +284,7 @@ def apply_rules(
     table: dict[str, np.ndarray],
     config: RuleConfig | None = None,
     tr_thresholds: np.ndarray | None = None,
+    tr_cut: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Apply the enabled rules to a score table.
 
@@ -212,9 +292,13 @@ def apply_rules(
         table: mapping with 1-D columns ``example_id`` (int), ``is_response`` (bool), ``ri``,
             ``kn``, ``tr`` (float; NaN = not scored), and ``token_id`` when ``config.protect``
             is set (protected ids are never masked). A pyarrow Table converted with
-            ``{c: t[c].to_numpy() for c in t.column_names}`` works.
-        config: thresholds (default :class:`RuleConfig`).
-        tr_thresholds: Multi-Otsu thresholds of S_TR (from the whole dataset).
+            ``{c: t[c].to_numpy() for c in t.column_names}`` works. Under ``official``, ``tr``
+            is the task relevance (cosine similarity, higher = more relevant) and ``kn`` is
+            ``1 - p``.
+        config: preset and thresholds (default :class:`RuleConfig`, the official preset).
+        tr_thresholds: paper: the Multi-Otsu thresholds of S_TR (from the whole dataset).
+        tr_cut: official: ``t_TR`` (:func:`~xtf_kernels.xtf.released.official_tr_cut`); None
+            leaves TR off.
 
     Returns:
         (``reasons`` uint8 ``[N]`` bitmask of :class:`Reason`, ``keep`` bool ``[N]``: response
@@ -227,15 +311,10 @@ def apply_rules(
         if c not in table:
             raise ValueError(f"table: missing column {c!r}")
     resp = np.asarray(table["is_response"], dtype=bool)
+    fired = _official_fired(table, cfg, resp, tr_cut) if cfg.official else _paper_fired(table, cfg, resp, tr_thresholds)
     reasons = np.zeros(resp.shape, dtype=np.uint8)
-    if "ri" in cfg.enabled:
-        fired, _ = ri_fence_mask(table["ri"], table["example_id"], resp, cfg.ri_k)
-        reasons |= np.where(fired, np.uint8(Reason.RI), np.uint8(0))
-    if "kn" in cfg.enabled:
-        reasons |= np.where(kn_mask(table["kn"], resp, cfg.kn_threshold), np.uint8(Reason.KN), np.uint8(0))
-    if "tr" in cfg.enabled:
-        fired = tr_mask(table["tr"], resp, tr_thresholds, cfg.tr_masked_class)
-        reasons |= np.where(fired, np.uint8(Reason.TR), np.uint8(0))
+    for name, hit in fired.items():
+        reasons |= np.where(hit, np.uint8(Reason[name.upper()]), np.uint8(0))
     if cfg.protect:
         if "token_id" not in table:
             raise ValueError("table: missing column 'token_id' (needed by RuleConfig.protect)")
@@ -243,6 +322,33 @@ def apply_rules(
         reasons[prot] = 0
     keep = resp & (reasons == 0)
     return reasons, keep
+
+
+def _paper_fired(table, cfg: RuleConfig, resp: np.ndarray, tr_thresholds) -> dict[str, np.ndarray]:
+    out = {}
+    if "ri" in cfg.enabled:
+        out["ri"], _ = ri_fence_mask(table["ri"], table["example_id"], resp, cfg.ri_k)
+    if "kn" in cfg.enabled:
+        out["kn"] = kn_mask(table["kn"], resp, cfg.kn_threshold)
+    if "tr" in cfg.enabled:
+        out["tr"] = tr_mask(table["tr"], resp, tr_thresholds, cfg.tr_masked_class)
+    return out
+
+
+def _official_fired(table, cfg: RuleConfig, resp: np.ndarray, tr_cut) -> dict[str, np.ndarray]:
+    from .released import capped_kn_mask, capped_ri_mask, capped_tr_mask
+
+    cap_ri, cap_kn, cap_tr = cfg.percentages
+    ex = table["example_id"]
+    out = {}
+    if "ri" in cfg.enabled and cfg.ri_source == "received":  # released RI is constant: flags nothing
+        out["ri"], _ = capped_ri_mask(table["ri"], ex, resp, cfg.ri_k, cap_ri)
+    if "kn" in cfg.enabled:
+        p = 1.0 - np.asarray(table["kn"], dtype=np.float64)
+        out["kn"] = capped_kn_mask(p, ex, resp, 1.0 - cfg.kn_threshold, cap_kn)
+    if "tr" in cfg.enabled:
+        out["tr"] = capped_tr_mask(table["tr"], ex, resp, tr_cut, cap_tr)
+    return out
 
 
 def overlap_counts(reasons: np.ndarray, is_response: np.ndarray) -> dict[str, int]:

@@ -29,6 +29,7 @@ __all__ = [
     "check_writable_dir",
     "named_os_error",
     "check_existing_run",
+    "changed_settings",
     "remove_outputs",
     "remove_stale_tmp",
 ]
@@ -101,17 +102,29 @@ def named_os_error(e: OSError, what: str) -> OSError:
     return err
 
 
+def changed_settings(old: dict, new: dict) -> tuple[str, ...]:
+    """Names of the settings that differ (``rules`` split into its fields, e.g. ``kn_threshold``)."""
+    out = [k for k in _changed({k: v for k, v in old.items() if k != "rules"},
+                               {k: v for k, v in new.items() if k != "rules"})]
+    ro, rn = old.get("rules") or {}, new.get("rules") or {}
+    out += [k for k in sorted(set(ro) | set(rn)) if ro.get(k) != rn.get(k)]
+    return tuple(out)
+
+
 def _changed(old: dict, new: dict) -> tuple[str, ...]:
     names = {"examples_sha256": "data"}
     keys = sorted(set(old) | set(new))
     return tuple(names.get(k, k) for k in keys if old.get(k) != new.get(k))
 
 
-def check_existing_run(out: Path, fingerprint: str, settings: dict, *, resume: bool, overwrite: bool) -> bool:
+def check_existing_run(out: Path, fingerprint: str, settings: dict, *, resume: bool, overwrite: bool,
+                       pass1_fingerprint: str | None = None) -> bool:
     """Decide what to do with what ``out`` already holds (rank 0, before writing config.json).
 
-    Returns True when earlier results were removed (``overwrite``). Raises
-    :class:`RunExistsError` when they would be clobbered or ignored without ``overwrite``.
+    Returns True when earlier results were removed (``overwrite``, or only rule parameters
+    changed: with ``pass1_fingerprint`` equal to the old run's and ``resume``, pass 1 is kept
+    and the rest removed). Raises :class:`RunExistsError` when they would be clobbered or
+    ignored without ``overwrite``.
     """
     cfg_path = out / "config.json"
     if cfg_path.is_file():
@@ -122,6 +135,10 @@ def check_existing_run(out: Path, fingerprint: str, settings: dict, *, resume: b
         same = old.get("fingerprint") == fingerprint
         if same and resume:
             return False
+        if (not same and resume and not overwrite and pass1_fingerprint is not None
+                and old.get("pass1_fingerprint") == pass1_fingerprint):
+            remove_outputs(out, keep_pass1=True)  # only the rules changed: pass 1 is reused
+            return True
         if not overwrite:
             kind = "same_no_resume" if same else "different"
             raise RunExistsError(out, kind, () if same else _changed(old.get("settings") or {}, settings))
@@ -142,15 +159,17 @@ def _unlink(p: Path) -> bool:
         return False
 
 
-def remove_outputs(out: str | os.PathLike) -> int:
+def remove_outputs(out: str | os.PathLike, keep_pass1: bool = False) -> int:
     """Delete the files an xtf run wrote in ``out`` (and its default report); keep the rest.
 
+    ``keep_pass1`` keeps ``pass1/`` (a run whose rule parameters alone change reuses it).
     Sub-directories are removed only when nothing else is left in them. Returns the number
     of files deleted.
     """
     out = Path(out)
     n = sum(_unlink(out / f) for f in _TOP_FILES)
-    for sub, names in ((PASS1, None), (TOKENS, None), (REPORT, _REPORT_FILES)):
+    subs = ((TOKENS, None), (REPORT, _REPORT_FILES)) if keep_pass1 else ((PASS1, None), (TOKENS, None), (REPORT, _REPORT_FILES))
+    for sub, names in subs:
         d = out / sub
         if not d.is_dir():
             continue

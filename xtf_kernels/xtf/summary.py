@@ -41,21 +41,11 @@ def build_summary(tot, keys, tstats: TokenizeStats, n_examples, cfg: RuleConfig,
         union = masked[a] + masked[b] - both
         pairs[f"{a}&{b}"] = {"both": both, "jaccard": both / union if union else 0.0,
                              "overlap_of_smaller": both / min(masked[a], masked[b]) if min(masked[a], masked[b]) else 0.0}
-    thr = {
-        "ri": {"rule": "per sequence: mask S_RI < Q1 - k * (Q3 - Q1)", "k": cfg.ri_k},
-        "kn": {"rule": "mask S_KN < threshold", "threshold": cfg.kn_threshold},
-        "tr": {
-            "rule": f"Multi-Otsu, {cfg.tr_classes} classes over a {cfg.tr_nbins}-bin [0, 1] histogram; mask class {cfg.tr_masked_class} (0 = lowest mean)",
-            "thresholds": None if thresholds is None else [float(x) for x in thresholds],
-            "masked_range": None if thresholds is None else _class_range(thresholds, cfg.tr_masked_class),
-            "note": tr_note,
-            **tr_info,
-        },
-        "enabled": list(cfg.enabled),
-    }
+    thr = _official_thresholds(cfg, tr_note, tr_info) if cfg.official else _paper_thresholds(cfg, thresholds, tr_note, tr_info)
     return {
         "paper": PAPER,
         "fingerprint": fp,
+        "preset": cfg.preset,
         "shards": n_shards,
         "examples": {"records": tstats.records, "scored": n_examples, "skipped": dict(tstats.skipped),
                      "truncated": tstats.truncated, "skip_messages": tstats.errors[:20]},
@@ -67,6 +57,55 @@ def build_summary(tot, keys, tstats: TokenizeStats, n_examples, cfg: RuleConfig,
                     "combinations": {reason_label(b): int(cnt[b]) for b in range(N_REASON_MASKS)}},
         "thresholds": thr,
         "settings": settings,
+    }
+
+
+RI_RELEASED_NOTE = (
+    "RI as released is constant: layer 0's attention probabilities averaged over heads and then over the key "
+    "axis of [query, key] give 1/L at every position (each softmax row sums to 1), so the rule flags only "
+    "rounding noise; here it flags nothing and no attention pass is run (ri_source='received' applies the "
+    "released fence and cap to attention received, Eq. 2)"
+)
+
+
+def _paper_thresholds(cfg: RuleConfig, thresholds, tr_note, tr_info) -> dict:
+    return {
+        "ri": {"rule": "per sequence: mask S_RI < Q1 - k * (Q3 - Q1)", "k": cfg.ri_k,
+               "aggregation": cfg.ri_aggregation},
+        "kn": {"rule": "mask S_KN < threshold", "threshold": cfg.kn_threshold},
+        "tr": {
+            "rule": f"Multi-Otsu, {cfg.tr_classes} classes over a {cfg.tr_nbins}-bin [0, 1] histogram; mask class {cfg.tr_masked_class} (0 = lowest mean)",
+            "source": cfg.tr_source,
+            "thresholds": None if thresholds is None else [float(x) for x in thresholds],
+            "masked_range": None if thresholds is None else _class_range(thresholds, cfg.tr_masked_class),
+            "note": tr_note,
+            **tr_info,
+        },
+        "enabled": list(cfg.enabled),
+    }
+
+
+def _official_thresholds(cfg: RuleConfig, tr_note, tr_info) -> dict:
+    cap_ri, cap_kn, cap_tr = cfg.percentages
+    ri = {"rule": f"per sequence: mask ri < Q1 - {cfg.ri_k:g} * IQR; when more than {cap_ri:.0%} of the "
+                  f"sequence lies below, the fence becomes sorted_ri[int(n * {cap_ri:g})]",
+          "k": cfg.ri_k, "cap": cap_ri, "source": cfg.ri_source}
+    if cfg.ri_source == "released":
+        ri["note"] = RI_RELEASED_NOTE
+    return {
+        "ri": ri,
+        "kn": {"rule": f"mask p > {1 - cfg.kn_threshold:g} and p > sorted_p[int(n * (1 - {cap_kn:g}))] per sequence "
+                       "(p = 1 - S_KN)",
+               "threshold": cfg.kn_threshold, "p_threshold": 1.0 - cfg.kn_threshold, "cap": cap_kn},
+        "tr": {
+            "rule": f"mask rel < t_TR and rel < sorted_rel[int(n * {cap_tr:g})] per sequence; t_TR from a "
+                    f"{cfg.tr_classes}-class Multi-Otsu ({cfg.tr_nbins} bins between the minimum and maximum of "
+                    "every token occurrence's rel, prompt tokens included) and the released cumulative pick",
+            "cap": cap_tr, "t_TR": tr_info.get("cut"), "note": tr_note,
+            "thresholds": tr_info.get("thresholds_multiotsu"), "source": cfg.tr_source, **tr_info,
+        },
+        "enabled": list(cfg.enabled),
+        "percentages": list(cfg.percentages),
     }
 
 

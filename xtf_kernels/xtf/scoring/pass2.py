@@ -7,6 +7,7 @@ import pyarrow as pa
 
 from .. import rundir
 from .. import shards as sh
+from ..released import capped_ri_mask
 from ..rules import apply_rules, ri_fence_mask
 from .prepare import ScoreRun
 from .reduce import Between
@@ -37,8 +38,12 @@ def _final_table(run: ScoreRun, between: Between, s: int, texts: TokenTexts) -> 
     cols = {c: t[c].to_numpy() for c in t.column_names}
     tr = between.tr_scores(s, cols["token_id"])
     cols["tr"] = np.where(cols["is_response"], tr, np.nan).astype(np.float32)
-    reasons, keep = apply_rules(cols, run.rules, between.thresholds)
-    _, fences = ri_fence_mask(cols["ri"], cols["example_id"], cols["is_response"], run.rules.ri_k)
+    reasons, keep = apply_rules(cols, run.rules, between.thresholds, tr_cut=between.cut)
+    if run.rules.official:  # the released fence with its cap (NaN under the released, constant RI)
+        _, fences = capped_ri_mask(cols["ri"], cols["example_id"], cols["is_response"], run.rules.ri_k,
+                                   run.rules.percentages[0])
+    else:
+        _, fences = ri_fence_mask(cols["ri"], cols["example_id"], cols["is_response"], run.rules.ri_k)
     fence = np.array([fences.get(int(e), np.nan) for e in cols["example_id"]], dtype=np.float32)
     data_cols = {c: cols[c] for c in ("example_id", "position", "token_id")}
     data_cols["token_text"] = pa.array(texts(cols["token_id"]), pa.string())

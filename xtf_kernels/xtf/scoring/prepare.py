@@ -8,6 +8,7 @@ another run in ``out_dir``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from .. import rundir
 from .. import shards as sh
 from ..data import Example, TokenizeStats, tokenize_records
 from ..packed_scoring import PackedScoring
-from ..rules import RuleConfig
+from ..rules import PRESETS, RuleConfig
 from ..scorers import resolve_ri_fn
 from ..summary import PAPER, with_readings
 from .models import load_models, resolve_device, resolve_dtype
@@ -56,6 +57,7 @@ class ScoreOptions:
     ri_aggregation: str | None
     protect: Sequence[int] | None
     pack: bool = False
+    preset: str | None = None
 
 
 @dataclass
@@ -80,6 +82,10 @@ class ScoreRun:
     domain_ids: list[int] | None = None
     settings: dict = field(default_factory=dict)
     fingerprint: str = ""
+    #: fingerprint of what pass 1 depends on (a run changing only rule parameters reuses pass 1)
+    pass1_fingerprint: str = ""
+    #: the rule settings that changed from the run found in out_dir when pass 1 is reused
+    rules_changed: tuple[str, ...] | None = None
     n_shards: int = 0
     mine: list[int] = field(default_factory=list)
     run_start: float | None = None
@@ -97,7 +103,12 @@ class ScoreRun:
 
     @property
     def meta(self) -> dict[str, str]:
-        """Shard metadata every file of this run carries (the resume check)."""
+        """Metadata of the pass-1 (and contextual-distance) shards: the pass-1 fingerprint (resume check)."""
+        return {"xtf_pass1": self.pass1_fingerprint}
+
+    @property
+    def final_meta(self) -> dict[str, str]:
+        """Metadata of the final shards: the run's full fingerprint."""
         return {"xtf_fingerprint": self.fingerprint}
 
     @property
@@ -115,10 +126,16 @@ class ScoreRun:
 
 def _check_options(opts: ScoreOptions, out_dir: Any) -> ScoreRun:
     rank, world = sh.dist_info()
-    cfg = opts.rules or RuleConfig()
+    if opts.preset is not None and opts.preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {PRESETS}, got {opts.preset!r}")
+    cfg = opts.rules or RuleConfig(preset=opts.preset or "official")
     if not isinstance(cfg, RuleConfig):
         raise TypeError(f"rules: expected a RuleConfig, got {type(opts.rules).__name__}")
+    if opts.preset is not None and cfg.preset != opts.preset:
+        raise ValueError(f"preset: {opts.preset!r} contradicts rules.preset={cfg.preset!r} (give one of them)")
     cfg = with_readings(cfg, opts.tr_source, opts.ri_aggregation, opts.protect)
+    if cfg.official and cfg.ri_source == "received" and opts.ri_layers is None:
+        opts = dataclasses.replace(opts, ri_layers=[0])  # the released computation reads layer 0
     ri_reduce = opts.ri_reduce
     if cfg.ri_aggregation == "debiased":
         if ri_reduce != "mean_over_queries":
@@ -134,8 +151,16 @@ def _check_options(opts: ScoreOptions, out_dir: Any) -> ScoreRun:
     if opts.tr_metric not in ("cosine", "euclidean"):
         raise ValueError(f"tr_metric: expected 'cosine' or 'euclidean', got {opts.tr_metric!r}")
     dev = resolve_device(opts.device)
-    return ScoreRun(opts=opts, rules=cfg, ri_reduce=ri_reduce, ri_fn=resolve_ri_fn(opts.ri_fn), device=dev,
+    ri_fn = no_attention_ri if cfg.ri_source == "released" else resolve_ri_fn(opts.ri_fn)
+    return ScoreRun(opts=opts, rules=cfg, ri_reduce=ri_reduce, ri_fn=ri_fn, device=dev,
                     dtype=resolve_dtype(opts.dtype, dev), rank=rank, world=world, out=Path(out_dir))
+
+
+def no_attention_ri(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+    """RI as released (``ri_source="released"``): layer 0's attention averaged over the key axis
+    is ``1 / L`` at every position (softmax rows sum to 1), a constant that flags nothing; no
+    attention pass is run and the ``ri`` column is NaN."""
+    return torch.full(tuple(input_ids.shape), float("nan"), dtype=torch.float32, device=input_ids.device)
 
 
 def _check_output(run: ScoreRun) -> None:
@@ -184,20 +209,31 @@ def _examples_digest(examples: Sequence[Example]) -> str:
 
 def _fix_settings(run: ScoreRun, model_id: str, ref_id: str | None, max_length: int) -> None:
     """The settings that enter the fingerprint (a different fingerprint = a different run)."""
-    o = run.opts
-    run.settings = {
-        "model": model_id, "ref_model": ref_id, "rules": run.rules.to_dict(), "max_length": max_length,
+    o, r = run.opts, run.rules
+    pass1 = {
+        "model": model_id, "ref_model": ref_id, "max_length": max_length,
         "dtype": str(run.dtype).replace("torch.", ""), "shard_size": o.shard_size, "batch_size": o.batch_size,
         "truncation": o.truncation, "add_eos": o.add_eos, "on_error": o.on_error,
         "ri_layers": None if o.ri_layers is None else list(o.ri_layers), "ri_reduce": run.ri_reduce,
-        "tr_metric": o.tr_metric, "domain_words": None if o.domain_words is None else list(o.domain_words),
-        "examples_sha256": _examples_digest(run.examples),
+        "ri_source": r.ri_source, "examples_sha256": _examples_digest(run.examples),
     }
-    if o.pack:  # only when on: the fingerprints of unpacked runs stay as they were
-        run.settings["pack"] = True
+    if r.tr_source == "contextual":  # pass 1 stores the hidden-state sums; the distances use the metric
+        pass1["tr_source"], pass1["tr_metric"] = r.tr_source, o.tr_metric
+    if o.pack:  # only when on
+        pass1["pack"] = True
+    run.settings = {**pass1, "preset": r.preset, "rules": r.to_dict(), "tr_metric": o.tr_metric,
+                    "domain_words": None if o.domain_words is None else list(o.domain_words)}
+    run.pass1_fingerprint = hashlib.sha256(json.dumps(pass1, sort_keys=True).encode()).hexdigest()[:16]
     run.fingerprint = hashlib.sha256(json.dumps(run.settings, sort_keys=True).encode()).hexdigest()[:16]
     run.n_shards = (len(run.examples) + o.shard_size - 1) // o.shard_size
     run.mine = [s for s in range(run.n_shards) if s % run.world == run.rank]
+
+
+def _old_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _claim_output(run: ScoreRun) -> None:
@@ -206,9 +242,13 @@ def _claim_output(run: ScoreRun) -> None:
     err = None
     if run.rank == 0:
         try:
-            rundir.check_existing_run(run.out, run.fingerprint, run.settings, resume=run.opts.resume,
-                                      overwrite=run.opts.overwrite)
-            sh.write_json_atomic({"fingerprint": run.fingerprint, "settings": run.settings, "paper": PAPER}, cfg_path)
+            old = _old_config(cfg_path)
+            removed = rundir.check_existing_run(run.out, run.fingerprint, run.settings, resume=run.opts.resume,
+                                                overwrite=run.opts.overwrite, pass1_fingerprint=run.pass1_fingerprint)
+            if removed and not run.opts.overwrite:
+                run.rules_changed = rundir.changed_settings(old.get("settings") or {}, run.settings)
+            sh.write_json_atomic({"fingerprint": run.fingerprint, "pass1_fingerprint": run.pass1_fingerprint,
+                                  "settings": run.settings, "paper": PAPER}, cfg_path)
             run.run_start = cfg_path.stat().st_mtime
         except (OSError, ValueError) as e:
             err = e

@@ -45,7 +45,8 @@ def write_summary(run: ScoreRun, between: Between, texts: TokenTexts, n_tok: int
         lambda i: texts(np.asarray([i]))[0])
     if run.packed is not None:
         paths = [run.shard_path(rundir.TOKENS, s) for s in run.mine]
-        summary.update(run.packed.summary(paths, run.rules, between.thresholds))
+        cuts = between.thresholds if not run.rules.official else (None if between.cut is None else [between.cut])
+        summary.update(run.packed.summary(paths, run.rules, cuts))
     if run.rank == 0:
         sh.write_json_atomic(summary, run.out / "summary.json")
         if run.show and n_tok:
