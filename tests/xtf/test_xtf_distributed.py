@@ -30,10 +30,14 @@ def _files(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("kw", [{}, {"tr_source": "contextual", "ri_aggregation": "debiased", "protect": [2]}],
-                         ids=["paper", "readings"])
+@pytest.mark.parametrize("kw", [{"preset": "paper"}, {},
+                                {"preset": "paper", "tr_source": "contextual", "ri_aggregation": "debiased",
+                                 "protect": [2]}],
+                         ids=["paper", "official", "readings"])
 def test_two_ranks_equal_single_process(tmp_path, kw):
-    """Also under the contextual TR reading (global domain vector, min/max and histogram)."""
+    """Also under the official preset (per-id occurrence counts reduced as integers, every token's
+    relevance, the Multi-Otsu cut) and the contextual TR reading (global domain vector, min/max
+    and histogram)."""
     from xtf_kernels.xtf import score_dataset
 
     model_dir = make_tiny_model_dir(tmp_path)
