@@ -203,3 +203,27 @@ def test_example_train_loop_runs_and_learns(tmp_path) -> None:
     assert len(losses) == 12 and all(x == x for x in losses)
     assert losses[-1] < losses[0] - 0.3  # the repeated patterns are learnt
     assert len(out["dynamic_history"]) == 12
+
+
+def test_dynamic_kn_cap_follows_the_released_rule() -> None:
+    """kn_cap: per row, only p > 1 - kn_threshold AND p > sorted_p[int(n * (1 - cap))] of its candidates."""
+    h, w, y, r = _stats()
+    _, st = masked_ce(h, w, y, shift=True, return_stats=True)
+    pol = DynamicXTF(kn_threshold=0.99, kn_cap=0.25)  # p > 0.01: most tokens pass the absolute cut
+    got = pol.masks(st)["kn"]
+    assert not pol.rowwise
+    want = torch.zeros_like(st.keep)
+    for b in range(st.keep.shape[0]):
+        idx = [j for j in range(st.keep.shape[1]) if st.keep[b, j]]
+        ps = sorted(float(st.prob[b, j]) for j in idx)
+        for j in idx:
+            p = float(st.prob[b, j])
+            want[b, j] = p > 0.01 and p > ps[int(len(idx) * (1 - 0.25))]
+    assert torch.equal(got, want) and want.any()
+    assert int(got.sum()) < int((st.keep & (st.prob > 0.01)).sum())  # the cap bites
+    loss = masked_ce(h, w, y, shift=True, select=pol)
+    torch.testing.assert_close(loss, masked_ce(h, w, y, shift=True, keep=st.keep & ~got))
+    with pytest.raises(ValueError, match="kn_cap"):
+        DynamicXTF(kn_cap=1.5)
+    with pytest.raises(ValueError, match="kn_cap"):
+        DynamicXTF(kn_threshold=None, entropy_min=0.1, kn_cap=0.1)

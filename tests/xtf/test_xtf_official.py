@@ -88,12 +88,16 @@ def _released_keep(model_dir, rows: dict[str, np.ndarray], words: list[str]) -> 
         for w in words:
             t = tok(w, add_special_tokens=False)["input_ids"]
             if t:
-                h = model(input_ids=torch.tensor([t]), output_hidden_states=True).hidden_states[-1][0]
+                h = model(input_ids=torch.tensor([t]), output_hidden_states=True).hidden_states[-1][
+                    0
+                ]
                 vecs.append(h.mean(0))
         domain = torch.stack(vecs).mean(0)
         rel_of = {}
         for t in sorted(set(ids.tolist())):
-            h = model(input_ids=torch.tensor([[t]]), output_hidden_states=True).hidden_states[-1][0, 0]
+            h = model(input_ids=torch.tensor([[t]]), output_hidden_states=True).hidden_states[-1][
+                0, 0
+            ]
             rel_of[t] = torch.nn.functional.cosine_similarity(h[None], domain[None]).item()
         p = np.zeros(len(ids))
         for rows_e in seqs.values():
@@ -126,29 +130,89 @@ def _released_keep(model_dir, rows: dict[str, np.ndarray], words: list[str]) -> 
 def test_default_score_reproduces_the_released_rules(trained, tmp_path, capsys):
     model_dir, data = trained
     out = tmp_path / "out"
-    assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet",
-                 "--no-eos", "--domain-words", ",".join(GSM8K_WORDS)]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--quiet",
+                "--no-eos",
+                "--domain-words",
+                ",".join(GSM8K_WORDS),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["preset"] == "official" and summary["thresholds"]["tr"]["domain_words"] == GSM8K_WORDS
+    assert (
+        summary["preset"] == "official"
+        and summary["thresholds"]["tr"]["domain_words"] == GSM8K_WORDS
+    )
     t = load_token_table(out)
-    rows = {c: t[c].to_numpy(zero_copy_only=False) for c in ("example_id", "token_id", "is_response", "keep", "reasons")}
-    assert summary["masked"]["KN"] > 0 and summary["masked"]["TR"] > 0 and summary["masked"]["RI"] == 0
+    rows = {
+        c: t[c].to_numpy(zero_copy_only=False)
+        for c in ("example_id", "token_id", "is_response", "keep", "reasons")
+    }
+    assert (
+        summary["masked"]["KN"] > 0 and summary["masked"]["TR"] > 0 and summary["masked"]["RI"] == 0
+    )
     want = _released_keep(model_dir, rows, GSM8K_WORDS)
     resp = rows["is_response"]
-    assert (rows["keep"][resp] == want[resp]).all(), np.flatnonzero(rows["keep"][resp] != want[resp])
+    assert (rows["keep"][resp] == want[resp]).all(), np.flatnonzero(
+        rows["keep"][resp] != want[resp]
+    )
     assert not rows["keep"][~resp].any()
     # the paper preset masks far more on the same model (uncapped rules)
     paper = tmp_path / "paper"
-    assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(paper), "--quiet",
-                 "--no-eos", "--preset", "paper"]) == 0
-    assert json.loads((paper / "summary.json").read_text())["tokens"]["masked"] > summary["tokens"]["masked"]
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(paper),
+                "--quiet",
+                "--no-eos",
+                "--preset",
+                "paper",
+            ]
+        )
+        == 0
+    )
+    assert (
+        json.loads((paper / "summary.json").read_text())["tokens"]["masked"]
+        > summary["tokens"]["masked"]
+    )
 
 
 def test_default_domain_words_are_the_frequent_response_words(trained, tmp_path, capsys):
     model_dir, data = trained
     out = tmp_path / "out"
-    assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet",
-                 "--rules", "TR"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--quiet",
+                "--rules",
+                "TR",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     words = json.loads((out / "summary.json").read_text())["thresholds"]["tr"]["domain_words"]
     assert len(words) == 16 and ", ".join(words) in printed
@@ -156,12 +220,37 @@ def test_default_domain_words_are_the_frequent_response_words(trained, tmp_path,
     for line in data.read_text().splitlines():
         import re
 
-        counts.update(w for w in re.findall(r"[A-Za-z]+|[0-9]|[+\-*/=]", json.loads(line)["response"]))
+        counts.update(
+            w for w in re.findall(r"[A-Za-z]+|[0-9]|[+\-*/=]", json.loads(line)["response"])
+        )
     assert "The" not in words and "is" not in words and "with" not in words  # stop words
     assert [counts[w] for w in words] == sorted((counts[w] for w in words), reverse=True)
     # changing only a rule parameter reuses pass 1 and says so
-    assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet",
-                 "--rules", "kn,TR", "--percentages", "0.05,0.2,0.05"]) == 0
-    assert "only rule parameters changed (enabled, percentages): reused pass 1" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--quiet",
+                "--rules",
+                "kn,TR",
+                "--percentages",
+                "0.05,0.2,0.05",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "only rule parameters changed (enabled, percentages): reused pass 1"
+        in capsys.readouterr().out
+    )
     s = json.loads((out / "summary.json").read_text())
-    assert s["thresholds"]["percentages"] == [0.05, 0.2, 0.05] and s["thresholds"]["enabled"] == ["kn", "tr"]
+    assert s["thresholds"]["percentages"] == [0.05, 0.2, 0.05] and s["thresholds"]["enabled"] == [
+        "kn",
+        "tr",
+    ]

@@ -33,25 +33,26 @@ def _table(d: Path) -> dict[str, np.ndarray]:
 
 
 def test_ruleconfig_readings_validate_and_serialise():
-    c = RuleConfig(tr_source="contextual", ri_aggregation="debiased", protect=(5, 2, 5))
+    c = RuleConfig(preset="paper", tr_source="contextual", ri_aggregation="debiased", protect=(5, 2, 5))
     assert c.protect == (2, 5) and c.to_dict()["protect"] == [2, 5] and c.to_dict()["tr_source"] == "contextual"
-    assert RuleConfig().tr_source == "input" and RuleConfig().ri_aggregation == "mean" and RuleConfig().protect == ()
+    paper = RuleConfig(preset="paper")
+    assert paper.tr_source == "input" and paper.ri_aggregation == "mean" and paper.protect == ()
     for kw, name in (({"tr_source": "output"}, "tr_source"), ({"ri_aggregation": "sum"}, "ri_aggregation"),
                      ({"protect": (-1,)}, "protect"), ({"protect": "2"}, "protect"), ({"protect": (True,)}, "protect")):
         with pytest.raises(ValueError, match=name):
-            RuleConfig(**kw)
+            RuleConfig(**{"preset": "paper", **kw})
 
 
 def test_protect_never_masks_those_ids():
     t = {"example_id": np.zeros(5, int), "is_response": np.array([0, 1, 1, 1, 1], bool),
          "token_id": np.array([1, 7, 2, 7, 9]), "ri": np.ones(5), "kn": np.array([0.5, 0.0, 0.0, 0.0, 0.0]),
          "tr": np.full(5, 0.9)}
-    reasons, keep = apply_rules(t, RuleConfig(), np.array([0.3, 0.7]))
+    reasons, keep = apply_rules(t, RuleConfig(preset="paper"), np.array([0.3, 0.7]))
     assert reasons.tolist() == [0, 2, 2, 2, 2] and keep.sum() == 0
-    reasons, keep = apply_rules(t, RuleConfig(protect=(7,)), np.array([0.3, 0.7]))
+    reasons, keep = apply_rules(t, RuleConfig(preset="paper", protect=(7,)), np.array([0.3, 0.7]))
     assert reasons.tolist() == [0, 0, 2, 0, 2] and keep.tolist() == [False, True, False, True, False]
     with pytest.raises(ValueError, match="token_id"):
-        apply_rules({k: v for k, v in t.items() if k != "token_id"}, RuleConfig(protect=(7,)), None)
+        apply_rules({k: v for k, v in t.items() if k != "token_id"}, RuleConfig(preset="paper", protect=(7,)), None)
 
 
 def test_uniform_received_mass_known_answers():
@@ -87,7 +88,8 @@ def test_contextual_tr_is_per_occurrence_and_matches_an_independent_computation(
 
     data = _data(tmp_path / "d.jsonl")
     out = tmp_path / "ctx"
-    s = score_dataset(model_dir, data, out, shard_size=4, batch_size=3, progress=False, tr_source="contextual")
+    s = score_dataset(model_dir, data, out, shard_size=4, batch_size=3, progress=False, preset="paper",
+                      tr_source="contextual")
     t = _table(out)
     resp = t["is_response"]
     # independent: final hidden states per example, V = mean over response tokens, cosine, min-max
@@ -118,13 +120,17 @@ def test_contextual_tr_is_per_occurrence_and_matches_an_independent_computation(
 def test_readings_enter_the_fingerprint_and_resume(model_dir, tmp_path):
     data = _data(tmp_path / "d.jsonl", n=6)
     out = tmp_path / "run"
-    kw = dict(shard_size=2, batch_size=2, progress=False)
+    kw = dict(shard_size=2, batch_size=2, progress=False, preset="paper")
     fps = set()
     for opts in ({}, {"tr_source": "contextual"}, {"ri_aggregation": "debiased"}, {"protect": [2]}):
         fps.add(score_dataset(model_dir, data, out, overwrite=True, **kw, **opts)["fingerprint"])
-        with pytest.raises(FileExistsError):  # another reading in the same directory is refused
-            score_dataset(model_dir, data, out, **kw, **({"protect": [3]} if opts != {"protect": [3]} else {}))
+        other = {"ri_aggregation": "debiased"} if opts != {"ri_aggregation": "debiased"} else {}
+        with pytest.raises(FileExistsError):  # another reading of pass 1 in the same directory is refused
+            score_dataset(model_dir, data, out, **kw, **other)
     assert len(fps) == 4
+    # protect is a rule parameter: pass 1 is reused and the run says so
+    s = score_dataset(model_dir, data, out, **kw, protect=[3])
+    assert s["run"]["rules_changed"] == ["protect"] and s["run"]["reused_pass1"] == 3
     # a contextual run interrupted after pass 1 resumes to identical files
     ref = tmp_path / "ref"
     score_dataset(model_dir, data, ref, tr_source="contextual", **kw)
@@ -154,7 +160,7 @@ def test_type_diagnostics_known_answer_and_in_summary(model_dir, tmp_path):
     assert len(d1["always_masked"]["top"]) == 1 and len(d1["per_type"]) == 3
     with pytest.raises(ValueError, match="counts"):
         type_diagnostics(n, masked[:3], per)
-    s = score_dataset(model_dir, _data(tmp_path / "d.jsonl"), tmp_path / "o", progress=False)
+    s = score_dataset(model_dir, _data(tmp_path / "d.jsonl"), tmp_path / "o", progress=False, preset="paper")
     diag = s["diagnostics"]
     t = _table(tmp_path / "o")
     resp = t["is_response"]
@@ -178,7 +184,8 @@ def test_xtf_score_cli_readings_flags(model_dir, tmp_path, capsys):
 
     data, out = _data(tmp_path / "d.jsonl", n=5), tmp_path / "cli"
     assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet",
-                 "--tr-source", "contextual", "--ri-aggregation", "debiased", "--protect", "2,3"]) == 0
+                 "--preset", "paper", "--tr-source", "contextual", "--ri-aggregation", "debiased",
+                 "--protect", "2,3"]) == 0
     rules = json.loads((out / "summary.json").read_text())["settings"]["rules"]
     assert rules["tr_source"] == "contextual" and rules["ri_aggregation"] == "debiased" and rules["protect"] == [2, 3]
     assert (out / "ctx").is_dir()
@@ -194,7 +201,7 @@ def test_xtf_score_cli_warns_of_always_masked_types(model_dir, tmp_path, capsys)
 
     data, out = _data(tmp_path / "d.jsonl", n=40), tmp_path / "cli"  # enough for >= 20 occurrences
     assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet",
-                 "--kn-threshold", "1"]) == 0
+                 "--kn-threshold", "1", "--preset", "paper"]) == 0
     printed = capsys.readouterr().out
     diag = json.loads((out / "summary.json").read_text())["diagnostics"]["always_masked"]
     assert diag["count"] > 0
@@ -207,7 +214,7 @@ def test_tr_class_agrees_with_saved_column_and_thresholds(model_dir, tmp_path, t
     and the saved thresholds: histogram, rules and file see the same values."""
     from xtf_kernels.xtf.multiotsu import digitize
 
-    cfg = RuleConfig(enabled=("tr",))  # TR alone
+    cfg = RuleConfig(preset="paper", enabled=("tr",))  # TR alone
     s = score_dataset(model_dir, _data(tmp_path / "d.jsonl", n=12), tmp_path / "o", rules=cfg, progress=False,
                       tr_source=tr_source)
     thr = s["thresholds"]["tr"]["thresholds"]
@@ -235,7 +242,7 @@ def test_tr_value_just_below_a_bin_edge_is_classed_as_saved(model_dir, tmp_path,
         return np.where(np.isnan(tr), np.nan, values)
 
     monkeypatch.setattr(TaskRelevance, "finalize", clustered)
-    s = score_dataset(model_dir, _data(tmp_path / "d.jsonl", n=12), tmp_path / "o", rules=RuleConfig(enabled=("tr",)),
+    s = score_dataset(model_dir, _data(tmp_path / "d.jsonl", n=12), tmp_path / "o", rules=RuleConfig(preset="paper", enabled=("tr",)),
                       progress=False)
     thr = np.asarray(s["thresholds"]["tr"]["thresholds"])
     t = _table(tmp_path / "o")

@@ -19,11 +19,21 @@ from xtf_kernels.xtf.rules import parse_rules
 def test_presets_resolve_their_defaults_and_refuse_mixtures():
     off = RuleConfig()
     assert (off.preset, off.ri_k, off.tr_classes, off.tr_source, off.ri_source) == (
-        "official", 1.5, 5, "isolated", "released")
+        "official",
+        1.5,
+        5,
+        "isolated",
+        "released",
+    )
     assert off.percentages == (0.05, 0.10, 0.05)
     pap = RuleConfig(preset="paper")
     assert (pap.ri_k, pap.tr_classes, pap.tr_source, pap.ri_source, pap.percentages) == (
-        1.0, 3, "input", "received", None)
+        1.0,
+        3,
+        "input",
+        "received",
+        None,
+    )
     assert RuleConfig(percentages=(0.1, 0.2, 0.3)).to_dict()["percentages"] == [0.1, 0.2, 0.3]
     with pytest.raises(ValueError, match="preset"):
         RuleConfig(preset="nope")
@@ -61,8 +71,12 @@ def test_kn_cap_keeps_the_most_confident_tenth():
 
 def test_tr_cap_needs_twenty_tokens():
     rel = np.arange(19, dtype=np.float64)
-    assert not capped_tr_mask(rel, np.zeros(19), np.ones(19, bool), cut=100.0).any()  # index 0 is the minimum
-    rel = np.arange(40, dtype=np.float64)  # int(40 * 0.05) = 2: values 0 and 1 fire when below the cut
+    assert not capped_tr_mask(
+        rel, np.zeros(19), np.ones(19, bool), cut=100.0
+    ).any()  # index 0 is the minimum
+    rel = np.arange(
+        40, dtype=np.float64
+    )  # int(40 * 0.05) = 2: values 0 and 1 fire when below the cut
     fired = capped_tr_mask(rel, np.zeros(40), np.ones(40, bool), cut=1.5)
     assert np.flatnonzero(fired).tolist() == [0, 1]
     fired = capped_tr_mask(rel, np.zeros(40), np.ones(40, bool), cut=0.5)
@@ -96,7 +110,9 @@ def test_cumulative_pick_walks_the_proportions():
 def test_official_cut_matches_scikit_image():
     skf = pytest.importorskip("skimage.filters")
     rng = np.random.default_rng(0)
-    values = np.concatenate([rng.normal(0.1, 0.05, 50), rng.normal(0.5, 0.05, 80), rng.normal(0.8, 0.02, 30)])
+    values = np.concatenate(
+        [rng.normal(0.1, 0.05, 50), rng.normal(0.5, 0.05, 80), rng.normal(0.8, 0.02, 30)]
+    )
     values = values.astype(np.float32).astype(np.float64)
     counts = rng.integers(1, 20, values.size)
     occ = np.repeat(values, counts)
@@ -116,14 +132,25 @@ def test_apply_rules_official_union_and_released_ri_flags_nothing():
     ex = np.zeros(n + 2, dtype=np.int64)
     resp = np.array([False, False] + [True] * n)
     kn = np.concatenate([[0.5, 0.5], np.full(n, 0.5)])
-    kn[2 + 7] = 0.001  # p = 0.999: the most confident one -> KN (int(40 * 0.9) = 36: p > sorted[36] = 0.5)
+    kn[2 + 7] = (
+        0.001  # p = 0.999: the most confident one -> KN (int(40 * 0.9) = 36: p > sorted[36] = 0.5)
+    )
     tr = np.concatenate([[np.nan, np.nan], np.linspace(0.0, 1.0, n)])
     ri = np.concatenate([[0.0, 0.0], np.ones(n)])
     ri[2 + 20] = -50.0
-    table = {"example_id": ex, "is_response": resp, "ri": ri, "kn": kn, "tr": tr, "token_id": np.arange(n + 2)}
+    table = {
+        "example_id": ex,
+        "is_response": resp,
+        "ri": ri,
+        "kn": kn,
+        "tr": tr,
+        "token_id": np.arange(n + 2),
+    }
     reasons, keep = apply_rules(table, RuleConfig(), tr_cut=0.5)
     assert reasons[2 + 7] == Reason.KN
-    assert reasons[2 + 0] == Reason.TR and reasons[2 + 1] == Reason.TR  # bottom 2 (int(40 * 0.05) = 2)
+    assert (
+        reasons[2 + 0] == Reason.TR and reasons[2 + 1] == Reason.TR
+    )  # bottom 2 (int(40 * 0.05) = 2)
     assert reasons[2 + 20] == 0  # released RI: constant, flags nothing
     assert int((reasons > 0).sum()) == 3 and not keep[:2].any() and keep.sum() == n - 3
     reasons, _ = apply_rules(table, RuleConfig(ri_source="received"), tr_cut=0.5)

@@ -44,6 +44,10 @@ class DynamicXTF:
         excess_loss_min: mask when ``-(logprob - ref_logprob) < excess_loss_min``.
         excess_loss_keep_ratio: in ``(0, 1]``: keep the top fraction of scored tokens by
             excess loss (per micro-batch); exclusive with ``excess_loss_min``.
+        kn_cap: in ``[0, 1]``: the released implementation's per-sequence KN cap (its default
+            0.10): a token is masked only when also ``prob > sorted_prob[int(n * (1 - kn_cap))]``
+            among the ``n`` candidate tokens of its row (labels ``[B, L]``: each row is a
+            sequence; 1-D labels: one sequence). None (default): uncapped.
         history: keep per-step records in :attr:`history` (list of dicts).
 
     The excess-loss rule needs reference log-probs: pass ``ref_logprobs`` to ``masked_ce`` (or
@@ -65,6 +69,7 @@ class DynamicXTF:
         entropy_min: float | None = None,
         excess_loss_min: float | None = None,
         excess_loss_keep_ratio: float | None = None,
+        kn_cap: float | None = None,
         history: bool = True,
     ) -> None:
         def _num(name: str, v: Any) -> float | None:
@@ -78,6 +83,11 @@ class DynamicXTF:
         self.entropy_min = _num("entropy_min", entropy_min)
         self.excess_loss_min = _num("excess_loss_min", excess_loss_min)
         self.excess_loss_keep_ratio = _num("excess_loss_keep_ratio", excess_loss_keep_ratio)
+        self.kn_cap = _num("kn_cap", kn_cap)
+        if self.kn_cap is not None and not 0.0 <= self.kn_cap <= 1.0:
+            raise ValueError(f"kn_cap: expected a value in [0, 1], got {kn_cap}")
+        if self.kn_cap is not None and self.kn_threshold is None:
+            raise ValueError("kn_cap: caps the KN rule, which kn_threshold=None disables")
         if self.kn_threshold is not None and not 0.0 <= self.kn_threshold <= 1.0:
             raise ValueError(f"kn_threshold: expected a value in [0, 1], got {kn_threshold}")
         if self.entropy_min is not None and self.entropy_min < 0:
@@ -117,9 +127,9 @@ class DynamicXTF:
 
         masked_ce then applies the policy chunk by chunk while the logits are in memory, so
         statistics, selection and gradient come from one logits GEMM. The rank-based
-        ``excess_loss_keep_ratio`` needs all of the micro-batch's tokens at once: not rowwise.
+        ``excess_loss_keep_ratio`` and ``kn_cap`` need all of a sequence's tokens at once: not rowwise.
         """
-        return self.excess_loss_keep_ratio is None
+        return self.excess_loss_keep_ratio is None and self.kn_cap is None
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -149,6 +159,8 @@ class DynamicXTF:
         out: dict[str, torch.Tensor] = {}
         if self.kn_threshold is not None:
             out["kn"] = cand & ((1.0 - stats.prob) < self.kn_threshold)
+            if self.kn_cap is not None:
+                out["kn"] &= _above_capped_quantile(stats.prob, cand, self.kn_cap)
         if self.entropy_min is not None:
             out["entropy"] = cand & (stats.entropy < self.entropy_min)
         if self.excess_loss_min is not None or self.excess_loss_keep_ratio is not None:
@@ -219,6 +231,18 @@ class DynamicXTF:
             num = sum(r[k] * r["tokens"] for r in pend)
             out[f"xtf/masked_{k}"] = num / tot if tot else 0.0
         return out
+
+
+def _above_capped_quantile(prob: torch.Tensor, cand: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per row (the last axis; 1-D: one row): ``prob > sorted_prob[int(n * (1 - cap))]`` over the
+    row's ``n`` candidates (bool, ``prob``'s shape; False where no candidate)."""
+    p = prob.double().reshape(-1, prob.shape[-1]) if prob.dim() > 0 else prob.double().reshape(1, 1)
+    c = cand.reshape(p.shape)
+    srt = torch.sort(torch.where(c, p, torch.full_like(p, float("inf"))), dim=-1).values
+    n = c.sum(-1)
+    k = torch.floor(n.double() * (1.0 - cap)).long().clamp(max=(n - 1).clamp(min=0))
+    kth = srt.gather(-1, k[:, None])
+    return ((p > kth) & c).reshape(prob.shape)
 
 
 def _callback_base() -> type:

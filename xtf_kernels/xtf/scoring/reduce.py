@@ -21,9 +21,9 @@ from .. import rundir
 from .. import shards as sh
 from ..contextual import ContextualTR
 from ..multiotsu import bin_edges, fixed_histogram, multiotsu_from_histogram
-from ..scorers import TaskRelevance
-from ..relevance import GSM8K_DOMAIN_WORDS, domain_vector, frequent_words, token_relevance
 from ..released import official_tr_cut
+from ..relevance import GSM8K_DOMAIN_WORDS, domain_vector, frequent_words, token_relevance
+from ..scorers import TaskRelevance
 from .pass1 import pad_batch
 from .prepare import ScoreRun
 
