@@ -143,7 +143,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     # the interpretation paragraph leads the terminal output and the report
     assert printed.out.lstrip().startswith(res["interpretation"][:40]) and "exact match" in res["interpretation"]
     main_arms = {"base", "normal", "xtf", "random", "slm", "token_cleaning"}
-    readings = {"xtf_contextual_tr", "xtf_debiased_ri", "xtf_protect_eos"}
+    readings = {"xtf_paper", "xtf_ri_received", "xtf_input_tr"}
     ablation = {"xtf_ri", "xtf_kn", "xtf_tr", "xtf_ri+kn", "xtf_ri+tr", "xtf_kn+tr"}
     assert set(res["methods"]) == main_arms | readings | ablation
     for k, m in res["methods"].items():
@@ -185,7 +185,13 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     for png in ("loss_curves.png", "accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "table.md").read_text()
-    assert "| Normal FT |" in table and "| XTF (RI+KN+TR, paper reading) |" in table
+    assert "| Normal FT |" in table and "| XTF (official preset: released rules) |" in table
+    assert "+/-" not in table  # one seed: no spread
+    assert res["per_seed"][0]["preset"] == "official" and res["per_seed"][0]["tr_cut"] is not None
+    scored = json.loads((out / "seed-0" / "xtf_scores" / "summary.json").read_text())
+    assert scored["thresholds"]["tr"]["domain_words"] == [*map(str, range(1, 11)), "+", "-", "*", "/", "=", "maths"]
+    for key, preset in (("xtf_scores_paper", "paper"), ("xtf_scores_ri_received", "official")):
+        assert json.loads((out / "seed-0" / key / "summary.json").read_text())["preset"] == preset
     losses = json.loads((out / "seed-0" / "losses.json").read_text())
     assert len(losses["xtf"]) == res["config"]["finetune_steps"]
     assert all(np.isfinite(losses["xtf"]))
@@ -223,7 +229,9 @@ def test_demo_scores_are_the_frameworks_and_ri_matches_the_eager_oracle(tmp_path
     d = make_demo_data(1, n_pretrain=50, n_finetune=16, n_reference=2, n_test=2)
     tok = train_tokenizer(d.pretrain_texts + [e.prompt + e.response for e in d.finetune], 400)
     model = make_model(len(tok), ModelSize(hidden=32, intermediate=64), 0).eval()
-    t = score_examples(model, tok, d.finetune, tmp_path / "fw")
+    from xtf_kernels.xtf import RuleConfig
+
+    t = score_examples(model, tok, d.finetune, tmp_path / "fw", rules=RuleConfig(preset="paper"))  # RI received
     shard = pq.read_table(tmp_path / "fw" / "tokens" / "shard-00000.parquet")
     np.testing.assert_array_equal(t["kn"], shard["kn"].to_numpy())
     np.testing.assert_array_equal(t["reasons"], shard["reasons"].to_numpy())

@@ -81,8 +81,9 @@ def test_packed_batch_and_uniform_mass_per_document():
     assert (got[1, 2:] == 0).all()
 
 
-@pytest.mark.parametrize("kw", [{}, {"ri_aggregation": "debiased", "tr_source": "contextual"}],
-                         ids=["paper", "readings"])
+@pytest.mark.parametrize("kw", [{"preset": "paper"}, {},
+                                {"preset": "paper", "ri_aggregation": "debiased", "tr_source": "contextual"}],
+                         ids=["paper", "official", "readings"])
 def test_packed_records_equal_unpacked(model_dir, ref_dir, tmp_path, kw):
     data = _data(tmp_path / "d.jsonl")
     common = dict(shard_size=5, batch_size=3, max_length=96, dtype="fp32", device="cpu", progress=False,
@@ -141,10 +142,14 @@ def test_pack_refused_when_attention_ignores_position_ids(model_dir, ref_dir, tm
     data = _data(tmp_path / "d.jsonl", n=3)
     out = tmp_path / "out"
     rc = main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet", "--pack",
-               "--ref-model", str(ref_dir)])
+               "--ref-model", str(ref_dir), "--preset", "paper"])
     err = capsys.readouterr().err
     assert rc == 2 and "--pack: the attention of the reference model LlamaForCausalLM" in err
     assert "score without --pack" in err
+    # official: no RI forward, the scored model's own hidden states (transformers' masks) leak first
+    rc = main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet", "--pack"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--pack: the attention of LlamaForCausalLM" in err and "hidden states" in err
     assert "Traceback" not in err and not (out / "config.json").exists()
     with pytest.raises(TypeError, match="pack"):
         score_dataset(model_dir, data, out, pack="yes", progress=False)

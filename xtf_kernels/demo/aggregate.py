@@ -150,7 +150,7 @@ def interpret(results: dict) -> str:
         verdict = "better" if d > 0 else "worse"
         verdict = f"{abs(100 * d):.1f} points {verdict} than normal fine-tuning"
     s = (f"Over {n} seed(s) on the clean {split} split, normal fine-tuning reaches {_pct(nx['exact_match']['all'])} exact "
-         f"match and XTF (the paper's reading) {_pct(xx['exact_match']['all'])}: {verdict}. "
+         f"match and XTF (the official preset) {_pct(xx['exact_match']['all'])}: {verdict}. "
          f"On the templates seen in pretraining XTF scores {_pct(xx['exact_match']['seen'])} against "
          f"{_pct(nx['exact_match']['seen'])}; on the new templates {_pct(xx['exact_match']['new'])} against "
          f"{_pct(nx['exact_match']['new'])}. ")

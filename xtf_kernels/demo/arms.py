@@ -19,13 +19,13 @@ __all__ = ["ARM_LABELS", "Arm", "ablation_key", "static_arms"]
 ARM_LABELS: dict[str, str] = {
     "base": "Base model (no FT)",
     "normal": "Normal FT",
-    "xtf": "XTF (RI+KN+TR, paper reading)",
+    "xtf": "XTF (official preset: released rules)",
     "random": "Random masking (XTF ratio)",
     "slm": "SLM (Rho-1)",
     "token_cleaning": "Token Cleaning",
-    "xtf_contextual_tr": "XTF, contextual TR",
-    "xtf_debiased_ri": "XTF, debiased RI",
-    "xtf_protect_eos": "XTF, EOS protected",
+    "xtf_paper": "XTF, paper preset (uncapped)",
+    "xtf_ri_received": "XTF official, RI received",
+    "xtf_input_tr": "XTF official, input-embedding TR",
 }
 
 
@@ -62,7 +62,7 @@ def static_arms(table: dict, methods: tuple[str, ...], *, seed: int, ratio: floa
         methods: subset of ``normal``, ``xtf``, ``random``, ``slm``, ``token_cleaning``.
         seed: seed of the random arm.
         ratio: kept fraction of the baselines (None: XTF's).
-        ablation: add each rule alone and each pair.
+        ablation: add each rule alone and each pair (under the preset the table was scored with).
         readings: optional ``{key: keep mask}`` of the readings arms (scored separately).
 
     Returns:
@@ -89,7 +89,8 @@ def static_arms(table: dict, methods: tuple[str, ...], *, seed: int, ratio: floa
             raise ValueError(f"methods: unknown method {m!r}")
     if ablation:
         for sub in rule_subsets()[:-1]:
-            k = resp & (reasons_for(table, RuleConfig(enabled=sub)) == 0)
+            preset = table["summary"].get("preset", "official")
+            k = resp & (reasons_for(table, RuleConfig(preset=preset, enabled=sub)) == 0)
             arms[ablation_key(sub)] = Arm(ablation_key(sub), k, None, _frac(k, resp))
     for key, k in (readings or {}).items():
         arms[key] = Arm(key, np.asarray(k, bool), None, _frac(np.asarray(k, bool), resp))

@@ -28,7 +28,7 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (mean +/- std over them)")
     p.add_argument("--ablation", action="store_true", help="also fine-tune with each rule alone and each pair")
     p.add_argument("--readings", action="store_true",
-                   help="also XTF with contextual TR, with position-debiased RI and with EOS protected")
+                   help="also XTF under the paper preset, official with RI received, official with input-embedding TR")
     p.add_argument("--regime", choices=["full", "lora"], default=None,
                    help="fine-tuning regime (default: the scale's, chosen on the validation split)")
     p.add_argument("--eval-split", choices=["test", "validation"], default="test",

@@ -54,7 +54,8 @@ def comparison_table(results: dict) -> str:
     for name, r in m.items():
         em, sd = r["exact_match"], r["std"]
         delta = "" if ref is None or name in ("normal", "base") else f"{100 * (em['all'] - ref):+.1f}"
-        cells = [r["label"], f"{100 * em['all']:.1f} +/- {100 * sd['all']:.1f}", f"{100 * em['seen']:.1f}",
+        spread = f" +/- {100 * sd['all']:.1f}" if n > 1 else ""  # one seed has no spread
+        cells = [r["label"], f"{100 * em['all']:.1f}{spread}", f"{100 * em['seen']:.1f}",
                  f"{100 * em['new']:.1f}", delta, _p(r.get("kept_fraction")), *_noise_cells(r),
                  _p(r.get("filler_share")), _p(r.get("answer_phrase_share")), _p(r.get("retention"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -114,7 +115,8 @@ def _plots(results: dict, losses: Sequence[dict[str, list[float]]], out: Path) -
     means = [100 * results["methods"][n]["exact_match"]["all"] for n in names]
     stds = [100 * results["methods"][n]["std"]["all"] for n in names]
     colors = ["#888" if n == "base" else "#d62728" if n == "xtf" else "#1f77b4" for n in names]
-    ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=3)
+    one_seed = len(results.get("seeds", [])) <= 1  # no error bars of zero height
+    ax.bar(range(len(names)), means, yerr=None if one_seed else stds, color=colors, capsize=3)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([results["methods"][n]["label"] for n in names], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("exact match % (held-out, greedy)")

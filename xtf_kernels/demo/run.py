@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from ..xtf import RuleConfig
+from ..xtf.relevance import GSM8K_DOMAIN_WORDS
 from .arms import Arm, static_arms
 from .data import NOISE_KINDS, NoiseConfig, make_demo_data, noise_shares, write_jsonl
 from .metrics import generation_metrics, kept_noise_share, kn_masked_types, retention
-from .scoring import detection_metrics, reasons_for, score_examples
+from .scoring import detection_metrics, score_examples
 from .tokenizer import train_tokenizer
 from .train import (
     Batchable,
@@ -60,7 +61,8 @@ class DemoConfig:
         baseline_ratio: kept fraction of SLM / Token Cleaning / random; None = XTF's.
         methods: arms of the main comparison (subset of :data:`METHODS`).
         ablation: also each rule alone and each pair.
-        readings: also XTF with contextual TR, with debiased RI, with EOS protected.
+        readings: also XTF under the paper preset, official with RI received, official with
+            input-embedding TR.
         eval_split: ``"test"`` (reported numbers) or ``"validation"`` (design choices).
         workers: processes for the fine-tuning arms.
         max_new_tokens: greedy decoding budget.
@@ -213,12 +215,15 @@ def _run_arms(arms: dict[str, Arm], workers: int) -> dict[str, dict]:
     return {a.key: r for a, r in zip(items, out)}
 
 
-def _readings(base, tok, finetune, out: Path, table: dict) -> dict[str, np.ndarray]:
-    ctx = score_examples(base, tok, finetune, out / "xtf_scores_contextual_tr", tr_source="contextual")
-    deb = score_examples(base, tok, finetune, out / "xtf_scores_debiased_ri", ri_aggregation="debiased")
-    resp = np.asarray(table["is_response"], bool)
-    prot = resp & (reasons_for(table, RuleConfig(protect=(int(tok.eos_token_id),))) == 0)
-    return {"xtf_contextual_tr": ctx["keep"], "xtf_debiased_ri": deb["keep"], "xtf_protect_eos": prot}
+def _readings(base, tok, finetune, out: Path) -> dict[str, np.ndarray]:
+    """The readings arms: the paper preset, official with RI received, official with input-embedding TR."""
+    paper = score_examples(base, tok, finetune, out / "xtf_scores_paper", rules=RuleConfig(preset="paper"))
+    words = list(GSM8K_DOMAIN_WORDS)
+    recv = score_examples(base, tok, finetune, out / "xtf_scores_ri_received", rules=RuleConfig(ri_source="received"),
+                          domain_words=words)
+    inp = score_examples(base, tok, finetune, out / "xtf_scores_input_tr", rules=RuleConfig(tr_source="input"),
+                         domain_words=words)
+    return {"xtf_paper": paper["keep"], "xtf_ri_received": recv["keep"], "xtf_input_tr": inp["keep"]}
 
 
 def _pretrain_key(cfg: DemoConfig, seed: int) -> str:
@@ -283,8 +288,10 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, *, progress: bool = True, qu
         timings["reference"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    table = score_examples(base, tok, data.finetune, out / "xtf_scores", ref_model=ref)
-    readings = _readings(base, tok, data.finetune, out, table) if cfg.readings else None
+    # the headline arm: the official preset with the released GSM8K domain words (the demo is math)
+    table = score_examples(base, tok, data.finetune, out / "xtf_scores", ref_model=ref,
+                           domain_words=list(GSM8K_DOMAIN_WORDS))
+    readings = _readings(base, tok, data.finetune, out) if cfg.readings else None
     timings["score"] = time.perf_counter() - t
     resp = np.asarray(table["is_response"], bool)
     arms = static_arms(table, cfg.methods, seed=seed, ratio=cfg.baseline_ratio, ablation=cfg.ablation,
@@ -322,7 +329,8 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path, *, progress: bool = True, qu
            "diagnostics": summary.get("diagnostics"), "xtf_ratio": xtf_ratio, "params": count_params(base),
            "vocab": len(tok), "kn_masked_types": [tok.convert_ids_to_tokens(i) for i in kn_types],
            "full_noise_share": full_noise["all"], "full_noise_by_kind": full_noise,
-           "tr_thresholds": summary["thresholds"]["tr"]["thresholds"], "timings": timings}
+           "tr_thresholds": summary["thresholds"]["tr"]["thresholds"], "tr_cut": summary["thresholds"]["tr"].get("t_TR"),
+           "preset": summary.get("preset"), "timings": timings}
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
     (out / "seed_result.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
     (out / "losses.json").write_text(json.dumps(losses), encoding="utf-8")

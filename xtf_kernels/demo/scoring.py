@@ -40,7 +40,7 @@ def score_examples(model, tokenizer, examples: Sequence[MathExample], out_dir: s
         examples: fine-tuning examples.
         out_dir: the ``xtf score`` output directory (overwritten).
         ref_model: optional reference model: its log-probs become the ``ref_logprob`` column.
-        rules: :class:`~xtf_kernels.xtf.RuleConfig` (default: the paper's reading).
+        rules: :class:`~xtf_kernels.xtf.RuleConfig` (default: the official preset).
         batch_size: sequences per forward.
         **options: further :func:`~xtf_kernels.xtf.score_dataset` options (``tr_source``,
             ``ri_aggregation`` ...).
@@ -50,7 +50,7 @@ def score_examples(model, tokenizer, examples: Sequence[MathExample], out_dir: s
         ``position``, ``token_id``, ``is_response``, ``ri``, ``kn``, ``tr``, ``logprob``,
         ``keep``, ``reasons`` (``ref_logprob`` with a reference model) and ``noise`` (0 clean,
         else the kind's index in :data:`NOISE_KINDS` + 1); plus ``summary`` (the run's
-        ``summary.json``) and ``tr_thresholds``.
+        ``summary.json``), ``tr_thresholds`` (paper) and ``tr_cut`` (official t_TR).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -73,13 +73,19 @@ def score_examples(model, tokenizer, examples: Sequence[MathExample], out_dir: s
     t["noise"] = np.concatenate([noise_token_labels(tokenizer, e)[0] for e in examples])
     thr = summary["thresholds"]["tr"]["thresholds"]
     t["tr_thresholds"] = None if thr is None else np.asarray(thr, np.float64)
+    t["tr_cut"] = summary["thresholds"]["tr"].get("t_TR")
     t["summary"] = summary
     return t
 
 
 def reasons_for(table: dict, rules: RuleConfig) -> np.ndarray:
-    """Reason bitmask (uint8 ``[N]``) of ``rules`` on a scored table (same TR thresholds)."""
-    reasons, _ = apply_rules(table, rules, table["tr_thresholds"])
+    """Reason bitmask (uint8 ``[N]``) of ``rules`` on a scored table (same TR thresholds or cut).
+
+    ``rules`` must have the preset the table was scored with (its ``tr`` column is S_TR under
+    ``paper``, the relevance under ``official``)."""
+    if rules.preset != table["summary"].get("preset", "paper"):
+        raise ValueError(f"rules: preset {rules.preset!r} differs from the scored table's")
+    reasons, _ = apply_rules(table, rules, table["tr_thresholds"], tr_cut=table.get("tr_cut"))
     return reasons
 
 
