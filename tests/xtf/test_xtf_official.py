@@ -254,3 +254,55 @@ def test_default_domain_words_are_the_frequent_response_words(trained, tmp_path,
         "kn",
         "tr",
     ]
+
+
+def test_official_report_export_and_received_ri(trained, tmp_path):
+    """The report names the preset, the caps, t_TR, the domain words and why RI flags nothing;
+    export trains on the keep mask; --ri-source received applies the capped fence (layer 0)."""
+    from xtf_kernels.xtf import build_report, export_dataset
+
+    model_dir, data = trained
+    out = tmp_path / "out"
+    assert (
+        main(
+            ["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet"]
+        )
+        == 0
+    )
+    s = json.loads((out / "summary.json").read_text())
+    assert "constant" in s["thresholds"]["ri"]["note"] and s["masked"]["RI"] == 0
+    page = build_report(out).read_text()
+    assert "Preset: official" in page and "t_TR = " in page and "RI as released is constant" in page
+    assert ", ".join(s["thresholds"]["tr"]["domain_words"][:3]) in page
+    info = export_dataset(out, tmp_path / "train.jsonl")
+    assert info["trained"] == s["tokens"]["kept"]
+    recv = tmp_path / "recv"
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(recv),
+                "--quiet",
+                "--ri-source",
+                "received",
+            ]
+        )
+        == 0
+    )
+    r = json.loads((recv / "summary.json").read_text())
+    assert r["settings"]["ri_layers"] == [0] and r["thresholds"]["ri"]["source"] == "received"
+    t = load_token_table(recv)
+    ri, fence = t["ri"].to_numpy(), t["ri_fence"].to_numpy()
+    resp, reasons = t["is_response"].to_numpy(), t["reasons"].to_numpy()
+    fired = resp & (ri < fence)
+    np.testing.assert_array_equal((reasons & 1) > 0, fired)
+    # the cap: at most int(n * 0.05) per sequence (the fence, or sorted_ri[int(n * 0.05)] when more fell below)
+    ex = t["example_id"].to_numpy()
+    for e in np.unique(ex):
+        sel = resp & (ex == e)
+        assert fired[sel].sum() <= int(sel.sum() * 0.05)

@@ -55,9 +55,13 @@ def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> di
         a = np.asarray(a, dtype=np.float64)[resp]
         return a[~np.isnan(a)]
 
+    official = summary.get("preset") == "official"
     ri = clean(cols["ri"])
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.hist(ri, bins=60, color="#d9534f", alpha=0.8)
+    if not ri.size:  # ri_source="released": constant, not computed
+        ax.text(0.5, 0.5, "RI as released is constant (1/L):\nnot computed, flags nothing", ha="center",
+                va="center", transform=ax.transAxes, fontsize=9)
     fences = np.unique(np.asarray(cols["ri_fence"], dtype=np.float64)[resp])
     fences = fences[~np.isnan(fences)]
     if fences.size:
@@ -71,7 +75,8 @@ def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> di
     kn = clean(cols["kn"])
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.hist(kn, bins=np.linspace(0, 1, 51), color="#337ab7", alpha=0.8)
-    ax.axvline(thr["kn"]["threshold"], color="k", ls="--", label=f"mask S_KN < {thr['kn']['threshold']}")
+    cap = f", at most {thr['kn']['cap']:.0%} per sequence" if official else ""
+    ax.axvline(thr["kn"]["threshold"], color="k", ls="--", label=f"mask S_KN < {thr['kn']['threshold']}{cap}")
     ax.set_title("S_KN = 1 - p(gold)")
     ax.set_xlabel("S_KN")
     ax.set_ylabel("tokens")
@@ -80,19 +85,10 @@ def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> di
 
     tr = clean(cols["tr"])
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.hist(tr, bins=np.linspace(0, 1, 65), color="#f0ad4e", alpha=0.85)
-    ts = thr["tr"].get("thresholds") or []
-    for t in ts:
-        ax.axvline(t, color="k", ls="--")
-    rng = thr["tr"].get("masked_range")
-    if rng:
-        lo = 0.0 if rng[0] is None else rng[0]
-        hi = 1.0 if rng[1] is None else rng[1]
-        ax.axvspan(lo, hi, color="#999", alpha=0.25, label="masked Multi-Otsu class")
-        ax.legend(fontsize=7)
-    ax.set_title("S_TR: task relevance (Multi-Otsu thresholds)")
-    ax.set_xlabel("S_TR")
-    ax.set_ylabel("tokens")
+    if official:
+        _official_tr_plot(ax, tr, thr)
+    else:
+        _paper_tr_plot(ax, tr, thr)
     save(fig, "hist_tr")
 
     comb = summary["overlap"]["combinations"]
@@ -104,6 +100,55 @@ def make_plots(cols: dict[str, np.ndarray], summary: dict, plot_dir: Path) -> di
     ax.tick_params(axis="x", labelrotation=30)
     save(fig, "overlap")
     return out
+
+
+def _official_tr_plot(ax, tr: np.ndarray, thr: dict) -> None:
+    """Relevance = cosine similarity in [-1, 1], and the cut t_TR."""
+    ax.hist(tr, bins=64, color="#f0ad4e", alpha=0.85)
+    if thr["tr"].get("t_TR") is not None:
+        ax.axvline(thr["tr"]["t_TR"], color="k", ls="--",
+                   label=f"t_TR (masked below it, at most {thr['tr']['cap']:.0%} per sequence)")
+        ax.legend(fontsize=7)
+    ax.set_title("TR: relevance to the domain words (cosine)")
+    ax.set_xlabel("relevance")
+    ax.set_ylabel("tokens")
+
+
+def _paper_tr_plot(ax, tr: np.ndarray, thr: dict) -> None:
+    ax.hist(tr, bins=np.linspace(0, 1, 65), color="#f0ad4e", alpha=0.85)
+    for t in thr["tr"].get("thresholds") or []:
+        ax.axvline(t, color="k", ls="--")
+    rng = thr["tr"].get("masked_range")
+    if rng:
+        lo = 0.0 if rng[0] is None else rng[0]
+        hi = 1.0 if rng[1] is None else rng[1]
+        ax.axvspan(lo, hi, color="#999", alpha=0.25, label="masked Multi-Otsu class")
+        ax.legend(fontsize=7)
+    ax.set_title("S_TR: task relevance (Multi-Otsu thresholds)")
+    ax.set_xlabel("S_TR")
+    ax.set_ylabel("tokens")
+
+
+def _thresholds_html(summary: dict) -> str:
+    """The preset and each rule's threshold (and cap) in words."""
+    thr = summary["thresholds"]
+    if summary.get("preset") != "official":
+        return (f'<p>Preset: paper (uncapped). RI: per sequence S_RI &lt; Q1 - {thr["ri"]["k"]}&middot;IQR &middot; '
+                f'KN: S_KN &lt; {thr["kn"]["threshold"]} &middot; TR: Multi-Otsu thresholds '
+                f'{html.escape(json.dumps(thr["tr"].get("thresholds")))}, masked class range '
+                f'{html.escape(json.dumps(thr["tr"].get("masked_range")))} '
+                f'({html.escape(str(thr["tr"].get("metric")))} distance)</p>')
+    tr = thr["tr"]
+    rows = [("RI", thr["ri"]["rule"], f'{thr["ri"]["cap"]:.0%}', thr["ri"].get("note") or f'source: {thr["ri"]["source"]}'),
+            ("KN", thr["kn"]["rule"], f'{thr["kn"]["cap"]:.0%}', f'p &gt; {thr["kn"]["p_threshold"]:g}'),
+            ("TR", tr["rule"], f'{tr["cap"]:.0%}',
+             f't_TR = {tr.get("t_TR")}; Multi-Otsu thresholds {json.dumps(tr.get("thresholds"))}; '
+             f'source: {tr.get("source")}; domain words ({tr.get("domain")}): {", ".join(tr.get("domain_words") or [])}')]
+    body = "".join(f"<tr><td>{n}</td><td style='text-align:left'>{html.escape(r)}</td><td>{c}</td>"
+                   f"<td style='text-align:left'>{d if n == 'KN' else html.escape(d)}</td></tr>" for n, r, c, d in rows)
+    return ("<p>Preset: official (the authors' released rules, each capped per sequence; rules enabled: "
+            f"{html.escape(', '.join(thr['enabled']))}).</p><table><tr><th>rule</th><th>fires when</th>"
+            f"<th>cap</th><th>threshold / note</th></tr>{body}</table>")
 
 
 #: per-type rows shown in the report (summary.json lists every type with enough occurrences)
@@ -182,7 +227,6 @@ def _page(summary: dict, pngs: dict[str, bytes], blocks: list[str], more: str) -
     frac = summary["masked_fraction"]
     pairs = summary["overlap"]["pairs"]
     comb = summary["overlap"]["combinations"]
-    thr = summary["thresholds"]
     img = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in pngs.items()}
     legend = "".join(
         f'<span class="t r{b}" style="margin-right:6px">{_NAMES[b]}</span>' for b in range(1, N_REASON_MASKS)
@@ -224,8 +268,7 @@ table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #ccc;pa
 {rule_cards}
 </div>
 <h2>Thresholds</h2>
-<p>RI: per sequence S_RI &lt; Q1 - {thr["ri"]["k"]}&middot;IQR &middot; KN: S_KN &lt; {thr["kn"]["threshold"]} &middot;
-TR: Multi-Otsu thresholds {html.escape(json.dumps(thr["tr"].get("thresholds")))}, masked class range {html.escape(json.dumps(thr["tr"].get("masked_range")))} ({html.escape(str(thr["tr"].get("metric")))} distance)</p>
+{_thresholds_html(summary)}
 {_diagnostics_html(summary.get("diagnostics"))}
 <h2>Score distributions</h2>
 <div class="plots"><img alt="RI histogram" src="{img["hist_ri"]}"><img alt="KN histogram" src="{img["hist_kn"]}"><img alt="TR histogram" src="{img["hist_tr"]}"><img alt="rule overlap" src="{img["overlap"]}"></div>
