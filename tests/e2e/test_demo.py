@@ -307,3 +307,35 @@ def test_selection_grid_and_reported_seeds_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="reported seeds"):  # the function refuses them too
         sweep(tmp_path / "never", seeds=(2,))
     assert not (tmp_path / "never").exists()
+
+
+def test_one_seed_has_no_spread_and_no_error_bars(tmp_path, monkeypatch):
+    """Issue 17 item 13: one seed prints no '+/- 0.0' and draws no zero-height error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from xtf_kernels.demo.report import _plots, comparison_table
+
+    def method(em):
+        g = {"all": em, "seen": em, "new": em}
+        return {"label": "m", "exact_match": g, "std": {k: 0.0 for k in g}, "kept_fraction": 1.0}
+
+    res = {"methods": {"normal": method(0.4), "xtf": method(0.3)}, "seeds": [0]}
+    assert "+/-" not in comparison_table(res)
+    assert "+/- 1.0" in comparison_table({**res, "seeds": [0, 1], "methods": {
+        "normal": {**method(0.4), "std": {"all": 0.01, "seen": 0.0, "new": 0.0}}}})
+    seen = []
+    orig = Axes.bar
+
+    def spy(self, *a, **k):
+        seen.append(k.get("yerr"))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(Axes, "bar", spy)
+    _plots(res, [{"pretrain": [1.0, 0.5], "normal": [1.0], "xtf": [1.0]}], tmp_path)
+    assert seen == [None]
+    seen.clear()
+    _plots({**res, "seeds": [0, 1]}, [{"pretrain": [1.0], "normal": [1.0], "xtf": [1.0]}] * 2, tmp_path)
+    assert seen and seen[0] is not None
