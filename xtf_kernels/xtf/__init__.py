@@ -1,9 +1,11 @@
 """XTF: explainable token-level noise filtering for LLM fine-tuning data.
 
 Implements Yang et al., "Explainable Token-level Noise Filtering for LLM Fine-tuning
-Datasets" (ICLR 2026, arXiv:2602.14536) with the readings in docs/xtf.md: three attribute
-scores per response token (reasoning importance, knowledge novelty, task relevance) from the
-frozen base model, three rules with a reason bitmask, their union as the training mask.
+Datasets" (ICLR 2026, arXiv:2602.14536), docs/xtf.md: three attribute scores per response
+token (reasoning importance, knowledge novelty, task relevance) from the frozen base model,
+three rules with a reason bitmask, their union as the training mask. The default preset,
+``official``, applies the rules of the authors' released implementation (capped per sequence);
+``RuleConfig(preset="paper")`` the uncapped literal reading of the paper's text.
 
 Python API (mirrors the ``xtf`` command line)::
 

@@ -98,7 +98,7 @@ def _official_reduce(run: ScoreRun) -> Between:
     # the scores are written whatever rules are on (ablations read them)
     V, used, skipped = domain_vector(run.model, run.tokenizer, words, source)
     info["domain_words_used"], info["domain_words_skipped"] = used, skipped
-    tr_vocab[present] = token_relevance(run.model, present, V, source, batch_size=max(64, run.opts.batch_size))
+    tr_vocab[present] = token_relevance(run.model, present, V, source, batch_size=max(512, run.opts.batch_size))
     try:
         got = official_tr_cut(tr_vocab[present], counts[0][present], run.rules.tr_classes, run.rules.tr_nbins)
         thresholds, cut = np.asarray(got["thresholds"]), got["cut"]
