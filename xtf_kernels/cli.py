@@ -29,10 +29,18 @@ def _token_ids(s: str) -> list[int]:
     try:
         ids = [int(x) for x in s.split(",") if x.strip()]
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--protect: expected comma-separated token ids, got {s!r}") from e
+        raise argparse.ArgumentTypeError(f"--protect: expected token ids (2 202 or 2,202), got {s!r}") from e
     if any(i < 0 for i in ids):
         raise argparse.ArgumentTypeError(f"--protect: expected token ids >= 0, got {s!r}")
     return ids
+
+
+class _ExtendFlat(argparse.Action):
+    """``nargs="+"`` of lists, flattened: ``--protect 2 202``, ``--protect 2,202`` and repeats."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        have = getattr(namespace, self.dest, None) or []
+        setattr(namespace, self.dest, [*have, *(i for v in values for i in v)])
 
 
 def _add_score(sub) -> None:
@@ -61,7 +69,8 @@ def _add_score(sub) -> None:
                    help="TR reading: input-embedding row (paper, default) or the final hidden state per occurrence")
     p.add_argument("--ri-aggregation", choices=["mean", "debiased"], default="mean",
                    help="RI reading: mean over visible queries (default) or received mass / uniform causal attention")
-    p.add_argument("--protect", type=_token_ids, default=None, help="comma-separated token ids never masked (e.g. EOS)")
+    p.add_argument("--protect", type=_token_ids, nargs="+", action=_ExtendFlat, default=None, metavar="ID",
+                   help="token ids never masked (e.g. EOS): --protect 2 202 or --protect 2,202")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to prompt/response responses")
     p.add_argument("--no-resume", action="store_true",
                    help="score every shard again instead of reusing those of an interrupted run "
