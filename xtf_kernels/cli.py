@@ -288,9 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Ctrl-C exits with status 130 (a score run resumes when the same command is run again).
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
-    ap = build_parser()
-    a = ap.parse_args(args_list)
     try:
+        a = build_parser().parse_args(args_list)
+    except KeyboardInterrupt:
+        print("\nxtf: interrupted", file=sys.stderr)
+        return 130
+    try:  # the command's modules (torch, transformers: seconds) are imported in here
         return int(a.func(a) or 0)
     except KeyboardInterrupt:
         again = "; run the same command again to resume" if a.command == "score" else ""
