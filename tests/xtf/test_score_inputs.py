@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from tests._tiny import make_tiny_model, make_tiny_model_dir, make_tokenizer
 from xtf_kernels.cli import build_parser
 
 SCORE = ["score", "--model", "m", "--data", "d.jsonl", "--out", "o"]
@@ -38,3 +41,102 @@ def test_readme_protect_example_parses():
     assert examples
     for ex in examples:
         assert build_parser(with_demo=False).parse_args([*SCORE, "--protect", *ex.split()]).protect
+
+
+# --- item 3: a model directory without tokenizer files, or a tokenizer that is not the model's
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+RECORDS = [{"prompt": "What is 12 plus 30?", "response": " The answer is 42."}] * 3
+
+
+def test_model_dir_without_tokenizer_files_is_one_clear_error(tmp_path, capsys):
+    """Qwen2 without tokenizer files: transformers builds an empty tokenizer (every text -> no
+    tokens) and scoring used to 'succeed' on EOS tokens only."""
+    from xtf_kernels.cli import main
+
+    notok = make_tiny_model_dir(tmp_path, arch="qwen2", name="notok", save_tokenizer=False)
+    data = _write(tmp_path / "d.jsonl", RECORDS)
+    capsys.readouterr()  # saving the model printed a progress bar
+    rc = main(
+        [
+            "score",
+            "--model",
+            str(notok),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"xtf score: error: --model: {notok} has no tokenizer files")
+    assert "tokenizer.json" in err[0] and "tokenizer.model" in err[0]
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_model_dir_without_tokenizer_files_is_fine_with_tokenizer_given(tmp_path):
+    from xtf_kernels.xtf import score_dataset
+
+    notok = make_tiny_model_dir(tmp_path, name="notok", save_tokenizer=False)
+    data = _write(tmp_path / "d.jsonl", RECORDS)
+    s = score_dataset(notok, data, tmp_path / "o", tokenizer=make_tokenizer(), progress=False)
+    assert s["examples"]["scored"] == 3
+
+
+def test_tokenizer_far_smaller_than_the_embedding_is_refused(tmp_path):
+    from xtf_kernels.xtf import load_model_and_tokenizer, score_dataset
+
+    d = tmp_path / "big"
+    make_tiny_model(vocab_size=1024).save_pretrained(d)  # 1024 rows, a 384-token tokenizer
+    make_tokenizer().save_pretrained(d)
+    with pytest.raises(
+        ValueError,
+        match=r"tokenizer: the tokenizer in .*big has 384 tokens, under half the model's 1024",
+    ):
+        load_model_and_tokenizer(d)
+    model = make_tiny_model(vocab_size=1024)
+    with pytest.raises(ValueError, match=r"tokenizer: tokenizer= has 384 tokens"):
+        score_dataset(
+            model,
+            _write(tmp_path / "d.jsonl", RECORDS),
+            tmp_path / "o",
+            tokenizer=make_tokenizer(),
+            progress=False,
+        )
+
+
+def _unk_tokenizer(n: int = 400):
+    """A word-level tokenizer of ``n`` tokens that knows none of the words of RECORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(n - 2)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>"
+    )
+
+
+def test_tokenizer_encoding_the_first_record_to_nothing_is_refused(model_dir, tmp_path):
+    from xtf_kernels.xtf import score_dataset
+
+    tok = _unk_tokenizer()
+    assert set(tok(RECORDS[0]["prompt"] + RECORDS[0]["response"])["input_ids"]) == {0}
+    with pytest.raises(
+        ValueError, match=r"tokenizer: it encodes the first record \(example 0\) to special tokens"
+    ):
+        score_dataset(
+            model_dir,
+            _write(tmp_path / "d.jsonl", RECORDS),
+            tmp_path / "o",
+            tokenizer=tok,
+            progress=False,
+        )

@@ -165,6 +165,12 @@ def _load_examples(run: ScoreRun, data: Any) -> int:
     )
     if not run.examples:
         raise ValueError(f"data: no usable examples ({run.tstats.records} records, skipped {run.tstats.skipped})")
+    first, special = run.examples[0], set(getattr(tokenizer, "all_special_ids", ()) or ())
+    if all(t in special for t in first.input_ids):
+        raise ValueError(
+            f"tokenizer: it encodes the first record (example {first.example_id}) to special tokens only "
+            f"({len(first.input_ids)}: {first.input_ids[:8]}); it is not this model's tokenizer"
+        )
     run.vocab = int(model.get_input_embeddings().weight.shape[0])
     words = opts.domain_words
     if words is not None:
