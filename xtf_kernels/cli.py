@@ -72,6 +72,9 @@ def _add_score(sub) -> None:
     p.add_argument("--protect", type=_token_ids, nargs="+", action=_ExtendFlat, default=None, metavar="ID",
                    help="token ids never masked (e.g. EOS): --protect 2 202 or --protect 2,202")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to prompt/response responses")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render prompt/response records with the tokenizer's chat template (user turn, assistant "
+                        "turn); default: prompt tokens + response tokens + EOS, no separator")
     p.add_argument("--no-resume", action="store_true",
                    help="score every shard again instead of reusing those of an interrupted run "
                         "(with --overwrite when --out already holds the run)")
@@ -104,6 +107,7 @@ def _cmd_score(a) -> int:
             domain_words=None if a.domain_words is None else [w for w in a.domain_words.split(",") if w],
             ref_model=a.ref_model, resume=not a.no_resume, overwrite=a.overwrite, progress=not a.quiet,
             tr_source=a.tr_source, ri_aggregation=a.ri_aggregation, protect=a.protect, pack=a.pack,
+            chat_template=a.chat_template,
         )
     finally:
         if dist:
@@ -251,7 +255,7 @@ _FLAGS = {
               "on_error": "--on-error", "add_eos": "--no-eos", "ri_k": "--ri-k", "kn_threshold": "--kn-threshold",
               "tr_classes": "--tr-classes", "tr_masked_class": "--tr-masked-class", "enabled": "--rules",
               "rules": "the rule options", "pack": "--pack", "tr_source": "--tr-source",
-              "ri_aggregation": "--ri-aggregation", "protect": "--protect"},
+              "ri_aggregation": "--ri-aggregation", "protect": "--protect", "chat_template": "--chat-template"},
     "export": {"out_dir": "DIR", "dest": "--to", "format": "--format", "policy": "--policy", "ratio": "--ratio"},
     "report": {"out_dir": "DIR", "dest": "--out", "max_examples": "--max-examples"},
 }

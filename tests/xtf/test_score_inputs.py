@@ -140,3 +140,117 @@ def test_tokenizer_encoding_the_first_record_to_nothing_is_refused(model_dir, tm
             tokenizer=tok,
             progress=False,
         )
+
+
+# --- item 10: prompt/response records are joined as they are, or rendered with --chat-template
+
+P, R = "What is 12 plus 30?", " The answer is 42."
+
+
+def _enc(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_prompt_response_is_joined_as_is_token_by_token():
+    from xtf_kernels.xtf.data import tokenize_records
+
+    tok = make_tokenizer()
+    (ex,), _ = tokenize_records([{"prompt": P, "response": R}], tok, max_length=256)
+    p = tok(P)["input_ids"]  # with the tokenizer's own special tokens (none here)
+    assert ex.input_ids == p + _enc(tok, R) + [tok.eos_token_id] and ex.n_prompt == len(p)
+
+
+def test_chat_template_renders_prompt_response_token_by_token():
+    from xtf_kernels.xtf.data import tokenize_records
+
+    tok = make_tokenizer()
+    (ex,), _ = tokenize_records(
+        [{"prompt": P, "response": R}], tok, max_length=256, chat_template=True
+    )
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    user, asst = tok.convert_tokens_to_ids(["<|user|>", "<|assistant|>"])
+    prompt = [bos, user, *_enc(tok, P), eos, asst]  # <s><|user|>P</s><|assistant|>
+    assert ex.input_ids == prompt + _enc(tok, R) + [eos] and ex.n_prompt == len(prompt)
+    # exactly what the same conversation as `messages` gives
+    msgs = [{"role": "user", "content": P}, {"role": "assistant", "content": R}]
+    (ex2,), _ = tokenize_records([{"messages": msgs}], tok, max_length=256, chat_template=True)
+    assert (ex2.input_ids, ex2.n_prompt) == (ex.input_ids, ex.n_prompt)
+
+
+def test_chat_template_without_one_is_an_error_not_a_skip():
+    from xtf_kernels.xtf.data import tokenize_records
+
+    tok = make_tokenizer(chat_template=None)
+    with pytest.raises(ValueError, match="chat_template: the tokenizer has no chat template"):
+        tokenize_records(
+            [{"prompt": P, "response": R}], tok, max_length=256, on_error="skip", chat_template=True
+        )
+    with pytest.raises(TypeError, match="chat_template"):
+        tokenize_records([{"prompt": P, "response": R}], tok, max_length=256, chat_template="yes")
+
+
+def test_xtf_score_chat_template_flag(model_dir, tmp_path, capsys):
+    from xtf_kernels.cli import main
+    from xtf_kernels.xtf import load_token_table
+
+    data = _write(tmp_path / "d.jsonl", [{"prompt": P, "response": R}] * 2)
+    out = tmp_path / "o"
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--quiet",
+                "--chat-template",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "summary.json").read_text())["settings"]["chat_template"] is True
+    t = load_token_table(out).to_pylist()
+    tok = make_tokenizer()
+    user, asst = tok.convert_tokens_to_ids(["<|user|>", "<|assistant|>"])
+    want = [
+        tok.bos_token_id,
+        user,
+        *_enc(tok, P),
+        tok.eos_token_id,
+        asst,
+        *_enc(tok, R),
+        tok.eos_token_id,
+    ]
+    ex0 = sorted(
+        (r["position"], r["token_id"], bool(r["is_response"])) for r in t if r["example_id"] == 0
+    )
+    assert [tid for _, tid, _ in ex0] == want
+    assert [resp for _, _, resp in ex0] == [False] * (len(_enc(tok, P)) + 4) + [True] * (
+        len(_enc(tok, R)) + 1
+    )
+    # a tokenizer without a template: one line, status 2
+    notpl = make_tiny_model_dir(tmp_path, name="notpl", chat_template=None)
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(notpl),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "o2"),
+                "--quiet",
+                "--chat-template",
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip() == (
+        "xtf score: error: --chat-template: the tokenizer has no chat template (set tokenizer.chat_template, "
+        "or score prompt/response records as they are)"
+    )

@@ -70,6 +70,7 @@ def score_dataset(
     ri_aggregation: str | None = None,
     protect: Sequence[int] | None = None,
     pack: bool = False,
+    chat_template: bool = False,
 ) -> dict:
     """Score every response token of a dataset with XTF and write the per-token records.
 
@@ -111,6 +112,10 @@ def score_dataset(
             unpacked run; ``summary["packing"]`` reports the padding saved and the tokens within
             1e-5 of a threshold; enters the fingerprint. Refused for a model whose attention
             does not honour packed ``position_ids``.
+        chat_template: render ``prompt``/``response`` records with the tokenizer's chat template
+            (a user turn, then the assistant turn); by default they are joined as they are (the
+            prompt's tokens, the response's, EOS: no separator, no template, as TRL does for
+            non-conversational data). ``ValueError`` if the tokenizer has no chat template.
 
     Returns:
         The summary dict (also written to ``out_dir/summary.json`` by rank 0), plus ``"run"``
@@ -129,7 +134,7 @@ def score_dataset(
         shard_size=shard_size, on_error=on_error, truncation=truncation, add_eos=add_eos, ri_layers=ri_layers,
         ri_reduce=ri_reduce, tr_metric=tr_metric, domain_words=domain_words, resume=resume, overwrite=overwrite,
         progress=progress, ri_fn=ri_fn, backend=backend, tr_source=tr_source, ri_aggregation=ri_aggregation,
-        protect=protect, pack=pack,
+        protect=protect, pack=pack, chat_template=chat_template,
     )
     run = prepare_run(model, data, out_dir, opts, tokenizer=tokenizer, ref_model=ref_model)
     todo, reused, n_tok = pending_pass1(run)

@@ -56,6 +56,7 @@ class ScoreOptions:
     ri_aggregation: str | None
     protect: Sequence[int] | None
     pack: bool = False
+    chat_template: bool = False
 
 
 @dataclass
@@ -161,7 +162,7 @@ def _load_examples(run: ScoreRun, data: Any) -> int:
         raise ValueError(f"max_length: expected an int in [2, {ctx or 'inf'}], got {max_length!r}")
     run.examples, run.tstats = tokenize_records(
         data, tokenizer, max_length=max_length, on_error=opts.on_error, truncation=opts.truncation,
-        add_eos=opts.add_eos,
+        add_eos=opts.add_eos, chat_template=opts.chat_template,
     )
     if not run.examples:
         raise ValueError(f"data: no usable examples ({run.tstats.records} records, skipped {run.tstats.skipped})")
@@ -201,6 +202,8 @@ def _fix_settings(run: ScoreRun, model_id: str, ref_id: str | None, max_length: 
     }
     if o.pack:  # only when on: the fingerprints of unpacked runs stay as they were
         run.settings["pack"] = True
+    if o.chat_template:  # likewise
+        run.settings["chat_template"] = True
     run.fingerprint = hashlib.sha256(json.dumps(run.settings, sort_keys=True).encode()).hexdigest()[:16]
     run.n_shards = (len(run.examples) + o.shard_size - 1) // o.shard_size
     run.mine = [s for s in range(run.n_shards) if s % run.world == run.rank]
