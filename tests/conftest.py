@@ -50,3 +50,26 @@ def device(request) -> str:
         if not be.supports(torch.device("cuda"), torch.float32)[0]:
             return "cpu"
     return DEVICE
+
+
+# ``slow``: tests of more than about 5 s on 2 CPU cores (model training, torchrun, torch.compile,
+# subprocesses that import everything). CI runs them all; ``python -m pytest -q -m "not slow"
+# tests`` is the quick loop for day-to-day work (README, "Tests"). tests/e2e/ marks itself.
+SLOW_MODULES = {
+    "tests/integrations/test_integrations_distributed.py",
+    "tests/integrations/test_integrations_trainers.py",
+    "tests/integrations/test_packing_training.py",
+    "tests/masked_ce/test_compile.py",
+    "tests/test_readme.py",
+    "tests/xtf/test_xtf_distributed.py",
+}
+#: single slow tests, by node id without the parameters
+SLOW_TESTS: set[str] = set()
+
+
+def pytest_collection_modifyitems(config, items):
+    root = config.rootpath
+    for item in items:
+        path = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
+        if path in SLOW_MODULES or item.nodeid.split("[")[0] in SLOW_TESTS or item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.slow)
