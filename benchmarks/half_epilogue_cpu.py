@@ -29,6 +29,7 @@ Prints both tables and writes ``<out>/cpu-half-epilogue.csv``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import os
@@ -122,6 +123,20 @@ def _errors(lse, lp, ref_lse, ref_lp):
     return e_lse, e_lp
 
 
+@contextlib.contextmanager
+def _cpu_half_gemm(mode: str):
+    """XTF_CPU_HALF_GEMM set to ``mode`` for the block, restored after."""
+    before = os.environ.get("XTF_CPU_HALF_GEMM")
+    os.environ["XTF_CPU_HALF_GEMM"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("XTF_CPU_HALF_GEMM", None)
+        else:
+            os.environ["XTF_CPU_HALF_GEMM"] = before
+
+
 def error(N: int = 512, D: int = 2048, V: int = 32000, cap: float = 30.0) -> list[dict]:
     """Per-row lse / logprob errors of each implementation against float64 (mean, max)."""
     from xtf_kernels import backend_status, masked_ce
@@ -152,14 +167,16 @@ def error(N: int = 512, D: int = 2048, V: int = 32000, cap: float = 30.0) -> lis
     for be in ("native", "torch"):
         if not backend_status()[be][0]:
             continue
-        with torch.no_grad():
-            _, st = masked_ce(h, w, y, bias=b, softcap=cap, return_stats=True, backend=be)
-        e_lse, e_lp = _errors(st.lse, st.logprob, ref_lse, ref_lp)
-        out.append({
-            "part": "error", "route": f"xtf {be}", "lse_mean": e_lse.mean().item(), "lse_max": e_lse.max().item(),
-            "logprob_mean": e_lp.mean().item(), "logprob_max": e_lp.max().item(),
-            "lse_excess_max": (e_lse - s_lse).max().item(), "logprob_excess_max": (e_lp - s_lp).max().item(),
-        })
+        for mode in ("fp32", "half"):  # the default, then the opt-in rounding GEMM
+            with _cpu_half_gemm(mode), torch.no_grad():
+                _, st = masked_ce(h, w, y, bias=b, softcap=cap, return_stats=True, backend=be)
+            e_lse, e_lp = _errors(st.lse, st.logprob, ref_lse, ref_lp)
+            route = f"xtf {be}" if mode == "fp32" else f"xtf {be}, XTF_CPU_HALF_GEMM=half"
+            out.append({
+                "part": "error", "route": route, "lse_mean": e_lse.mean().item(), "lse_max": e_lse.max().item(),
+                "logprob_mean": e_lp.mean().item(), "logprob_max": e_lp.max().item(),
+                "lse_excess_max": (e_lse - s_lse).max().item(), "logprob_excess_max": (e_lp - s_lp).max().item(),
+            })
     return out
 
 

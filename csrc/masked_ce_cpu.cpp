@@ -54,16 +54,10 @@ namespace {
 // for comparisons and conversions, which is slower than scalar code
 #if defined(__AVX512F__)
 #define XTF_LANES 16
-#define XTF_LO 0, 1, 2, 3, 4, 5, 6, 7
-#define XTF_HI 8, 9, 10, 11, 12, 13, 14, 15
-#elif defined(__AVX__)
+#elif defined(__AVX2__)  // 8 lanes need 256-bit integer ops too (AVX alone splits them)
 #define XTF_LANES 8
-#define XTF_LO 0, 1, 2, 3
-#define XTF_HI 4, 5, 6, 7
-#else  // SSE2 / NEON
+#else  // SSE2 / NEON / AVX without AVX2
 #define XTF_LANES 4
-#define XTF_LO 0, 1
-#define XTF_HI 2, 3
 #endif
 constexpr int kLanes = XTF_LANES;
 constexpr int64_t kFold = 16 * kLanes;  // fp32 lane sums are folded into double every kFold columns
@@ -72,14 +66,20 @@ typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
 typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
 typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));
 typedef double vdh __attribute__((vector_size(kLanes * 4)));  // kLanes / 2 doubles: one register
+typedef float vfh __attribute__((vector_size(kLanes * 2)));   // kLanes / 2 floats: half a register
 
 // fp64 lane sums: kLanes doubles held as two native registers (a single kLanes-double vector
 // is wider than the ISA's registers, and GCC would keep it, and what feeds it, in memory)
 struct Sum64 {
   vdh lo = vdh{}, hi = vdh{};
   XTF_INLINE void add(vf v) {
-    lo += __builtin_convertvector(__builtin_shufflevector(v, v, XTF_LO), vdh);
-    hi += __builtin_convertvector(__builtin_shufflevector(v, v, XTF_HI), vdh);
+    // the two halves by memcpy (compiles to register extracts; __builtin_shufflevector
+    // would need GCC >= 12)
+    vfh a, b;
+    std::memcpy(&a, &v, sizeof(a));
+    std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
+    lo += __builtin_convertvector(a, vdh);
+    hi += __builtin_convertvector(b, vdh);
   }
   XTF_INLINE double total() const {
     double s = 0.0;
@@ -109,13 +109,16 @@ XTF_INLINE float bits_to_float(uint32_t u) {
   return f;
 }
 
-// fp16 bits -> fp32, exact for normals, subnormals, inf and NaN
+// fp16 bits -> fp32, exact for normals, subnormals, inf and NaN; no fp32 subnormal is ever
+// an operand, so the result is the same with denormals-are-zero set (torch.set_flush_denormal)
 XTF_INLINE vf half_to_float(vu u) {
   const vu sign = (u & 0x8000u) << 16;
   const vu em = u & 0x7FFFu;
-  const vf scaled = (vf)(em << 13) * splat<vf>(0x1p112f);  // normals and subnormals
-  const vu special = (em << 13) | 0x7F800000u;               // inf / NaN
-  const vu bits = (em >= splat<vu>(0x7C00u)) ? special : (vu)scaled;
+  const vf normal = (vf)(em << 13) * splat<vf>(0x1p112f);                   // exponent rebias
+  const vf sub = __builtin_convertvector((vi)em, vf) * splat<vf>(0x1p-24f);  // m * 2^-24, exact
+  const vu special = (em << 13) | 0x7F800000u;                                // inf / NaN
+  vu bits = (em < splat<vu>(0x0400u)) ? (vu)sub : (vu)normal;
+  bits = (em >= splat<vu>(0x7C00u)) ? special : bits;
   return (vf)(bits | sign);
 }
 

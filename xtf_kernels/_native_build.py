@@ -36,13 +36,15 @@ from types import ModuleType
 import torch
 
 _SOURCES = ("masked_ce_cpu.cpp",)
-_CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-Wno-unknown-pragmas",
-           "-Wno-psabi")
+# -fvisibility=hidden: several ISA builds can live in one process; each keeps its own symbols
+_CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden",
+           "-Wno-unknown-pragmas", "-Wno-psabi")
 ISAS = ("native", "avx512", "avx2", "baseline")
 # x86 feature flags (/proc/cpuinfo names) each x86-64 level needs
+_X86_V3 = ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm")  # x86-64-v3
 _X86_NEEDS = {
-    "avx2": ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"),
-    "avx512": ("avx2", "fma", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+    "avx2": _X86_V3,
+    "avx512": (*_X86_V3, "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),  # x86-64-v4
 }
 _lock = threading.Lock()
 _modules: dict[str, ModuleType] = {}
@@ -209,7 +211,7 @@ def _import_so(name: str, so: Path) -> ModuleType:
     return mod
 
 
-def _build(verbose: bool, isa: str) -> ModuleType:
+def _build(verbose: bool, isa: str = "native") -> ModuleType:
     if os.environ.get("XTF_DISABLE_NATIVE", "0") not in ("", "0"):
         raise RuntimeError("disabled by XTF_DISABLE_NATIVE")
     src = source_dir()
