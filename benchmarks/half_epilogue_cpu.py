@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=256, help="logits rows per GEMM (native: ~261 at S2)")
     ap.add_argument("--reps", type=int, default=5, help="timed repeats per route (median)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--tag", default="", help="suffix of the CSV name (e.g. the CPU's ISA: avx2)")
     args = ap.parse_args(argv)
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}",
@@ -210,13 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["part", "route", "rows", "D", "V", "seconds", "vs_bf16_mm", "max_abs_err", "lse_mean", "lse_max",
             "logprob_mean", "logprob_max", "lse_excess_max", "logprob_excess_max", "note", "loadavg_start",
             "threads", "torch"]
-    with open(out / "cpu-half-epilogue.csv", "w", newline="") as fh:
+    path = out / (f"cpu-half-epilogue-{args.tag}.csv" if args.tag else "cpu-half-epilogue.csv")
+    with open(path, "w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=cols)
         wr.writeheader()
         for r in rows:
             wr.writerow(dict(r, loadavg_start=f"{load:.2f}", threads=torch.get_num_threads(),
                              torch=torch.__version__))
-    print(f"wrote {out / 'cpu-half-epilogue.csv'}", file=sys.stderr)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .cases import plan
-from .measure import _child, run_cases
+from .measure import _child, measure_interleaved, run_cases
 from .plots import plot
 from .report import add_ratios, device_name, print_table, versions, write_csv
 from .shapes import CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS),
                     help="output directory for <device>.csv and the PNG plots")
     ap.add_argument("--tag", default="", help="suffix of the output file names (a partial re-run)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time every case in this process, round-robin (--reps rounds): ratios to the "
+                         "floor that a changing machine load cannot skew; no peak memory")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -65,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {dev}; load average at start {load:.2f}; versions {vs}", file=sys.stderr)
     # isolate every case on CPU (peak RSS per process); on GPU memory is measured per case anyway
     isolate = device == "cpu" and not args.quick
-    results = run_cases(cases, device, isolate, args.timeout)
+    if args.interleave:
+        results = measure_interleaved(cases, device, reps)
+    else:
+        results = run_cases(cases, device, isolate, args.timeout)
     add_ratios(results)
     print_table(results)
     out = Path(args.out)

@@ -44,6 +44,68 @@ def _reset_peak() -> bool:
         return False
 
 
+def _step(fwd, h, w, cuda: bool) -> tuple[float, float]:
+    """One timed forward + backward: (forward seconds, backward seconds)."""
+    import torch
+
+    hh = h.detach().requires_grad_()
+    ww = w.detach().requires_grad_()
+    if cuda:
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        e0.record()
+        loss = fwd(hh, ww)
+        e1.record()
+        loss.backward()
+        e2.record()
+        torch.cuda.synchronize()
+        out = e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
+    else:
+        t0 = time.perf_counter()
+        loss = fwd(hh, ww)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        out = t1 - t0, t2 - t1
+    if not torch.isfinite(loss.detach()).all():
+        raise RuntimeError("non-finite loss")
+    return out
+
+
+def measure_interleaved(cases: list[Case], device: str, rounds: int) -> list[Result]:
+    """All cases in this process, timed round-robin (one repeat of each case per round), so a
+    change of machine load hits every method alike: medians over rounds, and each method's
+    ratio to the GEMM floor as the median of its per-round ratios. No peak memory."""
+    from tqdm import tqdm
+
+    runs, results = [], []
+    for case in cases:
+        sh = case.shape
+        res = Result(sh.name, sh.N, sh.D, sh.V, sh.dtype, case.scenario, case.method, note="interleaved")
+        try:
+            inputs, fwd, res.kept_rows = build(case, device)
+            _step(fwd, inputs["h"], inputs["w"], device == "cuda")  # warm-up
+            runs.append((res, fwd, inputs))
+        except Exception as exc:
+            res.note = f"skipped: {type(exc).__name__}: {exc}"[:300]
+        results.append(res)
+    times: dict[int, list[tuple[float, float]]] = {id(r): [] for r, _, _ in runs}
+    for _ in tqdm(range(rounds), desc="interleaved rounds", file=sys.stderr):
+        for res, fwd, inputs in runs:
+            times[id(res)].append(_step(fwd, inputs["h"], inputs["w"], device == "cuda"))
+    floors = {r.shape: times[id(r)] for r, _, _ in runs if r.method == "gemm-floor"}
+    for res, _, _ in runs:
+        ts = times[id(res)]
+        res.fwd_s = statistics.median(t[0] for t in ts)
+        res.bwd_s = statistics.median(t[1] for t in ts)
+        res.total_s = statistics.median(t[0] + t[1] for t in ts)
+        res.reps = len(ts)
+        fl = floors.get(res.shape)
+        if fl:
+            res.extra["ratio_rounds"] = statistics.median(
+                (a[0] + a[1]) / (b[0] + b[1]) for a, b in zip(ts, fl))
+    return results
+
+
 def measure(case: Case, device: str) -> Result:
     """Run one case in this process: warm-up, then timed repeats and the peak memory."""
     import torch
@@ -66,28 +128,7 @@ def measure(case: Case, device: str) -> Result:
             torch.cuda.synchronize()
 
     def one() -> tuple[float, float]:
-        hh = h.detach().requires_grad_()
-        ww = w.detach().requires_grad_()
-        if cuda:
-            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-            e0.record()
-            loss = fwd(hh, ww)
-            e1.record()
-            loss.backward()
-            e2.record()
-            torch.cuda.synchronize()
-            out = e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
-        else:
-            t0 = time.perf_counter()
-            loss = fwd(hh, ww)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            out = t1 - t0, t2 - t1
-        if not torch.isfinite(loss.detach()).all():
-            raise RuntimeError("non-finite loss")
-        del loss, hh, ww
-        return out
+        return _step(fwd, h, w, cuda)
 
     try:
         for _ in range(case.warmup):

@@ -55,6 +55,8 @@ def add_ratios(results: list[Result]) -> None:
             fl = f.total_s * max(r.kept_rows, 1) / f.kept_rows
             r.extra["floor_s"] = fl
             r.extra["ratio_floor"] = r.total_s / fl
+            if "ratio_rounds" in r.extra:  # interleaved: the median of same-round ratios
+                r.extra["ratio_floor"] = r.extra["ratio_rounds"] * f.kept_rows / max(r.kept_rows, 1)
 
 
 def write_csv(results: list[Result], path: Path, meta: dict) -> None:

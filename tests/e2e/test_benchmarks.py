@@ -74,3 +74,23 @@ def test_bad_arguments_are_rejected():
         bm.main(["--shapes", "nope", "--quick"])
     with pytest.raises(SystemExit):
         bm.main(["--reps", "0", "--quick"])
+
+
+def test_interleaved_ratios_are_medians_of_same_round_ratios(monkeypatch):
+    """--interleave: a load spike in one round moves every method's time in that round, and the
+    ratio to the floor is the median of the per-round ratios, not a ratio of medians."""
+    import importlib
+
+    ms = importlib.import_module("benchmarks.masked_ce.measure")
+
+    shape = bm.Shape("T", 10, 4, 8, "float32")
+    cases = [bm.Case(shape, "plain", m, 3) for m in ("gemm-floor", "a")]
+    monkeypatch.setattr(ms, "build", lambda case, device: ({"h": None, "w": None}, case.method, 10))
+    clock = iter([1.0, 2.0,  # warm-up: floor, a
+                  1.0, 3.0, 4.0, 8.0, 3.0, 3.3])  # rounds: (floor, a) x 3 under a changing load
+    monkeypatch.setattr(ms, "_step", lambda fwd, h, w, cuda: (next(clock), 0.0))
+    res = ms.measure_interleaved(cases, "cpu", rounds=3)
+    bm.add_ratios(res)
+    assert [r.reps for r in res] == [3, 3] and res[1].note == "interleaved"
+    assert res[1].extra["ratio_floor"] == pytest.approx(2.0)  # per round 3.0, 2.0, 1.1
+    assert res[0].total_s == pytest.approx(3.0) and res[1].total_s == pytest.approx(3.3)
