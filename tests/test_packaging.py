@@ -50,3 +50,15 @@ def test_version_and_changelog():
     assert "## [Unreleased]" in log
     unreleased = log.split("## [Unreleased]")[1].split("\n## ")[0]
     assert f"`{ns['__version__']}`" in unreleased  # the bump is recorded with the changes it covers
+
+
+def test_readme_setup_is_two_commands_and_says_how_to_get_the_cpu_build():
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set-up\n")[1].split("\n## ")[0]
+    blocks = re.findall(r"```bash\n(.*?)```", setup, flags=re.S)
+    commands = [ln for b in blocks for ln in b.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(commands) == 2 and all(c.startswith('pip install "torch==2.13.0" -e ') for c in commands)
+    # the CPU wheel index is added, never made the only index (PyPI still serves the rest)
+    assert "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu" in setup
+    assert "--extra-index-url" in setup
+    assert "--index-url https://download.pytorch.org" not in setup

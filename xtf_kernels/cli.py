@@ -29,7 +29,7 @@ def _token_ids(s: str) -> list[int]:
     try:
         ids = [int(x) for x in s.split(",") if x.strip()]
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--protect: expected comma-separated token ids, got {s!r}") from e
+        raise argparse.ArgumentTypeError(f"--protect: expected token ids (2 202 or 2,202), got {s!r}") from e
     if any(i < 0 for i in ids):
         raise argparse.ArgumentTypeError(f"--protect: expected token ids >= 0, got {s!r}")
     return ids
@@ -43,6 +43,14 @@ def _percentages(s: str) -> tuple[float, float, float]:
     if len(v) != 3 or not all(0.0 <= x <= 1.0 for x in v):
         raise argparse.ArgumentTypeError(f"--percentages: expected three numbers in [0, 1] (RI,KN,TR), got {s!r}")
     return v  # type: ignore[return-value]
+
+
+class _ExtendFlat(argparse.Action):
+    """``nargs="+"`` of lists, flattened: ``--protect 2 202``, ``--protect 2,202`` and repeats."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        have = getattr(namespace, self.dest, None) or []
+        setattr(namespace, self.dest, [*have, *(i for v in values for i in v)])
 
 
 def _add_score(sub) -> None:
@@ -82,8 +90,12 @@ def _add_score(sub) -> None:
                         "default) or the final hidden state per occurrence (paper only)")
     p.add_argument("--ri-aggregation", choices=["mean", "debiased"], default="mean",
                    help="RI reading: mean over visible queries (default) or received mass / uniform causal attention")
-    p.add_argument("--protect", type=_token_ids, default=None, help="comma-separated token ids never masked (e.g. EOS)")
+    p.add_argument("--protect", type=_token_ids, nargs="+", action=_ExtendFlat, default=None, metavar="ID",
+                   help="token ids never masked (e.g. EOS): --protect 2 202 or --protect 2,202")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to prompt/response responses")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render prompt/response records with the tokenizer's chat template (user turn, assistant "
+                        "turn); default: prompt tokens + response tokens + EOS, no separator")
     p.add_argument("--no-resume", action="store_true",
                    help="score every shard again instead of reusing those of an interrupted run "
                         "(with --overwrite when --out already holds the run)")
@@ -118,6 +130,7 @@ def _cmd_score(a) -> int:
             domain_words=None if a.domain_words is None else [w for w in a.domain_words.split(",") if w],
             ref_model=a.ref_model, resume=not a.no_resume, overwrite=a.overwrite, progress=not a.quiet,
             ri_aggregation=a.ri_aggregation, protect=a.protect, pack=a.pack,
+            chat_template=a.chat_template,
         )
     finally:
         if dist:
@@ -274,7 +287,7 @@ _FLAGS = {
               "tr_classes": "--tr-classes", "tr_masked_class": "--tr-masked-class", "enabled": "--rules",
               "rules": "the rule options", "pack": "--pack", "tr_source": "--tr-source",
               "ri_aggregation": "--ri-aggregation", "protect": "--protect", "preset": "--preset",
-              "percentages": "--percentages", "ri_source": "--ri-source"},
+              "percentages": "--percentages", "ri_source": "--ri-source", "chat_template": "--chat-template"},
     "export": {"out_dir": "DIR", "dest": "--to", "format": "--format", "policy": "--policy", "ratio": "--ratio"},
     "report": {"out_dir": "DIR", "dest": "--out", "max_examples": "--max-examples"},
 }
@@ -311,9 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Ctrl-C exits with status 130 (a score run resumes when the same command is run again).
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
-    ap = build_parser()
-    a = ap.parse_args(args_list)
     try:
+        a = build_parser().parse_args(args_list)
+    except KeyboardInterrupt:
+        print("\nxtf: interrupted", file=sys.stderr)
+        return 130
+    try:  # the command's modules (torch, transformers: seconds) are imported in here
         return int(a.func(a) or 0)
     except KeyboardInterrupt:
         again = "; run the same command again to resume" if a.command == "score" else ""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from xtf_kernels import masked_ce
-from xtf_kernels.masked_ce import custom_op
+from xtf_kernels.loss import custom_op
 
 
 def test_custom_op_opcheck():

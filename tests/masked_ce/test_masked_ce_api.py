@@ -110,7 +110,7 @@ def test_num_items_whole_numbers_in_any_form(n):
 def test_num_items_may_be_a_count_divided_by_the_world_size(monkeypatch):
     """Under torch.distributed, global_num_items returns count / world (DDP / FSDP average
     gradients over ranks): such divisors pass, other fractions still fail."""
-    from xtf_kernels.masked_ce import validate as _validate
+    from xtf_kernels.loss import validate as _validate
 
     monkeypatch.setattr(_validate, "_world_size", lambda: 2)
     for n in (17.5, 0.5, torch.tensor(35 / 2, dtype=torch.float64), torch.tensor(3.5)):
@@ -230,7 +230,7 @@ def test_no_full_logits_tensor_is_allocated():
 def test_num_items_fraction_only_as_a_rank_share():
     """num_items must be a whole count; the one fractional divisor accepted is count / world_size
     under torch.distributed (what global_num_items hands every rank)."""
-    from xtf_kernels.masked_ce.validate import check_num_items
+    from xtf_kernels.loss.validate import check_num_items
 
     with pytest.raises(ValueError, match="whole number"):
         check_num_items(0.5)

@@ -1,9 +1,11 @@
 """The masked_ce core as a package: one options path, the backend contract, the outputs tuple,
-and the pure functions of :mod:`xtf_kernels.masked_ce.core`."""
+and the pure functions of :mod:`xtf_kernels.loss.core`."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from xtf_kernels.backends import CEConfig, load_backend
 from xtf_kernels.backends.base import BackendBase
 from xtf_kernels.backends.torch_backend import TorchBackend
 from xtf_kernels.config import DEFAULT_CHUNK_ELEMS, Options
-from xtf_kernels.masked_ce import MaskedCEOutputs, core
+from xtf_kernels.loss import MaskedCEOutputs, core
 
 PKG = Path(xtf_kernels.__file__).resolve().parent
 
@@ -194,7 +196,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_autograd_function_and_the_custom_op_do_not_import_each_other():
-    pkg = PKG / "masked_ce"
+    pkg = PKG / "loss"
     assert not any("custom_op" in m for m in _imports(pkg / "autograd.py"))
     assert not any("autograd" in m for m in _imports(pkg / "custom_op.py"))
     assert not any(m.endswith("ops") or "api" in m for m in _imports(pkg / "custom_op.py"))
@@ -206,3 +208,21 @@ def test_public_names_and_the_ops_reexport():
     assert xtf_kernels.masked_ce is ops.masked_ce  # the function, not the package
     for name in ("MaskedCE", "MaskedCESpec", "rowwise", "masked_ce"):
         assert getattr(ops, name) is getattr(xtf_kernels, name)
+
+
+def test_masked_ce_is_the_function_however_it_is_reached():
+    """Issue 19: ``xtf_kernels.masked_ce`` resolves one way, to the function. Its package is
+    ``xtf_kernels.loss``: importing the package or its modules (lazily, in any order, in a fresh
+    interpreter) never replaces the function, and no module of the package is called
+    ``masked_ce`` (so ``import xtf_kernels.masked_ce`` cannot give a module)."""
+    assert not (PKG / "masked_ce.py").exists() and not (PKG / "masked_ce" / "__init__.py").exists()
+    code = (
+        "import inspect, xtf_kernels\n"
+        "import xtf_kernels.loss.core, xtf_kernels.loss.custom_op, xtf_kernels.ops\n"
+        "from xtf_kernels import masked_ce\n"
+        "from xtf_kernels.loss import masked_ce as m2\n"
+        "assert inspect.isfunction(masked_ce), masked_ce\n"
+        "assert masked_ce is xtf_kernels.masked_ce is m2 is xtf_kernels.ops.masked_ce\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

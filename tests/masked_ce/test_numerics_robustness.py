@@ -138,7 +138,7 @@ def test_double_backward_is_refused_clearly(backend, device, reduction, grad_in_
 
 
 def test_double_backward_is_refused_on_the_compiled_path():
-    from xtf_kernels.masked_ce.custom_op import compiled_masked_ce
+    from xtf_kernels.loss.custom_op import compiled_masked_ce
     from xtf_kernels.ops import MaskedCESpec
 
     h, w, y = _problem(N=6, D=8, V=11)

@@ -166,7 +166,7 @@ def test_bad_input_messages(model_dir, tmp_path):
 def test_bad_model_dirs_and_existing_runs(model_dir, tmp_path):
     data = write_data(tmp_path / "d.jsonl", n=3)
     no_tok = make_tiny_model_dir(tmp_path, name="notok", save_tokenizer=False)
-    with pytest.raises(ValueError, match="no usable tokenizer"):
+    with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
         score_dataset(no_tok, data, tmp_path / "a", progress=False)
     no_tpl = make_tiny_model_dir(tmp_path, name="notpl", chat_template=None)
     with pytest.raises(XTFDataError, match="line 1: records use 'messages' but the tokenizer has no chat template"):

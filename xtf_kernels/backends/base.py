@@ -1,6 +1,6 @@
 """The contract every masked-CE backend implements.
 
-The front end (:mod:`xtf_kernels.masked_ce`) does everything that is the same for all backends:
+The front end (:mod:`xtf_kernels.loss`) does everything that is the same for all backends:
 validation, flattening, the causal shift, ignore/keep/select handling, row compaction, the
 loss formula, reductions, scattering statistics back. A backend only sees *compacted* 2-D
 problems whose rows are all valid (labels in ``[0, V)``) and implements two primitives:
@@ -30,7 +30,7 @@ problems whose rows are all valid (labels in ``[0, V)``) and implements two prim
     ``forward`` (statistics) and ``backward`` (the selected rows recomputed), so every
     backend has it; the bundled backends override it with the one-GEMM version.
 
-The front end checks every argument once (:mod:`xtf_kernels.masked_ce.validate`) and hands
+The front end checks every argument once (:mod:`xtf_kernels.loss.validate`) and hands
 over consistent tensors: ``x`` ``[M, D]`` and ``w`` ``[V, D]`` of one float dtype with
 ``V, D >= 1``, ``b`` ``[V]`` of that dtype or None, ``y`` ``[M]`` int64 in ``[0, V)``, all on
 one device, ``0 <= n_grad <= M``. Backends do not check them again.

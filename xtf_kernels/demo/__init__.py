@@ -7,8 +7,35 @@ XTF scoring and noise-detection metrics (:mod:`.scoring`), fine-tuning runs with
 (:mod:`.report`). Entry points: :func:`run_demo` and ``xtf demo`` / ``python -m xtf_kernels.demo``.
 """
 
-from .data import NOISE_KINDS, MathExample, NoiseConfig, NoiseSpan, generate_split, make_demo_data
-from .run import METHODS, SCALES, DemoConfig, run_demo, run_seed
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "NOISE_KINDS": ".data",
+    "MathExample": ".data",
+    "NoiseConfig": ".data",
+    "NoiseSpan": ".data",
+    "generate_split": ".data",
+    "make_demo_data": ".data",
+    "METHODS": ".run",
+    "SCALES": ".run",
+    "DemoConfig": ".run",
+    "run_demo": ".run",
+    "run_seed": ".run",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)  # on first use: a fast `xtf --help`
+
+if TYPE_CHECKING:
+    from .data import (
+        NOISE_KINDS,
+        MathExample,
+        NoiseConfig,
+        NoiseSpan,
+        generate_split,
+        make_demo_data,
+    )
+    from .run import METHODS, SCALES, DemoConfig, run_demo, run_seed
 
 __all__ = [
     "METHODS",

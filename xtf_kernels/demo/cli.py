@@ -18,13 +18,15 @@ from dataclasses import replace
 
 __all__ = ["add_parser", "build_parser", "main"]
 
+#: The keys of :data:`.run.SCALES`, here so that building the parser (``xtf --help``) does not
+#: import torch; a test keeps the two equal.
+SCALE_NAMES: tuple[str, ...] = ("default", "medium", "smoke")
+
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .run import SCALES
-
     p.add_argument("--out", default=None, help="output directory (default: a new temporary directory)")
     p.add_argument("--smoke", action="store_true", help="tiny CI-sized run (same as --scale smoke)")
-    p.add_argument("--scale", choices=sorted(SCALES), default="default", help="model / data / budget preset")
+    p.add_argument("--scale", choices=SCALE_NAMES, default="default", help="model / data / budget preset")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (mean +/- std over them)")
     p.add_argument("--ablation", action="store_true", help="also fine-tune with each rule alone and each pair")
     p.add_argument("--readings", action="store_true",

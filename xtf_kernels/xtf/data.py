@@ -3,7 +3,10 @@
 Accepted records: ``{"prompt": str, "response": str}`` (optional ``"id"``) or
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` whose last message is the assistant's
 response; with messages the tokenizer's chat template renders the text and the boundary is the
-rendered prompt (all messages but the last, plus the generation prompt). Sources: a JSONL file
+rendered prompt (all messages but the last, plus the generation prompt). A prompt/response
+record is joined as it is, as TRL does for non-conversational data: the prompt's tokens (with
+the tokenizer's special tokens, e.g. BOS), then the response's, then EOS; no separator, no
+chat template. ``chat_template=True`` renders it instead as a user turn and an assistant turn. Sources: a JSONL file
 (errors carry line numbers), a JSON/Parquet/CSV file or a ``datasets.save_to_disk`` directory
 loaded with ``datasets``, or an in-memory list of dicts.
 """
@@ -118,8 +121,9 @@ def iter_records(data: str | os.PathLike | Iterable[dict]) -> Iterator[tuple[str
         yield f"record {i}", rec
 
 
-def _texts(where: str, rec: Any, tokenizer) -> tuple[str, str]:
-    """(prompt text, response text) of one record; raises XTFDataError naming ``where``."""
+def _texts(where: str, rec: Any, tokenizer, chat_template: bool = False) -> tuple[str, str, bool]:
+    """(prompt text, response text, rendered with the chat template) of one record; raises
+    XTFDataError naming ``where``. ``chat_template``: render prompt/response records too."""
     if not isinstance(rec, dict):
         raise XTFDataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if "messages" in rec and rec["messages"] is not None:
@@ -132,23 +136,32 @@ def _texts(where: str, rec: Any, tokenizer) -> tuple[str, str]:
             raise XTFDataError(f"{where}: the last message must have role 'assistant' (the response), got {msgs[-1]['role']!r}")
         if len(msgs) < 2:
             raise XTFDataError(f"{where}: 'messages' needs at least one message before the assistant's response")
-        if not getattr(tokenizer, "chat_template", None):
-            raise XTFDataError(
-                f"{where}: records use 'messages' but the tokenizer has no chat template; "
-                "set tokenizer.chat_template or use prompt/response fields"
-            )
-        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
-        if not full.startswith(prompt):
-            raise XTFDataError(f"{where}: the chat template's rendering of the conversation does not start with its prompt")
-        return prompt, full[len(prompt) :]
+        return (*_render_chat(where, msgs, tokenizer), True)
     missing = [k for k in ("prompt", "response") if k not in rec]
     if missing:
         raise XTFDataError(f"{where}: missing field(s) {missing}; expected 'prompt' and 'response', or 'messages'")
     for k in ("prompt", "response"):
         if not isinstance(rec[k], str):
             raise XTFDataError(f"{where}: field {k!r} must be a string, got {type(rec[k]).__name__}")
-    return rec["prompt"], rec["response"]
+    if chat_template:
+        msgs = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+        return (*_render_chat(where, msgs, tokenizer), True)
+    return rec["prompt"], rec["response"], False
+
+
+def _render_chat(where: str, msgs: list[dict], tokenizer) -> tuple[str, str]:
+    """(prompt, response) texts of a conversation: the rendering of all messages but the last
+    with the generation prompt, and the rest of the full rendering."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise XTFDataError(
+            f"{where}: records use 'messages' but the tokenizer has no chat template; "
+            "set tokenizer.chat_template or use prompt/response fields"
+        )
+    prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    if not full.startswith(prompt):
+        raise XTFDataError(f"{where}: the chat template's rendering of the conversation does not start with its prompt")
+    return prompt, full[len(prompt) :]
 
 
 def tokenize_records(
@@ -159,6 +172,7 @@ def tokenize_records(
     on_error: str = "fail",
     truncation: str = "right",
     add_eos: bool = True,
+    chat_template: bool = False,
 ) -> tuple[list[Example], TokenizeStats]:
     """Read and tokenise every record.
 
@@ -170,6 +184,8 @@ def tokenize_records(
         truncation: ``"right"`` (cut the response, counted) or ``"skip"`` / ``"fail"`` for
             sequences longer than ``max_length``.
         add_eos: append the EOS token to prompt/response responses (chat templates add their own).
+        chat_template: render prompt/response records with the tokenizer's chat template, as a
+            user turn and an assistant turn (default: the prompt's tokens, then the response's).
 
     Returns:
         (examples, stats); ``example_id`` is the record's 0-based index in the source.
@@ -180,6 +196,11 @@ def tokenize_records(
         raise ValueError(f"truncation: expected 'right', 'skip' or 'fail', got {truncation!r}")
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
+    if not isinstance(chat_template, bool):
+        raise TypeError(f"chat_template: expected a bool, got {type(chat_template).__name__}")
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_template: the tokenizer has no chat template (set tokenizer.chat_template, "
+                         "or score prompt/response records as they are)")
     stats = TokenizeStats()
     out: list[Example] = []
     for idx, (where, rec) in enumerate(iter_records(data)):
@@ -187,10 +208,9 @@ def tokenize_records(
         try:
             if isinstance(rec, XTFDataError):
                 raise rec
-            prompt, response = _texts(where, rec, tokenizer)
+            prompt, response, chat = _texts(where, rec, tokenizer, chat_template)
             if not response.strip():
                 raise XTFDataError(f"{where}: empty response")
-            chat = "messages" in rec and rec["messages"] is not None
             p_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
             r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
             eos = getattr(tokenizer, "eos_token_id", None)

@@ -15,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .policies import make_policy, matched_ratio
 from .rundir import check_writable_dir, named_os_error
 from .shards import atomic_path, write_table_atomic
 
@@ -85,6 +84,8 @@ def export_dataset(
         keep = cols["keep"].astype(bool)
         used_ratio = None
     else:
+        from .policies import make_policy, matched_ratio  # imports torch: only for a baseline
+
         if ratio is None:
             ratio = matched_ratio(json.loads((Path(out_dir) / "summary.json").read_text()))
         kw = {"seed": seed} if policy == "random" else {}

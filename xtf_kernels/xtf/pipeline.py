@@ -71,6 +71,7 @@ def score_dataset(
     protect: Sequence[int] | None = None,
     pack: bool = False,
     preset: str | None = None,
+    chat_template: bool = False,
 ) -> dict:
     """Score every response token of a dataset with XTF and write the per-token records.
 
@@ -105,9 +106,10 @@ def score_dataset(
         ri_fn: override of ``collect_received_attention`` (same signature).
         backend: masked_ce backend.
         tr_source, ri_aggregation, protect: the readings (override the fields of ``rules``):
-            TR from the ``"input"`` embedding row (default) or the ``"contextual"`` final hidden
-            state; RI ``"mean"`` over visible queries (default) or ``"debiased"`` against
-            uniform causal attention; token ids never masked. All enter the fingerprint.
+            TR from the token run alone (``"isolated"``, official default), the ``"input"``
+            embedding row (paper default) or the ``"contextual"`` final hidden state (paper);
+            RI ``"mean"`` over visible queries (default) or ``"debiased"`` against uniform
+            causal attention; token ids never masked. All enter the fingerprint.
         pack: score rows packed with whole examples (rows of up to ``max_length`` tokens,
             ``batch_size`` rows per forward; :mod:`.packed_scoring`): the records of an
             unpacked run; ``summary["packing"]`` reports the padding saved and the tokens within
@@ -116,6 +118,10 @@ def score_dataset(
         preset: ``"official"`` or ``"paper"``: shorthand for ``rules=RuleConfig(preset=...)``
             (refused when it contradicts ``rules.preset``). Under ``official`` the TR domain
             words default to the 16 most frequent response words (recorded in the summary).
+        chat_template: render ``prompt``/``response`` records with the tokenizer's chat template
+            (a user turn, then the assistant turn); by default they are joined as they are (the
+            prompt's tokens, the response's, EOS: no separator, no template, as TRL does for
+            non-conversational data). ``ValueError`` if the tokenizer has no chat template.
 
     Returns:
         The summary dict (also written to ``out_dir/summary.json`` by rank 0), plus ``"run"``
@@ -134,7 +140,7 @@ def score_dataset(
         shard_size=shard_size, on_error=on_error, truncation=truncation, add_eos=add_eos, ri_layers=ri_layers,
         ri_reduce=ri_reduce, tr_metric=tr_metric, domain_words=domain_words, resume=resume, overwrite=overwrite,
         progress=progress, ri_fn=ri_fn, backend=backend, tr_source=tr_source, ri_aggregation=ri_aggregation,
-        protect=protect, pack=pack, preset=preset,
+        protect=protect, pack=pack, preset=preset, chat_template=chat_template,
     )
     run = prepare_run(model, data, out_dir, opts, tokenizer=tokenizer, ref_model=ref_model)
     todo, reused, n_tok = pending_pass1(run)

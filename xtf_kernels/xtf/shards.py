@@ -19,13 +19,17 @@ import os
 import re
 import secrets
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "write_table_atomic",
@@ -143,39 +147,48 @@ def read_shard(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
 
 def dist_info() -> tuple[int, int]:
     """(rank, world size) of the initialised default process group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch = sys.modules.get("torch")  # no process group before torch is imported (``xtf export``)
+    dist = None if torch is None else torch.distributed
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _reduce_device() -> torch.device:
+    import torch
+
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def _all_reduce(arr: np.ndarray, op: torch.distributed.ReduceOp) -> np.ndarray:
+def _all_reduce(arr: np.ndarray, op: str) -> np.ndarray:
+    """``arr`` reduced over ranks with ``torch.distributed.ReduceOp.<op>`` (a copy on one rank)."""
     a = np.ascontiguousarray(arr)
     if dist_info()[1] == 1:
         return a.copy()
+    import torch
+
     t = torch.from_numpy(a.copy()).to(_reduce_device())
-    torch.distributed.all_reduce(t, op=op)
+    torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
     return t.cpu().numpy()
 
 
 def all_reduce_sum(arr: np.ndarray) -> np.ndarray:
     """Sum a NumPy array over all ranks (identity without a process group). int64 sums are exact."""
-    return _all_reduce(arr, torch.distributed.ReduceOp.SUM)
+    return _all_reduce(arr, "SUM")
 
 
 def all_reduce_max(arr: np.ndarray) -> np.ndarray:
     """Element-wise max over ranks."""
-    return _all_reduce(arr, torch.distributed.ReduceOp.MAX)
+    return _all_reduce(arr, "MAX")
 
 
 def barrier() -> None:
     """Wait for all ranks (no-op without a process group)."""
     if dist_info()[1] > 1:
+        import torch
+
         torch.distributed.barrier()
 
 

@@ -58,6 +58,7 @@ class ScoreOptions:
     protect: Sequence[int] | None
     pack: bool = False
     preset: str | None = None
+    chat_template: bool = False
 
 
 @dataclass
@@ -186,10 +187,16 @@ def _load_examples(run: ScoreRun, data: Any) -> int:
         raise ValueError(f"max_length: expected an int in [2, {ctx or 'inf'}], got {max_length!r}")
     run.examples, run.tstats = tokenize_records(
         data, tokenizer, max_length=max_length, on_error=opts.on_error, truncation=opts.truncation,
-        add_eos=opts.add_eos,
+        add_eos=opts.add_eos, chat_template=opts.chat_template,
     )
     if not run.examples:
         raise ValueError(f"data: no usable examples ({run.tstats.records} records, skipped {run.tstats.skipped})")
+    first, special = run.examples[0], set(getattr(tokenizer, "all_special_ids", ()) or ())
+    if all(t in special for t in first.input_ids):
+        raise ValueError(
+            f"tokenizer: it encodes the first record (example {first.example_id}) to special tokens only "
+            f"({len(first.input_ids)}: {first.input_ids[:8]}); it is not this model's tokenizer"
+        )
     run.vocab = int(model.get_input_embeddings().weight.shape[0])
     words = opts.domain_words
     if words is not None:
@@ -221,6 +228,8 @@ def _fix_settings(run: ScoreRun, model_id: str, ref_id: str | None, max_length: 
         pass1["tr_source"], pass1["tr_metric"] = r.tr_source, o.tr_metric
     if o.pack:  # only when on
         pass1["pack"] = True
+    if o.chat_template:  # likewise (it changes the tokens)
+        pass1["chat_template"] = True
     run.settings = {**pass1, "preset": r.preset, "rules": r.to_dict(), "tr_metric": o.tr_metric,
                     "domain_words": None if o.domain_words is None else list(o.domain_words)}
     run.pass1_fingerprint = hashlib.sha256(json.dumps(pass1, sort_keys=True).encode()).hexdigest()[:16]

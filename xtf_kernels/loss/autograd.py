@@ -22,7 +22,7 @@ class MaskedCE(torch.autograd.Function):
 
     ``MaskedCE.apply(hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items,
     spec)`` returns ``(loss, logprob, prob, entropy, lse, logprob_delta, relevance, keep,
-    lse_parts)`` (the fields of :class:`~xtf_kernels.masked_ce.MaskedCEOutputs`, which
+    lse_parts)`` (the fields of :class:`~xtf_kernels.loss.MaskedCEOutputs`, which
     ``MaskedCEOutputs(*outs)`` names) where the statistics are detached fp32 tensors with the
     labels' shape; ``logprob_delta`` and ``relevance`` are empty tensors when
     ``ref_logprobs`` / ``task_vector`` are None; ``lse_parts`` ``[2, *labels.shape]`` holds

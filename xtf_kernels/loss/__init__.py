@@ -1,4 +1,4 @@
-"""The fused linear + masked cross-entropy, as a small package (map: ``docs/architecture.md``).
+"""``xtf_kernels.loss``: the fused linear + masked cross-entropy front end (map: ``docs/architecture.md``).
 
 * :mod:`.api` - :func:`masked_ce`, the validated entry point;
 * :mod:`.validate` - every argument check, done once, before any kernel;
@@ -12,8 +12,9 @@
 * :mod:`.context` - autocast and the refusal of second-order gradients.
 
 :mod:`.autograd` and :mod:`.custom_op` do not import each other; both sit on :mod:`.forward`.
-``xtf_kernels.masked_ce`` is the function once the package is imported (``from
-xtf_kernels.masked_ce import core`` reaches the modules); ``xtf_kernels.ops`` re-exports the API.
+The public function is :func:`xtf_kernels.masked_ce` (always the function: this package has a
+different name, so importing it never shadows the function); ``from xtf_kernels.loss import
+core`` reaches the modules, and ``xtf_kernels.ops`` re-exports the API.
 """
 
 from .api import masked_ce
