@@ -11,7 +11,16 @@ from __future__ import annotations
 import torch
 
 from ._gemm import f32_epilogue, fast_f32_gemm, mm_f32
-from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect, cpu_fp32_call
+from .base import (
+    BackendBase,
+    CEConfig,
+    ForwardOut,
+    GradOut,
+    RowSelect,
+    RowStats,
+    cpu_fp32_call,
+    select_rows,
+)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -94,7 +103,7 @@ class TorchBackend(BackendBase):
         cfg: CEConfig,
         n_grad: int,
     ) -> ForwardOut:
-        def grad_rows(s, e, row_max, lse, gold, ent):
+        def grad_rows(s: int, e: int, st: RowStats) -> torch.Tensor:
             return torch.arange(max(0, min(e, n_grad) - s), device=x.device)
 
         fo, _ = self._sweep(x, w, b, y, cfg, grad_rows if n_grad else None)
@@ -119,8 +128,8 @@ class TorchBackend(BackendBase):
         """
         sel = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
-        def grad_rows(s, e, row_max, lse, gold, ent):
-            m = row_select(s, e, row_max, lse, gold, ent)
+        def grad_rows(s: int, e: int, st: RowStats) -> torch.Tensor:
+            m = select_rows(row_select, s, e, st)
             sel[s:e] = m
             return m.nonzero().squeeze(1)
 
@@ -128,16 +137,13 @@ class TorchBackend(BackendBase):
         return fo, sel
 
     def _sweep(self, x, w, b, y, cfg: CEConfig, grad_rows) -> tuple[ForwardOut, None]:
-        """Row chunks over the full vocabulary: statistics, and the gradient of chosen rows."""
+        """Row chunks over the full vocabulary: statistics, and the gradient of the rows
+        ``grad_rows(start, end, chunk RowStats) -> int64 [k]`` chooses (None: no gradient)."""
         M, D = x.shape
         V = w.shape[0]
         dev = x.device
         acc = _acc(x.dtype)
-        mx = torch.empty(M, device=dev, dtype=acc)
-        lse = torch.empty_like(mx)
-        gold = torch.empty_like(lse)
-        ent = torch.empty_like(lse)
-        zsum = torch.empty_like(lse)
+        out = RowStats.empty(M, device=dev, dtype=acc)
         want = grad_rows is not None
         dx_parts: list[torch.Tensor] = []
         dw = torch.zeros(V, D, device=dev, dtype=acc) if want else None
@@ -152,14 +158,17 @@ class TorchBackend(BackendBase):
             c_sum = p.sum(1)
             c_lse = c_sum.log()
             p.div_(c_sum.unsqueeze(1))  # softmax
-            mx[s:e] = c_max
-            lse[s:e] = c_lse
-            gold[s:e] = z.gather(1, y[s:e].unsqueeze(1)).squeeze(1)
-            # 0 log 0 = 0: p * z is NaN only where p = 0 and z = -inf (a NaN logit makes lse NaN)
-            ent[s:e] = c_lse - (p * z).nansum(1)
-            zsum[s:e] = z.sum(1)
+            st = RowStats(
+                row_max=c_max,
+                lse=c_lse,
+                gold=z.gather(1, y[s:e].unsqueeze(1)).squeeze(1),
+                # 0 log 0 = 0: p * z is NaN only where p = 0 and z = -inf (a NaN logit makes lse NaN)
+                entropy=c_lse - (p * z).nansum(1),
+                sum_logits=z.sum(1),
+            )
+            out.put(s, e, st)
             if want:
-                g = grad_rows(s, e, c_max, c_lse, gold[s:e], ent[s:e])
+                g = grad_rows(s, e, st)
                 if g.numel():
                     full = g.numel() == e - s
                     pg = p if full else p.index_select(0, g)
@@ -179,7 +188,7 @@ class TorchBackend(BackendBase):
         dx = None
         if want:
             dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
-        return ForwardOut(mx, lse, gold, ent, zsum, dx, dw, db), None
+        return ForwardOut.of(out, dx, dw, db), None
 
     @cpu_fp32_call
     def backward(

@@ -26,7 +26,7 @@ import torch
 from .._env import triton_interpret
 from ._gemm import f32_epilogue
 from ._gemm import mm_f32 as _mm_f32
-from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect
+from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect, RowStats, select_rows
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _kernels: ModuleType | None = None
@@ -85,9 +85,11 @@ def _logits_mm(out: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> None:
 STATS_MODE = "cublas"
 
 
-def _select(row_select: RowSelect, s: int, e: int, stats: torch.Tensor) -> torch.Tensor:
-    """``row_select`` on rows ``[s, e)`` of the ``[5, M]`` statistics: bool ``[e - s]``."""
-    return row_select(s, e, *stats[:4, s:e])
+def _stats_buffer(M: int, device: torch.device) -> tuple[torch.Tensor, RowStats]:
+    """The kernels' packed fp32 ``[5, M]`` statistics buffer (rows in :class:`RowStats` field
+    order, the layout ``_triton.kernels`` writes) and its named views."""
+    buf = torch.empty(len(RowStats._fields), M, dtype=torch.float32, device=device)
+    return buf, RowStats(*buf.unbind(0))
 
 
 class TritonBackend(BackendBase):
@@ -156,7 +158,7 @@ class TritonBackend(BackendBase):
         """
         M = x.shape[0]
         x, w, b, y = self._prep(x, w, b, y)
-        stats = torch.empty(5, M, dtype=torch.float32, device=x.device)
+        stats, st = _stats_buffer(M, x.device)
         dx = dw = db = None
         V = w.shape[0]
         if n_grad and n_grad <= _rows_per_chunk(n_grad, V, cfg, _logits_dtype(x, b, cfg)):
@@ -170,9 +172,9 @@ class TritonBackend(BackendBase):
             self._stats(x, w, b, y, cfg, stats)
             if n_grad:
                 dx, dw, db = self._vocab_blocked_grad(
-                    x[:n_grad], w, b, y[:n_grad], stats[:2, :n_grad], None, cfg, w.dtype
+                    x[:n_grad], w, b, y[:n_grad], st.row_max[:n_grad], st.lse[:n_grad], None, cfg, w.dtype
                 )
-        return ForwardOut(*stats, dx, dw, db)
+        return ForwardOut.of(st, dx, dw, db)
 
     def forward_rowwise(
         self,
@@ -193,7 +195,7 @@ class TritonBackend(BackendBase):
         """
         x, w, b, y = self._prep(x, w, b, y)
         M = x.shape[0]
-        stats = torch.empty(5, M, dtype=torch.float32, device=x.device)
+        stats, st = _stats_buffer(M, x.device)
         sel = torch.zeros(M, dtype=torch.bool, device=x.device)
         if M <= _rows_per_chunk(M, w.shape[0], cfg, _logits_dtype(x, b, cfg)):
             # one logits GEMM per row chunk serves the statistics, the selection and the gradient
@@ -205,10 +207,10 @@ class TritonBackend(BackendBase):
             self._stats(x, w, b, y, cfg, stats, row_select=row_select, sel=sel)
             idx = sel.nonzero().squeeze(1)
             dx, dw, db = self._vocab_blocked_grad(
-                x.index_select(0, idx), w, b, y.index_select(0, idx), stats[:2].index_select(1, idx),
-                None, cfg, w.dtype,
+                x.index_select(0, idx), w, b, y.index_select(0, idx), st.row_max.index_select(0, idx),
+                st.lse.index_select(0, idx), None, cfg, w.dtype,
             )
-        return ForwardOut(*stats, dx, dw, db), sel
+        return ForwardOut.of(st, dx, dw, db), sel
 
     # ----------------------------------------------------------------- backward
     def backward(
@@ -235,9 +237,10 @@ class TritonBackend(BackendBase):
             fp32 or None.
         """
         x, w, b, y = self._prep(x, w, b, y)
-        parts = torch.stack((row_max, lse)).to(torch.float32)
-        row_scale = row_scale.to(torch.float32).contiguous()
-        return GradOut(*self._vocab_blocked_grad(x, w, b, y, parts, row_scale, cfg, w.dtype))
+        f32 = torch.float32
+        row_max, lse = row_max.to(f32).contiguous(), lse.to(f32).contiguous()
+        row_scale = row_scale.to(f32).contiguous()
+        return GradOut(*self._vocab_blocked_grad(x, w, b, y, row_max, lse, row_scale, cfg, w.dtype))
 
     # ----------------------------------------------------------------- internals
     @staticmethod
@@ -258,7 +261,7 @@ class TritonBackend(BackendBase):
             k.rows_pass(g, b, y[s:e], softcap=cfg.softcap, z_loss=0.0, label_smoothing=0.0,
                         stats_out=out[:, s:e], grad=False)
             if row_select is not None:
-                sel[s:e] = _select(row_select, s, e, out)
+                sel[s:e] = select_rows(row_select, s, e, RowStats(*out[:, s:e].unbind(0)))
 
     @staticmethod
     def _prep(x, w, b, y):
@@ -276,10 +279,10 @@ class TritonBackend(BackendBase):
         if db is not None:
             db += g.sum(0, dtype=torch.float32)
 
-    def _vocab_blocked_grad(self, x, w, b, y, lse_parts, row_scale, cfg, dw_dtype):
+    def _vocab_blocked_grad(self, x, w, b, y, row_max, lse, row_scale, cfg, dw_dtype):
         """Gradient of ``sum_i row_scale[i] * loss_i`` (scale 1 when None) by vocabulary blocks.
 
-        ``lse_parts``: ``[2, n]`` fp32 row maximum and log-sum-exp relative to it. Each block
+        ``row_max``, ``lse``: ``[n]`` fp32, as :class:`RowStats` names them. Each block
         of ``vb`` columns ``[v0, v1)`` and ``rc`` rows: logits ``x @ w[v0:v1].T``, the row
         kernel turns them into the gradient (in place, or into the half buffer after fp32
         logits, see :func:`_logits_buffers`), ``dx += G @ w[v0:v1]`` (fp32) and ``dW[v0:v1] (+)= G^T @ x``. With up to
@@ -322,7 +325,7 @@ class TritonBackend(BackendBase):
                 z = buf[: e - s, : v1 - v0]  # row stride vb (aligned) also for the last block
                 _logits_mm(z, x[s:e], wb.t())
                 g = z if gbuf is None else gbuf[: e - s, : v1 - v0]
-                k.rows_pass(z, bb, y[s:e], row_max=lse_parts[0, s:e], lse=lse_parts[1, s:e],
+                k.rows_pass(z, bb, y[s:e], row_max=row_max[s:e], lse=lse[s:e],
                             row_scale=None if row_scale is None else row_scale[s:e],
                             v_off=v0, vocab=V, out=g, **opts)
                 _mm_f32(dx[s:e], g, wb, accumulate=True)
@@ -357,12 +360,13 @@ class TritonBackend(BackendBase):
                 self._grad_gemms(g, x[s:e], w, dx[s:e], dw, db)
                 continue
             k.rows_pass(z, b, y[s:e], stats_out=stats[:, s:e], grad=False, **opts)
-            m = _select(row_select, s, e, stats)
+            chunk = RowStats(*stats[:, s:e].unbind(0))
+            m = select_rows(row_select, s, e, chunk)
             sel[s:e] = m
             idx = m.nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue
-            k.rows_pass(z, b, y[s:e], row_max=stats[0, s:e], lse=stats[1, s:e], rows=idx, out=g, **opts)
+            k.rows_pass(z, b, y[s:e], row_max=chunk.row_max, lse=chunk.lse, rows=idx, out=g, **opts)
             full = idx.numel() == e - s
             gs = g if full else g.index_select(0, idx)
             xs = x[s:e] if full else x[s:e].index_select(0, idx)

@@ -1,7 +1,8 @@
 """The backend-independent math of masked_ce, as plain functions (no autograd, no global state).
 
 Label positions and row compaction (:func:`positions`, :func:`row_order`), scattering the
-backends' per-row statistics back to label positions (:func:`scatter_stats`), the loss
+backends' per-row statistics back to label positions (:func:`scatter_stats`), the public
+:class:`~xtf_kernels.stats.TokenStats` of them (:func:`token_stats`, the one place), the loss
 formula (:func:`token_loss`), reductions (:func:`reduce_loss`), and the gradients
 (:func:`recompute_grads`, :func:`formed_grads`). :mod:`.forward` strings them into one
 forward; the autograd Function and the torch.library custom ops are thin layers over both.
@@ -17,8 +18,11 @@ from typing import NamedTuple
 
 import torch
 
-from ..backends.base import Backend, CEConfig, ForwardOut
+from ..backends.base import Backend, CEConfig, RowStats
 from ..documents import counted_mask
+from ..stats import TokenStats
+
+__all__ = ["RowStats"]  # re-exported: the statistics at label positions have the backends' type
 
 
 class Positions(NamedTuple):
@@ -63,31 +67,42 @@ def row_order(pos: Positions, *, with_masked: bool) -> tuple[torch.Tensor, int]:
     return torch.cat([kept_pos, other]), kept_pos.numel()
 
 
-class RowStats(NamedTuple):
-    """Per label position ``[N]`` (NaN where not scored), relative to ``row_max`` but itself."""
-
-    row_max: torch.Tensor
-    lse: torch.Tensor
-    gold: torch.Tensor
-    entropy: torch.Tensor
-    sum_logits: torch.Tensor
-
-
-def scatter_stats(fo: ForwardOut, *, rows: torch.Tensor, n_tok: int, acc: torch.dtype) -> RowStats:
-    """The backend's per-row statistics of ``rows`` (label positions) at their positions."""
-    parts = torch.full((5, n_tok), float("nan"), dtype=acc, device=rows.device)
-    parts[:, rows] = torch.stack(fo[:5])
-    return RowStats(*parts.unbind(0))
-
-
-def relevance(x: torch.Tensor, task_vector: torch.Tensor, *, rows: torch.Tensor, n_tok: int,
-              acc: torch.dtype) -> torch.Tensor:
-    """``[N]`` cosine(hidden row, task_vector) at the label positions ``rows`` (NaN elsewhere);
-    ``x`` holds the compacted hidden rows in ``rows``' order."""
-    out = torch.full((n_tok,), float("nan"), dtype=acc, device=x.device)
-    tv = task_vector.to(x.device, acc)
-    out[rows] = torch.nn.functional.cosine_similarity(x.to(acc), tv.unsqueeze(0), dim=1)
+def at_positions(values: torch.Tensor, *, rows: torch.Tensor, n_tok: int, acc: torch.dtype) -> torch.Tensor:
+    """``[N]`` (``N = n_tok``) in ``acc``: ``values`` ``[M]`` at the label positions ``rows``
+    ``[M]``, NaN elsewhere."""
+    out = torch.full((n_tok,), float("nan"), dtype=acc, device=rows.device)
+    out[rows] = values.to(acc)
     return out
+
+
+def scatter_stats(st: RowStats, *, rows: torch.Tensor, n_tok: int, acc: torch.dtype) -> RowStats:
+    """The backend's per-row statistics of ``rows`` (label positions) at their positions
+    (:class:`RowStats` of ``[N]``, NaN where not scored)."""
+    return RowStats(*(at_positions(f, rows=rows, n_tok=n_tok, acc=acc) for f in st))
+
+
+def relevance(x: torch.Tensor, task_vector: torch.Tensor, *, acc: torch.dtype) -> torch.Tensor:
+    """``[M]`` cosine(hidden row, task_vector) in ``acc`` of the rows ``x`` ``[M, D]`` (computed
+    once per forward; the rowwise ``select`` chunks and the outputs share it)."""
+    tv = task_vector.to(x.device, acc)
+    return torch.nn.functional.cosine_similarity(x.to(acc), tv.unsqueeze(0), dim=1)
+
+
+def token_stats(st: RowStats, *, keep: torch.Tensor, ref_logprobs: torch.Tensor | None = None,
+                relevance: torch.Tensor | None = None) -> TokenStats:
+    """The public :class:`TokenStats` of the statistics ``st`` (every tensor one shape, the
+    keep mask ``keep`` bool, ``ref_logprobs`` / ``relevance`` fp32 or None):
+    ``logprob = gold - lse`` and ``lse = row_max + lse`` (both exact relative to the row maximum)."""
+    logprob = st.gold - st.lse
+    return TokenStats(
+        logprob=logprob,
+        prob=logprob.exp(),
+        entropy=st.entropy,
+        lse=st.row_max + st.lse,
+        logprob_delta=None if ref_logprobs is None else logprob - ref_logprobs,
+        relevance=relevance,
+        keep=keep,
+    )
 
 
 def token_loss(st: RowStats, kept: torch.Tensor, *, label_smoothing: float, z_loss: float,
