@@ -133,16 +133,24 @@ def reduce_loss(tok_loss: torch.Tensor, *, reduction: str, num_items, n_kept: in
     total = tok_loss.sum()
     if reduction == "sum":
         return total, None
-    acc = tok_loss.dtype
-    if num_items is None or n_kept == 0:
-        divisor = torch.as_tensor(max(n_kept, 1), dtype=acc, device=tok_loss.device)
-    else:
-        divisor = torch.as_tensor(num_items, dtype=acc, device=tok_loss.device)
-        if divisor.device.type == "cpu" and float(divisor) == 0:
-            raise ValueError(
-                f"num_items: 0 while {n_kept} tokens are kept; expected the (global) kept-token count"
-            )
+    divisor = mean_divisor(num_items, n_kept=n_kept, dtype=tok_loss.dtype, device=tok_loss.device)
     return total / divisor, divisor
+
+
+def mean_divisor(num_items, *, n_kept: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0-d ``dtype`` tensor: the divisor of ``reduction="mean"``, for the forward and for the
+    custom op's backward alike. ``num_items`` (checked by
+    :func:`.validate.check_num_items`), or the kept-token count when it is None; 1 when nothing
+    is kept. ``num_items = 0`` with kept tokens is an error where it can be read without a
+    device sync."""
+    if num_items is None or n_kept == 0:
+        return torch.as_tensor(max(n_kept, 1), dtype=dtype, device=device)
+    divisor = torch.as_tensor(num_items, dtype=dtype, device=device)
+    if divisor.device.type == "cpu" and float(divisor) == 0:
+        raise ValueError(
+            f"num_items: 0 while {n_kept} tokens are kept; expected the (global) kept-token count"
+        )
+    return divisor
 
 
 def scatter_rows(rows: torch.Tensor, src: torch.Tensor, hidden_shape: tuple[int, ...]) -> torch.Tensor:
