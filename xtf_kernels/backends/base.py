@@ -78,6 +78,7 @@ import torch
 
 from .._env import cpu_half_gemm
 from ..config import DEFAULT_CHUNK_ELEMS
+from ._plan import rows_per_chunk, spans
 
 #: ``row_select(start, end, row_max, lse, gold, entropy) -> bool [end - start]``: the gradient
 #: rows of one chunk of a rowwise forward (statistics fp32 ``[end - start]``, relative to row_max);
@@ -219,9 +220,7 @@ class BackendBase:
         fo = self.forward(x, w, b, y, cfg, 0)
         sel = torch.zeros(M, dtype=torch.bool, device=x.device)
         st = fo.stats
-        rows = max(1, cfg.chunk_elems // max(V, 1))
-        for s in range(0, M, rows):
-            e = min(M, s + rows)
+        for s, e in spans(M, rows_per_chunk(M, V, cfg, torch.float32)):
             sel[s:e] = select_rows(row_select, s, e, st.rows(s, e))
         idx = sel.nonzero().squeeze(1)
         ones = torch.ones(idx.numel(), dtype=st.lse.dtype, device=x.device)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from ._gemm import add_mm
+from ._plan import rows_per_chunk, spans, vocab_blocks
 from .base import (
     BackendBase,
     CEConfig,
@@ -46,6 +48,13 @@ def _ext():
     from .._native_build import load_native
 
     return load_native()
+
+
+def _keep_all(dt: torch.dtype, M: int, V: int, D: int, cfg: CEConfig) -> bool:
+    """The half-precision plan that keeps all ``M`` rows' gradient logits (``M x V`` in ``dt``)
+    when they cost no more than the chunk budget or the fp32 ``[V, D]`` accumulator they
+    replace (module doc): dW is then one GEMM over all rows."""
+    return dt in _LOW and M * V * dt.itemsize <= max(cfg.chunk_elems * 4, V * D * 4)
 
 
 def _row_stats(ext, z: torch.Tensor, y: torch.Tensor, bf: torch.Tensor | None, cfg: CEConfig,
@@ -78,12 +87,6 @@ class NativeBackend(BackendBase):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _budget_rows(cfg: CEConfig, cols: int, dtype: torch.dtype) -> int:
-        """Rows of ``cols`` logits in ``dtype`` that fit the ``chunk_elems`` fp32 byte budget."""
-        elem = torch.finfo(dtype).bits // 8
-        return max(1, (cfg.chunk_elems * 4) // max(1, cols * elem))
-
-    @staticmethod
     def _torch():
         from .torch_backend import TorchBackend
 
@@ -96,11 +99,11 @@ class NativeBackend(BackendBase):
         if start >= M:
             return
         ext = _ext()
-        rows = min(M - start, self._budget_rows(cfg, V, x.dtype))
+        rows = rows_per_chunk(M - start, V, cfg, x.dtype)
         buf = torch.empty(rows, V, dtype=x.dtype)
         wt = w.t()
-        for s in range(start, M, rows):
-            e = min(M, s + rows)
+        for s, e in spans(M - start, rows):
+            s, e = s + start, e + start
             z = buf[: e - s]
             torch.mm(x[s:e], wt, out=z)
             out.put(s, e, _row_stats(ext, z, y[s:e], bf, cfg, 0))
@@ -145,26 +148,22 @@ class NativeBackend(BackendBase):
         wt = w.t()
         db = torch.zeros(V, dtype=torch.float32) if bf is not None else None
         dx = torch.empty(M, D, dtype=dt)
-        if dt in _LOW and M * V * 2 <= max(cfg.chunk_elems * 4, V * D * 4):
+        if _keep_all(dt, M, V, D, cfg):
             # keep every row's gradient logits: dW is one GEMM over all rows (fp32 inside)
             z = torch.mm(x, wt)
             out.put(0, M, _row_stats(ext, z, y, bf, cfg, M, db))
             torch.mm(z, w, out=dx)
             dw = torch.mm(z.t(), x)
             return dx, dw, db
-        rows = min(M, self._budget_rows(cfg, V, dt))
+        rows = rows_per_chunk(M, V, cfg, dt)
         buf = torch.empty(rows, V, dtype=dt)
         dw = torch.zeros(V, D, dtype=torch.float32)
-        for s in range(0, M, rows):
-            e = min(M, s + rows)
+        for s, e in spans(M, rows):
             z = buf[: e - s]
             torch.mm(x[s:e], wt, out=z)
             out.put(s, e, _row_stats(ext, z, y[s:e], bf, cfg, e - s, db))
             torch.mm(z, w, out=dx[s:e])
-            if dt == torch.float32:
-                dw.addmm_(z.t(), x[s:e])
-            else:
-                dw += torch.mm(z.t(), x[s:e])
+            add_mm(dw, z.t(), x[s:e])
         del buf
         if dt != torch.float32:
             dw = dw.to(dt)  # every partial sum was fp32: one rounding
@@ -198,16 +197,15 @@ class NativeBackend(BackendBase):
         bf = b.float().contiguous() if b is not None else None
         sel = torch.zeros(M, dtype=torch.bool)
         wt = w.t()
-        rows = min(max(M, 1), self._budget_rows(cfg, V, dt))
+        rows = rows_per_chunk(M, V, cfg, dt)
         db = torch.zeros(V, dtype=torch.float32) if bf is not None else None
-        if dt in _LOW and M * V * 2 <= max(cfg.chunk_elems * 4, V * D * 4):
+        if _keep_all(dt, M, V, D, cfg):
             # keep-all plan (as in forward): ONE logits GEMM for every row, the rule applied
             # chunk by chunk on the statistics, the selected rows compacted in place to the
             # front of the logits buffer, then one dX GEMM and one dW GEMM over them
             z = torch.mm(x, wt)
             out = _row_stats(ext, z, y, bf, cfg, 0)
-            for s in range(0, M, rows):
-                e = min(M, s + rows)
+            for s, e in spans(M, rows):
                 sel[s:e] = select_rows(row_select, s, e, out.rows(s, e))
             g = sel.nonzero().squeeze(1)
             k = g.numel()
@@ -227,8 +225,7 @@ class NativeBackend(BackendBase):
         buf = torch.empty(rows, V, dtype=dt)
         dw = torch.zeros(V, D, dtype=torch.float32)
         dx_parts: list[torch.Tensor] = []
-        for s in range(0, M, rows):
-            e = min(M, s + rows)
+        for s, e in spans(M, rows):
             z = buf[: e - s]
             torch.mm(x[s:e], wt, out=z)
             st = _row_stats(ext, z, y[s:e], bf, cfg, 0)
@@ -243,11 +240,7 @@ class NativeBackend(BackendBase):
                             st.lse.index_select(0, g), None, bf, 0, V, cfg.softcap,
                             cfg.label_smoothing, cfg.z_loss, db)
             dx_parts.append(torch.mm(zg, w))
-            xg = x[s:e].index_select(0, g)
-            if dt == torch.float32:
-                dw.addmm_(zg.t(), xg)
-            else:
-                dw += torch.mm(zg.t(), xg)
+            add_mm(dw, zg.t(), x[s:e].index_select(0, g))
         del buf
         if dt != torch.float32:
             dw = dw.to(dt)  # every partial sum was fp32: one rounding
@@ -292,31 +285,21 @@ class NativeBackend(BackendBase):
         if M == 0:
             dw.zero_()
             return GradOut(dx.to(dt), dw, db)
-        elem = torch.finfo(dt).bits // 8
-        budget = cfg.chunk_elems * 4
-        vb = min(V, max(256, budget // (M * elem)))
-        rc = max(1, min(M, budget // (vb * elem)))
-        buf = torch.empty(min(rc, M) * vb, dtype=dt)
-        for v0 in range(0, V, vb):
-            v1 = min(V, v0 + vb)
+        rc, vb = vocab_blocks(M, V, cfg, dt)
+        buf = torch.empty(rc * vb, dtype=dt)
+        for v0, v1 in spans(V, vb):
             wb = w[v0:v1]
             dw_blk = torch.zeros(v1 - v0, D, dtype=torch.float32) if rc < M else None
-            for s in range(0, M, rc):
-                e = min(M, s + rc)
+            for s, e in spans(M, rc):
                 z = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
                 torch.mm(x[s:e], wb.t(), out=z)
                 ext.grad_block_(z, y[s:e], row_max[s:e], lse[s:e], row_scale[s:e], bf, v0, V, cfg.softcap,
                                 cfg.label_smoothing, cfg.z_loss, None if db is None else db[v0:v1])
-                if dt == torch.float32:
-                    dx[s:e].addmm_(z, wb)
-                else:
-                    dx[s:e] += torch.mm(z, wb)
+                add_mm(dx[s:e], z, wb)
                 if dw_blk is None:
                     torch.mm(z.t(), x[s:e], out=dw[v0:v1])
-                elif dt == torch.float32:
-                    dw_blk.addmm_(z.t(), x[s:e])
                 else:
-                    dw_blk += torch.mm(z.t(), x[s:e])
+                    add_mm(dw_blk, z.t(), x[s:e])
             if dw_blk is not None:
                 dw[v0:v1] = dw_blk
         return GradOut(dx.to(dt), dw, db)

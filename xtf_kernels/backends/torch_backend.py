@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ._gemm import f32_epilogue, fast_f32_gemm, mm_f32
+from ._gemm import add_mm, f32_epilogue, fast_f32_gemm, mm_f32
+from ._plan import rows_per_chunk, spans, vocab_blocks
 from .base import (
     BackendBase,
     CEConfig,
@@ -148,9 +149,7 @@ class TorchBackend(BackendBase):
         dx_parts: list[torch.Tensor] = []
         dw = torch.zeros(V, D, device=dev, dtype=acc) if want else None
         db = torch.zeros(V, device=dev, dtype=acc) if (want and b is not None) else None
-        rows = max(1, min(M, cfg.chunk_elems // max(V, 1)))
-        for s in range(0, M, rows):
-            e = min(M, s + rows)
+        for s, e in spans(M, rows_per_chunk(M, V, cfg, acc)):
             z = _logits(x[s:e], w, b, cfg)
             c_max = z.amax(dim=1)
             z.sub_(c_max.unsqueeze(1))  # relative to the row max from here on
@@ -178,10 +177,7 @@ class TorchBackend(BackendBase):
                                    y[s:e].index_select(0, g), None, V, cfg)
                     dzc = dz.to(x.dtype)
                     dx_parts.append(dzc @ w)
-                    if x.dtype == acc:
-                        dw.addmm_(dzc.t(), xg)
-                    else:
-                        dw += (dzc.t() @ xg).to(acc)
+                    add_mm(dw, dzc.t(), xg)
                     if db is not None:
                         db += dz.sum(0)
             del z, p
@@ -214,16 +210,13 @@ class TorchBackend(BackendBase):
             if db is not None:
                 db.zero_()
             return GradOut(dx_acc.to(x.dtype), dw, db)
-        # vocabulary blocks of >= 256 columns; rows chunked only when M alone exceeds the budget
-        vb = max(256, cfg.chunk_elems // M)
-        rc = max(1, min(M, cfg.chunk_elems // min(vb, V)))
-        for v0 in range(0, V, vb):
-            v1 = min(V, v0 + vb)
+        # the one recompute plan (backends/_plan.py); rows chunked only when M alone exceeds it
+        rc, vb = vocab_blocks(M, V, cfg, acc)
+        for v0, v1 in spans(V, vb):
             wb = w[v0:v1]
             bb = b[v0:v1] if b is not None else None
             dw_blk = torch.zeros(v1 - v0, D, device=dev, dtype=acc) if rc < M else None
-            for s in range(0, M, rc):
-                e = min(M, s + rc)
+            for s, e in spans(M, rc):
                 z = _logits(x[s:e], wb, bb, cfg)
                 z.sub_(row_max[s:e].unsqueeze(1))
                 p = torch.exp(z - lse[s:e].unsqueeze(1))
@@ -231,10 +224,7 @@ class TorchBackend(BackendBase):
                 hit = ((ys >= v0) & (ys < v1)).to(acc)
                 dz = _dlogits_(p, z, row_max[s:e], lse[s:e], row_scale[s:e], ys - v0, hit, V, cfg)
                 dzc = dz.to(x.dtype)
-                if x.dtype == acc:
-                    dx_acc[s:e].addmm_(dzc, wb)
-                else:
-                    dx_acc[s:e] += (dzc @ wb).to(acc)
+                add_mm(dx_acc[s:e], dzc, wb)
                 part = dzc.t() @ x[s:e]
                 if dw_blk is None:
                     dw[v0:v1] = part

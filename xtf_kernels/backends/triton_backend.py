@@ -7,7 +7,7 @@ Paths (the design is in ``docs/triton.md``):
 
 * statistics only (``n_grad == 0``, the scoring / select pass, and the masked rows after the
   kept ones): one fused kernel, logits never leave registers;
-* gradient rows: row chunks of ``cfg.chunk_elems // V`` rows; logits by ``torch.mm`` into a
+* gradient rows: row chunks (``_plan.rows_per_chunk``); logits by ``torch.mm`` into a
   reused ``[chunk, V]`` buffer, one Triton row kernel computes the statistics and overwrites
   the buffer with ``d(loss)/d(raw logits)``, then ``dx = G @ W`` and ``dW += G^T @ X`` (fp32);
   half-precision inputs with a bias or softcap get an fp32 logits buffer (cuBLAS'
@@ -18,7 +18,6 @@ Paths (the design is in ``docs/triton.md``):
 
 from __future__ import annotations
 
-import math
 from types import ModuleType
 
 import torch
@@ -26,6 +25,8 @@ import torch
 from .._env import triton_interpret
 from ._gemm import f32_epilogue
 from ._gemm import mm_f32 as _mm_f32
+from ._plan import rows_per_chunk as _rows_per_chunk
+from ._plan import spans, vocab_blocks
 from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect, RowStats, select_rows
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,16 +41,6 @@ def _load_kernels() -> ModuleType:
 
         _kernels = kernels
     return _kernels
-
-
-def _budget(cfg: CEConfig, dtype: torch.dtype) -> int:
-    """Logits elements of ``dtype`` held at once: the bytes of ``cfg.chunk_elems`` fp32 elements."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return max(1, cfg.chunk_elems * 4 // size)
-
-
-def _rows_per_chunk(n: int, V: int, cfg: CEConfig, dtype: torch.dtype) -> int:
-    return max(1, min(n, _budget(cfg, dtype) // max(V, 1)))
 
 
 def _logits_dtype(x: torch.Tensor, b: torch.Tensor | None, cfg: CEConfig) -> torch.dtype:
@@ -254,8 +245,7 @@ class TritonBackend(BackendBase):
         M, V = x.shape[0], w.shape[0]
         rows = _rows_per_chunk(M, V, cfg, _logits_dtype(x, b, cfg))
         buf, _ = _logits_buffers(rows, V, x, b, cfg, grad=False)
-        for s in range(0, M, rows):
-            e = min(M, s + rows)
+        for s, e in spans(M, rows):
             g = buf[: e - s]
             _logits_mm(g, x[s:e], w.t())
             k.rows_pass(g, b, y[s:e], softcap=cfg.softcap, z_loss=0.0, label_smoothing=0.0,
@@ -298,17 +288,9 @@ class TritonBackend(BackendBase):
         db = torch.zeros(V, dtype=torch.float32, device=dev) if b is not None else None
         if n == 0:
             return x.new_empty(0, D), torch.zeros(V, D, dtype=dw_dtype, device=dev), db
-        # blocks of rc rows x vb columns (rc * vb <= budget). Every block re-reads and writes
-        # an fp32 slice of dx (rc x D) and, unless rc covers all rows, of dW (vb x D): square
-        # blocks minimise that traffic; all rows in one block when they fit (dW written once)
-        budget = _budget(cfg, _logits_dtype(x, b, cfg))
-        if budget // n >= min(V, 256):
-            rc = n  # every row in each vocabulary block: dW[v0:v1] by one GEMM, written once
-        else:
-            rc = min(n, max(math.isqrt(budget), -(-budget // V)))
-        # block widths (the buffer's row stride) in multiples of 128 elements: cuBLAS needs
-        # 16-byte aligned leading dimensions for its tensor-core kernels
-        vb = min(V, max(128, budget // rc // 128 * 128))
+        # blocks of rc rows x vb columns (the one plan, backends/_plan.py); the block width is
+        # the buffer's row stride, 128-aligned for cuBLAS
+        rc, vb = vocab_blocks(n, V, cfg, _logits_dtype(x, b, cfg))
         one_gemm = rc >= n
         dx = torch.zeros(n, D, dtype=torch.float32, device=dev)
         dw = torch.empty(V, D, dtype=dw_dtype if one_gemm else torch.float32, device=dev)
@@ -316,12 +298,10 @@ class TritonBackend(BackendBase):
             dw.zero_()
         buf, gbuf = _logits_buffers(min(rc, n), vb, x, b, cfg)
         opts = dict(softcap=cfg.softcap, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
-        for v0 in range(0, V, vb):
-            v1 = min(V, v0 + vb)
+        for v0, v1 in spans(V, vb):
             wb = w[v0:v1]
             bb = b[v0:v1] if b is not None else None
-            for s in range(0, n, rc):
-                e = min(n, s + rc)
+            for s, e in spans(n, rc):
                 z = buf[: e - s, : v1 - v0]  # row stride vb (aligned) also for the last block
                 _logits_mm(z, x[s:e], wb.t())
                 g = z if gbuf is None else gbuf[: e - s, : v1 - v0]
@@ -350,8 +330,7 @@ class TritonBackend(BackendBase):
         else:
             row_select, sel = rowwise
             dx_parts: list[torch.Tensor] = []
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
+        for s, e in spans(n, rows):
             z = buf[: e - s]
             _logits_mm(z, x[s:e], w.t())
             g = z if gbuf is None else gbuf[: e - s]
