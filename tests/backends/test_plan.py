@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from xtf_kernels.backends import CEConfig
-from xtf_kernels.backends._plan import VOCAB_ALIGN, budget_elems, rows_per_chunk, spans, vocab_blocks
+from xtf_kernels.backends._plan import (
+    VOCAB_ALIGN,
+    budget_elems,
+    rows_per_chunk,
+    spans,
+    vocab_blocks,
+)
 
 BACKENDS = Path(__file__).resolve().parents[2] / "xtf_kernels" / "backends"
 

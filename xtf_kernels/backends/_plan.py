@@ -1,20 +1,11 @@
-"""The chunk plan every backend follows: how many logits one chunk holds, and how rows and
-vocabulary columns are cut into chunks.
+"""The one chunk plan of every backend: how many logits a chunk holds, and how rows and
+vocabulary columns are cut.
 
-One budget meaning for all backends: ``CEConfig.chunk_elems`` counts fp32 logits elements
-(:data:`~xtf_kernels.config.DEFAULT_CHUNK_ELEMS`), i.e. a logits buffer of
-``4 * chunk_elems`` bytes; a backend whose logits buffer has another dtype (bf16 logits in the
-native backend, fp64 in the torch backend under gradcheck) holds as many elements as fit in
-those bytes (:func:`budget_elems`).
-
-Two cuts:
-
-* row chunks over the full vocabulary (the forward sweeps): :func:`rows_per_chunk` rows of
-  ``V`` logits each;
-* vocabulary blocks for a recompute over given rows (the backward, and Triton's gradient of
-  many rows): :func:`vocab_blocks` gives ``rc`` rows x ``vb`` columns per block, ``vb`` a
-  multiple of 128 (16-byte aligned leading dimensions for cuBLAS' tensor-core kernels; the
-  buffer keeps that stride for the last, narrower block) unless the whole vocabulary fits.
+``CEConfig.chunk_elems`` counts fp32 logits (:data:`~xtf_kernels.config.DEFAULT_CHUNK_ELEMS`):
+a backend whose logits have another dtype (bf16 in the native backend, fp64 under gradcheck)
+holds as many as fit in those bytes (:func:`budget_elems`). Row sweeps over the full
+vocabulary take :func:`rows_per_chunk` rows; recomputes take :func:`vocab_blocks` blocks whose
+widths are multiples of 128 (16-byte aligned leading dimensions for cuBLAS' tensor cores).
 """
 
 from __future__ import annotations

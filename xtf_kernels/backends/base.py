@@ -111,10 +111,6 @@ class RowStats(NamedTuple):
         """Views of rows ``[start, end)``."""
         return RowStats(*(f[start:end] for f in self))
 
-    def take(self, idx: torch.Tensor) -> RowStats:
-        """The rows ``idx`` (int64 ``[k]``), copied."""
-        return RowStats(*(f.index_select(0, idx) for f in self))
-
     def put(self, start: int, end: int, src: RowStats) -> None:
         """Write ``src`` into rows ``[start, end)``."""
         for dst, val in zip(self, src):

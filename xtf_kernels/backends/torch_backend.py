@@ -107,8 +107,7 @@ class TorchBackend(BackendBase):
         def grad_rows(s: int, e: int, st: RowStats) -> torch.Tensor:
             return torch.arange(max(0, min(e, n_grad) - s), device=x.device)
 
-        fo, _ = self._sweep(x, w, b, y, cfg, grad_rows if n_grad else None)
-        return fo
+        return self._sweep(x, w, b, y, cfg, grad_rows if n_grad else None)
 
     @cpu_fp32_call
     def forward_rowwise(
@@ -134,10 +133,9 @@ class TorchBackend(BackendBase):
             sel[s:e] = m
             return m.nonzero().squeeze(1)
 
-        fo, _ = self._sweep(x, w, b, y, cfg, grad_rows)
-        return fo, sel
+        return self._sweep(x, w, b, y, cfg, grad_rows), sel
 
-    def _sweep(self, x, w, b, y, cfg: CEConfig, grad_rows) -> tuple[ForwardOut, None]:
+    def _sweep(self, x, w, b, y, cfg: CEConfig, grad_rows) -> ForwardOut:
         """Row chunks over the full vocabulary: statistics, and the gradient of the rows
         ``grad_rows(start, end, chunk RowStats) -> int64 [k]`` chooses (None: no gradient)."""
         M, D = x.shape
@@ -184,7 +182,7 @@ class TorchBackend(BackendBase):
         dx = None
         if want:
             dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
-        return ForwardOut.of(out, dx, dw, db), None
+        return ForwardOut.of(out, dx, dw, db)
 
     @cpu_fp32_call
     def backward(

@@ -168,42 +168,41 @@ class Need(NamedTuple):
     bias: bool
 
 
-def recompute_grads(
-    *,
-    backend: Backend,
-    cfg: CEConfig,
-    reduction: str,
-    grad_loss: torch.Tensor,
-    divisor: torch.Tensor | None,
-    hidden_rows: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels_kept: torch.Tensor,
-    row_max_kept: torch.Tensor,
-    lse_kept: torch.Tensor,
-    src_kept: torch.Tensor,
-    kept_pos: torch.Tensor,
-    hidden_shape: tuple[int, ...],
-    need: Need,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(d_hidden, d_weight, d_bias) by recomputing the logits of the kept rows.
+class RecomputeGrad(NamedTuple):
+    """What a backward recompute of the kept rows needs (the autograd Function saves these
+    tensors in this order; the custom op's backward rebuilds them)."""
 
-    ``hidden_rows`` is the flat ``[rows, D]`` hidden; ``src_kept`` / ``kept_pos`` the hidden
-    row and the label position of each kept row; ``row_max_kept`` / ``lse_kept`` their logit
-    maximum and log-sum-exp relative to it. ``grad_loss`` is per token (``"none"``, the
-    labels' shape) or a scalar, divided by ``divisor`` for ``"mean"``.
+    src_kept: torch.Tensor  #: [K] the hidden row of each kept row
+    hidden_rows: torch.Tensor  #: [rows, D] the flat hidden
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    labels_kept: torch.Tensor  #: [K] int64
+    row_max_kept: torch.Tensor  #: [K] fp32 logit maximum
+    lse_kept: torch.Tensor  #: [K] fp32 log-sum-exp relative to it
+    kept_pos: torch.Tensor  #: [K] the label position of each kept row
+    divisor: torch.Tensor | None  #: of "mean", else None
+
+
+def recompute_grads(g: RecomputeGrad, *, backend: Backend, cfg: CEConfig, reduction: str,
+                    grad_loss: torch.Tensor, hidden_shape: tuple[int, ...], need: Need,
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d_hidden, d_weight, d_bias) by recomputing the logits of the kept rows ``g``.
+
+    ``grad_loss`` is per token (``"none"``, the labels' shape) or a scalar, divided by
+    ``g.divisor`` for ``"mean"``.
     """
+    hidden_rows, kept_pos, src_kept, divisor = g.hidden_rows, g.kept_pos, g.src_kept, g.divisor
     dtype = hidden_rows.dtype
-    acc = lse_kept.dtype
+    acc = g.lse_kept.dtype
     if reduction == "none":
         row_scale = grad_loss.reshape(-1).to(acc).index_select(0, kept_pos)
     else:
-        g = grad_loss.to(acc)
+        scale = grad_loss.to(acc)
         if divisor is not None:
-            g = g / divisor
-        row_scale = g.expand(kept_pos.numel()).contiguous()
+            scale = scale / divisor
+        row_scale = scale.expand(kept_pos.numel()).contiguous()
     x = hidden_rows.index_select(0, src_kept)
-    go = backend.backward(x, weight, bias, labels_kept, row_max_kept, lse_kept, row_scale, cfg)
+    go = backend.backward(x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale, cfg)
     dh = scatter_rows(go.dx.to(dtype), src_kept, hidden_shape) if need.hidden else None
     dw = go.dw.to(dtype) if need.weight else None
     db = go.db.to(dtype) if (need.bias and go.db is not None) else None

@@ -18,7 +18,7 @@ import torch
 
 from ..backends import resolve_backend
 from .context import SECOND_ORDER_MESSAGE
-from .core import Need, mean_divisor, recompute_grads, source_rows
+from .core import Need, RecomputeGrad, mean_divisor, recompute_grads, source_rows
 from .forward import run_forward
 from .spec import BWD_OP_FIELDS, OP_FIELDS, MaskedCEOutputs, MaskedCESpec
 
@@ -105,13 +105,15 @@ def masked_ce_bwd(
         divisor = mean_divisor(num_items, n_kept=kept_pos.numel(), dtype=lse_parts.dtype,
                                device=lse_parts.device)
     parts_k = lse_parts.reshape(2, -1).index_select(1, kept_pos)
-    dh, dw, db = recompute_grads(
-        backend=resolve_backend(backend, hidden.device, hidden.dtype), cfg=spec.ce_config(),
-        reduction=reduction, grad_loss=grad_loss, divisor=divisor,
+    g = RecomputeGrad(
+        src_kept=source_rows(labels, shift=shift).index_select(0, kept_pos),
         hidden_rows=hidden.reshape(-1, hidden.shape[-1]), weight=weight.contiguous(), bias=bias,
         labels_kept=labels.reshape(-1).index_select(0, kept_pos), row_max_kept=parts_k[0],
-        lse_kept=parts_k[1], src_kept=source_rows(labels, shift=shift).index_select(0, kept_pos),
-        kept_pos=kept_pos, hidden_shape=tuple(hidden.shape),
+        lse_kept=parts_k[1], kept_pos=kept_pos, divisor=divisor,
+    )
+    dh, dw, db = recompute_grads(
+        g, backend=resolve_backend(backend, hidden.device, hidden.dtype), cfg=spec.ce_config(),
+        reduction=reduction, grad_loss=grad_loss, hidden_shape=tuple(hidden.shape),
         need=Need(hidden=True, weight=True, bias=bias is not None),
     )
     return dh, dw, db if db is not None else weight.new_empty((0,))

@@ -16,6 +16,7 @@ from ..backends import Backend, CEConfig, resolve_backend
 from ..stats import TokenStats
 from .core import (
     Need,
+    RecomputeGrad,
     RowStats,
     at_positions,
     positions,
@@ -47,20 +48,6 @@ class FormedGrad(NamedTuple):
     divisor: torch.Tensor | None
     dw: torch.Tensor
     db: torch.Tensor | None
-
-
-class RecomputeGrad(NamedTuple):
-    """What a backward recompute of the kept rows needs."""
-
-    src_kept: torch.Tensor
-    hidden_rows: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    labels_kept: torch.Tensor
-    row_max_kept: torch.Tensor
-    lse_kept: torch.Tensor
-    kept_pos: torch.Tensor
-    divisor: torch.Tensor | None
 
 
 GradState = ZeroGrad | FormedGrad | RecomputeGrad | None
