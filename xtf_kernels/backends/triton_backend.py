@@ -154,7 +154,7 @@ class TritonBackend(BackendBase):
         V = w.shape[0]
         if n_grad and n_grad <= _rows_per_chunk(n_grad, V, cfg, _logits_dtype(x, b, cfg)):
             # one row chunk holds every gradient row: Liger-style, 3 GEMMs, dW written once
-            dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, n_grad, None)
+            dx, dw, db, _ = self._grad_sweep(x, w, b, y, cfg, stats, n_grad)
             if M > n_grad:
                 self._stats(x[n_grad:], w, b, y[n_grad:], cfg, stats[:, n_grad:])
         else:
@@ -187,15 +187,14 @@ class TritonBackend(BackendBase):
         x, w, b, y = self._prep(x, w, b, y)
         M = x.shape[0]
         stats, st = _stats_buffer(M, x.device)
-        sel = torch.zeros(M, dtype=torch.bool, device=x.device)
         if M <= _rows_per_chunk(M, w.shape[0], cfg, _logits_dtype(x, b, cfg)):
             # one logits GEMM per row chunk serves the statistics, the selection and the gradient
-            dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, M, (row_select, sel))
+            dx, dw, db, sel = self._grad_sweep(x, w, b, y, cfg, stats, M, row_select)
         else:
             # many chunks (GPU): statistics and selection chunk by chunk, then the selected rows'
             # gradient by vocabulary blocks (dW formed once in w.dtype; no fp32 [V, D] updated
             # once per chunk, which costs more memory traffic than the extra logits GEMM)
-            self._stats(x, w, b, y, cfg, stats, row_select=row_select, sel=sel)
+            sel = self._stats(x, w, b, y, cfg, stats, row_select=row_select)
             idx = sel.nonzero().squeeze(1)
             dx, dw, db = self._vocab_blocked_grad(
                 x.index_select(0, idx), w, b, y.index_select(0, idx), st.row_max.index_select(0, idx),
@@ -235,14 +234,15 @@ class TritonBackend(BackendBase):
 
     # ----------------------------------------------------------------- internals
     @staticmethod
-    def _stats(x, w, b, y, cfg, out, row_select=None, sel=None) -> None:
+    def _stats(x, w, b, y, cfg, out, row_select: RowSelect | None = None) -> torch.Tensor | None:
         """Statistics ``[5, M]`` of rows that need no gradient (see :data:`STATS_MODE`); with
-        ``row_select``, each chunk's selection is written into the bool ``sel`` [M]."""
+        ``row_select``, returns the bool ``[M]`` selection it made chunk by chunk (else None)."""
         k = _load_kernels()
         if row_select is None and (k.INTERPRETED or not x.is_cuda or STATS_MODE == "fused"):
             k.fused_stats(x, w, b, y, cfg.softcap, out)
-            return
+            return None
         M, V = x.shape[0], w.shape[0]
+        sel = None if row_select is None else torch.zeros(M, dtype=torch.bool, device=x.device)
         rows = _rows_per_chunk(M, V, cfg, _logits_dtype(x, b, cfg))
         buf, _ = _logits_buffers(rows, V, x, b, cfg, grad=False)
         for s, e in spans(M, rows):
@@ -250,8 +250,9 @@ class TritonBackend(BackendBase):
             _logits_mm(g, x[s:e], w.t())
             k.rows_pass(g, b, y[s:e], softcap=cfg.softcap, z_loss=0.0, label_smoothing=0.0,
                         stats_out=out[:, s:e], grad=False)
-            if row_select is not None:
+            if sel is not None:
                 sel[s:e] = select_rows(row_select, s, e, RowStats(*out[:, s:e].unbind(0)))
+        return sel
 
     @staticmethod
     def _prep(x, w, b, y):
@@ -314,9 +315,10 @@ class TritonBackend(BackendBase):
                     db[v0:v1] += g.sum(0, dtype=torch.float32)
         return dx.to(x.dtype), dw, db
 
-    def _grad_sweep(self, x, w, b, y, cfg, stats, n, rowwise):
+    def _grad_sweep(self, x, w, b, y, cfg, stats, n, row_select: RowSelect | None = None):
         """Row chunks of the first ``n`` rows through the logits buffer: statistics into
-        ``stats`` and the gradient of every row (or of the rows ``rowwise`` selects)."""
+        ``stats`` and the gradient of every row, or of the rows ``row_select`` picks chunk by
+        chunk. Returns ``(dx, dw, db, sel)``: ``sel`` bool ``[n]`` with ``row_select``, else None."""
         k = _load_kernels()
         V, D = w.shape
         dev = x.device
@@ -325,16 +327,17 @@ class TritonBackend(BackendBase):
         rows = _rows_per_chunk(n, V, cfg, _logits_dtype(x, b, cfg))
         buf, gbuf = _logits_buffers(rows, V, x, b, cfg)
         opts = dict(softcap=cfg.softcap, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
-        if rowwise is None:
+        sel = None
+        if row_select is None:
             dx = torch.empty(n, D, dtype=x.dtype, device=dev)
         else:
-            row_select, sel = rowwise
+            sel = torch.zeros(n, dtype=torch.bool, device=dev)
             dx_parts: list[torch.Tensor] = []
         for s, e in spans(n, rows):
             z = buf[: e - s]
             _logits_mm(z, x[s:e], w.t())
             g = z if gbuf is None else gbuf[: e - s]
-            if rowwise is None:
+            if row_select is None:
                 k.rows_pass(z, b, y[s:e], stats_out=stats[:, s:e], out=g, **opts)
                 self._grad_gemms(g, x[s:e], w, dx[s:e], dw, db)
                 continue
@@ -352,6 +355,6 @@ class TritonBackend(BackendBase):
             part = torch.empty(idx.numel(), D, dtype=x.dtype, device=dev)
             self._grad_gemms(gs, xs, w, part, dw, db)
             dx_parts.append(part)
-        if rowwise is not None:
+        if row_select is not None:
             dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
-        return dx, dw, db
+        return dx, dw, db, sel
