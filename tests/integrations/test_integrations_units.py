@@ -227,3 +227,18 @@ def test_dynamic_kn_cap_follows_the_released_rule() -> None:
         DynamicXTF(kn_cap=1.5)
     with pytest.raises(ValueError, match="kn_cap"):
         DynamicXTF(kn_threshold=None, entropy_min=0.1, kn_cap=0.1)
+
+
+def test_num_items_in_batch_is_checked_by_the_one_num_items_check():
+    """The patched models check num_items_in_batch with masked_ce's own check, under its name."""
+    from xtf_kernels.integrations._patched_forward import _check_num_items
+
+    y = torch.tensor([[1, 2, -100]])
+    with pytest.raises(ValueError, match="num_items_in_batch: expected a whole number"):
+        _check_num_items(1.5, y, None, True)
+    with pytest.raises(TypeError, match="num_items_in_batch: expected an integer or float tensor"):
+        _check_num_items(torch.tensor(True), y, None, True)
+    with pytest.raises(ValueError, match="num_items_in_batch: expected >= 0"):
+        _check_num_items(torch.tensor([-3]), y, None, True)
+    assert _check_num_items(torch.tensor([4]), y, None, True).shape == ()
+    assert _check_num_items(0, torch.full((1, 3), -100), None, True) is None

@@ -95,3 +95,16 @@ def test_compiled_graph_holds_the_custom_ops():
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert any("masked_ce_fwd" in t for t in targets), targets
     torch.testing.assert_close(loss, masked_ce(torch.tanh(h), w, y, shift=True, backend="torch"))
+
+
+def test_custom_op_arguments_follow_the_spec():
+    """The ops' option arguments are the spec's OP_FIELDS / BWD_OP_FIELDS, in that order: the
+    front end passes ``spec.op_args()`` and the autograd glue unpacks by these names."""
+    from xtf_kernels.loss.spec import BWD_OP_FIELDS, OP_FIELDS, MaskedCESpec
+
+    fwd = [a.name for a in torch.ops.xtf_kernels.masked_ce_fwd.default._schema.arguments]
+    bwd = [a.name for a in torch.ops.xtf_kernels.masked_ce_bwd.default._schema.arguments]
+    assert tuple(fwd[8:]) == OP_FIELDS
+    assert tuple(bwd[-len(BWD_OP_FIELDS):]) == BWD_OP_FIELDS
+    assert set(BWD_OP_FIELDS) <= set(OP_FIELDS)
+    assert list(MaskedCESpec().resolved().op_args()) == list(OP_FIELDS)

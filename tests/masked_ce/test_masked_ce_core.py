@@ -4,6 +4,7 @@ and the pure functions of :mod:`xtf_kernels.loss.core`."""
 from __future__ import annotations
 
 import ast
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,34 @@ def test_masked_ce_is_the_function_however_it_is_reached():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_row_stats_travel_by_name():
+    """RowStats / ForwardOut.stats / select_rows: the boundary carries the fields by name."""
+    from xtf_kernels.backends.base import ForwardOut, RowStats, select_rows
+
+    st = RowStats(*(torch.arange(4.0) + 10 * i for i in range(5)))
+    fo = ForwardOut.of(st)
+    assert fo.stats == st and fo.dx is None
+    assert fo.gold is st.gold and fo.sum_logits is st.sum_logits
+    seen = {}
+
+    def rule(s, e, row_max, lse, gold, entropy):
+        seen.update(row_max=row_max, lse=lse, gold=gold, entropy=entropy)
+        return gold > 21
+
+    assert select_rows(rule, 1, 3, st.rows(1, 3)).tolist() == [False, True]
+    assert seen["gold"].tolist() == [21.0, 22.0] and seen["entropy"].tolist() == [31.0, 32.0]
+    out = RowStats.empty(4)
+    out.put(0, 4, st)
+    assert all(torch.equal(a, b) for a, b in zip(out, st))
+
+
+def test_token_stats_is_built_in_one_place():
+    st = core.RowStats(row_max=torch.tensor([5.0]), lse=torch.tensor([0.5]), gold=torch.tensor([-0.25]),
+                       entropy=torch.tensor([0.1]), sum_logits=torch.tensor([-3.0]))
+    ts = core.token_stats(st, keep=torch.tensor([True]), ref_logprobs=torch.tensor([-1.0]),
+                          relevance=torch.tensor([0.3]))
+    assert ts.logprob.tolist() == [-0.75] and ts.lse.tolist() == [5.5]
+    assert ts.logprob_delta.tolist() == [0.25] and torch.equal(ts.relevance, torch.tensor([0.3]))
+    assert math.isclose(ts.prob.item(), math.exp(-0.75), rel_tol=1e-6)

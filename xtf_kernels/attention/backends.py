@@ -55,11 +55,16 @@ def attention_backend_status(device: torch.device | str = "cpu") -> dict[str, tu
 def resolve_attend(backend: str, device: torch.device) -> tuple[str, AttendFn]:
     """(concrete name, attend function) for ``backend`` on ``device``.
 
-    ``"auto"`` picks Triton on a CUDA device where it can run, else torch. A concrete name is
-    returned as asked; an implementation that cannot run raises when called, saying why.
+    ``"auto"`` picks Triton on a CUDA device where it can run, else torch. A concrete name that
+    cannot run on ``device`` raises a RuntimeError saying why, here, at resolution (as
+    :func:`xtf_kernels.backends.resolve_backend` does for the masked_ce backends).
     """
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"backend: expected one of {ATTN_BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _available("triton", device)[0] else "torch"
+    else:
+        ok, why = _available(backend, device)
+        if not ok:
+            raise RuntimeError(f"backend={backend!r} is not available here: {why}")
     return backend, load_attend(backend)

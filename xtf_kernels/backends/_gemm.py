@@ -31,6 +31,17 @@ def fast_f32_gemm(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an accumulator ``acc`` (fp32, or ``a.dtype``) over chunks, the CPU
+    backends' way: one ``addmm_`` when the dtypes match, else the ``a.dtype`` GEMM (fp32
+    accumulation inside it, rounded once per chunk) added in ``acc.dtype`` (:func:`mm_f32`
+    keeps that chunk unrounded instead, at fp32-GEMM cost off CUDA)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += (a @ b).to(acc.dtype)
+
+
 def mm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """``out (+)= a @ b`` with fp32 accumulation; ``out`` is fp32 or ``a.dtype``.
 

@@ -7,7 +7,8 @@ problems whose rows are all valid (labels in ``[0, V)``) and implements two prim
 
 ``forward(x, w, b, y, cfg, n_grad)``
     One sweep over the vocabulary for every row of ``x``. Returns per-row fp32 statistics
-    (``row_max``, and relative to it ``lse``, ``gold`` logit, ``sum_logits``; ``entropy``).
+    (:class:`RowStats`, ``ForwardOut.stats``: ``row_max``, and relative to it ``lse``, ``gold``
+    logit, ``sum_logits``; ``entropy``).
     When ``n_grad > 0`` it also
     returns the gradient of ``sum_i loss_i`` over the first ``n_grad`` rows (unit upstream
     gradient): ``dx`` ``[n_grad, D]`` in ``x.dtype``, ``dw`` ``[V, D]`` fp32 and ``db`` ``[V]``
@@ -77,10 +78,48 @@ import torch
 
 from .._env import cpu_half_gemm
 from ..config import DEFAULT_CHUNK_ELEMS
+from ._plan import rows_per_chunk, spans
 
 #: ``row_select(start, end, row_max, lse, gold, entropy) -> bool [end - start]``: the gradient
-#: rows of one chunk of a rowwise forward (statistics fp32 ``[end - start]``, relative to row_max)
+#: rows of one chunk of a rowwise forward (statistics fp32 ``[end - start]``, relative to row_max);
+#: backends call it through :func:`select_rows`
 RowSelect = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics, every one but ``row_max`` relative to ``row_max`` (module doc).
+
+    Each field is fp32 (fp64 for fp64 inputs) ``[M]`` (or ``[N]`` at label positions, NaN where
+    not scored). The one named form of the statistics between the backends and
+    :mod:`xtf_kernels.loss`: a kernel's packed ``[5, M]`` buffer (rows in this field order)
+    stays inside its backend and crosses as ``RowStats(*buf.unbind(0))``.
+    """
+
+    row_max: torch.Tensor  #: max_v z_v (after the softcap)
+    lse: torch.Tensor  #: logsumexp_v (z_v - row_max)
+    gold: torch.Tensor  #: z_y - row_max
+    entropy: torch.Tensor  #: of softmax(z)
+    sum_logits: torch.Tensor  #: sum_v (z_v - row_max)
+
+    @classmethod
+    def empty(cls, n: int, *, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float32) -> RowStats:
+        """Five uninitialised ``[n]`` tensors."""
+        return cls(*(torch.empty(n, dtype=dtype, device=device) for _ in cls._fields))
+
+    def rows(self, start: int, end: int) -> RowStats:
+        """Views of rows ``[start, end)``."""
+        return RowStats(*(f[start:end] for f in self))
+
+    def put(self, start: int, end: int, src: RowStats) -> None:
+        """Write ``src`` into rows ``[start, end)``."""
+        for dst, val in zip(self, src):
+            dst[start:end] = val
+
+
+def select_rows(row_select: RowSelect, start: int, end: int, st: RowStats) -> torch.Tensor:
+    """``row_select`` on the statistics ``st`` of rows ``[start, end)``: bool ``[end - start]``."""
+    return row_select(start, end, st.row_max, st.lse, st.gold, st.entropy)
 
 
 @dataclass(frozen=True)
@@ -104,6 +143,17 @@ class ForwardOut(NamedTuple):
     dx: torch.Tensor | None  # [n_grad, D] x.dtype
     dw: torch.Tensor | None  # [V, D] fp32 (or w.dtype once accumulated in fp32)
     db: torch.Tensor | None  # [V] fp32
+
+    @classmethod
+    def of(cls, stats: RowStats, dx: torch.Tensor | None = None, dw: torch.Tensor | None = None,
+           db: torch.Tensor | None = None) -> ForwardOut:
+        """The forward output of ``stats`` and the gradient (None without one)."""
+        return cls(*stats, dx, dw, db)
+
+    @property
+    def stats(self) -> RowStats:
+        """The five statistics, named."""
+        return RowStats(self.row_max, self.lse, self.gold, self.entropy, self.sum_logits)
 
 
 class GradOut(NamedTuple):
@@ -165,14 +215,13 @@ class BackendBase:
         M, V = x.shape[0], w.shape[0]
         fo = self.forward(x, w, b, y, cfg, 0)
         sel = torch.zeros(M, dtype=torch.bool, device=x.device)
-        rows = max(1, cfg.chunk_elems // max(V, 1))
-        for s in range(0, M, rows):
-            e = min(M, s + rows)
-            sel[s:e] = row_select(s, e, fo.row_max[s:e], fo.lse[s:e], fo.gold[s:e], fo.entropy[s:e])
+        st = fo.stats
+        for s, e in spans(M, rows_per_chunk(M, V, cfg, torch.float32)):
+            sel[s:e] = select_rows(row_select, s, e, st.rows(s, e))
         idx = sel.nonzero().squeeze(1)
-        ones = torch.ones(idx.numel(), dtype=fo.lse.dtype, device=x.device)
+        ones = torch.ones(idx.numel(), dtype=st.lse.dtype, device=x.device)
         go = self.backward(x.index_select(0, idx), w, b, y.index_select(0, idx),
-                           fo.row_max.index_select(0, idx), fo.lse.index_select(0, idx), ones, cfg)
+                           st.row_max.index_select(0, idx), st.lse.index_select(0, idx), ones, cfg)
         return fo._replace(dx=go.dx, dw=go.dw, db=go.db), sel
 
 

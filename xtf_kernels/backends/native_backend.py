@@ -28,7 +28,18 @@ from __future__ import annotations
 
 import torch
 
-from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect, cpu_fp32_call
+from ._gemm import add_mm
+from ._plan import rows_per_chunk, spans, vocab_blocks
+from .base import (
+    BackendBase,
+    CEConfig,
+    ForwardOut,
+    GradOut,
+    RowSelect,
+    RowStats,
+    cpu_fp32_call,
+    select_rows,
+)
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -37,6 +48,21 @@ def _ext():
     from .._native_build import load_native
 
     return load_native()
+
+
+def _keep_all(dt: torch.dtype, M: int, V: int, D: int, cfg: CEConfig) -> bool:
+    """The half-precision plan that keeps all ``M`` rows' gradient logits (``M x V`` in ``dt``)
+    when they cost no more than the chunk budget or the fp32 ``[V, D]`` accumulator they
+    replace (module doc): dW is then one GEMM over all rows."""
+    return dt in _LOW and M * V * dt.itemsize <= max(cfg.chunk_elems * 4, V * D * 4)
+
+
+def _row_stats(ext, z: torch.Tensor, y: torch.Tensor, bf: torch.Tensor | None, cfg: CEConfig,
+               n_grad: int, db: torch.Tensor | None = None) -> RowStats:
+    """The C++ row kernel on the logits ``z`` ``[r, V]``: its five fp32 ``[r]`` statistics,
+    named (the extension returns them in :class:`RowStats` order); the first ``n_grad`` rows of
+    ``z`` are overwritten with their gradient (``db`` accumulated)."""
+    return RowStats(*ext.stats_and_grad(z, y, bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, n_grad, db))
 
 
 class NativeBackend(BackendBase):
@@ -61,34 +87,26 @@ class NativeBackend(BackendBase):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _budget_rows(cfg: CEConfig, cols: int, dtype: torch.dtype) -> int:
-        """Rows of ``cols`` logits in ``dtype`` that fit the ``chunk_elems`` fp32 byte budget."""
-        elem = torch.finfo(dtype).bits // 8
-        return max(1, (cfg.chunk_elems * 4) // max(1, cols * elem))
-
-    @staticmethod
     def _torch():
         from .torch_backend import TorchBackend
 
         return TorchBackend()
 
-    def _stats_rows(self, x, w, bf, y, cfg, out, start: int) -> None:
-        """Statistics of rows ``start:`` of x (no gradient) into ``out`` (the five of ForwardOut)."""
+    def _stats_rows(self, x, w, bf, y, cfg, out: RowStats, start: int) -> None:
+        """Statistics of rows ``start:`` of x (no gradient) into ``out``."""
         M = x.shape[0]
         V = w.shape[0]
         if start >= M:
             return
         ext = _ext()
-        rows = min(M - start, self._budget_rows(cfg, V, x.dtype))
+        rows = rows_per_chunk(M - start, V, cfg, x.dtype)
         buf = torch.empty(rows, V, dtype=x.dtype)
         wt = w.t()
-        for s in range(start, M, rows):
-            e = min(M, s + rows)
+        for s, e in spans(M - start, rows):
+            s, e = s + start, e + start
             z = buf[: e - s]
             torch.mm(x[s:e], wt, out=z)
-            st = ext.stats_and_grad(z, y[s:e], bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, 0)
-            for o, v in zip(out, st):
-                o[s:e] = v
+            out.put(s, e, _row_stats(ext, z, y[s:e], bf, cfg, 0))
 
     # ------------------------------------------------------------------ forward
     @cpu_fp32_call
@@ -114,12 +132,12 @@ class NativeBackend(BackendBase):
         x = x.contiguous()
         y = y.contiguous()
         bf = b.float().contiguous() if b is not None else None
-        out = tuple(torch.empty(M, dtype=torch.float32) for _ in range(5))
+        out = RowStats.empty(M)
         dx = dw = db = None
         if n_grad:
             dx, dw, db = self._grad_rows(x[:n_grad], w, bf, y[:n_grad], cfg, out)
         self._stats_rows(x, w, bf, y, cfg, out, n_grad)
-        return ForwardOut(*out, dx, dw, db)
+        return ForwardOut.of(out, dx, dw, db)
 
     def _grad_rows(self, x, w, bf, y, cfg, out):
         """Statistics and gradient (unit upstream) of all rows of x into ``out``; returns (dx, dw, db)."""
@@ -130,34 +148,22 @@ class NativeBackend(BackendBase):
         wt = w.t()
         db = torch.zeros(V, dtype=torch.float32) if bf is not None else None
         dx = torch.empty(M, D, dtype=dt)
-
-        def put(s, e, st):
-            for o, v in zip(out, st):
-                o[s:e] = v
-
-        if dt in _LOW and M * V * 2 <= max(cfg.chunk_elems * 4, V * D * 4):
+        if _keep_all(dt, M, V, D, cfg):
             # keep every row's gradient logits: dW is one GEMM over all rows (fp32 inside)
             z = torch.mm(x, wt)
-            st = ext.stats_and_grad(z, y, bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, M, db)
-            put(0, M, st)
+            out.put(0, M, _row_stats(ext, z, y, bf, cfg, M, db))
             torch.mm(z, w, out=dx)
             dw = torch.mm(z.t(), x)
             return dx, dw, db
-        rows = min(M, self._budget_rows(cfg, V, dt))
+        rows = rows_per_chunk(M, V, cfg, dt)
         buf = torch.empty(rows, V, dtype=dt)
         dw = torch.zeros(V, D, dtype=torch.float32)
-        for s in range(0, M, rows):
-            e = min(M, s + rows)
+        for s, e in spans(M, rows):
             z = buf[: e - s]
             torch.mm(x[s:e], wt, out=z)
-            st = ext.stats_and_grad(z, y[s:e], bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, e - s,
-                                    db)
-            put(s, e, st)
+            out.put(s, e, _row_stats(ext, z, y[s:e], bf, cfg, e - s, db))
             torch.mm(z, w, out=dx[s:e])
-            if dt == torch.float32:
-                dw.addmm_(z.t(), x[s:e])
-            else:
-                dw += torch.mm(z.t(), x[s:e])
+            add_mm(dw, z.t(), x[s:e])
         del buf
         if dt != torch.float32:
             dw = dw.to(dt)  # every partial sum was fp32: one rounding
@@ -189,22 +195,18 @@ class NativeBackend(BackendBase):
         x = x.contiguous()
         y = y.contiguous()
         bf = b.float().contiguous() if b is not None else None
-        out = tuple(torch.empty(M, dtype=torch.float32) for _ in range(5))
         sel = torch.zeros(M, dtype=torch.bool)
         wt = w.t()
-        rows = min(max(M, 1), self._budget_rows(cfg, V, dt))
+        rows = rows_per_chunk(M, V, cfg, dt)
         db = torch.zeros(V, dtype=torch.float32) if bf is not None else None
-        if dt in _LOW and M * V * 2 <= max(cfg.chunk_elems * 4, V * D * 4):
+        if _keep_all(dt, M, V, D, cfg):
             # keep-all plan (as in forward): ONE logits GEMM for every row, the rule applied
             # chunk by chunk on the statistics, the selected rows compacted in place to the
             # front of the logits buffer, then one dX GEMM and one dW GEMM over them
             z = torch.mm(x, wt)
-            st = ext.stats_and_grad(z, y, bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, 0)
-            for o, v in zip(out, st):
-                o.copy_(v)
-            for s in range(0, M, rows):
-                e = min(M, s + rows)
-                sel[s:e] = row_select(s, e, *(o[s:e] for o in out[:4]))
+            out = _row_stats(ext, z, y, bf, cfg, 0)
+            for s, e in spans(M, rows):
+                sel[s:e] = select_rows(row_select, s, e, out.rows(s, e))
             g = sel.nonzero().squeeze(1)
             k = g.numel()
             for i, r in enumerate(g.tolist()):  # r >= i: forward copies never clobber unread rows
@@ -212,43 +214,38 @@ class NativeBackend(BackendBase):
                     z[i].copy_(z[r])
             zg = z[:k]
             if k:
-                ext.grad_block_(zg, y.index_select(0, g), out[0].index_select(0, g),
-                                out[1].index_select(0, g), None, bf, 0, V, cfg.softcap,
+                ext.grad_block_(zg, y.index_select(0, g), out.row_max.index_select(0, g),
+                                out.lse.index_select(0, g), None, bf, 0, V, cfg.softcap,
                                 cfg.label_smoothing, cfg.z_loss, db)
             dx = torch.mm(zg, w)
             dw = torch.mm(zg.t(), x.index_select(0, g)) if k else torch.zeros(V, D, dtype=dt)
-            return ForwardOut(*out, dx, dw, db), sel
+            return ForwardOut.of(out, dx, dw, db), sel
         # row chunks: gradient of each chunk's selected rows, dW summed in fp32
+        out = RowStats.empty(M)
         buf = torch.empty(rows, V, dtype=dt)
         dw = torch.zeros(V, D, dtype=torch.float32)
         dx_parts: list[torch.Tensor] = []
-        for s in range(0, M, rows):
-            e = min(M, s + rows)
+        for s, e in spans(M, rows):
             z = buf[: e - s]
             torch.mm(x[s:e], wt, out=z)
-            st = ext.stats_and_grad(z, y[s:e], bf, cfg.softcap, cfg.label_smoothing, cfg.z_loss, 0)
-            for o, v in zip(out, st):
-                o[s:e] = v
-            m = row_select(s, e, *st[:4])
+            st = _row_stats(ext, z, y[s:e], bf, cfg, 0)
+            out.put(s, e, st)
+            m = select_rows(row_select, s, e, st)
             sel[s:e] = m
             g = m.nonzero().squeeze(1)
             if not g.numel():
                 continue
             zg = z.index_select(0, g)
-            ext.grad_block_(zg, y[s:e].index_select(0, g), st[0].index_select(0, g),
-                            st[1].index_select(0, g), None, bf, 0, V, cfg.softcap,
+            ext.grad_block_(zg, y[s:e].index_select(0, g), st.row_max.index_select(0, g),
+                            st.lse.index_select(0, g), None, bf, 0, V, cfg.softcap,
                             cfg.label_smoothing, cfg.z_loss, db)
             dx_parts.append(torch.mm(zg, w))
-            xg = x[s:e].index_select(0, g)
-            if dt == torch.float32:
-                dw.addmm_(zg.t(), xg)
-            else:
-                dw += torch.mm(zg.t(), xg)
+            add_mm(dw, zg.t(), x[s:e].index_select(0, g))
         del buf
         if dt != torch.float32:
             dw = dw.to(dt)  # every partial sum was fp32: one rounding
         dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
-        return ForwardOut(*out, dx, dw, db), sel
+        return ForwardOut.of(out, dx, dw, db), sel
 
     # ------------------------------------------------------------------ backward
     @cpu_fp32_call
@@ -288,31 +285,21 @@ class NativeBackend(BackendBase):
         if M == 0:
             dw.zero_()
             return GradOut(dx.to(dt), dw, db)
-        elem = torch.finfo(dt).bits // 8
-        budget = cfg.chunk_elems * 4
-        vb = min(V, max(256, budget // (M * elem)))
-        rc = max(1, min(M, budget // (vb * elem)))
-        buf = torch.empty(min(rc, M) * vb, dtype=dt)
-        for v0 in range(0, V, vb):
-            v1 = min(V, v0 + vb)
+        rc, vb = vocab_blocks(M, V, cfg, dt)
+        buf = torch.empty(rc * vb, dtype=dt)
+        for v0, v1 in spans(V, vb):
             wb = w[v0:v1]
             dw_blk = torch.zeros(v1 - v0, D, dtype=torch.float32) if rc < M else None
-            for s in range(0, M, rc):
-                e = min(M, s + rc)
+            for s, e in spans(M, rc):
                 z = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
                 torch.mm(x[s:e], wb.t(), out=z)
                 ext.grad_block_(z, y[s:e], row_max[s:e], lse[s:e], row_scale[s:e], bf, v0, V, cfg.softcap,
                                 cfg.label_smoothing, cfg.z_loss, None if db is None else db[v0:v1])
-                if dt == torch.float32:
-                    dx[s:e].addmm_(z, wb)
-                else:
-                    dx[s:e] += torch.mm(z, wb)
+                add_mm(dx[s:e], z, wb)
                 if dw_blk is None:
                     torch.mm(z.t(), x[s:e], out=dw[v0:v1])
-                elif dt == torch.float32:
-                    dw_blk.addmm_(z.t(), x[s:e])
                 else:
-                    dw_blk += torch.mm(z.t(), x[s:e])
+                    add_mm(dw_blk, z.t(), x[s:e])
             if dw_blk is not None:
                 dw[v0:v1] = dw_blk
         return GradOut(dx.to(dt), dw, db)

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from ._gemm import f32_epilogue, fast_f32_gemm, mm_f32
-from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect, cpu_fp32_call
+from ._gemm import add_mm, f32_epilogue, fast_f32_gemm, mm_f32
+from ._plan import rows_per_chunk, spans, vocab_blocks
+from .base import (
+    BackendBase,
+    CEConfig,
+    ForwardOut,
+    GradOut,
+    RowSelect,
+    RowStats,
+    cpu_fp32_call,
+    select_rows,
+)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -94,11 +104,10 @@ class TorchBackend(BackendBase):
         cfg: CEConfig,
         n_grad: int,
     ) -> ForwardOut:
-        def grad_rows(s, e, row_max, lse, gold, ent):
+        def grad_rows(s: int, e: int, st: RowStats) -> torch.Tensor:
             return torch.arange(max(0, min(e, n_grad) - s), device=x.device)
 
-        fo, _ = self._sweep(x, w, b, y, cfg, grad_rows if n_grad else None)
-        return fo
+        return self._sweep(x, w, b, y, cfg, grad_rows if n_grad else None)
 
     @cpu_fp32_call
     def forward_rowwise(
@@ -119,32 +128,26 @@ class TorchBackend(BackendBase):
         """
         sel = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
-        def grad_rows(s, e, row_max, lse, gold, ent):
-            m = row_select(s, e, row_max, lse, gold, ent)
+        def grad_rows(s: int, e: int, st: RowStats) -> torch.Tensor:
+            m = select_rows(row_select, s, e, st)
             sel[s:e] = m
             return m.nonzero().squeeze(1)
 
-        fo, _ = self._sweep(x, w, b, y, cfg, grad_rows)
-        return fo, sel
+        return self._sweep(x, w, b, y, cfg, grad_rows), sel
 
-    def _sweep(self, x, w, b, y, cfg: CEConfig, grad_rows) -> tuple[ForwardOut, None]:
-        """Row chunks over the full vocabulary: statistics, and the gradient of chosen rows."""
+    def _sweep(self, x, w, b, y, cfg: CEConfig, grad_rows) -> ForwardOut:
+        """Row chunks over the full vocabulary: statistics, and the gradient of the rows
+        ``grad_rows(start, end, chunk RowStats) -> int64 [k]`` chooses (None: no gradient)."""
         M, D = x.shape
         V = w.shape[0]
         dev = x.device
         acc = _acc(x.dtype)
-        mx = torch.empty(M, device=dev, dtype=acc)
-        lse = torch.empty_like(mx)
-        gold = torch.empty_like(lse)
-        ent = torch.empty_like(lse)
-        zsum = torch.empty_like(lse)
+        out = RowStats.empty(M, device=dev, dtype=acc)
         want = grad_rows is not None
         dx_parts: list[torch.Tensor] = []
         dw = torch.zeros(V, D, device=dev, dtype=acc) if want else None
         db = torch.zeros(V, device=dev, dtype=acc) if (want and b is not None) else None
-        rows = max(1, min(M, cfg.chunk_elems // max(V, 1)))
-        for s in range(0, M, rows):
-            e = min(M, s + rows)
+        for s, e in spans(M, rows_per_chunk(M, V, cfg, acc)):
             z = _logits(x[s:e], w, b, cfg)
             c_max = z.amax(dim=1)
             z.sub_(c_max.unsqueeze(1))  # relative to the row max from here on
@@ -152,14 +155,17 @@ class TorchBackend(BackendBase):
             c_sum = p.sum(1)
             c_lse = c_sum.log()
             p.div_(c_sum.unsqueeze(1))  # softmax
-            mx[s:e] = c_max
-            lse[s:e] = c_lse
-            gold[s:e] = z.gather(1, y[s:e].unsqueeze(1)).squeeze(1)
-            # 0 log 0 = 0: p * z is NaN only where p = 0 and z = -inf (a NaN logit makes lse NaN)
-            ent[s:e] = c_lse - (p * z).nansum(1)
-            zsum[s:e] = z.sum(1)
+            st = RowStats(
+                row_max=c_max,
+                lse=c_lse,
+                gold=z.gather(1, y[s:e].unsqueeze(1)).squeeze(1),
+                # 0 log 0 = 0: p * z is NaN only where p = 0 and z = -inf (a NaN logit makes lse NaN)
+                entropy=c_lse - (p * z).nansum(1),
+                sum_logits=z.sum(1),
+            )
+            out.put(s, e, st)
             if want:
-                g = grad_rows(s, e, c_max, c_lse, gold[s:e], ent[s:e])
+                g = grad_rows(s, e, st)
                 if g.numel():
                     full = g.numel() == e - s
                     pg = p if full else p.index_select(0, g)
@@ -169,17 +175,14 @@ class TorchBackend(BackendBase):
                                    y[s:e].index_select(0, g), None, V, cfg)
                     dzc = dz.to(x.dtype)
                     dx_parts.append(dzc @ w)
-                    if x.dtype == acc:
-                        dw.addmm_(dzc.t(), xg)
-                    else:
-                        dw += (dzc.t() @ xg).to(acc)
+                    add_mm(dw, dzc.t(), xg)
                     if db is not None:
                         db += dz.sum(0)
             del z, p
         dx = None
         if want:
             dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
-        return ForwardOut(mx, lse, gold, ent, zsum, dx, dw, db), None
+        return ForwardOut.of(out, dx, dw, db)
 
     @cpu_fp32_call
     def backward(
@@ -205,16 +208,13 @@ class TorchBackend(BackendBase):
             if db is not None:
                 db.zero_()
             return GradOut(dx_acc.to(x.dtype), dw, db)
-        # vocabulary blocks of >= 256 columns; rows chunked only when M alone exceeds the budget
-        vb = max(256, cfg.chunk_elems // M)
-        rc = max(1, min(M, cfg.chunk_elems // min(vb, V)))
-        for v0 in range(0, V, vb):
-            v1 = min(V, v0 + vb)
+        # the one recompute plan (backends/_plan.py); rows chunked only when M alone exceeds it
+        rc, vb = vocab_blocks(M, V, cfg, acc)
+        for v0, v1 in spans(V, vb):
             wb = w[v0:v1]
             bb = b[v0:v1] if b is not None else None
             dw_blk = torch.zeros(v1 - v0, D, device=dev, dtype=acc) if rc < M else None
-            for s in range(0, M, rc):
-                e = min(M, s + rc)
+            for s, e in spans(M, rc):
                 z = _logits(x[s:e], wb, bb, cfg)
                 z.sub_(row_max[s:e].unsqueeze(1))
                 p = torch.exp(z - lse[s:e].unsqueeze(1))
@@ -222,10 +222,7 @@ class TorchBackend(BackendBase):
                 hit = ((ys >= v0) & (ys < v1)).to(acc)
                 dz = _dlogits_(p, z, row_max[s:e], lse[s:e], row_scale[s:e], ys - v0, hit, V, cfg)
                 dzc = dz.to(x.dtype)
-                if x.dtype == acc:
-                    dx_acc[s:e].addmm_(dzc, wb)
-                else:
-                    dx_acc[s:e] += (dzc @ wb).to(acc)
+                add_mm(dx_acc[s:e], dzc, wb)
                 part = dzc.t() @ x[s:e]
                 if dw_blk is None:
                     dw[v0:v1] = part

@@ -7,7 +7,7 @@ Paths (the design is in ``docs/triton.md``):
 
 * statistics only (``n_grad == 0``, the scoring / select pass, and the masked rows after the
   kept ones): one fused kernel, logits never leave registers;
-* gradient rows: row chunks of ``cfg.chunk_elems // V`` rows; logits by ``torch.mm`` into a
+* gradient rows: row chunks (``_plan.rows_per_chunk``); logits by ``torch.mm`` into a
   reused ``[chunk, V]`` buffer, one Triton row kernel computes the statistics and overwrites
   the buffer with ``d(loss)/d(raw logits)``, then ``dx = G @ W`` and ``dW += G^T @ X`` (fp32);
   half-precision inputs with a bias or softcap get an fp32 logits buffer (cuBLAS'
@@ -18,7 +18,6 @@ Paths (the design is in ``docs/triton.md``):
 
 from __future__ import annotations
 
-import math
 from types import ModuleType
 
 import torch
@@ -26,7 +25,9 @@ import torch
 from .._env import triton_interpret
 from ._gemm import f32_epilogue
 from ._gemm import mm_f32 as _mm_f32
-from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect
+from ._plan import rows_per_chunk as _rows_per_chunk
+from ._plan import spans, vocab_blocks
+from .base import BackendBase, CEConfig, ForwardOut, GradOut, RowSelect, RowStats, select_rows
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _kernels: ModuleType | None = None
@@ -40,16 +41,6 @@ def _load_kernels() -> ModuleType:
 
         _kernels = kernels
     return _kernels
-
-
-def _budget(cfg: CEConfig, dtype: torch.dtype) -> int:
-    """Logits elements of ``dtype`` held at once: the bytes of ``cfg.chunk_elems`` fp32 elements."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return max(1, cfg.chunk_elems * 4 // size)
-
-
-def _rows_per_chunk(n: int, V: int, cfg: CEConfig, dtype: torch.dtype) -> int:
-    return max(1, min(n, _budget(cfg, dtype) // max(V, 1)))
 
 
 def _logits_dtype(x: torch.Tensor, b: torch.Tensor | None, cfg: CEConfig) -> torch.dtype:
@@ -85,9 +76,11 @@ def _logits_mm(out: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> None:
 STATS_MODE = "cublas"
 
 
-def _select(row_select: RowSelect, s: int, e: int, stats: torch.Tensor) -> torch.Tensor:
-    """``row_select`` on rows ``[s, e)`` of the ``[5, M]`` statistics: bool ``[e - s]``."""
-    return row_select(s, e, *stats[:4, s:e])
+def _stats_buffer(M: int, device: torch.device) -> tuple[torch.Tensor, RowStats]:
+    """The kernels' packed fp32 ``[5, M]`` statistics buffer (rows in :class:`RowStats` field
+    order, the layout ``_triton.kernels`` writes) and its named views."""
+    buf = torch.empty(len(RowStats._fields), M, dtype=torch.float32, device=device)
+    return buf, RowStats(*buf.unbind(0))
 
 
 class TritonBackend(BackendBase):
@@ -156,12 +149,12 @@ class TritonBackend(BackendBase):
         """
         M = x.shape[0]
         x, w, b, y = self._prep(x, w, b, y)
-        stats = torch.empty(5, M, dtype=torch.float32, device=x.device)
+        stats, st = _stats_buffer(M, x.device)
         dx = dw = db = None
         V = w.shape[0]
         if n_grad and n_grad <= _rows_per_chunk(n_grad, V, cfg, _logits_dtype(x, b, cfg)):
             # one row chunk holds every gradient row: Liger-style, 3 GEMMs, dW written once
-            dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, n_grad, None)
+            dx, dw, db, _ = self._grad_sweep(x, w, b, y, cfg, stats, n_grad)
             if M > n_grad:
                 self._stats(x[n_grad:], w, b, y[n_grad:], cfg, stats[:, n_grad:])
         else:
@@ -170,9 +163,9 @@ class TritonBackend(BackendBase):
             self._stats(x, w, b, y, cfg, stats)
             if n_grad:
                 dx, dw, db = self._vocab_blocked_grad(
-                    x[:n_grad], w, b, y[:n_grad], stats[:2, :n_grad], None, cfg, w.dtype
+                    x[:n_grad], w, b, y[:n_grad], st.row_max[:n_grad], st.lse[:n_grad], None, cfg, w.dtype
                 )
-        return ForwardOut(*stats, dx, dw, db)
+        return ForwardOut.of(st, dx, dw, db)
 
     def forward_rowwise(
         self,
@@ -193,22 +186,21 @@ class TritonBackend(BackendBase):
         """
         x, w, b, y = self._prep(x, w, b, y)
         M = x.shape[0]
-        stats = torch.empty(5, M, dtype=torch.float32, device=x.device)
-        sel = torch.zeros(M, dtype=torch.bool, device=x.device)
+        stats, st = _stats_buffer(M, x.device)
         if M <= _rows_per_chunk(M, w.shape[0], cfg, _logits_dtype(x, b, cfg)):
             # one logits GEMM per row chunk serves the statistics, the selection and the gradient
-            dx, dw, db = self._grad_sweep(x, w, b, y, cfg, stats, M, (row_select, sel))
+            dx, dw, db, sel = self._grad_sweep(x, w, b, y, cfg, stats, M, row_select)
         else:
             # many chunks (GPU): statistics and selection chunk by chunk, then the selected rows'
             # gradient by vocabulary blocks (dW formed once in w.dtype; no fp32 [V, D] updated
             # once per chunk, which costs more memory traffic than the extra logits GEMM)
-            self._stats(x, w, b, y, cfg, stats, row_select=row_select, sel=sel)
+            sel = self._stats(x, w, b, y, cfg, stats, row_select=row_select)
             idx = sel.nonzero().squeeze(1)
             dx, dw, db = self._vocab_blocked_grad(
-                x.index_select(0, idx), w, b, y.index_select(0, idx), stats[:2].index_select(1, idx),
-                None, cfg, w.dtype,
+                x.index_select(0, idx), w, b, y.index_select(0, idx), st.row_max.index_select(0, idx),
+                st.lse.index_select(0, idx), None, cfg, w.dtype,
             )
-        return ForwardOut(*stats, dx, dw, db), sel
+        return ForwardOut.of(st, dx, dw, db), sel
 
     # ----------------------------------------------------------------- backward
     def backward(
@@ -235,30 +227,32 @@ class TritonBackend(BackendBase):
             fp32 or None.
         """
         x, w, b, y = self._prep(x, w, b, y)
-        parts = torch.stack((row_max, lse)).to(torch.float32)
-        row_scale = row_scale.to(torch.float32).contiguous()
-        return GradOut(*self._vocab_blocked_grad(x, w, b, y, parts, row_scale, cfg, w.dtype))
+        f32 = torch.float32
+        row_max, lse = row_max.to(f32).contiguous(), lse.to(f32).contiguous()
+        row_scale = row_scale.to(f32).contiguous()
+        return GradOut(*self._vocab_blocked_grad(x, w, b, y, row_max, lse, row_scale, cfg, w.dtype))
 
     # ----------------------------------------------------------------- internals
     @staticmethod
-    def _stats(x, w, b, y, cfg, out, row_select=None, sel=None) -> None:
+    def _stats(x, w, b, y, cfg, out, row_select: RowSelect | None = None) -> torch.Tensor | None:
         """Statistics ``[5, M]`` of rows that need no gradient (see :data:`STATS_MODE`); with
-        ``row_select``, each chunk's selection is written into the bool ``sel`` [M]."""
+        ``row_select``, returns the bool ``[M]`` selection it made chunk by chunk (else None)."""
         k = _load_kernels()
         if row_select is None and (k.INTERPRETED or not x.is_cuda or STATS_MODE == "fused"):
             k.fused_stats(x, w, b, y, cfg.softcap, out)
-            return
+            return None
         M, V = x.shape[0], w.shape[0]
+        sel = None if row_select is None else torch.zeros(M, dtype=torch.bool, device=x.device)
         rows = _rows_per_chunk(M, V, cfg, _logits_dtype(x, b, cfg))
         buf, _ = _logits_buffers(rows, V, x, b, cfg, grad=False)
-        for s in range(0, M, rows):
-            e = min(M, s + rows)
+        for s, e in spans(M, rows):
             g = buf[: e - s]
             _logits_mm(g, x[s:e], w.t())
             k.rows_pass(g, b, y[s:e], softcap=cfg.softcap, z_loss=0.0, label_smoothing=0.0,
                         stats_out=out[:, s:e], grad=False)
-            if row_select is not None:
-                sel[s:e] = _select(row_select, s, e, out)
+            if sel is not None:
+                sel[s:e] = select_rows(row_select, s, e, RowStats(*out[:, s:e].unbind(0)))
+        return sel
 
     @staticmethod
     def _prep(x, w, b, y):
@@ -276,10 +270,10 @@ class TritonBackend(BackendBase):
         if db is not None:
             db += g.sum(0, dtype=torch.float32)
 
-    def _vocab_blocked_grad(self, x, w, b, y, lse_parts, row_scale, cfg, dw_dtype):
+    def _vocab_blocked_grad(self, x, w, b, y, row_max, lse, row_scale, cfg, dw_dtype):
         """Gradient of ``sum_i row_scale[i] * loss_i`` (scale 1 when None) by vocabulary blocks.
 
-        ``lse_parts``: ``[2, n]`` fp32 row maximum and log-sum-exp relative to it. Each block
+        ``row_max``, ``lse``: ``[n]`` fp32, as :class:`RowStats` names them. Each block
         of ``vb`` columns ``[v0, v1)`` and ``rc`` rows: logits ``x @ w[v0:v1].T``, the row
         kernel turns them into the gradient (in place, or into the half buffer after fp32
         logits, see :func:`_logits_buffers`), ``dx += G @ w[v0:v1]`` (fp32) and ``dW[v0:v1] (+)= G^T @ x``. With up to
@@ -295,17 +289,9 @@ class TritonBackend(BackendBase):
         db = torch.zeros(V, dtype=torch.float32, device=dev) if b is not None else None
         if n == 0:
             return x.new_empty(0, D), torch.zeros(V, D, dtype=dw_dtype, device=dev), db
-        # blocks of rc rows x vb columns (rc * vb <= budget). Every block re-reads and writes
-        # an fp32 slice of dx (rc x D) and, unless rc covers all rows, of dW (vb x D): square
-        # blocks minimise that traffic; all rows in one block when they fit (dW written once)
-        budget = _budget(cfg, _logits_dtype(x, b, cfg))
-        if budget // n >= min(V, 256):
-            rc = n  # every row in each vocabulary block: dW[v0:v1] by one GEMM, written once
-        else:
-            rc = min(n, max(math.isqrt(budget), -(-budget // V)))
-        # block widths (the buffer's row stride) in multiples of 128 elements: cuBLAS needs
-        # 16-byte aligned leading dimensions for its tensor-core kernels
-        vb = min(V, max(128, budget // rc // 128 * 128))
+        # blocks of rc rows x vb columns (the one plan, backends/_plan.py); the block width is
+        # the buffer's row stride, 128-aligned for cuBLAS
+        rc, vb = vocab_blocks(n, V, cfg, _logits_dtype(x, b, cfg))
         one_gemm = rc >= n
         dx = torch.zeros(n, D, dtype=torch.float32, device=dev)
         dw = torch.empty(V, D, dtype=dw_dtype if one_gemm else torch.float32, device=dev)
@@ -313,16 +299,14 @@ class TritonBackend(BackendBase):
             dw.zero_()
         buf, gbuf = _logits_buffers(min(rc, n), vb, x, b, cfg)
         opts = dict(softcap=cfg.softcap, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
-        for v0 in range(0, V, vb):
-            v1 = min(V, v0 + vb)
+        for v0, v1 in spans(V, vb):
             wb = w[v0:v1]
             bb = b[v0:v1] if b is not None else None
-            for s in range(0, n, rc):
-                e = min(n, s + rc)
+            for s, e in spans(n, rc):
                 z = buf[: e - s, : v1 - v0]  # row stride vb (aligned) also for the last block
                 _logits_mm(z, x[s:e], wb.t())
                 g = z if gbuf is None else gbuf[: e - s, : v1 - v0]
-                k.rows_pass(z, bb, y[s:e], row_max=lse_parts[0, s:e], lse=lse_parts[1, s:e],
+                k.rows_pass(z, bb, y[s:e], row_max=row_max[s:e], lse=lse[s:e],
                             row_scale=None if row_scale is None else row_scale[s:e],
                             v_off=v0, vocab=V, out=g, **opts)
                 _mm_f32(dx[s:e], g, wb, accumulate=True)
@@ -331,9 +315,10 @@ class TritonBackend(BackendBase):
                     db[v0:v1] += g.sum(0, dtype=torch.float32)
         return dx.to(x.dtype), dw, db
 
-    def _grad_sweep(self, x, w, b, y, cfg, stats, n, rowwise):
+    def _grad_sweep(self, x, w, b, y, cfg, stats, n, row_select: RowSelect | None = None):
         """Row chunks of the first ``n`` rows through the logits buffer: statistics into
-        ``stats`` and the gradient of every row (or of the rows ``rowwise`` selects)."""
+        ``stats`` and the gradient of every row, or of the rows ``row_select`` picks chunk by
+        chunk. Returns ``(dx, dw, db, sel)``: ``sel`` bool ``[n]`` with ``row_select``, else None."""
         k = _load_kernels()
         V, D = w.shape
         dev = x.device
@@ -342,33 +327,34 @@ class TritonBackend(BackendBase):
         rows = _rows_per_chunk(n, V, cfg, _logits_dtype(x, b, cfg))
         buf, gbuf = _logits_buffers(rows, V, x, b, cfg)
         opts = dict(softcap=cfg.softcap, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
-        if rowwise is None:
+        sel = None
+        if row_select is None:
             dx = torch.empty(n, D, dtype=x.dtype, device=dev)
         else:
-            row_select, sel = rowwise
+            sel = torch.zeros(n, dtype=torch.bool, device=dev)
             dx_parts: list[torch.Tensor] = []
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
+        for s, e in spans(n, rows):
             z = buf[: e - s]
             _logits_mm(z, x[s:e], w.t())
             g = z if gbuf is None else gbuf[: e - s]
-            if rowwise is None:
+            if row_select is None:
                 k.rows_pass(z, b, y[s:e], stats_out=stats[:, s:e], out=g, **opts)
                 self._grad_gemms(g, x[s:e], w, dx[s:e], dw, db)
                 continue
             k.rows_pass(z, b, y[s:e], stats_out=stats[:, s:e], grad=False, **opts)
-            m = _select(row_select, s, e, stats)
+            chunk = RowStats(*stats[:, s:e].unbind(0))
+            m = select_rows(row_select, s, e, chunk)
             sel[s:e] = m
             idx = m.nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue
-            k.rows_pass(z, b, y[s:e], row_max=stats[0, s:e], lse=stats[1, s:e], rows=idx, out=g, **opts)
+            k.rows_pass(z, b, y[s:e], row_max=chunk.row_max, lse=chunk.lse, rows=idx, out=g, **opts)
             full = idx.numel() == e - s
             gs = g if full else g.index_select(0, idx)
             xs = x[s:e] if full else x[s:e].index_select(0, idx)
             part = torch.empty(idx.numel(), D, dtype=x.dtype, device=dev)
             self._grad_gemms(gs, xs, w, part, dw, db)
             dx_parts.append(part)
-        if rowwise is not None:
+        if row_select is not None:
             dx = torch.cat(dx_parts) if dx_parts else x.new_empty(0, D)
-        return dx, dw, db
+        return dx, dw, db, sel

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..lm_head import LMHeadSpec, lm_head_spec
-from ..ops import masked_ce
+from ..loss.api import masked_ce
+from ..loss.validate import check_num_items
 from ..stats import TokenStats
 from ._patch_state import MASK_LIKE, XTFPatch
 from .distributed import count_kept_tokens
@@ -69,15 +70,10 @@ def _check_num_items(num_items: Any, labels: torch.Tensor, keep: torch.Tensor | 
     """Zero ``num_items_in_batch``: None (loss 0) when nothing is kept here, else an error."""
     if num_items is None:
         return None
-    if isinstance(num_items, bool) or not isinstance(num_items, int | float | torch.Tensor):
-        raise TypeError(
-            f"num_items_in_batch: expected an int or a 0-d tensor, got {type(num_items).__name__}"
-        )
-    if isinstance(num_items, torch.Tensor) and num_items.numel() != 1:
-        raise ValueError(f"num_items_in_batch: expected a 0-d tensor, got shape {tuple(num_items.shape)}")
-    if isinstance(num_items, torch.Tensor):
-        num_items = num_items.reshape(())
-    if isinstance(num_items, torch.Tensor) and num_items.device.type != "cpu":
+    if isinstance(num_items, torch.Tensor) and num_items.numel() == 1:
+        num_items = num_items.reshape(())  # Trainers hand a [1] tensor too
+    value = check_num_items(num_items, name="num_items_in_batch")
+    if value is None:
         # no host sync: an async device assert, then a divisor that is never 0
         n_here = count_kept_tokens(labels, keep, shift=shift, position_ids=position_ids)
         torch._assert_async(
@@ -85,9 +81,7 @@ def _check_num_items(num_items: Any, labels: torch.Tensor, keep: torch.Tensor | 
             "num_items_in_batch is 0 but this micro-batch has kept tokens",
         )
         return num_items.clamp_min(1)
-    if float(num_items) < 0:
-        raise ValueError(f"num_items_in_batch: expected >= 0, got {float(num_items)}")
-    if float(num_items) == 0:
+    if value == 0:
         n_here = int(count_kept_tokens(labels, keep, shift=shift, position_ids=position_ids))
         if n_here:
             raise ValueError(

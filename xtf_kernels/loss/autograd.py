@@ -86,11 +86,7 @@ class MaskedCE(torch.autograd.Function):
             dh, dw, db = formed_grads(grad_loss=grad_loss, divisor=divisor, dx=dx, dw=d_w, db=d_b,
                                       src_kept=src_kept, hidden_shape=ctx.hidden_shape, need=ctx.need)
         else:
-            g = RecomputeGrad(*ctx.saved_tensors)
-            dh, dw, db = recompute_grads(
-                backend=ctx.backend, cfg=ctx.cfg, reduction=ctx.reduction, grad_loss=grad_loss,
-                divisor=g.divisor, hidden_rows=g.hidden_rows, weight=g.weight, bias=g.bias,
-                labels_kept=g.labels_kept, row_max_kept=g.row_max_kept, lse_kept=g.lse_kept,
-                src_kept=g.src_kept, kept_pos=g.kept_pos, hidden_shape=ctx.hidden_shape, need=ctx.need,
-            )
+            dh, dw, db = recompute_grads(RecomputeGrad(*ctx.saved_tensors), backend=ctx.backend,
+                                         cfg=ctx.cfg, reduction=ctx.reduction, grad_loss=grad_loss,
+                                         hidden_shape=ctx.hidden_shape, need=ctx.need)
         return dh, dw, None, db, None, None, None, None, None

@@ -1,7 +1,8 @@
 """The backend-independent math of masked_ce, as plain functions (no autograd, no global state).
 
 Label positions and row compaction (:func:`positions`, :func:`row_order`), scattering the
-backends' per-row statistics back to label positions (:func:`scatter_stats`), the loss
+backends' per-row statistics back to label positions (:func:`scatter_stats`), the public
+:class:`~xtf_kernels.stats.TokenStats` of them (:func:`token_stats`, the one place), the loss
 formula (:func:`token_loss`), reductions (:func:`reduce_loss`), and the gradients
 (:func:`recompute_grads`, :func:`formed_grads`). :mod:`.forward` strings them into one
 forward; the autograd Function and the torch.library custom ops are thin layers over both.
@@ -17,8 +18,11 @@ from typing import NamedTuple
 
 import torch
 
-from ..backends.base import Backend, CEConfig, ForwardOut
+from ..backends.base import Backend, CEConfig, RowStats
 from ..documents import counted_mask
+from ..stats import TokenStats
+
+__all__ = ["RowStats"]  # re-exported: the statistics at label positions have the backends' type
 
 
 class Positions(NamedTuple):
@@ -63,31 +67,42 @@ def row_order(pos: Positions, *, with_masked: bool) -> tuple[torch.Tensor, int]:
     return torch.cat([kept_pos, other]), kept_pos.numel()
 
 
-class RowStats(NamedTuple):
-    """Per label position ``[N]`` (NaN where not scored), relative to ``row_max`` but itself."""
-
-    row_max: torch.Tensor
-    lse: torch.Tensor
-    gold: torch.Tensor
-    entropy: torch.Tensor
-    sum_logits: torch.Tensor
-
-
-def scatter_stats(fo: ForwardOut, *, rows: torch.Tensor, n_tok: int, acc: torch.dtype) -> RowStats:
-    """The backend's per-row statistics of ``rows`` (label positions) at their positions."""
-    parts = torch.full((5, n_tok), float("nan"), dtype=acc, device=rows.device)
-    parts[:, rows] = torch.stack(fo[:5])
-    return RowStats(*parts.unbind(0))
-
-
-def relevance(x: torch.Tensor, task_vector: torch.Tensor, *, rows: torch.Tensor, n_tok: int,
-              acc: torch.dtype) -> torch.Tensor:
-    """``[N]`` cosine(hidden row, task_vector) at the label positions ``rows`` (NaN elsewhere);
-    ``x`` holds the compacted hidden rows in ``rows``' order."""
-    out = torch.full((n_tok,), float("nan"), dtype=acc, device=x.device)
-    tv = task_vector.to(x.device, acc)
-    out[rows] = torch.nn.functional.cosine_similarity(x.to(acc), tv.unsqueeze(0), dim=1)
+def at_positions(values: torch.Tensor, *, rows: torch.Tensor, n_tok: int, acc: torch.dtype) -> torch.Tensor:
+    """``[N]`` (``N = n_tok``) in ``acc``: ``values`` ``[M]`` at the label positions ``rows``
+    ``[M]``, NaN elsewhere."""
+    out = torch.full((n_tok,), float("nan"), dtype=acc, device=rows.device)
+    out[rows] = values.to(acc)
     return out
+
+
+def scatter_stats(st: RowStats, *, rows: torch.Tensor, n_tok: int, acc: torch.dtype) -> RowStats:
+    """The backend's per-row statistics of ``rows`` (label positions) at their positions
+    (:class:`RowStats` of ``[N]``, NaN where not scored)."""
+    return RowStats(*(at_positions(f, rows=rows, n_tok=n_tok, acc=acc) for f in st))
+
+
+def relevance(x: torch.Tensor, task_vector: torch.Tensor, *, acc: torch.dtype) -> torch.Tensor:
+    """``[M]`` cosine(hidden row, task_vector) in ``acc`` of the rows ``x`` ``[M, D]`` (computed
+    once per forward; the rowwise ``select`` chunks and the outputs share it)."""
+    tv = task_vector.to(x.device, acc)
+    return torch.nn.functional.cosine_similarity(x.to(acc), tv.unsqueeze(0), dim=1)
+
+
+def token_stats(st: RowStats, *, keep: torch.Tensor, ref_logprobs: torch.Tensor | None = None,
+                relevance: torch.Tensor | None = None) -> TokenStats:
+    """The public :class:`TokenStats` of the statistics ``st`` (every tensor one shape, the
+    keep mask ``keep`` bool, ``ref_logprobs`` / ``relevance`` fp32 or None):
+    ``logprob = gold - lse`` and ``lse = row_max + lse`` (both exact relative to the row maximum)."""
+    logprob = st.gold - st.lse
+    return TokenStats(
+        logprob=logprob,
+        prob=logprob.exp(),
+        entropy=st.entropy,
+        lse=st.row_max + st.lse,
+        logprob_delta=None if ref_logprobs is None else logprob - ref_logprobs,
+        relevance=relevance,
+        keep=keep,
+    )
 
 
 def token_loss(st: RowStats, kept: torch.Tensor, *, label_smoothing: float, z_loss: float,
@@ -118,16 +133,24 @@ def reduce_loss(tok_loss: torch.Tensor, *, reduction: str, num_items, n_kept: in
     total = tok_loss.sum()
     if reduction == "sum":
         return total, None
-    acc = tok_loss.dtype
-    if num_items is None or n_kept == 0:
-        divisor = torch.as_tensor(max(n_kept, 1), dtype=acc, device=tok_loss.device)
-    else:
-        divisor = torch.as_tensor(num_items, dtype=acc, device=tok_loss.device)
-        if divisor.device.type == "cpu" and float(divisor) == 0:
-            raise ValueError(
-                f"num_items: 0 while {n_kept} tokens are kept; expected the (global) kept-token count"
-            )
+    divisor = mean_divisor(num_items, n_kept=n_kept, dtype=tok_loss.dtype, device=tok_loss.device)
     return total / divisor, divisor
+
+
+def mean_divisor(num_items, *, n_kept: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0-d ``dtype`` tensor: the divisor of ``reduction="mean"``, for the forward and for the
+    custom op's backward alike. ``num_items`` (checked by
+    :func:`.validate.check_num_items`), or the kept-token count when it is None; 1 when nothing
+    is kept. ``num_items = 0`` with kept tokens is an error where it can be read without a
+    device sync."""
+    if num_items is None or n_kept == 0:
+        return torch.as_tensor(max(n_kept, 1), dtype=dtype, device=device)
+    divisor = torch.as_tensor(num_items, dtype=dtype, device=device)
+    if divisor.device.type == "cpu" and float(divisor) == 0:
+        raise ValueError(
+            f"num_items: 0 while {n_kept} tokens are kept; expected the (global) kept-token count"
+        )
+    return divisor
 
 
 def scatter_rows(rows: torch.Tensor, src: torch.Tensor, hidden_shape: tuple[int, ...]) -> torch.Tensor:
@@ -145,42 +168,41 @@ class Need(NamedTuple):
     bias: bool
 
 
-def recompute_grads(
-    *,
-    backend: Backend,
-    cfg: CEConfig,
-    reduction: str,
-    grad_loss: torch.Tensor,
-    divisor: torch.Tensor | None,
-    hidden_rows: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels_kept: torch.Tensor,
-    row_max_kept: torch.Tensor,
-    lse_kept: torch.Tensor,
-    src_kept: torch.Tensor,
-    kept_pos: torch.Tensor,
-    hidden_shape: tuple[int, ...],
-    need: Need,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(d_hidden, d_weight, d_bias) by recomputing the logits of the kept rows.
+class RecomputeGrad(NamedTuple):
+    """What a backward recompute of the kept rows needs (the autograd Function saves these
+    tensors in this order; the custom op's backward rebuilds them)."""
 
-    ``hidden_rows`` is the flat ``[rows, D]`` hidden; ``src_kept`` / ``kept_pos`` the hidden
-    row and the label position of each kept row; ``row_max_kept`` / ``lse_kept`` their logit
-    maximum and log-sum-exp relative to it. ``grad_loss`` is per token (``"none"``, the
-    labels' shape) or a scalar, divided by ``divisor`` for ``"mean"``.
+    src_kept: torch.Tensor  #: [K] the hidden row of each kept row
+    hidden_rows: torch.Tensor  #: [rows, D] the flat hidden
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    labels_kept: torch.Tensor  #: [K] int64
+    row_max_kept: torch.Tensor  #: [K] fp32 logit maximum
+    lse_kept: torch.Tensor  #: [K] fp32 log-sum-exp relative to it
+    kept_pos: torch.Tensor  #: [K] the label position of each kept row
+    divisor: torch.Tensor | None  #: of "mean", else None
+
+
+def recompute_grads(g: RecomputeGrad, *, backend: Backend, cfg: CEConfig, reduction: str,
+                    grad_loss: torch.Tensor, hidden_shape: tuple[int, ...], need: Need,
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d_hidden, d_weight, d_bias) by recomputing the logits of the kept rows ``g``.
+
+    ``grad_loss`` is per token (``"none"``, the labels' shape) or a scalar, divided by
+    ``g.divisor`` for ``"mean"``.
     """
+    hidden_rows, kept_pos, src_kept, divisor = g.hidden_rows, g.kept_pos, g.src_kept, g.divisor
     dtype = hidden_rows.dtype
-    acc = lse_kept.dtype
+    acc = g.lse_kept.dtype
     if reduction == "none":
         row_scale = grad_loss.reshape(-1).to(acc).index_select(0, kept_pos)
     else:
-        g = grad_loss.to(acc)
+        scale = grad_loss.to(acc)
         if divisor is not None:
-            g = g / divisor
-        row_scale = g.expand(kept_pos.numel()).contiguous()
+            scale = scale / divisor
+        row_scale = scale.expand(kept_pos.numel()).contiguous()
     x = hidden_rows.index_select(0, src_kept)
-    go = backend.backward(x, weight, bias, labels_kept, row_max_kept, lse_kept, row_scale, cfg)
+    go = backend.backward(x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale, cfg)
     dh = scatter_rows(go.dx.to(dtype), src_kept, hidden_shape) if need.hidden else None
     dw = go.dw.to(dtype) if need.weight else None
     db = go.db.to(dtype) if (need.bias and go.db is not None) else None

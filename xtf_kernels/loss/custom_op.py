@@ -18,9 +18,9 @@ import torch
 
 from ..backends import resolve_backend
 from .context import SECOND_ORDER_MESSAGE
-from .core import Need, recompute_grads, source_rows
+from .core import Need, RecomputeGrad, mean_divisor, recompute_grads, source_rows
 from .forward import run_forward
-from .spec import MaskedCEOutputs, MaskedCESpec
+from .spec import BWD_OP_FIELDS, OP_FIELDS, MaskedCEOutputs, MaskedCESpec
 
 _Outs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
               torch.Tensor, torch.Tensor, torch.Tensor]
@@ -102,17 +102,18 @@ def masked_ce_bwd(
                         softcap=softcap, shift=shift, backend=backend, chunk_elems=chunk_elems)
     divisor = None
     if reduction == "mean":
-        divisor = num_items if num_items is not None else torch.as_tensor(
-            max(kept_pos.numel(), 1), dtype=lse_parts.dtype, device=lse_parts.device
-        )
+        divisor = mean_divisor(num_items, n_kept=kept_pos.numel(), dtype=lse_parts.dtype,
+                               device=lse_parts.device)
     parts_k = lse_parts.reshape(2, -1).index_select(1, kept_pos)
-    dh, dw, db = recompute_grads(
-        backend=resolve_backend(backend, hidden.device, hidden.dtype), cfg=spec.ce_config(),
-        reduction=reduction, grad_loss=grad_loss, divisor=divisor,
+    g = RecomputeGrad(
+        src_kept=source_rows(labels, shift=shift).index_select(0, kept_pos),
         hidden_rows=hidden.reshape(-1, hidden.shape[-1]), weight=weight.contiguous(), bias=bias,
         labels_kept=labels.reshape(-1).index_select(0, kept_pos), row_max_kept=parts_k[0],
-        lse_kept=parts_k[1], src_kept=source_rows(labels, shift=shift).index_select(0, kept_pos),
-        kept_pos=kept_pos, hidden_shape=tuple(hidden.shape),
+        lse_kept=parts_k[1], kept_pos=kept_pos, divisor=divisor,
+    )
+    dh, dw, db = recompute_grads(
+        g, backend=resolve_backend(backend, hidden.device, hidden.dtype), cfg=spec.ce_config(),
+        reduction=reduction, grad_loss=grad_loss, hidden_shape=tuple(hidden.shape),
         need=Need(hidden=True, weight=True, bias=bias is not None),
     )
     return dh, dw, db if db is not None else weight.new_empty((0,))
@@ -125,21 +126,25 @@ def _(grad_loss, hidden, weight, labels, bias, kept, lse_parts, num_items, reduc
     return torch.empty_like(hidden), torch.empty_like(weight), db
 
 
+#: the tensor arguments of ``masked_ce_fwd``, before the :data:`~.spec.OP_FIELDS`
+_FWD_TENSORS = 8
+
+
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, ignore_index,
-     reduction, label_smoothing, z_loss, softcap, shift, backend, chunk_elems, check_labels) = inputs
+    hidden, weight, labels, bias, _keep, _ref, _tv, num_items = inputs[:_FWD_TENSORS]
+    opts = dict(zip(OP_FIELDS, inputs[_FWD_TENSORS:], strict=True))
     out = MaskedCEOutputs(*output)
     ctx.save_for_backward(hidden, weight, labels, bias, out.keep, out.lse_parts, num_items)
-    ctx.kwargs = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-                      softcap=softcap, shift=shift, backend=backend, chunk_elems=chunk_elems)
+    ctx.kwargs = {k: opts[k] for k in BWD_OP_FIELDS}
     ctx.has_bias = bias is not None
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, grad_loss, *_unused):
     hidden, weight, labels, bias, kept, lse_parts, num_items = ctx.saved_tensors
     dh, dw, db = masked_ce_bwd(grad_loss, hidden, weight, labels, bias, kept, lse_parts, num_items,
                                **ctx.kwargs)
-    return (dh, dw, None, db if ctx.has_bias else None) + (None,) * 13
+    return (dh, dw, None, db if ctx.has_bias else None) + (None,) * (ctx.n_inputs - 4)
 
 
 def _no_double_backward(ctx, *grads):
@@ -167,9 +172,6 @@ def compiled_masked_ce(
     if num_items is not None and not isinstance(num_items, torch.Tensor):
         num_items = torch.tensor(float(num_items), device=hidden.device)
     outs = masked_ce_fwd(
-        hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items,
-        ignore_index=spec.ignore_index, reduction=spec.reduction, label_smoothing=spec.label_smoothing,
-        z_loss=spec.z_loss, softcap=spec.softcap, shift=spec.shift, backend=spec.backend,
-        chunk_elems=spec.chunk_elems, check_labels=spec.check_labels,
+        hidden, weight, labels, bias, keep, ref_logprobs, task_vector, num_items, **spec.op_args()
     )
     return MaskedCEOutputs(*outs)

@@ -16,13 +16,16 @@ from ..backends import Backend, CEConfig, resolve_backend
 from ..stats import TokenStats
 from .core import (
     Need,
+    RecomputeGrad,
     RowStats,
+    at_positions,
     positions,
     reduce_loss,
     relevance,
     row_order,
     scatter_stats,
     token_loss,
+    token_stats,
 )
 from .select import apply_select, chunk_selector, is_rowwise
 from .spec import MaskedCEOutputs, MaskedCESpec
@@ -47,20 +50,6 @@ class FormedGrad(NamedTuple):
     db: torch.Tensor | None
 
 
-class RecomputeGrad(NamedTuple):
-    """What a backward recompute of the kept rows needs."""
-
-    src_kept: torch.Tensor
-    hidden_rows: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    labels_kept: torch.Tensor
-    row_max_kept: torch.Tensor
-    lse_kept: torch.Tensor
-    kept_pos: torch.Tensor
-    divisor: torch.Tensor | None
-
-
 GradState = ZeroGrad | FormedGrad | RecomputeGrad | None
 
 
@@ -74,9 +63,9 @@ class ForwardResult(NamedTuple):
 class _Sweep(NamedTuple):
     """The backend's answer, with the final keep mask when a rowwise rule chose it."""
 
-    stats: RowStats
-    x: torch.Tensor  # compacted hidden rows, in ``rows`` order
-    rows: torch.Tensor  # their label positions
+    stats: RowStats  # at label positions [N]
+    relevance: torch.Tensor | None  # [M] of the compacted rows (task_vector given), else None
+    rows: torch.Tensor  # the compacted rows' label positions
     kept: torch.Tensor  # flat [N] keep mask
     kept_pos: torch.Tensor | None  # label positions of the gradient rows (None: select pending)
     fo_grad: tuple | None  # (dx, dw, db) formed in the forward, else None
@@ -111,21 +100,13 @@ def run_forward(
     sw = _sweep(be=be, cfg=cfg, spec=spec, h2=h2, w=w, b=b, y=y, pos=pos, need=need,
                 ref_logprobs=ref_logprobs, task_vector=task_vector, acc=acc)
     st, kept = sw.stats, sw.kept
-    lse = st.row_max + st.lse
-    logprob = st.gold - st.lse
-    delta = None if ref_logprobs is None else logprob - ref_logprobs.reshape(-1).to(acc)
-    rel = None
-    if task_vector is not None:
-        rel = relevance(sw.x, task_vector, rows=sw.rows, n_tok=y.numel(), acc=acc)
-    prob = logprob.exp()
+    rel = None if sw.relevance is None else at_positions(sw.relevance, rows=sw.rows, n_tok=y.numel(), acc=acc)
+    ts = token_stats(st, keep=kept, relevance=rel,
+                     ref_logprobs=None if ref_logprobs is None else ref_logprobs.reshape(-1).to(acc))
+    ts = TokenStats(*(None if t is None else t.view(lead) for t in ts))
     kept_pos = sw.kept_pos
     if kept_pos is None:  # a global select rule sees every token's statistics
-        stats = TokenStats(
-            logprob=logprob.view(lead), prob=prob.view(lead), entropy=st.entropy.view(lead),
-            lse=lse.view(lead), logprob_delta=None if delta is None else delta.view(lead),
-            relevance=None if rel is None else rel.view(lead), keep=kept.view(lead).clone(),
-        )
-        kept = apply_select(spec.select, stats, kept)
+        kept = apply_select(spec.select, ts._replace(keep=ts.keep.clone()), kept)
         kept_pos = kept.nonzero().squeeze(1)
     n_kept = kept_pos.numel()
     tok = token_loss(st, kept, label_smoothing=spec.label_smoothing, z_loss=spec.z_loss,
@@ -137,12 +118,12 @@ def run_forward(
     empty = torch.empty(0, device=dev)
     outputs = MaskedCEOutputs(
         loss=loss,
-        logprob=logprob.view(lead),
-        prob=prob.view(lead),
-        entropy=st.entropy.view(lead),
-        lse=lse.view(lead),
-        logprob_delta=empty if delta is None else delta.view(lead),
-        relevance=empty if rel is None else rel.view(lead),
+        logprob=ts.logprob,
+        prob=ts.prob,
+        entropy=ts.entropy,
+        lse=ts.lse,
+        logprob_delta=empty if ts.logprob_delta is None else ts.logprob_delta,
+        relevance=empty if ts.relevance is None else ts.relevance,
         keep=kept.view(lead),
         lse_parts=torch.stack((st.row_max, st.lse)).view(2, *lead),
     )
@@ -156,11 +137,12 @@ def _sweep(*, be, cfg, spec, h2, w, b, y, pos, need, ref_logprobs, task_vector, 
     ys = y.index_select(0, rows)
     scalar_grad = any(need) and spec.reduction != "none" and spec.grad_in_forward
     kept = pos.kept
+    rel = None if task_vector is None else relevance(x, task_vector, acc=acc)
     if scalar_grad and is_rowwise(spec.select):
         # a per-token select rule is applied chunk by chunk while the logits are in memory:
         # statistics, selection and gradient from one logits GEMM
-        row_select = chunk_selector(spec.select, x=x, rows=rows, kept=kept, ref_logprobs=ref_logprobs,
-                                    task_vector=task_vector, acc=acc)
+        row_select = chunk_selector(spec.select, rows=rows, kept=kept, ref_logprobs=ref_logprobs,
+                                    relevance=rel, acc=acc)
         fo, sel = be.forward_rowwise(x, w, b, ys, cfg, row_select)
         kept_pos = rows[sel]
         kept = torch.zeros_like(kept)
@@ -170,9 +152,9 @@ def _sweep(*, be, cfg, spec, h2, w, b, y, pos, need, ref_logprobs, task_vector, 
         grad_now = scalar_grad and spec.select is None
         fo = be.forward(x, w, b, ys, cfg, n_kept if grad_now else 0)
         kept_pos = rows[:n_kept] if spec.select is None else None
-    st = scatter_stats(fo, rows=rows, n_tok=y.numel(), acc=acc)
+    st = scatter_stats(fo.stats, rows=rows, n_tok=y.numel(), acc=acc)
     fo_grad = (fo.dx, fo.dw, fo.db) if grad_now else None
-    return _Sweep(stats=st, x=x, rows=rows, kept=kept, kept_pos=kept_pos, fo_grad=fo_grad)
+    return _Sweep(stats=st, relevance=rel, rows=rows, kept=kept, kept_pos=kept_pos, fo_grad=fo_grad)
 
 
 def _grad_state(*, need, n_kept, fo_grad, src, kept_pos, h2, w, b, y, st, divisor) -> GradState:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.base import RowSelect
+from ..backends.base import RowSelect, RowStats
 from ..stats import TokenStats
+from .core import token_stats
 from .spec import SelectFn
 from .validate import check_select_output
 
@@ -43,37 +44,30 @@ def is_rowwise(select: SelectFn | None) -> bool:
 def chunk_selector(
     select: SelectFn,
     *,
-    x: torch.Tensor,
     rows: torch.Tensor,
     kept: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
-    task_vector: torch.Tensor | None,
+    relevance: torch.Tensor | None,
     acc: torch.dtype,
 ) -> RowSelect:
     """Adapt a rowwise ``select`` to the backend's ``row_select(start, end, row_max, lse, gold, ent)``.
 
-    ``x`` ``[M, D]`` are the compacted hidden rows, ``rows`` ``[M]`` their label positions,
-    ``kept`` the flat ``[N]`` keep mask; the rule's answer is AND-ed with it.
+    ``rows`` ``[M]`` are the label positions of the compacted rows, ``kept`` the flat ``[N]``
+    keep mask (the rule's answer is AND-ed with it), ``ref_logprobs`` the caller's (any shape,
+    ``N`` elements) or None, ``relevance`` ``[M]`` the rows' cosine relevance or None.
     """
     kept_rows = kept.index_select(0, rows)
     ref_rows = None if ref_logprobs is None else ref_logprobs.reshape(-1).to(acc).index_select(0, rows)
-    tv = None if task_vector is None else task_vector.to(x.device, acc).unsqueeze(0)
 
     def row_select(s: int, e: int, row_max: torch.Tensor, lse: torch.Tensor, gold: torch.Tensor,
                    ent: torch.Tensor) -> torch.Tensor:
-        lp = gold - lse  # both relative to row_max
-        stats = TokenStats(
-            logprob=lp,
-            prob=lp.exp(),
-            entropy=ent,
-            lse=row_max + lse,
-            logprob_delta=None if ref_rows is None else lp - ref_rows[s:e],
-            relevance=None if tv is None else torch.nn.functional.cosine_similarity(
-                x[s:e].to(acc), tv, dim=1
-            ),
+        stats = token_stats(
+            RowStats(row_max, lse, gold, ent, sum_logits=None),  # type: ignore[arg-type]  (unread)
             keep=kept_rows[s:e].clone(),
+            ref_logprobs=None if ref_rows is None else ref_rows[s:e],
+            relevance=None if relevance is None else relevance[s:e],
         )
-        mask = check_select_output(select(stats), (e - s,), x.device)
+        mask = check_select_output(select(stats), (e - s,), rows.device)
         return mask & kept_rows[s:e]
 
     return row_select

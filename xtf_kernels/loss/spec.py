@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -18,6 +18,14 @@ from ..config import get_options
 from ..stats import TokenStats
 
 SelectFn = Callable[[TokenStats], torch.Tensor]
+
+#: the :class:`MaskedCESpec` fields that travel as ``xtf_kernels::masked_ce_fwd`` arguments, in
+#: its schema's order after the eight tensors (``select`` cannot live in a graph; the gradient
+#: is always recomputed there, so ``grad_in_forward`` and ``stats`` do not apply)
+OP_FIELDS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "shift", "backend",
+             "chunk_elems", "check_labels")
+#: those of them the backward op ``masked_ce_bwd`` takes
+BWD_OP_FIELDS = ("reduction", "label_smoothing", "z_loss", "softcap", "shift", "backend", "chunk_elems")
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,11 @@ class MaskedCESpec:
     grad_in_forward: bool | None = None
     chunk_elems: int | None = None
     check_labels: bool | None = None
+
+    def op_args(self) -> dict[str, Any]:
+        """The fields that travel as arguments of the custom op ``masked_ce_fwd``
+        (:data:`OP_FIELDS`, by name; the spec must be resolved)."""
+        return {f: getattr(self, f) for f in OP_FIELDS}
 
     def resolved(self) -> MaskedCESpec:
         """This spec with every option field set (from :func:`~xtf_kernels.get_options`)."""

@@ -161,28 +161,33 @@ def _check_scalars(*, ignore_index: Any, reduction: Any, num_items: Any, label_s
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
-def check_num_items(num_items: Any) -> None:
+def check_num_items(num_items: Any, *, name: str = "num_items") -> float | None:
     """A token count: an int, or a 0-d tensor holding a whole number >= 0 (a float tensor such
     as the compiled path passes is fine when it is whole; values on an accelerator are not
-    read back, to avoid a host sync)."""
+    read back, to avoid a host sync). The one check of a ``num_items`` (masked_ce's, the patched
+    models' ``num_items_in_batch``: ``name`` is the argument's name in the errors).
+
+    Returns the value as a float, or None when it lives on an accelerator (not read).
+    """
     if isinstance(num_items, torch.Tensor):
         if num_items.dim() != 0:
-            raise ValueError(f"num_items: expected an int or a 0-d tensor, got shape {_shape(num_items)}")
+            raise ValueError(f"{name}: expected an int or a 0-d tensor, got shape {_shape(num_items)}")
         if num_items.dtype == torch.bool or num_items.is_complex():
-            raise TypeError(f"num_items: expected an integer or float tensor, got dtype {num_items.dtype}")
+            raise TypeError(f"{name}: expected an integer or float tensor, got dtype {num_items.dtype}")
         if num_items.device.type != "cpu":
-            return
+            return None
         value = num_items.item()
     elif isinstance(num_items, bool) or not isinstance(num_items, int | float):
-        raise TypeError(f"num_items: expected an int or a 0-d tensor, got {type(num_items).__name__}")
+        raise TypeError(f"{name}: expected an int or a 0-d tensor, got {type(num_items).__name__}")
     else:
         value = num_items
     if not float(value).is_integer() and not _is_rank_share(value):
-        raise ValueError(f"num_items: expected a whole number of tokens, got {value} (under "
+        raise ValueError(f"{name}: expected a whole number of tokens, got {value} (under "
                          f"torch.distributed the count / world_size that global_num_items returns "
                          f"is accepted too)")
     if value < 0:
-        raise ValueError(f"num_items: expected >= 0, got {value}")
+        raise ValueError(f"{name}: expected >= 0, got {value}")
+    return float(value)
 
 
 def _world_size() -> int:
