@@ -24,9 +24,14 @@
 //   d loss / d raw_v = d loss / d z_v * (1 - (z_v / c)^2)        (softcap only)
 // Offsets are int64 everywhere (rows x vocab may exceed 2^31 elements).
 
-#include <torch/extension.h>
+// Only the ATen / c10 headers the kernels use (torch/extension.h alone takes ~35 s of the
+// first-use compile); the Python bindings are a separate translation unit,
+// masked_ce_bindings.cpp, which ninja compiles in parallel with this one.
+#include "masked_ce_cpu.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -433,7 +438,7 @@ struct ColumnSums {
   float* out;
   int64_t C;
   std::vector<float> bufs;
-  ColumnSums(const c10::optional<torch::Tensor>& db, int64_t cols) : out(nullptr), C(cols) {
+  ColumnSums(const c10::optional<at::Tensor>& db, int64_t cols) : out(nullptr), C(cols) {
     if (!db.has_value() || !db->defined()) return;
     TORCH_CHECK(db->scalar_type() == at::kFloat && db->is_contiguous() && db->dim() == 1 &&
                     db->size(0) == cols,
@@ -469,7 +474,7 @@ Params make_params(c10::optional<double> softcap, double ls, double zl, int64_t 
   return P;
 }
 
-void check_logits(const torch::Tensor& z, const char* name) {
+void check_logits(const at::Tensor& z, const char* name) {
   TORCH_CHECK(z.device().is_cpu(), name, ": expected a CPU tensor");
   TORCH_CHECK(z.dim() == 2, name, ": expected a 2-D [rows, cols] tensor, got ", z.dim(), "-D");
   TORCH_CHECK(z.stride(1) == 1, name, ": expected unit stride along the vocabulary");
@@ -478,7 +483,7 @@ void check_logits(const torch::Tensor& z, const char* name) {
               ": expected float32, bfloat16 or float16, got ", t);
 }
 
-const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t cols, int64_t offset) {
+const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t cols, int64_t offset) {
   if (!bias.has_value() || !bias->defined()) return nullptr;
   TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1,
               "bias: expected a contiguous 1-D float32 tensor");
@@ -487,7 +492,7 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t cols, in
   return bias->data_ptr<float>() + offset;
 }
 
-void check_rows(const torch::Tensor& t, int64_t rows, at::ScalarType dt, const char* name) {
+void check_rows(const at::Tensor& t, int64_t rows, at::ScalarType dt, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == rows && t.is_contiguous() && t.scalar_type() == dt,
               name, ": expected a contiguous 1-D ", dt, " tensor of ", rows, " entries");
 }
@@ -505,25 +510,27 @@ void dispatch_logits(at::ScalarType t, F&& f) {
 
 }  // namespace
 
+namespace xtf_native {
+
 // Statistics of every row of z [R, V] (the full vocabulary). For the first n_grad rows,
 // z is then overwritten with d loss / d raw logits (unit upstream gradient); db (optional,
 // fp32 [V]) += the column sums of that gradient in fp32.
 // Returns (row_max, lse, gold, entropy, sum_logits), each fp32 [R]; lse, gold and sum_logits
 // are relative to row_max (lse = log sum exp(z - row_max), gold = z_y - row_max, ...).
-std::vector<torch::Tensor> stats_and_grad(torch::Tensor z, torch::Tensor y,
-                                          c10::optional<torch::Tensor> bias,
+std::vector<at::Tensor> stats_and_grad(at::Tensor z, at::Tensor y,
+                                          c10::optional<at::Tensor> bias,
                                           c10::optional<double> softcap, double label_smoothing,
                                           double z_loss, int64_t n_grad,
-                                          c10::optional<torch::Tensor> db) {
+                                          c10::optional<at::Tensor> db) {
   check_logits(z, "z");
   const int64_t R = z.size(0), V = z.size(1);
   check_rows(y, R, at::kLong, "y");
   TORCH_CHECK(n_grad >= 0 && n_grad <= R, "n_grad: expected a value in [0, ", R, "], got ", n_grad);
   const float* b = bias_ptr(bias, V, 0);
   const Params P = make_params(softcap, label_smoothing, z_loss, V);
-  auto opts = torch::TensorOptions().dtype(torch::kFloat32);
-  auto mx = torch::empty({R}, opts), lse = torch::empty({R}, opts);
-  auto gold = torch::empty({R}, opts), ent = torch::empty({R}, opts), zsum = torch::empty({R}, opts);
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto mx = at::empty({R}, opts), lse = at::empty({R}, opts);
+  auto gold = at::empty({R}, opts), ent = at::empty({R}, opts), zsum = at::empty({R}, opts);
   const int64_t* yp = y.data_ptr<int64_t>();
   float *mp = mx.data_ptr<float>(), *lp = lse.data_ptr<float>(), *gp = gold.data_ptr<float>();
   float *ep = ent.data_ptr<float>(), *sp = zsum.data_ptr<float>();
@@ -555,10 +562,10 @@ std::vector<torch::Tensor> stats_and_grad(torch::Tensor z, torch::Tensor y,
 // row_scale[r] * d loss_r / d raw, given each row's maximum and log-sum-exp relative to it
 // (as stats_and_grad returns them). vocab = the full vocabulary size;
 // db (optional, fp32 [C]) += the column sums of the gradient in fp32.
-void grad_block_(torch::Tensor z, torch::Tensor y, torch::Tensor row_max, torch::Tensor lse,
-                 c10::optional<torch::Tensor> row_scale, c10::optional<torch::Tensor> bias,
+void grad_block_(at::Tensor z, at::Tensor y, at::Tensor row_max, at::Tensor lse,
+                 c10::optional<at::Tensor> row_scale, c10::optional<at::Tensor> bias,
                  int64_t v0, int64_t vocab, c10::optional<double> softcap, double label_smoothing,
-                 double z_loss, c10::optional<torch::Tensor> db) {
+                 double z_loss, c10::optional<at::Tensor> db) {
   check_logits(z, "z");
   const int64_t R = z.size(0), C = z.size(1);
   check_rows(y, R, at::kLong, "y");
@@ -592,11 +599,11 @@ void grad_block_(torch::Tensor z, torch::Tensor y, torch::Tensor row_max, torch:
 }
 
 // c * tanh(x / c) elementwise through the row kernels' softcap (a test hook).
-torch::Tensor softcap_values(torch::Tensor x, double c) {
+at::Tensor softcap_values(at::Tensor x, double c) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x: expected a contiguous float32 CPU tensor");
   TORCH_CHECK(c > 0, "c: expected a positive softcap, got ", c);
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   const float cf = static_cast<float>(c), inv = 1.0f / cf;
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -628,17 +635,4 @@ std::string build_info() {
   return s;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "xtf_kernels native CPU row kernels for the fused masked cross-entropy";
-  m.def("stats_and_grad", &stats_and_grad, "statistics of every row; gradient in place for the first n_grad rows",
-        py::arg("z"), py::arg("y"), py::arg("bias"), py::arg("softcap"), py::arg("label_smoothing"),
-        py::arg("z_loss"), py::arg("n_grad"), py::arg("db") = py::none());
-  m.def("grad_block_", &grad_block_, "gradient in place for a vocabulary block of logits",
-        py::arg("z"), py::arg("y"), py::arg("row_max"), py::arg("lse"), py::arg("row_scale"),
-        py::arg("bias"),
-        py::arg("v0"), py::arg("vocab"), py::arg("softcap"), py::arg("label_smoothing"),
-        py::arg("z_loss"), py::arg("db") = py::none());
-  m.def("softcap_values", &softcap_values, "c * tanh(x / c) through the kernels' softcap (test hook)",
-        py::arg("x"), py::arg("c"));
-  m.def("build_info", &build_info, "compile-time features of this build");
-}
+}  // namespace xtf_native

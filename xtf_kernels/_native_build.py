@@ -35,7 +35,8 @@ from types import ModuleType
 
 import torch
 
-_SOURCES = ("masked_ce_cpu.cpp",)
+_SOURCES = ("masked_ce_cpu.cpp", "masked_ce_bindings.cpp")  # compiled in parallel by ninja
+_HEADERS = ("masked_ce_cpu.h",)
 # -fvisibility=hidden: several ISA builds can live in one process; each keeps its own symbols
 _CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden",
            "-Wno-unknown-pragmas", "-Wno-psabi")
@@ -58,7 +59,7 @@ def source_dir() -> Path | None:
     here = Path(__file__).resolve().parent
     cands += [here / "csrc", here.parent / "csrc"]
     for c in cands:
-        if all((c / s).is_file() for s in _SOURCES):
+        if all((c / s).is_file() for s in (*_SOURCES, *_HEADERS)):
             return c
     return None
 
@@ -118,7 +119,7 @@ def isa_flags(isa: str) -> tuple[str, ...]:
 def build_key(src: Path, isa: str = "native") -> str:
     """Hash of everything that makes a build reusable: sources, torch, Python, flags, ISA."""
     h = hashlib.sha256()
-    for s in _SOURCES:
+    for s in (*_SOURCES, *_HEADERS):
         h.update((src / s).read_bytes())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
