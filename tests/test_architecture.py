@@ -25,7 +25,7 @@ ALLOWED_LONG_MODULES: set[str] = set()
 ALLOWED_CYCLES: set[frozenset[str]] = set()
 #: modules still importing the ``xtf_kernels.ops`` compatibility shim (issue 19: they live in
 #: packages another change is rewriting; drop an entry when its import goes)
-ALLOWED_SHIM_IMPORTERS = {"xtf_kernels.xtf.scorers", "xtf_kernels.demo.train"}
+ALLOWED_SHIM_IMPORTERS: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:

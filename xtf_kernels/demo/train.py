@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..ops import masked_ce
+from ..lm_head import lm_head_spec
+from ..loss import masked_ce
 from .data import MathExample, noise_shares
 from .tokenizer import encode_example
 
@@ -139,7 +140,7 @@ def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, see
             ``select`` kept).
 
     Any ``*ForCausalLM`` (also wrapped by ``peft``) works: the decoder is ``get_decoder()``, the
-    head ``get_output_embeddings()`` (bias and ``final_logit_softcapping`` honoured); only
+    head :func:`~xtf_kernels.lm_head.lm_head_spec` (bias, logit scale and softcap honoured); only
     parameters with ``requires_grad`` are optimised.
 
     Returns:
@@ -165,8 +166,7 @@ def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, see
     max_len = int(max_len or model.config.max_position_embeddings)
     dev = params[0].device
     decoder = model.get_decoder()
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    head = lm_head_spec(model)  # the one description of the head: weight, bias, scale, softcap
     for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         if len(order) < batch_size:
             order.extend(rng.permutation(len(data.ids)).tolist())
@@ -175,10 +175,8 @@ def train(model, data: Batchable, *, steps: int, batch_size: int, lr: float, see
         sel = select if select is None or record is None or b["noise"] is None else _Recorder(select)
         with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             hidden = decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        w = head.weight
-        bias = getattr(head, "bias", None)
-        loss = masked_ce(hidden, w.to(hidden.dtype), b["labels"], bias=None if bias is None else bias.to(hidden.dtype),
-                         keep=b["keep"], shift=True, softcap=softcap,
+        h, w, bias = head.operands(hidden)
+        loss = masked_ce(h, w, b["labels"], bias=bias, keep=b["keep"], shift=True, softcap=head.softcap,
                          ref_logprobs=b["ref"] if select is not None else None, select=sel)
         if sel is not None and sel is not select and sel.last is not None:
             record.setdefault("kept_noise", []).append(noise_shares(sel.last.cpu(), b["noise"].cpu()))
@@ -245,7 +243,7 @@ def teacher_forced_logprobs(model, seqs: Sequence[Sequence[int]], pad_id: int, b
     if not seqs:
         raise ValueError("seqs: expected at least one sequence")
     model.eval()
-    dec, head = model.get_decoder(), model.get_output_embeddings()
+    dec, head = model.get_decoder(), lm_head_spec(model)
     out: list[np.ndarray] = []
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s : s + batch_size]
@@ -256,8 +254,9 @@ def teacher_forced_logprobs(model, seqs: Sequence[Sequence[int]], pad_id: int, b
             ids[i, : len(c)] = torch.tensor(c)
             mask[i, : len(c)] = 1
         hidden = dec(input_ids=ids, attention_mask=mask).last_hidden_state
-        _, st = masked_ce(hidden, head.weight, ids.masked_fill(mask == 0, -100), shift=True, reduction="sum",
-                          return_stats=True)
+        h, w, bias = head.operands(hidden)
+        _, st = masked_ce(h, w, ids.masked_fill(mask == 0, -100), bias=bias, softcap=head.softcap, shift=True,
+                          reduction="sum", return_stats=True)
         lp = st.logprob.float().numpy()
         out.extend(lp[i, : len(c)].copy() for i, c in enumerate(chunk))
     return out

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..lm_head import lm_head_spec
-from ..ops import masked_ce
+from ..loss import masked_ce
 
 __all__ = [
     "reasoning_importance",
