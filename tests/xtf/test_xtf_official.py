@@ -127,25 +127,16 @@ def _released_keep(model_dir, rows: dict[str, np.ndarray], words: list[str]) -> 
     return keep
 
 
+
+def _score(model_dir, data, out, *extra: str) -> int:
+    """``xtf score --model model_dir --data data --out out *extra``; the exit code."""
+    return main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), *extra])
+
 def test_default_score_reproduces_the_released_rules(trained, tmp_path, capsys):
     model_dir, data = trained
     out = tmp_path / "out"
     assert (
-        main(
-            [
-                "score",
-                "--model",
-                str(model_dir),
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--quiet",
-                "--no-eos",
-                "--domain-words",
-                ",".join(GSM8K_WORDS),
-            ]
-        )
+        _score(model_dir, data, out, "--quiet", "--no-eos", "--domain-words", ",".join(GSM8K_WORDS))
         == 0
     )
     summary = json.loads((out / "summary.json").read_text())
@@ -170,21 +161,7 @@ def test_default_score_reproduces_the_released_rules(trained, tmp_path, capsys):
     # the paper preset masks far more on the same model (uncapped rules)
     paper = tmp_path / "paper"
     assert (
-        main(
-            [
-                "score",
-                "--model",
-                str(model_dir),
-                "--data",
-                str(data),
-                "--out",
-                str(paper),
-                "--quiet",
-                "--no-eos",
-                "--preset",
-                "paper",
-            ]
-        )
+        _score(model_dir, data, paper, "--quiet", "--no-eos", "--preset", "paper")
         == 0
     )
     assert (
@@ -197,20 +174,7 @@ def test_default_domain_words_are_the_frequent_response_words(trained, tmp_path,
     model_dir, data = trained
     out = tmp_path / "out"
     assert (
-        main(
-            [
-                "score",
-                "--model",
-                str(model_dir),
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--quiet",
-                "--rules",
-                "TR",
-            ]
-        )
+        _score(model_dir, data, out, "--quiet", "--rules", "TR")
         == 0
     )
     printed = capsys.readouterr().out
@@ -227,22 +191,7 @@ def test_default_domain_words_are_the_frequent_response_words(trained, tmp_path,
     assert [counts[w] for w in words] == sorted((counts[w] for w in words), reverse=True)
     # changing only a rule parameter reuses pass 1 and says so
     assert (
-        main(
-            [
-                "score",
-                "--model",
-                str(model_dir),
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--quiet",
-                "--rules",
-                "kn,TR",
-                "--percentages",
-                "0.05,0.2,0.05",
-            ]
-        )
+        _score(model_dir, data, out, "--quiet", "--rules", "kn,TR", "--percentages", "0.05,0.2,0.05")
         == 0
     )
     assert (
@@ -264,9 +213,7 @@ def test_official_report_export_and_received_ri(trained, tmp_path):
     model_dir, data = trained
     out = tmp_path / "out"
     assert (
-        main(
-            ["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet"]
-        )
+        _score(model_dir, data, out, "--quiet")
         == 0
     )
     s = json.loads((out / "summary.json").read_text())
@@ -278,20 +225,7 @@ def test_official_report_export_and_received_ri(trained, tmp_path):
     assert info["trained"] == s["tokens"]["kept"]
     recv = tmp_path / "recv"
     assert (
-        main(
-            [
-                "score",
-                "--model",
-                str(model_dir),
-                "--data",
-                str(data),
-                "--out",
-                str(recv),
-                "--quiet",
-                "--ri-source",
-                "received",
-            ]
-        )
+        _score(model_dir, data, recv, "--quiet", "--ri-source", "received")
         == 0
     )
     r = json.loads((recv / "summary.json").read_text())
