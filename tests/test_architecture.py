@@ -23,8 +23,8 @@ MAX_MODULE_LINES = 500
 ALLOWED_LONG_FUNCTIONS: set[tuple[str, str]] = set()
 ALLOWED_LONG_MODULES: set[str] = set()
 ALLOWED_CYCLES: set[frozenset[str]] = set()
-#: modules still importing the ``xtf_kernels.ops`` compatibility shim (issue 19: they live in
-#: packages another change is rewriting; drop an entry when its import goes)
+#: modules allowed to import the ``xtf_kernels.ops`` compatibility shim (none: package code imports
+#: the real modules; the shim is for users' old imports only)
 ALLOWED_SHIM_IMPORTERS: set[str] = set()
 
 
