@@ -71,6 +71,14 @@ def _step(fwd, h, w, cuda: bool) -> tuple[float, float]:
     return out
 
 
+def _set_times(res: Result, times: list[tuple[float, float]]) -> None:
+    """Medians of the (forward, backward) repeats into ``res``."""
+    res.fwd_s = statistics.median(t[0] for t in times)
+    res.bwd_s = statistics.median(t[1] for t in times)
+    res.total_s = statistics.median(t[0] + t[1] for t in times)
+    res.reps = len(times)
+
+
 def measure_interleaved(cases: list[Case], device: str, rounds: int) -> list[Result]:
     """All cases in this process, timed round-robin (one repeat of each case per round), so a
     change of machine load hits every method alike: medians over rounds, and each method's
@@ -84,21 +92,16 @@ def measure_interleaved(cases: list[Case], device: str, rounds: int) -> list[Res
         try:
             inputs, fwd, res.kept_rows = build(case, device)
             _step(fwd, inputs["h"], inputs["w"], device == "cuda")  # warm-up
-            runs.append((res, fwd, inputs))
+            runs.append((res, fwd, inputs, []))
         except Exception as exc:
             res.note = f"skipped: {type(exc).__name__}: {exc}"[:300]
         results.append(res)
-    times: dict[int, list[tuple[float, float]]] = {id(r): [] for r, _, _ in runs}
     for _ in tqdm(range(rounds), desc="interleaved rounds", file=sys.stderr):
-        for res, fwd, inputs in runs:
-            times[id(res)].append(_step(fwd, inputs["h"], inputs["w"], device == "cuda"))
-    floors = {r.shape: times[id(r)] for r, _, _ in runs if r.method == "gemm-floor"}
-    for res, _, _ in runs:
-        ts = times[id(res)]
-        res.fwd_s = statistics.median(t[0] for t in ts)
-        res.bwd_s = statistics.median(t[1] for t in ts)
-        res.total_s = statistics.median(t[0] + t[1] for t in ts)
-        res.reps = len(ts)
+        for _res, fwd, inputs, ts in runs:
+            ts.append(_step(fwd, inputs["h"], inputs["w"], device == "cuda"))
+    floors = {res.shape: ts for res, _, _, ts in runs if res.method == "gemm-floor"}
+    for res, _, _, ts in runs:
+        _set_times(res, ts)
         fl = floors.get(res.shape)
         if fl:
             res.extra["ratio_rounds"] = statistics.median(
@@ -152,10 +155,7 @@ def measure(case: Case, device: str) -> Result:
             res.peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
         elif have_peak:
             res.peak_mb = (_rss_kb("VmHWM") - base) / 1024
-        res.fwd_s = statistics.median(t[0] for t in times)
-        res.bwd_s = statistics.median(t[1] for t in times)
-        res.total_s = statistics.median(t[0] + t[1] for t in times)
-        res.reps = len(times)
+        _set_times(res, times)
     except Exception as exc:
         res.note = f"failed: {type(exc).__name__}: {exc}"[:300]
     return res
