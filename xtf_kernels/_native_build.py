@@ -37,6 +37,7 @@ import torch
 
 _SOURCES = ("masked_ce_cpu.cpp", "masked_ce_bindings.cpp")  # compiled in parallel by ninja
 _HEADERS = ("masked_ce_cpu.h",)
+_FILES = (*_SOURCES, *_HEADERS)  # what must be present, and what enters the build key
 # -fvisibility=hidden: several ISA builds can live in one process; each keeps its own symbols
 _CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden",
            "-Wno-unknown-pragmas", "-Wno-psabi")
@@ -59,7 +60,7 @@ def source_dir() -> Path | None:
     here = Path(__file__).resolve().parent
     cands += [here / "csrc", here.parent / "csrc"]
     for c in cands:
-        if all((c / s).is_file() for s in (*_SOURCES, *_HEADERS)):
+        if all((c / s).is_file() for s in _FILES):
             return c
     return None
 
@@ -119,7 +120,7 @@ def isa_flags(isa: str) -> tuple[str, ...]:
 def build_key(src: Path, isa: str = "native") -> str:
     """Hash of everything that makes a build reusable: sources, torch, Python, flags, ISA."""
     h = hashlib.sha256()
-    for s in (*_SOURCES, *_HEADERS):
+    for s in _FILES:
         h.update((src / s).read_bytes())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
