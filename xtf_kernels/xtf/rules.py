@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .multiotsu import digitize
+from .released import capped_kn_mask, capped_ri_mask, capped_tr_mask
 
 __all__ = ["Reason", "RuleConfig", "PRESETS", "RI_SOURCES", "parse_rules", "ri_fence_mask", "kn_mask", "tr_mask", "apply_rules", "overlap_counts", "reason_names",
            "reason_label", "REASONS", "N_REASON_MASKS", "REASON_COMBINATIONS", "TR_SOURCES", "RI_AGGREGATIONS",
@@ -222,6 +223,9 @@ def ri_fence_mask(
 ) -> tuple[np.ndarray, dict[int, float]]:
     """RI rule: per sequence, response tokens below ``Q1 - k * (Q3 - Q1)``.
 
+    The released fence without its cap (:func:`~xtf_kernels.xtf.released.capped_ri_mask` with
+    ``cap=1``: the fence is never replaced).
+
     Args:
         ri: float ``[N]`` attention-received scores (one row per token of the table).
         example_id: int ``[N]`` sequence of each row (rows need not be sorted).
@@ -231,26 +235,7 @@ def ri_fence_mask(
     Returns:
         (bool ``[N]`` fired, ``{example_id: fence}`` for sequences with response tokens).
     """
-    ri = _as1d("ri", ri, np.float64)
-    ex = _as1d("example_id", example_id)
-    resp = _as1d("is_response", is_response, bool)
-    if not (ri.shape == ex.shape == resp.shape):
-        raise ValueError(f"ri, example_id, is_response: expected equal lengths, got {ri.shape}, {ex.shape}, {resp.shape}")
-    fired = np.zeros(ri.shape, dtype=bool)
-    fences: dict[int, float] = {}
-    sel = np.flatnonzero(resp & ~np.isnan(ri))
-    if sel.size == 0:
-        return fired, fences
-    order = sel[np.argsort(ex[sel], kind="stable")]
-    uniq, starts = np.unique(ex[order], return_index=True)
-    bounds = np.append(starts, order.size)
-    for i, e in enumerate(uniq):
-        rows = order[bounds[i] : bounds[i + 1]]
-        q1, q3 = np.percentile(ri[rows], [25.0, 75.0])
-        fence = q1 - float(k) * (q3 - q1)
-        fences[int(e)] = float(fence)
-        fired[rows] = ri[rows] < fence
-    return fired, fences
+    return capped_ri_mask(ri, example_id, is_response, k=k, cap=1.0)
 
 
 def kn_mask(kn: np.ndarray, is_response: np.ndarray, threshold: float = 0.05) -> np.ndarray:
@@ -336,7 +321,6 @@ def _paper_fired(table, cfg: RuleConfig, resp: np.ndarray, tr_thresholds) -> dic
 
 
 def _official_fired(table, cfg: RuleConfig, resp: np.ndarray, tr_cut) -> dict[str, np.ndarray]:
-    from .released import capped_kn_mask, capped_ri_mask, capped_tr_mask
 
     cap_ri, cap_kn, cap_tr = cfg.percentages
     ex = table["example_id"]
