@@ -121,7 +121,7 @@ def starts_from_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
     """Bool ``[n]``: True at every offset below ``n`` and at position 0 (offsets ``>= n`` are ignored).
 
     Args:
-        cu_seqlens: 1-D int offsets of documents in ``n`` flattened tokens (validated by the caller).
+        cu_seqlens: 1-D int offsets of documents in ``n`` flattened tokens (their order is the caller's check).
         n: number of tokens.
     """
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
