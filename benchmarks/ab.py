@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[label].append(_run(trees[label][1], args, Path(tmp)))
     rows = _summary(runs, args.method)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     path = out / f"ab-{args.tag}.csv"
     with open(path, "w", newline="") as f:
         f.write(f"# base {trees['base'][0]}  head {trees['head'][0]}  rounds {args.rounds} reps {args.reps}\n")
