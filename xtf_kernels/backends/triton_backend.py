@@ -108,14 +108,13 @@ class TritonBackend(DriverBackend):
     def row_stats(self, z, y, b, cfg: CEConfig) -> RowStats:
         """Statistics of the raw logits ``z`` ``[r, V]`` by the row kernel."""
         buf, st = _stats_buffer(z.shape[0], z.device)
-        _load_kernels().rows_pass(z, b, y, softcap=cfg.softcap, z_loss=0.0, label_smoothing=0.0,
-                                  stats_out=buf, grad=False)
+        _load_kernels().rows_stats(z, b, y, softcap=cfg.softcap, stats_out=buf)
         return st
 
     def stats_and_grad_(self, z, y, b, cfg: CEConfig, out, db) -> RowStats:
         """Statistics and the unit-upstream gradient of whole rows, one kernel launch."""
         buf, st = _stats_buffer(z.shape[0], z.device)
-        _load_kernels().rows_pass(z, b, y, stats_out=buf, out=out, **_opts(cfg))
+        _load_kernels().rows_stats_grad(z, b, y, stats_out=buf, out=out, **_opts(cfg))
         if db is not None:
             db += out.sum(0, dtype=torch.float32)
         return st
@@ -124,7 +123,7 @@ class TritonBackend(DriverBackend):
                   cfg: CEConfig, out) -> None:
         """``out`` := the gradient of the columns ``[v0, v0 + C)`` (driver contract)."""
         C = z.shape[1]
-        _load_kernels().rows_pass(z, None if b is None else b[v0:v0 + C], y, row_max=row_max, lse=lse,
+        _load_kernels().rows_grad(z, None if b is None else b[v0:v0 + C], y, row_max=row_max, lse=lse,
                                   row_scale=scale, v_off=vocab_start + v0, vocab=vocab, out=out, **_opts(cfg))
         if db is not None:
             db[v0:v0 + C] += out.sum(0, dtype=torch.float32)
