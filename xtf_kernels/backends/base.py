@@ -131,6 +131,9 @@ class CEConfig:
     #: target number of fp32 logits elements held at once (rows x vocab); backends size
     #: their row chunks / vocab blocks from it (one default: the options')
     chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    #: gradient filtering, resolved: (threshold, max skipped mass per row or None), or None
+    #: (exact); see :mod:`xtf_kernels.grad_filter`
+    grad_filter: tuple[float, float | None] | None = None
 
 
 class ForwardOut(NamedTuple):
@@ -142,12 +145,14 @@ class ForwardOut(NamedTuple):
     dx: torch.Tensor | None  # [n_grad, D] x.dtype
     dw: torch.Tensor | None  # [V, D] fp32 (or w.dtype once accumulated in fp32)
     db: torch.Tensor | None  # [V] fp32
+    #: [n_grad] fp32 |gradient-logit| mass the filter skipped per gradient row (None: exact)
+    skipped: torch.Tensor | None = None
 
     @classmethod
     def of(cls, stats: RowStats, dx: torch.Tensor | None = None, dw: torch.Tensor | None = None,
-           db: torch.Tensor | None = None) -> ForwardOut:
+           db: torch.Tensor | None = None, skipped: torch.Tensor | None = None) -> ForwardOut:
         """The forward output of ``stats`` and the gradient (None without one)."""
-        return cls(*stats, dx, dw, db)
+        return cls(*stats, dx, dw, db, skipped)
 
     @property
     def stats(self) -> RowStats:
@@ -159,6 +164,7 @@ class GradOut(NamedTuple):
     dx: torch.Tensor  # [M, D] x.dtype
     dw: torch.Tensor  # [V, D] fp32 (or w.dtype once accumulated in fp32)
     db: torch.Tensor | None  # [V] fp32
+    skipped: torch.Tensor | None = None  # [M] fp32 mass the gradient filter skipped (None: exact)
 
 
 class BackendBase:

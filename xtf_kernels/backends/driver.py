@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from ._filter import filtered_gemms
 from ._gemm import HALF, acc_mm, f32_epilogue, fast_f32_gemm
 from ._plan import rows_per_chunk, spans, vocab_blocks
 from .base import (
@@ -118,7 +119,7 @@ def forward(k: DriverBackend, x, w, b, y, cfg: CEConfig, n_grad: int) -> Forward
     ``n_grad`` rows: ``dx`` ``[n_grad, D]`` x.dtype, ``dw`` ``[V, D]`` fp32 or w.dtype, ``db``."""
     M = x.shape[0]
     st = RowStats.empty(M, device=x.device, dtype=acc_dtype(x.dtype))
-    grad = (None, None, None)
+    grad = (None, None, None, None)
     if n_grad:
         rows = _grad_chunk_rows(k, x[:n_grad], w, b, cfg)
         if rows is None:  # statistics of every row first, then the blocked recompute
@@ -126,7 +127,8 @@ def forward(k: DriverBackend, x, w, b, y, cfg: CEConfig, n_grad: int) -> Forward
             grad = _blocked_grad(k, x[:n_grad], w, b, y[:n_grad], st.row_max[:n_grad], st.lse[:n_grad],
                                  None, cfg)
             return ForwardOut.of(st, *grad)
-        grad = _sweep(k, x[:n_grad], w, b, y[:n_grad], cfg, st.rows(0, n_grad), rows)[:3]
+        dx, dw, db, _, skipped = _sweep(k, x[:n_grad], w, b, y[:n_grad], cfg, st.rows(0, n_grad), rows)
+        grad = (dx, dw, db, skipped)
     if M > n_grad:
         _stats_only(k, x[n_grad:], w, b, y[n_grad:], cfg, st.rows(n_grad, M))
     return ForwardOut.of(st, *grad)
@@ -140,8 +142,8 @@ def forward_rowwise(k: DriverBackend, x, w, b, y, cfg: CEConfig, row_select: Row
     st = RowStats.empty(x.shape[0], device=x.device, dtype=acc_dtype(x.dtype))
     rows = _grad_chunk_rows(k, x, w, b, cfg)
     if rows is not None:
-        dx, dw, db, sel = _sweep(k, x, w, b, y, cfg, st, rows, row_select)
-        return ForwardOut.of(st, dx, dw, db), sel
+        dx, dw, db, sel, skipped = _sweep(k, x, w, b, y, cfg, st, rows, row_select)
+        return ForwardOut.of(st, dx, dw, db, skipped), sel
     sel = _stats_only(k, x, w, b, y, cfg, st, row_select)
     idx = sel.nonzero().squeeze(1)
     grad = _blocked_grad(k, x.index_select(0, idx), w, b, y.index_select(0, idx),
@@ -219,8 +221,9 @@ def _stats_only(k: DriverBackend, x, w, b, y, cfg: CEConfig, st: RowStats,
 def _sweep(k: DriverBackend, x, w, b, y, cfg: CEConfig, st: RowStats, rows: int,
            row_select: RowSelect | None = None):
     """Row chunks of ``rows`` rows over the whole vocabulary: statistics into ``st`` and the
-    gradient of every row, or of the rows ``row_select`` picks. Returns ``(dx, dw, db, sel)``
-    (``sel`` bool ``[n]`` with ``row_select``, else None); with one chunk dW is one GEMM in
+    gradient of every row, or of the rows ``row_select`` picks. Returns ``(dx, dw, db, sel,
+    skipped)`` (``sel`` bool ``[n]`` with ``row_select``, else None; ``skipped`` the filter's
+    per-row mass, None without ``cfg.grad_filter``); with one chunk dW is one GEMM in
     ``w.dtype``, otherwise an fp32 sum."""
     n, D = x.shape
     V = w.shape[0]
@@ -231,6 +234,7 @@ def _sweep(k: DriverBackend, x, w, b, y, cfg: CEConfig, st: RowStats, rows: int,
     sel = None if row_select is None else torch.zeros(n, dtype=torch.bool, device=dev)
     dx = torch.empty(n, D, dtype=x.dtype, device=dev) if row_select is None else None
     parts: list[torch.Tensor] = []
+    skips: list[torch.Tensor] = []
     buf, gbuf = _buffers(k, min(rows, max(n, 1)), V, x, b, cfg)
     wt = w.t()
     for s, e in spans(n, rows):
@@ -251,14 +255,20 @@ def _sweep(k: DriverBackend, x, w, b, y, cfg: CEConfig, st: RowStats, rows: int,
             gs = _selected_grad(k, z, g, idx, y[s:e], cs, b, db, cfg, in_place=one)
             xs = x[s:e] if idx.numel() == e - s else x[s:e].index_select(0, idx)
             dxs = torch.empty(idx.numel(), D, dtype=x.dtype, device=dev)
-            parts.append(dxs)
-        acc_mm(dxs, gs, w, accumulate=False)
-        acc_mm(dw, gs.t(), xs, accumulate=not one)
+        if cfg.grad_filter is None:
+            acc_mm(dxs, gs, w, accumulate=False)
+            acc_mm(dw, gs.t(), xs, accumulate=not one)
+        else:
+            skips.append(filtered_gemms(gs, xs, w, dxs, dw, acc_dx=False, acc_dw=not one, rule=cfg.grad_filter))
+        parts.append(dxs)
     if row_select is not None:
         dx = torch.cat(parts) if parts else x.new_empty(0, D)
         if one and not parts:
             dw.zero_()
-    return dx, dw, db, sel
+    skipped = None
+    if cfg.grad_filter is not None:
+        skipped = torch.cat(skips) if skips else torch.zeros(0, dtype=torch.float32, device=dev)
+    return dx, dw, db, sel, skipped
 
 
 def _selected_grad(k: DriverBackend, z, g, idx, y, cs: RowStats, b, db, cfg: CEConfig, in_place: bool):
@@ -286,16 +296,19 @@ def _blocked_grad(k: DriverBackend, x, w, b, y, row_max, lse, scale, cfg: CEConf
                   vocab: int | None = None):
     """Gradient of ``sum_i scale[i] * loss_i`` (scale 1 when None) by vocabulary blocks of the
     one plan (:func:`._plan.vocab_blocks`): per block, logits, ``row_grad_``, ``dx += G @ W_blk``
-    and ``dW_blk (+)= G^T @ X``. Returns ``(dx x.dtype, dw, db fp32 or None)``: ``dw`` in
-    ``w.dtype`` when every block holds all rows (one GEMM per block, fp32 inside it), else an
-    fp32 sum over the row chunks."""
+    and ``dW_blk (+)= G^T @ X``. Returns ``(dx x.dtype, dw, db fp32 or None, skipped)``: ``dw``
+    in ``w.dtype`` when every block holds all rows (one GEMM per block, fp32 inside it), else an
+    fp32 sum over the row chunks; ``skipped`` the filter's per-row mass (each block gets its
+    share ``C / vocab`` of the bound), None without ``cfg.grad_filter``."""
     n, D = x.shape
     V = w.shape[0]
     vocab = V if vocab is None else int(vocab)
     dev, acc = x.device, acc_dtype(x.dtype)
     db = torch.zeros(V, dtype=acc, device=dev) if b is not None else None
+    filt = cfg.grad_filter
+    skipped = None if filt is None else torch.zeros(n, dtype=torch.float32, device=dev)
     if n == 0:
-        return x.new_empty(0, D), torch.zeros(V, D, dtype=w.dtype, device=dev), db
+        return x.new_empty(0, D), torch.zeros(V, D, dtype=w.dtype, device=dev), db, skipped
     rc, vb = vocab_blocks(n, V, cfg, k.logits_dtype(x, b, cfg))
     one = rc >= n
     dw = torch.empty(V, D, dtype=w.dtype, device=dev) if one else torch.zeros(V, D, dtype=acc, device=dev)
@@ -307,8 +320,18 @@ def _blocked_grad(k: DriverBackend, x, w, b, y, row_max, lse, scale, cfg: CEConf
             z = buf[: e - s, : v1 - v0]
             k.logits_(z, x[s:e], wb.t())
             g = z if gbuf is None else gbuf[: e - s, : v1 - v0]
-            k.row_grad_(z, y[s:e], row_max[s:e], lse[s:e], None if scale is None else scale[s:e], b, db,
-                        v0, vocab_start, vocab, cfg, g)
-            acc_mm(dx[s:e], g, wb, accumulate=True)
-            acc_mm(dw[v0:v1], g.t(), x[s:e], accumulate=not one)
-    return dx.to(x.dtype), dw, db
+            sc = None if scale is None else scale[s:e]
+            if filt is None:
+                k.row_grad_(z, y[s:e], row_max[s:e], lse[s:e], sc, b, db, v0, vocab_start, vocab, cfg, g)
+                acc_mm(dx[s:e], g, wb, accumulate=True)
+                acc_mm(dw[v0:v1], g.t(), x[s:e], accumulate=not one)
+                continue
+            # filtered: the unit-upstream gradient decides what is skipped; the scale follows
+            k.row_grad_(z, y[s:e], row_max[s:e], lse[s:e], None, b, db if sc is None else None, v0,
+                        vocab_start, vocab, cfg, g)
+            if db is not None and sc is not None:  # the bias gradient stays exact
+                db[v0:v1] += g.t().to(acc) @ sc.to(acc)
+            share = None if filt[1] is None else filt[1] * (v1 - v0) / vocab
+            skipped[s:e] += filtered_gemms(g, x[s:e], wb, dx[s:e], dw[v0:v1], acc_dx=True, acc_dw=not one,
+                                           rule=(filt[0], share), row_scale=sc)
+    return dx.to(x.dtype), dw, db, skipped
