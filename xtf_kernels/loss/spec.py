@@ -20,8 +20,9 @@ from ..stats import TokenStats
 SelectFn = Callable[[TokenStats], torch.Tensor]
 
 #: the :class:`MaskedCESpec` fields that travel as ``xtf_kernels::masked_ce_fwd`` arguments, in
-#: its schema's order after the eight tensors (``select`` cannot live in a graph; the gradient
-#: is always recomputed there, so ``grad_in_forward`` and ``stats`` do not apply)
+#: the spec's order: the op's schema is generated from them and their types (``select`` cannot
+#: live in a graph; the gradient is always recomputed there, so ``grad_in_forward`` and ``stats``
+#: do not apply). A new option is a typed field here, listed below; ``custom_op.py`` follows.
 OP_FIELDS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "shift", "backend",
              "chunk_elems", "check_labels")
 #: those of them the backward op ``masked_ce_bwd`` takes
