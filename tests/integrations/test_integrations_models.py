@@ -222,6 +222,20 @@ def test_bad_inputs() -> None:
         apply_xtf(_model("llama"), keep_key="not an identifier")
 
 
+@pytest.mark.parametrize("bad", [dict(z_loss=float("nan")), dict(z_loss=-1.0), dict(label_smoothing=1.0),
+                                 dict(label_smoothing=True), dict(select=3), dict(backend="cuda")])
+def test_apply_xtf_and_masked_ce_refuse_a_loss_option_alike(bad) -> None:
+    """The loss options ``apply_xtf`` takes are checked by masked_ce's own check, at patch time:
+    same error, same message (a NaN ``z_loss`` is refused by both, not accepted by one)."""
+    from xtf_kernels import masked_ce
+
+    with pytest.raises((TypeError, ValueError)) as direct:
+        masked_ce(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), **bad)
+    with pytest.raises(direct.type) as patched:
+        apply_xtf(_model("llama"), **bad)
+    assert str(patched.value) == str(direct.value)
+
+
 def test_signature_carries_keep_key_and_peft_is_unwrapped() -> None:
     import inspect
 
