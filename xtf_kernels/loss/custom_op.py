@@ -31,8 +31,7 @@ from .core import Need, RecomputeGrad, mean_divisor, recompute_grads, source_row
 from .forward import run_forward
 from .spec import BWD_OP_FIELDS, OP_FIELDS, MaskedCEOutputs, MaskedCESpec
 
-_Outs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-              torch.Tensor, torch.Tensor, torch.Tensor]
+_Outs = tuple[(torch.Tensor,) * len(MaskedCEOutputs._fields)]  # the forward op's outputs
 
 
 def _with_options(fields: tuple[str, ...]) -> Callable[[Callable], Callable]:
