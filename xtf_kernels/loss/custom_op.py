@@ -13,8 +13,8 @@ A ``select`` callable cannot live inside a graph: with one, Dynamo breaks the gr
 
 The ops' option arguments are not written here: they are the :class:`~.spec.MaskedCESpec`
 fields named by :data:`~.spec.OP_FIELDS` / :data:`~.spec.BWD_OP_FIELDS`, typed as the spec
-types them (:func:`_with_options`), and every glue function below reads them
-back by name. A new option is a spec field listed there, and nothing here.
+types them (:func:`_with_options`), and every glue function below reads them back by name. A
+new option is a spec field listed there, and nothing here.
 """
 
 from __future__ import annotations
