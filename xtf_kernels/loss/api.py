@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from ..config import get_options
 from ..documents import check_position_ids, mask_unpredicted
 from ..stats import TokenStats
 from .autograd import MaskedCE
@@ -89,8 +88,7 @@ def masked_ce(
     )
     if position_ids is not None:  # packed rows: document starts have no predictor
         labels = mask_unpredicted(labels, check_position_ids(position_ids, labels), ignore_index, shift)
-    opts = get_options()  # once per call; the backward reads the spec, never the options
-    spec = MaskedCESpec(
+    spec = MaskedCESpec(  # options read once per call: the backward reads the spec, never them
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=float(label_smoothing),
@@ -100,10 +98,7 @@ def masked_ce(
         select=select,
         backend=backend,
         stats=return_stats,
-        grad_in_forward=opts.grad_in_forward,
-        chunk_elems=opts.chunk_elems,
-        check_labels=opts.check_labels,
-    )
+    ).resolved()
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.detach()
     if labels.dtype != torch.int64:  # any integer dtype, converted once for every backend

@@ -14,18 +14,22 @@ from typing import Any, NamedTuple
 import torch
 
 from ..backends.base import CEConfig
-from ..config import get_options
+from ..config import Options, get_options
 from ..stats import TokenStats
 
 SelectFn = Callable[[TokenStats], torch.Tensor]
 
 #: the :class:`MaskedCESpec` fields that travel as ``xtf_kernels::masked_ce_fwd`` arguments, in
-#: its schema's order after the eight tensors (``select`` cannot live in a graph; the gradient
-#: is always recomputed there, so ``grad_in_forward`` and ``stats`` do not apply)
+#: the spec's order: the op's schema is generated from them and their types (``select`` cannot
+#: live in a graph; the gradient is always recomputed there, so ``grad_in_forward`` and ``stats``
+#: do not apply). A new option is a typed field here, listed below; ``custom_op.py`` follows.
 OP_FIELDS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "shift", "backend",
              "chunk_elems", "check_labels")
 #: those of them the backward op ``masked_ce_bwd`` takes
 BWD_OP_FIELDS = ("reduction", "label_smoothing", "z_loss", "softcap", "shift", "backend", "chunk_elems")
+
+#: the :class:`MaskedCESpec` fields that are :class:`~xtf_kernels.Options` (None: not resolved)
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(Options))
 
 
 @dataclass(frozen=True)
@@ -58,16 +62,13 @@ class MaskedCESpec:
         return {f: getattr(self, f) for f in OP_FIELDS}
 
     def resolved(self) -> MaskedCESpec:
-        """This spec with every option field set (from :func:`~xtf_kernels.get_options`)."""
-        if None not in (self.grad_in_forward, self.chunk_elems, self.check_labels):
+        """This spec with every option field (those of :class:`~xtf_kernels.Options`) set: the
+        ones left None from :func:`~xtf_kernels.get_options`, read once."""
+        unset = [f for f in _OPTION_FIELDS if getattr(self, f) is None]
+        if not unset:
             return self
         opts = get_options()
-        return dataclasses.replace(
-            self,
-            grad_in_forward=opts.grad_in_forward if self.grad_in_forward is None else self.grad_in_forward,
-            chunk_elems=opts.chunk_elems if self.chunk_elems is None else self.chunk_elems,
-            check_labels=opts.check_labels if self.check_labels is None else self.check_labels,
-        )
+        return dataclasses.replace(self, **{f: getattr(opts, f) for f in unset})
 
     def ce_config(self) -> CEConfig:
         """The part of a resolved spec that the backends need."""
