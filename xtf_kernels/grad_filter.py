@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 @dataclass(frozen=True)
 class GradFilter:
     """How the backward may skip negligible vocabulary columns (module doc).

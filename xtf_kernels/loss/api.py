@@ -3,9 +3,12 @@ Function (eager) or the custom op (inside ``torch.compile``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..documents import check_position_ids, mask_unpredicted
+from ..grad_filter import GradFilter, as_grad_filter
 from ..stats import TokenStats
 from .autograd import MaskedCE
 from .context import autocast_operands, no_autocast
@@ -34,6 +37,7 @@ def masked_ce(
     return_stats: bool = False,
     backend: str = "auto",
     position_ids: torch.Tensor | None = None,
+    grad_filter: None | str | float | GradFilter = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` over kept tokens, never materialising logits.
 
@@ -68,6 +72,12 @@ def masked_ce(
             at 0 for every document; needs ``shift=True``. A label at a document start is not
             predicted from the previous document's last hidden state: it is ignored (no loss,
             NaN statistics, not counted), as when each document runs alone.
+        grad_filter: skip negligible vocabulary columns in the dX / dW GEMMs of the backward
+            (the loss and every statistic stay exact): None (exact; default from
+            :func:`~xtf_kernels.options`), ``"auto"`` (``|d loss / d logit| < eps(dtype) / 32``,
+            cut-cross-entropy's rule), a float threshold, or a :class:`~xtf_kernels.GradFilter`
+            (e.g. with a bound on the mass skipped per row). ``return_stats`` reports the skipped
+            mass per token (``TokenStats.grad_skipped``). See :mod:`xtf_kernels.grad_filter`.
 
     Returns:
         ``loss`` (0-d fp32, or ``[...]`` for ``"none"``), or ``(loss, TokenStats)``.
@@ -86,6 +96,7 @@ def masked_ce(
         softcap=softcap, shift=shift, ref_logprobs=ref_logprobs, task_vector=task_vector,
         select=select, return_stats=return_stats, backend=backend,
     )
+    as_grad_filter(grad_filter)  # the error names the argument
     if position_ids is not None:  # packed rows: document starts have no predictor
         labels = mask_unpredicted(labels, check_position_ids(position_ids, labels), ignore_index, shift)
     spec = MaskedCESpec(  # options read once per call: the backward reads the spec, never them
@@ -98,7 +109,13 @@ def masked_ce(
         select=select,
         backend=backend,
         stats=return_stats,
-    ).resolved()
+        grad_filter=grad_filter,
+    ).resolved().with_grad_filter(hidden.dtype)
+    report = None
+    if return_stats and spec.grad_filter_threshold is not None and not torch.compiler.is_compiling():
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        report = torch.full(labels.shape, float("nan"), dtype=acc, device=hidden.device)
+        spec = dataclasses.replace(spec, grad_skipped_out=report)
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.detach()
     if labels.dtype != torch.int64:  # any integer dtype, converted once for every backend
@@ -116,4 +133,4 @@ def masked_ce(
     if not return_stats:
         return outs.loss
     return outs.loss, outs.token_stats(has_delta=ref_logprobs is not None,
-                                       has_relevance=task_vector is not None)
+                                       has_relevance=task_vector is not None, grad_skipped=report)

@@ -19,6 +19,7 @@ new option is a spec field listed there, and nothing here.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from collections.abc import Callable
@@ -40,12 +41,13 @@ def _with_options(fields: tuple[str, ...]) -> Callable[[Callable], Callable]:
     spec's type, so that ``torch.library.custom_op`` infers the op's schema from the spec.
     ``fn`` still gets the options positionally, in that order (see :func:`_spec`)."""
     types = typing.get_type_hints(MaskedCESpec)
+    defaults = {f.name: f.default for f in dataclasses.fields(MaskedCESpec)}
 
     def annotate(fn: Callable) -> Callable:
         sig = inspect.signature(fn)
         tensors = [p for p in sig.parameters.values() if p.kind is not p.VAR_POSITIONAL]
-        options = [inspect.Parameter(f, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types[f])
-                   for f in fields]
+        options = [inspect.Parameter(f, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types[f],
+                                     default=defaults[f]) for f in fields]
         fn.__signature__ = sig.replace(parameters=tensors + options)
         return fn
 
@@ -54,7 +56,9 @@ def _with_options(fields: tuple[str, ...]) -> Callable[[Callable], Callable]:
 
 def _spec(fields: tuple[str, ...], options: tuple, **extra) -> MaskedCESpec:
     """The spec of an op call: its ``options`` (the values of ``fields``) and ``extra``."""
-    return MaskedCESpec(**dict(zip(fields, options, strict=True)), **extra)
+    if len(options) > len(fields):
+        raise TypeError(f"expected at most {len(fields)} options, got {len(options)}")
+    return MaskedCESpec(**dict(zip(fields, options)), **extra)  # missing trailing ones: defaults
 
 
 @_with_options(OP_FIELDS)
@@ -74,6 +78,9 @@ def _fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias:
 masked_ce_fwd = torch.library.custom_op("xtf_kernels::masked_ce_fwd", _fwd, mutates_args=())
 #: the forward op's arguments by name, in its schema's order
 _FWD_ARGS = tuple(inspect.signature(_fwd).parameters)
+#: the defaults of its trailing option arguments (a call may leave them out)
+_FWD_DEFAULTS = {k: p.default for k, p in inspect.signature(_fwd).parameters.items()
+                 if p.default is not inspect.Parameter.empty}
 
 
 @masked_ce_fwd.register_fake
@@ -128,7 +135,7 @@ def _(grad_loss, hidden, weight, labels, bias, *_rest):
 
 
 def _setup_context(ctx, inputs, output):
-    args = dict(zip(_FWD_ARGS, inputs, strict=True))
+    args = {**_FWD_DEFAULTS, **dict(zip(_FWD_ARGS, inputs))}
     out = MaskedCEOutputs(*output)
     ctx.save_for_backward(args["hidden"], args["weight"], args["labels"], args["bias"], out.keep,
                           out.lse_parts, args["num_items"])

@@ -15,6 +15,7 @@ import torch
 
 from ..backends.base import CEConfig
 from ..config import Options, get_options
+from ..grad_filter import as_grad_filter
 from ..stats import TokenStats
 
 SelectFn = Callable[[TokenStats], torch.Tensor]
@@ -24,9 +25,10 @@ SelectFn = Callable[[TokenStats], torch.Tensor]
 #: live in a graph; the gradient is always recomputed there, so ``grad_in_forward`` and ``stats``
 #: do not apply). A new option is a typed field here, listed below; ``custom_op.py`` follows.
 OP_FIELDS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "shift", "backend",
-             "chunk_elems", "check_labels")
+             "chunk_elems", "check_labels", "grad_filter_threshold", "grad_filter_max_skipped")
 #: those of them the backward op ``masked_ce_bwd`` takes
-BWD_OP_FIELDS = ("reduction", "label_smoothing", "z_loss", "softcap", "shift", "backend", "chunk_elems")
+BWD_OP_FIELDS = ("reduction", "label_smoothing", "z_loss", "softcap", "shift", "backend", "chunk_elems",
+                 "grad_filter_threshold", "grad_filter_max_skipped")
 
 #: the :class:`MaskedCESpec` fields that are :class:`~xtf_kernels.Options` (None: not resolved)
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(Options))
@@ -55,6 +57,15 @@ class MaskedCESpec:
     grad_in_forward: bool | None = None
     chunk_elems: int | None = None
     check_labels: bool | None = None
+    grad_filter: object = None
+    #: the call's gradient filter as numbers (:meth:`with_grad_filter`: ``grad_filter`` resolved
+    #: for the inputs' dtype; None: exact)
+    grad_filter_threshold: float | None = None
+    grad_filter_max_skipped: float | None = None
+    #: where the gradient filter reports its skipped mass per kept token (fp32, the labels'
+    #: shape, NaN elsewhere; filled by the forward or, when the gradient is recomputed, by the
+    #: backward); None: not reported. Not an op argument: nothing is reported inside a graph.
+    grad_skipped_out: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def op_args(self) -> dict[str, Any]:
         """The fields that travel as arguments of the custom op ``masked_ce_fwd``
@@ -68,17 +79,34 @@ class MaskedCESpec:
         if not unset:
             return self
         opts = get_options()
-        return dataclasses.replace(self, **{f: getattr(opts, f) for f in unset})
+        # (an option whose own value is None, as grad_filter's default, leaves the spec as is)
+        fill = {f: getattr(opts, f) for f in unset if getattr(opts, f) is not None}
+        return dataclasses.replace(self, **fill) if fill else self
+
+    def with_grad_filter(self, dtype: torch.dtype) -> MaskedCESpec:
+        """This spec with ``grad_filter`` (None, ``"auto"``, a float or a GradFilter) resolved
+        to the numeric fields for inputs of ``dtype`` (unchanged when they are set already)."""
+        if self.grad_filter_threshold is not None or self.grad_filter is None:
+            return self
+        rule = as_grad_filter(self.grad_filter).resolve(dtype)
+        if rule is None:
+            return self
+        return dataclasses.replace(self, grad_filter_threshold=rule[0], grad_filter_max_skipped=rule[1])
 
     def ce_config(self) -> CEConfig:
         """The part of a resolved spec that the backends need."""
         if self.chunk_elems is None:
             raise ValueError("MaskedCESpec.ce_config: resolve the options first (spec.resolved())")
+        rule = None
+        if self.grad_filter_threshold is not None:
+            rule = (float(self.grad_filter_threshold),
+                    None if self.grad_filter_max_skipped is None else float(self.grad_filter_max_skipped))
         return CEConfig(
             softcap=self.softcap,
             label_smoothing=float(self.label_smoothing),
             z_loss=float(self.z_loss),
             chunk_elems=self.chunk_elems,
+            grad_filter=rule,
         )
 
 
@@ -101,7 +129,8 @@ class MaskedCEOutputs(NamedTuple):
     keep: torch.Tensor
     lse_parts: torch.Tensor
 
-    def token_stats(self, *, has_delta: bool, has_relevance: bool) -> TokenStats:
+    def token_stats(self, *, has_delta: bool, has_relevance: bool,
+                    grad_skipped: torch.Tensor | None = None) -> TokenStats:
         """The public :class:`TokenStats` view of these outputs."""
         return TokenStats(
             logprob=self.logprob,
@@ -111,4 +140,5 @@ class MaskedCEOutputs(NamedTuple):
             logprob_delta=self.logprob_delta if has_delta else None,
             relevance=self.relevance if has_relevance else None,
             keep=self.keep,
+            grad_skipped=grad_skipped,
         )
