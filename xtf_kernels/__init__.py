@@ -25,16 +25,19 @@ _EXPORTS = {
     "set_options": ".config",
     "TokenStats": ".stats",
     "backend_status": ".backends",
+    "GradFilter": ".grad_filter",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
     from .backends import backend_status
     from .config import Options, get_options, options, set_options
+    from .grad_filter import GradFilter
     from .loss import MaskedCE, MaskedCESpec, masked_ce, rowwise
     from .stats import TokenStats
 
 __all__ = [
+    "GradFilter",
     "MaskedCE",
     "MaskedCESpec",
     "Options",

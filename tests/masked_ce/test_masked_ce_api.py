@@ -237,3 +237,13 @@ def test_num_items_fraction_only_as_a_rank_share():
     with pytest.raises(ValueError, match="whole number"):
         check_num_items(torch.tensor(17.5, dtype=torch.float64))  # no process group here
     check_num_items(torch.tensor(35.0))
+
+
+def test_grad_filter_is_exported_from_the_package():
+    """``xtf_kernels.GradFilter`` is the class ``masked_ce(grad_filter=...)`` accepts."""
+    from xtf_kernels.grad_filter import GradFilter
+
+    assert xtf_kernels.GradFilter is GradFilter and "GradFilter" in xtf_kernels.__all__
+    hh, ww, yy = _inputs()
+    loss = masked_ce(hh, ww, yy, grad_filter=xtf_kernels.GradFilter(max_skipped=1e-3))
+    assert torch.isfinite(loss)
