@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from .peers import PLAIN_PEERS, peer_loss_fn
-from .shapes import SCENARIOS_XTF, Case, Shape, make_inputs, mask_share
+from .shapes import (
+    GRAD_FILTERS,
+    SCENARIOS_GRAD_FILTER,
+    SCENARIOS_XTF,
+    Case,
+    Shape,
+    grad_filter_of,
+    make_inputs,
+    mask_share,
+)
 
 
 def build(case: Case, device: str):
@@ -42,8 +51,10 @@ def build(case: Case, device: str):
         return inputs, (lambda hh, ww: Floor.apply(xk.requires_grad_(hh.requires_grad), ww)), kept_rows
 
     if m.startswith("xtf-"):
-        be = m[4:]
+        be, _, variant = m[4:].partition("+")
         kw: dict = {"backend": be, "softcap": shape.softcap, "bias": b}
+        if variant:
+            kw["grad_filter"] = grad_filter_of(variant)
         if case.scenario == "stats":
             kw["return_stats"] = True
         elif case.scenario.startswith("mask"):
@@ -59,6 +70,7 @@ def build(case: Case, device: str):
         def fwd(hh, ww):
             out = masked_ce(hh, ww, y, **kw)
             return out[0] if isinstance(out, tuple) else out
+        inputs["kw"] = kw  # the call's options (the gradient-filter report reruns it)
         return inputs, fwd, kept_rows
 
     if m.startswith("compose-"):
@@ -155,5 +167,8 @@ def plan(shapes: list[Shape], device: str, reps: int, quick: bool = False) -> li
             cases.append(Case(sh, sc, best, reps))
         for p in peers:
             cases.append(Case(sh, "xtf-step", f"compose-{p}", reps))
+        if sh.logits == "peaked":
+            for sc in SCENARIOS_GRAD_FILTER:
+                cases += [Case(sh, sc, f"{best}+{gf}", reps) for gf in GRAD_FILTERS]
     return cases
 

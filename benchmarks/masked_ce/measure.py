@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .cases import build, input_summary
+from .gradfilter import describe, filter_report
 from .peers import _peer_of, peer_available
 from .shapes import Case, Result, Shape
 
@@ -85,13 +86,14 @@ def measure_interleaved(cases: list[Case], device: str, rounds: int) -> list[Res
     ratio to the GEMM floor as the median of its per-round ratios. No peak memory."""
     from tqdm import tqdm
 
-    runs, results = [], []
+    runs, results, refs = [], [], {}
     for case in cases:
         sh = case.shape
         res = Result(sh.name, sh.N, sh.D, sh.V, sh.dtype, case.scenario, case.method, note="interleaved")
         try:
             inputs, fwd, res.kept_rows = build(case, device)
             _step(fwd, inputs["h"], inputs["w"], device == "cuda")  # warm-up
+            _add_filter_report(res, case, inputs, refs)
             runs.append((res, fwd, inputs, []))
         except Exception as exc:
             res.note = f"skipped: {type(exc).__name__}: {exc}"[:300]
@@ -107,6 +109,15 @@ def measure_interleaved(cases: list[Case], device: str, rounds: int) -> list[Res
             res.extra["ratio_rounds"] = statistics.median(
                 (a[0] + a[1]) / (b[0] + b[1]) for a, b in zip(ts, fl))
     return results
+
+
+def _add_filter_report(res: Result, case: Case, inputs: dict, refs: dict) -> None:
+    """For a gradient-filtered method (``+gf-...``): the skipped share and the gradient error
+    (:func:`.gradfilter.filter_report`) into ``res.extra["grad_filter"]``."""
+    if "+gf" in case.method:
+        rep = filter_report(inputs, (case.shape.name, case.scenario), refs)
+        res.extra["grad_filter"] = describe(rep)
+        res.extra["grad_filter_report"] = rep
 
 
 def measure(case: Case, device: str) -> Result:
@@ -156,6 +167,7 @@ def measure(case: Case, device: str) -> Result:
         elif have_peak:
             res.peak_mb = (_rss_kb("VmHWM") - base) / 1024
         _set_times(res, times)
+        _add_filter_report(res, case, inputs, {})  # after the timing: no effect on the peak
     except Exception as exc:
         res.note = f"failed: {type(exc).__name__}: {exc}"[:300]
     return res

@@ -85,5 +85,38 @@ def plot(results: list[Result], out: Path, dev: str) -> list[Path]:
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
+    if any("+gf" in r.method and r.total_s for r in results):
+        paths.append(_filter_plot(plt, results, out, dev))
     return paths
+
+
+def _filter_plot(plt, results: list[Result], out: Path, dev: str) -> Path:
+    """Gradient filtering (issue 20): time / GEMM floor of the plain and XTF-step cases on the
+    shapes with a filtered method, each bar labelled with its relative dX error."""
+    shapes = list(dict.fromkeys(r.shape for r in results if "+gf" in r.method))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 4.8), squeeze=False)
+    for ax, s in zip(axes[0], shapes):
+        rs = [r for r in results if r.shape == s and r.scenario in ("plain", "xtf-step")
+              and r.extra.get("ratio_floor") is not None]
+        ax.bar(range(len(rs)), [r.extra["ratio_floor"] for r in rs],
+               color=["C2" if "+gf" in r.method else ("C0" if r.method.startswith("xtf") else "C1") for r in rs])
+        for i, r in enumerate(rs):
+            rep = r.extra.get("grad_filter_report")
+            if rep:
+                ax.annotate(f"dX err\n{rep['dx_rel_err']:.0e}", (i, r.extra["ratio_floor"]), ha="center",
+                            va="bottom", fontsize=7)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(0.6, color="r", lw=0.8, ls="--", label="target 0.6x floor")
+        ax.set_xticks(range(len(rs)))
+        ax.set_xticklabels([f"{r.scenario}\n{r.method}" for r in rs], fontsize=6, rotation=30, ha="right")
+        ax.set_ylabel("time / GEMM floor (kept rows)")
+        ax.set_title(f"{s}: gradient filtering (green)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"forward+backward with grad_filter: {dev}")
+    fig.tight_layout()
+    p = out / f"{dev}_gradfilter.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
 

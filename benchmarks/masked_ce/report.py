@@ -64,7 +64,8 @@ def write_csv(results: list[Result], path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = ["device", "torch", "xtf_kernels", "cut_cross_entropy", "liger_kernel", "threads",
             "loadavg_start", "shape", "N", "D", "V", "dtype", "scenario", "method", "kept_rows",
-            "fwd_s", "bwd_s", "total_s", "floor_s", "ratio_floor", "peak_mb", "reps", "note", "inputs"]
+            "fwd_s", "bwd_s", "total_s", "floor_s", "ratio_floor", "peak_mb", "reps", "note", "inputs",
+            "grad_filter"]
     with open(path, "w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=cols)
         wr.writeheader()
@@ -74,6 +75,7 @@ def write_csv(results: list[Result], path: Path, meta: dict) -> None:
             row["floor_s"] = r.extra.get("floor_s")
             row["ratio_floor"] = r.extra.get("ratio_floor")
             row["inputs"] = r.extra.get("inputs", "")
+            row["grad_filter"] = r.extra.get("grad_filter", "")
             for k in ("fwd_s", "bwd_s", "total_s", "floor_s", "ratio_floor", "peak_mb"):
                 if row[k] is not None:
                     row[k] = f"{row[k]:.4g}"
@@ -82,13 +84,14 @@ def write_csv(results: list[Result], path: Path, meta: dict) -> None:
 
 def print_table(results: list[Result]) -> str:
     """The results as an aligned text table (also returned)."""
-    head = f"{'shape':<11}{'scenario':<10}{'method':<17}{'kept':>6}{'fwd s':>9}{'bwd s':>9}{'total s':>9}{'x floor':>9}{'peak MB':>9}  note"
+    head = f"{'shape':<11}{'scenario':<10}{'method':<20}{'kept':>6}{'fwd s':>9}{'bwd s':>9}{'total s':>9}{'x floor':>9}{'peak MB':>9}  note"
     lines = [head, "-" * len(head)]
     fmt = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"
     for r in results:
         lines.append(
-            f"{r.shape:<11}{r.scenario:<10}{r.method:<17}{r.kept_rows:>6}{fmt(r.fwd_s):>9}{fmt(r.bwd_s):>9}"
+            f"{r.shape:<11}{r.scenario:<10}{r.method:<20}{r.kept_rows:>6}{fmt(r.fwd_s):>9}{fmt(r.bwd_s):>9}"
             f"{fmt(r.total_s):>9}{fmt(r.extra.get('ratio_floor'), 2):>9}{fmt(r.peak_mb, 0):>9}  {r.note or r.extra.get('inputs', '')}"
+            + (f" [{r.extra['grad_filter']}]" if "grad_filter" in r.extra else "")
         )
     text = "\n".join(lines)
     print(text)

@@ -26,6 +26,10 @@ CPU_SHAPES = {
     # the bf16 epilogue row (issue 10, item 4): S2 with an LM-head bias and a Gemma-2 softcap
     "S2-bias-cap": Shape("S2-bias-cap", 2048, 2048, 128256, "bfloat16", softcap=30.0, logits="random",
                          bias=True),
+    # gradient filtering (issue 20): trained-model-scale logits, where most |d loss / d logit|
+    # are negligible (see make_inputs); the filtered methods run on peaked shapes only
+    "S1-peaked": Shape("S1-peaked", 4096, 1024, 32000, "float32"),
+    "S2-peaked": Shape("S2-peaked", 2048, 2048, 128256, "bfloat16"),
 }
 GPU_SHAPES = {
     "llama3-8k": Shape("llama3-8k", 8192, 4096, 128256, "bfloat16"),
@@ -44,6 +48,28 @@ PLAIN_PEERS = ("eager", "torch-lce", "cce-exact", "cce", "liger")
 
 
 SCENARIOS_XTF = ("stats", "mask0", "mask30", "mask50", "xtf-step")
+
+#: gradient-filter variants, appended to an xtf method as ``xtf-<backend>+<variant>`` (peaked
+#: shapes, scenarios plain and xtf-step): ``gf-auto`` is ``grad_filter="auto"`` (the dtype's
+#: eps / 32, no mass bound: cut-cross-entropy's rule); ``gf-<float>`` adds that bound on the
+#: |gradient-logit| mass skipped per row (``GradFilter(max_skipped=...)``). 1e-2 bounds each
+#: row's dX error by 1e-2 x the largest weight-row norm, the order of bf16 rounding (eps 7.8e-3).
+GRAD_FILTERS = ("gf-auto", "gf-1e-2")
+SCENARIOS_GRAD_FILTER = ("plain", "xtf-step")
+
+
+def grad_filter_of(variant: str):
+    """The ``grad_filter`` argument a method suffix means (``gf-auto`` or ``gf-<max_skipped>``)."""
+    from xtf_kernels import GradFilter
+
+    if variant == "gf-auto":
+        return "auto"
+    if variant.startswith("gf-"):
+        try:
+            return GradFilter(max_skipped=float(variant[3:]))
+        except ValueError:
+            pass
+    raise ValueError(f"method: unknown gradient-filter variant {variant!r} (expected gf-auto or gf-<float>)")
 
 
 @dataclass
