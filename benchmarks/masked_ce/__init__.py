@@ -14,7 +14,11 @@ a warm-up) and the peak memory of:
   backward blocks whose softmax is negligible: its speed depends on the logits, so the GPU
   shapes use peaked, trained-model-scale inputs (``make_inputs``);
 * ``liger``: Liger-Kernel's fused linear cross-entropy (GPU only);
-* ``gemm-floor``: the three bare matmuls (logits, dX, dW) on the kept rows.
+* ``gemm-floor``: the three bare matmuls (logits, dX, dW) on the kept rows;
+* ``xtf-<backend>+gf-auto`` / ``+gf-1e-2`` (peaked shapes, scenarios plain and xtf-step):
+  ``masked_ce(grad_filter="auto")`` and ``GradFilter(max_skipped=1e-2)``, each with one extra
+  run for its report (:mod:`.gradfilter`: skipped mass, share of the dX / dW work skipped,
+  dX / dW error against the unfiltered call) in the CSV's ``grad_filter`` column.
 
 Scenarios: ``plain`` (mean CE over the non-ignored tokens, no statistics), ``stats`` (xtf
 with ``return_stats=True``), ``mask0`` / ``mask30`` / ``mask50`` (xtf with that share of the
@@ -45,12 +49,15 @@ from .report import add_ratios, device_name, print_table, versions, write_csv
 from .shapes import (
     CPU_SHAPES,
     GPU_SHAPES,
+    GRAD_FILTERS,
     PLAIN_PEERS,
     QUICK_SHAPES,
+    SCENARIOS_GRAD_FILTER,
     SCENARIOS_XTF,
     Case,
     Result,
     Shape,
+    grad_filter_of,
     make_inputs,
     mask_share,
 )
@@ -59,14 +66,17 @@ __all__ = [
     "CPU_SHAPES",
     "Case",
     "GPU_SHAPES",
+    "GRAD_FILTERS",
     "PLAIN_PEERS",
     "QUICK_SHAPES",
     "Result",
+    "SCENARIOS_GRAD_FILTER",
     "SCENARIOS_XTF",
     "Shape",
     "add_ratios",
     "build",
     "device_name",
+    "grad_filter_of",
     "input_summary",
     "main",
     "make_inputs",

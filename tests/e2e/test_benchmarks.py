@@ -49,6 +49,13 @@ def test_quick_writes_table_csv_and_plots(quick_run):
     assert liger["note"].startswith("skipped:") and liger["total_s"] == ""
     assert list(out.glob("*_plain.png")) and list(out.glob("*_scenarios.png"))
     assert "gemm-floor" in stdout and "xtf-" in stdout
+    # gradient filtering (peaked Q2 only): timed, with its report in the grad_filter column
+    gf = [r for k, r in by.items() if "+gf-" in k[2]]
+    assert {r["shape"] for r in gf} == {"Q2"} and {r["scenario"] for r in gf} == {"plain", "xtf-step"}
+    for r in gf:
+        assert r["note"] == "" and float(r["total_s"]) > 0 and "dX rel err" in r["grad_filter"], r
+    assert all(r["grad_filter"] == "" for r in rows if "+gf-" not in r["method"])
+    assert list(out.glob("*_gradfilter.png"))
 
 
 def test_plan_covers_every_scenario():
@@ -59,6 +66,34 @@ def test_plan_covers_every_scenario():
         assert any(c.scenario == s and c.method.startswith("xtf-") for c in cases)
     for p in bm.PLAIN_PEERS:
         assert ("plain", p) in scen and ("xtf-step", f"compose-{p}") in scen
+
+
+def test_grad_filter_methods_on_peaked_shapes_only():
+    cases = bm.plan([bm.QUICK_SHAPES["Q1"], bm.QUICK_SHAPES["Q2"]], "cpu", 2)
+    gf = {(c.shape.name, c.scenario, c.method.split("+")[1]) for c in cases if "+" in c.method}
+    assert gf == {("Q2", s, v) for s in bm.SCENARIOS_GRAD_FILTER for v in bm.GRAD_FILTERS}
+    assert bm.grad_filter_of("gf-auto") == "auto"
+    assert bm.grad_filter_of("gf-1e-2").max_skipped == pytest.approx(1e-2)
+    for bad in ("gf-x", "gf--1", "filter"):
+        with pytest.raises(ValueError, match="gradient-filter variant"):
+            bm.grad_filter_of(bad)
+
+
+def test_filter_report_measures_skipped_work_and_error():
+    """On peaked bf16 logits "auto" skips most of the dX / dW work (and a real share of the
+    mass: a dX error far above rounding); the report's numbers agree with each other."""
+    from benchmarks.masked_ce.gradfilter import describe, filter_report
+
+    shape = bm.Shape("P", 256, 256, 32000, "bfloat16")
+    reps = {}
+    for variant in ("gf-auto", "gf-1e-2"):
+        inputs, _, _ = bm.build(bm.Case(shape, "plain", f"xtf-torch+{variant}"), "cpu")
+        reps[variant] = filter_report(inputs, ("P", "plain"), {})
+    auto, bound = reps["gf-auto"], reps["gf-1e-2"]
+    assert auto["work_skipped"] > 0.5 and auto["dense_rows"] == 0.0
+    assert auto["skipped_mean"] > 1e-2 and auto["dx_rel_err"] > 1e-2
+    assert bound["skipped_max"] <= 1e-2 * (1 + 1e-3) and bound["dx_rel_err"] < auto["dx_rel_err"]
+    assert "GEMM work skipped" in describe(auto)
 
 
 def test_ratios_scale_the_floor_to_kept_rows():
