@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .peers import PLAIN_PEERS, peer_loss_fn
 from .shapes import (
+    FLOORS,
     GRAD_FILTERS,
     SCENARIOS_GRAD_FILTER,
     SCENARIOS_XTF,
@@ -32,13 +33,16 @@ def build(case: Case, device: str):
     if b is not None and not (m.startswith("xtf-") or m in ("gemm-floor", "eager")):
         raise RuntimeError(f"the bias row compares xtf with eager only, not {m}")
 
-    if m == "gemm-floor":
+    if m in FLOORS:
         xk = h[scored].contiguous()
         inputs["xk"] = xk
+        up = m == "gemm-floor-fp32"  # half operands upcast in the step (as the CPU backends do)
 
         class Floor(torch.autograd.Function):
             @staticmethod
             def forward(ctx, x, ww):
+                if up:
+                    x, ww = x.float(), ww.float()
                 z = x @ ww.t()
                 ctx.save_for_backward(x, ww, z)
                 return z[0, 0].float() * 0.0  # no pass over z: the floor is the GEMMs alone
@@ -160,7 +164,9 @@ def plan(shapes: list[Shape], device: str, reps: int, quick: bool = False) -> li
             if ok and load_backend(name).supports(torch.device(device), dt)[0]:
                 xtf.append(f"xtf-{name}")
         peers = ("eager",) if (quick and sh is not shapes[0]) else PLAIN_PEERS
-        for m in ["gemm-floor", *xtf, *peers]:
+        # a CPU without native half GEMMs runs ATen's slow fallback: the fp32 floor is the fair one
+        floors = ["gemm-floor", "gemm-floor-fp32"] if device == "cpu" and sh.dtype != "float32" else ["gemm-floor"]
+        for m in [*floors, *xtf, *peers]:
             cases.append(Case(sh, "plain", m, reps))
         best = "xtf-native" if "xtf-native" in xtf else ("xtf-triton" if "xtf-triton" in xtf else xtf[0])
         for sc in SCENARIOS_XTF:

@@ -22,7 +22,7 @@ from pathlib import Path
 from .cases import build, input_summary
 from .gradfilter import describe, filter_report
 from .peers import _peer_of, peer_available
-from .shapes import Case, Result, Shape
+from .shapes import FLOORS, Case, Result, Shape
 
 #: the repository root: the subprocesses run ``python -m benchmarks.masked_ce`` from there
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -101,7 +101,9 @@ def measure_interleaved(cases: list[Case], device: str, rounds: int) -> list[Res
     for _ in tqdm(range(rounds), desc="interleaved rounds", file=sys.stderr):
         for _res, fwd, inputs, ts in runs:
             ts.append(_step(fwd, inputs["h"], inputs["w"], device == "cuda"))
-    floors = {res.shape: ts for res, _, _, ts in runs if res.method == "gemm-floor"}
+    floors = {}
+    for f in reversed(FLOORS):  # the first of FLOORS measured for a shape is its reference
+        floors.update({res.shape: ts for res, _, _, ts in runs if res.method == f})
     for res, _, _, ts in runs:
         _set_times(res, ts)
         fl = floors.get(res.shape)
@@ -133,7 +135,7 @@ def measure(case: Case, device: str) -> Result:
         return res
     res.kept_rows = kept
     h, w = inputs["h"], inputs["w"]
-    if case.method == "gemm-floor":
+    if case.method in FLOORS:
         res.extra["inputs"] = input_summary(h, w, inputs["y"], shape.softcap)
     cuda = device == "cuda"
 

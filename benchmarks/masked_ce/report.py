@@ -9,7 +9,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-from .shapes import Result
+from .shapes import FLOORS, Result
 
 
 def device_name(device: str) -> str:
@@ -47,7 +47,9 @@ def versions() -> dict[str, str]:
 
 def add_ratios(results: list[Result]) -> None:
     """Ratio of every method's fwd+bwd time to the GEMM floor of its shape (scaled to its kept rows)."""
-    floors = {r.shape: r for r in results if r.method == "gemm-floor" and r.total_s}
+    floors = {}
+    for m in reversed(FLOORS):  # the first of FLOORS measured for a shape is its reference
+        floors.update({r.shape: r for r in results if r.method == m and r.total_s})
     for r in results:
         f = floors.get(r.shape)
         if f and r.total_s and f.kept_rows:

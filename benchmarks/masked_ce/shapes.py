@@ -44,6 +44,13 @@ QUICK_SHAPES = {
 }
 
 
+#: the three-GEMM floors: ``gemm-floor`` in the inputs' dtype (the reference for ratios when
+#: measured); ``gemm-floor-fp32`` with half-precision operands upcast to fp32 inside the step,
+#: the floor of a CPU without native bf16 GEMMs (ATen's bf16 ``mm`` there is a slow fallback
+#: kernel, while the CPU backends upcast): the ratio reference when ``gemm-floor`` is not run
+FLOORS = ("gemm-floor", "gemm-floor-fp32")
+
+
 PLAIN_PEERS = ("eager", "torch-lce", "cce-exact", "cce", "liger")
 
 

@@ -104,6 +104,19 @@ def test_ratios_scale_the_floor_to_kept_rows():
     assert rs[2].extra["floor_s"] == pytest.approx(1.0) and rs[2].extra["ratio_floor"] == pytest.approx(1.5)
 
 
+def test_the_fp32_floor_is_the_reference_when_the_half_floor_is_not_run():
+    mk = lambda m, t: bm.Result("S", 10, 4, 8, "bfloat16", "plain", m, kept_rows=100, total_s=t)
+    rs = [mk("gemm-floor-fp32", 2.0), mk("a", 1.0)]
+    bm.add_ratios(rs)
+    assert rs[1].extra["ratio_floor"] == pytest.approx(0.5)
+    rs = [mk("gemm-floor-fp32", 2.0), mk("gemm-floor", 4.0), mk("a", 1.0)]
+    bm.add_ratios(rs)
+    assert rs[2].extra["ratio_floor"] == pytest.approx(0.25)
+    planned = {c.method for c in bm.plan([bm.QUICK_SHAPES["Q1"], bm.QUICK_SHAPES["Q2"]], "cpu", 2)
+               if c.shape.name == "Q2"}
+    assert {"gemm-floor", "gemm-floor-fp32"} <= planned
+
+
 def test_bad_arguments_are_rejected():
     with pytest.raises(SystemExit):
         bm.main(["--shapes", "nope", "--quick"])
