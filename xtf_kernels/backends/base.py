@@ -15,12 +15,16 @@ problems whose rows are all valid (labels in ``[0, V)``) and implements two prim
     fp32 (or None without bias). This is the Liger-style "gradient during the forward"
     path: three GEMMs per kept row in total. Rows past ``n_grad`` are scored only.
 
-``backward(x, w, b, y, row_max, lse, row_scale, cfg)``
+``backward(x, w, b, y, row_max, lse, row_scale, cfg, *, vocab_start=0, vocab=None)``
     Recompute the logits of the given rows (``row_max`` and ``lse`` as the forward returned
     them) and return ``dx`` (``x.dtype``), ``dw`` (fp32),
     ``db`` (fp32 or None) of ``sum_i row_scale[i] * loss_i``. Used when the keep mask is only
     known after the statistics (``select``) or when the upstream gradient is per token
-    (``reduction="none"``).
+    (``reduction="none"``). On a vocabulary shard (tensor-parallel LM head) ``w`` / ``b``
+    hold ids ``[vocab_start, vocab_start + w.shape[0])`` of a vocabulary of ``vocab`` ids,
+    ``y`` holds global ids (a row's gold term applies only where its label is in the shard),
+    ``row_max`` / ``lse`` are the global ones and label smoothing uses ``1 / vocab``; ``dx``
+    is then this shard's part of the sum over shards.
 
 ``forward_rowwise(x, w, b, y, cfg, row_select) -> (ForwardOut, sel)``
     Like ``forward`` but the gradient rows are chosen chunk by chunk by
@@ -197,8 +201,12 @@ class BackendBase:
         lse: torch.Tensor,
         row_scale: torch.Tensor,
         cfg: CEConfig,
+        *,
+        vocab_start: int = 0,
+        vocab: int | None = None,
     ) -> GradOut:
-        """Gradient of ``sum_i row_scale[i] * loss_i`` by recomputing the rows' logits."""
+        """Gradient of ``sum_i row_scale[i] * loss_i`` by recomputing the rows' logits (on the
+        vocabulary shard ``vocab_start`` of ``vocab`` ids when given, see the module doc)."""
         raise NotImplementedError
 
     def forward_rowwise(

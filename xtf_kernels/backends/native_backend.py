@@ -259,22 +259,30 @@ class NativeBackend(BackendBase):
         lse: torch.Tensor,
         row_scale: torch.Tensor,
         cfg: CEConfig,
+        *,
+        vocab_start: int = 0,
+        vocab: int | None = None,
     ) -> GradOut:
         """Gradients of ``sum_i row_scale[i] * loss_i`` by vocabulary-blocked recompute.
 
         Shapes: x [M, D], w [V, D], b [V] | None, y [M] int64, row_max / lse (relative to
         row_max, as the forward returns them) / row_scale [M] fp32.
+        On a vocabulary shard, ``w`` / ``b`` hold ids ``[vocab_start, vocab_start + V)`` of
+        ``vocab`` (see :mod:`.base`).
         Returns dx [M, D] (x.dtype), dw [V, D] (w.dtype; each block one GEMM over all rows,
         fp32 inside), db [V] fp32 | None.
         """
         if x.dtype == torch.float64:
-            return self._torch().backward(x, w, b, y, row_max, lse, row_scale, cfg)
+            return self._torch().backward(x, w, b, y, row_max, lse, row_scale, cfg,
+                                          vocab_start=vocab_start, vocab=vocab)
         ext = _ext()
         M, D = x.shape
         V = w.shape[0]
+        n_vocab = V if vocab is None else vocab
         dt = x.dtype
         x = x.contiguous()
-        y = y.contiguous()
+        # the row kernel's gold column is y - v0 with v0 the block's offset inside the shard
+        y = (y - vocab_start if vocab_start else y).contiguous()
         row_max = row_max.float().contiguous()
         lse = lse.float().contiguous()
         row_scale = row_scale.float().contiguous()
@@ -293,7 +301,7 @@ class NativeBackend(BackendBase):
             for s, e in spans(M, rc):
                 z = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
                 torch.mm(x[s:e], wb.t(), out=z)
-                ext.grad_block_(z, y[s:e], row_max[s:e], lse[s:e], row_scale[s:e], bf, v0, V, cfg.softcap,
+                ext.grad_block_(z, y[s:e], row_max[s:e], lse[s:e], row_scale[s:e], bf, v0, n_vocab, cfg.softcap,
                                 cfg.label_smoothing, cfg.z_loss, None if db is None else db[v0:v1])
                 add_mm(dx[s:e], z, wb)
                 if dw_blk is None:

@@ -195,9 +195,14 @@ class TorchBackend(BackendBase):
         lse: torch.Tensor,
         row_scale: torch.Tensor,
         cfg: CEConfig,
+        *,
+        vocab_start: int = 0,
+        vocab: int | None = None,
     ) -> GradOut:
         M, D = x.shape
-        V = w.shape[0]
+        V = w.shape[0]  # the shard's width; ``vocab`` (default V) is the whole vocabulary's
+        n_vocab = V if vocab is None else vocab
+        y = y - vocab_start if vocab_start else y  # gold ids relative to the shard
         dev = x.device
         acc = _acc(x.dtype)
         dx_acc = torch.zeros(M, D, device=dev, dtype=acc)
@@ -220,7 +225,7 @@ class TorchBackend(BackendBase):
                 p = torch.exp(z - lse[s:e].unsqueeze(1))
                 ys = y[s:e]
                 hit = ((ys >= v0) & (ys < v1)).to(acc)
-                dz = _dlogits_(p, z, row_max[s:e], lse[s:e], row_scale[s:e], ys - v0, hit, V, cfg)
+                dz = _dlogits_(p, z, row_max[s:e], lse[s:e], row_scale[s:e], ys - v0, hit, n_vocab, cfg)
                 dzc = dz.to(x.dtype)
                 add_mm(dx_acc[s:e], dzc, wb)
                 part = dzc.t() @ x[s:e]

@@ -213,6 +213,9 @@ class TritonBackend(BackendBase):
         lse: torch.Tensor,
         row_scale: torch.Tensor,
         cfg: CEConfig,
+        *,
+        vocab_start: int = 0,
+        vocab: int | None = None,
     ) -> GradOut:
         """Gradient of ``sum_i row_scale[i] * loss_i`` by recomputing the logits of the rows.
 
@@ -221,6 +224,8 @@ class TritonBackend(BackendBase):
             row_max, lse: ``[M]`` fp32 row maximum and log-sum-exp relative to it (from the
                 forward).
             row_scale: ``[M]`` fp32 upstream factor per row.
+            vocab_start, vocab: ``w`` / ``b`` hold ids ``[vocab_start, vocab_start + V)`` of a
+                vocabulary of ``vocab`` ids (default: all of it; see :mod:`.base`).
 
         Returns:
             :class:`GradOut`: ``dx`` ``[M, D]`` x.dtype, ``dw`` ``[V, D]`` fp32, ``db`` ``[V]``
@@ -230,7 +235,8 @@ class TritonBackend(BackendBase):
         f32 = torch.float32
         row_max, lse = row_max.to(f32).contiguous(), lse.to(f32).contiguous()
         row_scale = row_scale.to(f32).contiguous()
-        return GradOut(*self._vocab_blocked_grad(x, w, b, y, row_max, lse, row_scale, cfg, w.dtype))
+        return GradOut(*self._vocab_blocked_grad(x, w, b, y, row_max, lse, row_scale, cfg, w.dtype,
+                                                 vocab_start=vocab_start, vocab=vocab))
 
     # ----------------------------------------------------------------- internals
     @staticmethod
@@ -270,7 +276,8 @@ class TritonBackend(BackendBase):
         if db is not None:
             db += g.sum(0, dtype=torch.float32)
 
-    def _vocab_blocked_grad(self, x, w, b, y, row_max, lse, row_scale, cfg, dw_dtype):
+    def _vocab_blocked_grad(self, x, w, b, y, row_max, lse, row_scale, cfg, dw_dtype, *,
+                            vocab_start: int = 0, vocab: int | None = None):
         """Gradient of ``sum_i row_scale[i] * loss_i`` (scale 1 when None) by vocabulary blocks.
 
         ``row_max``, ``lse``: ``[n]`` fp32, as :class:`RowStats` names them. Each block
@@ -308,7 +315,8 @@ class TritonBackend(BackendBase):
                 g = z if gbuf is None else gbuf[: e - s, : v1 - v0]
                 k.rows_pass(z, bb, y[s:e], row_max=row_max[s:e], lse=lse[s:e],
                             row_scale=None if row_scale is None else row_scale[s:e],
-                            v_off=v0, vocab=V, out=g, **opts)
+                            v_off=vocab_start + v0, vocab=V if vocab is None else vocab, out=g,
+                            **opts)
                 _mm_f32(dx[s:e], g, wb, accumulate=True)
                 _mm_f32(dw[v0:v1], g.t(), x[s:e], accumulate=not one_gemm)
                 if db is not None:
