@@ -19,6 +19,7 @@ _EXPORTS = {
     "MaskedCESpec": ".loss",
     "masked_ce": ".loss",
     "rowwise": ".loss",
+    "VocabParallel": ".loss",
     "Options": ".config",
     "get_options": ".config",
     "options": ".config",
@@ -31,7 +32,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:
     from .backends import backend_status
     from .config import Options, get_options, options, set_options
-    from .loss import MaskedCE, MaskedCESpec, masked_ce, rowwise
+    from .loss import MaskedCE, MaskedCESpec, VocabParallel, masked_ce, rowwise
     from .stats import TokenStats
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "MaskedCESpec",
     "Options",
     "TokenStats",
+    "VocabParallel",
     "__version__",
     "backend_status",
     "get_options",

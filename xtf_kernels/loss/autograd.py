@@ -66,6 +66,7 @@ class MaskedCE(torch.autograd.Function):
         elif isinstance(g, RecomputeGrad):
             ctx.save_for_backward(*g)
             ctx.backend, ctx.cfg, ctx.reduction = res.backend, res.cfg, spec.reduction
+            ctx.shard = spec.vocab_shard
         outs = tuple(res.outputs)
         ctx.mark_non_differentiable(*outs[1:])
         return outs
@@ -88,5 +89,5 @@ class MaskedCE(torch.autograd.Function):
         else:
             dh, dw, db = recompute_grads(RecomputeGrad(*ctx.saved_tensors), backend=ctx.backend,
                                          cfg=ctx.cfg, reduction=ctx.reduction, grad_loss=grad_loss,
-                                         hidden_shape=ctx.hidden_shape, need=ctx.need)
+                                         hidden_shape=ctx.hidden_shape, need=ctx.need, shard=ctx.shard)
         return dh, dw, None, db, None, None, None, None, None

@@ -21,6 +21,7 @@ import torch
 from ..backends.base import Backend, CEConfig, RowStats
 from ..documents import counted_mask
 from ..stats import TokenStats
+from .vocab_parallel import shard_grads
 
 __all__ = ["RowStats"]  # re-exported: the statistics at label positions have the backends' type
 
@@ -185,11 +186,13 @@ class RecomputeGrad(NamedTuple):
 
 def recompute_grads(g: RecomputeGrad, *, backend: Backend, cfg: CEConfig, reduction: str,
                     grad_loss: torch.Tensor, hidden_shape: tuple[int, ...], need: Need,
-                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                    shard=None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d_hidden, d_weight, d_bias) by recomputing the logits of the kept rows ``g``.
 
     ``grad_loss`` is per token (``"none"``, the labels' shape) or a scalar, divided by
-    ``g.divisor`` for ``"mean"``.
+    ``g.divisor`` for ``"mean"``. With ``shard`` (a vocabulary-parallel
+    :class:`~xtf_kernels.loss.vocab_parallel.VocabShard`) ``g.weight`` is this rank's rows:
+    ``d_weight`` / ``d_bias`` are theirs and ``d_hidden`` is summed over the group.
     """
     hidden_rows, kept_pos, src_kept, divisor = g.hidden_rows, g.kept_pos, g.src_kept, g.divisor
     dtype = hidden_rows.dtype
@@ -202,7 +205,11 @@ def recompute_grads(g: RecomputeGrad, *, backend: Backend, cfg: CEConfig, reduct
             scale = scale / divisor
         row_scale = scale.expand(kept_pos.numel()).contiguous()
     x = hidden_rows.index_select(0, src_kept)
-    go = backend.backward(x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale, cfg)
+    if shard is None:
+        go = backend.backward(x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale, cfg)
+    else:
+        go = shard_grads(backend, x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale,
+                         cfg, shard, need_dx=need.hidden)
     dh = scatter_rows(go.dx.to(dtype), src_kept, hidden_shape) if need.hidden else None
     dw = go.dw.to(dtype) if need.weight else None
     db = go.db.to(dtype) if (need.bias and go.db is not None) else None

@@ -30,6 +30,7 @@ from .core import (
 from .select import apply_select, chunk_selector, is_rowwise
 from .spec import MaskedCEOutputs, MaskedCESpec
 from .validate import check_labels_in_range
+from .vocab_parallel import shard_stats
 
 
 class ZeroGrad(NamedTuple):
@@ -90,8 +91,10 @@ def run_forward(
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     y = labels.reshape(-1)
     pos = positions(labels, keep, ignore_index=spec.ignore_index, shift=spec.shift)
+    shard = spec.vocab_shard
+    vocab = weight.shape[0] if shard is None else shard.vocab
     if spec.check_labels:
-        check_labels_in_range(y, pos.valid, weight.shape[0], spec.ignore_index)
+        check_labels_in_range(y, pos.valid, vocab, spec.ignore_index)
     be = resolve_backend(spec.backend, dev, hidden.dtype)
     cfg = spec.ce_config()
     w = weight.contiguous()
@@ -109,8 +112,7 @@ def run_forward(
         kept = apply_select(spec.select, ts._replace(keep=ts.keep.clone()), kept)
         kept_pos = kept.nonzero().squeeze(1)
     n_kept = kept_pos.numel()
-    tok = token_loss(st, kept, label_smoothing=spec.label_smoothing, z_loss=spec.z_loss,
-                     vocab=weight.shape[0])
+    tok = token_loss(st, kept, label_smoothing=spec.label_smoothing, z_loss=spec.z_loss, vocab=vocab)
     loss, divisor = reduce_loss(tok, reduction=spec.reduction, num_items=num_items, n_kept=n_kept,
                                 shape=lead)
     grad = _grad_state(need=need, n_kept=n_kept, fo_grad=sw.fo_grad, src=pos.src, kept_pos=kept_pos,
@@ -138,6 +140,13 @@ def _sweep(*, be, cfg, spec, h2, w, b, y, pos, need, ref_logprobs, task_vector, 
     scalar_grad = any(need) and spec.reduction != "none" and spec.grad_in_forward
     kept = pos.kept
     rel = None if task_vector is None else relevance(x, task_vector, acc=acc)
+    if spec.vocab_shard is not None:
+        # vocabulary-parallel: the global statistics need all ranks' sweeps, so the gradient is
+        # recomputed in the backward and every select rule sees the whole statistics
+        st = shard_stats(be, x, w, b, ys, cfg, spec.vocab_shard)
+        kept_pos = rows[:n_kept] if spec.select is None else None
+        st = scatter_stats(st, rows=rows, n_tok=y.numel(), acc=acc)
+        return _Sweep(stats=st, relevance=rel, rows=rows, kept=kept, kept_pos=kept_pos, fo_grad=None)
     if scalar_grad and is_rowwise(spec.select):
         # a per-token select rule is applied chunk by chunk while the logits are in memory:
         # statistics, selection and gradient from one logits GEMM
