@@ -113,3 +113,24 @@ def test_tensor_parallel_head_equals_one_process(tp_results, plan: str) -> None:
             torch.testing.assert_close(
                 got["grads"][k], p.grad, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {k}"
             )
+
+
+def test_the_example_runs() -> None:
+    """examples/tp_lm_head.py (docs/training.md): 2 spawned CPU processes train a tiny Llama
+    with a ColwiseParallel head, then call masked_ce with VocabParallel."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(root / "examples" / "tp_lm_head.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 9 loss" in out.stdout and "vocabulary-parallel loss" in out.stdout
+    assert "rank 1: lm_head holds 500 of 1001 rows" in out.stdout
