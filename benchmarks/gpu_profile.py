@@ -71,8 +71,7 @@ def main() -> None:
                 e = min(N, s + r)
                 g = buf[: e - s]
                 torch.mm(h[s:e], w.t(), out=g)
-                k.rows_pass(g, None, y[s:e], softcap=None, z_loss=0.0, label_smoothing=0.0,
-                            stats_out=st[:, s:e], grad=False)
+                k.rows_stats(g, None, y[s:e], softcap=None, stats_out=st[:, s:e])
         add(f"chunked stats rows={r}", chunked)
     tb = TritonBackend()
     for ce in (1 << 22, 1 << 24, 1 << 26):

@@ -42,6 +42,11 @@ class Options:
             assert on GPU, a plain check on CPU). None (the default): read the environment
             variable ``XTF_CHECK_LABELS`` when :func:`get_options` is called (``0``, ``false``,
             ``off`` or ``no`` turn the check off), so setting it after import counts.
+        grad_filter: the default of :func:`~xtf_kernels.masked_ce`'s ``grad_filter`` (None:
+            exact gradients; ``"auto"``, a float threshold or a
+            :class:`~xtf_kernels.GradFilter`: negligible vocabulary columns skipped in the
+            backward, see :mod:`xtf_kernels.grad_filter`). Unlike the other options it changes
+            gradients beyond rounding; a call's own ``grad_filter=`` wins, ``0.0`` forces exact.
 
     Under ``torch.compile`` the options are read when the graph is traced; Dynamo retraces
     when :func:`options` / :func:`set_options` change them (not when the environment changes).
@@ -50,6 +55,7 @@ class Options:
     grad_in_forward: bool = True
     chunk_elems: int = DEFAULT_CHUNK_ELEMS
     check_labels: bool | None = None
+    grad_filter: object = None
 
 
 _local = threading.local()

@@ -1,10 +1,14 @@
-"""Documents of packed (padding-free) rows: the one rule every loss and token count follows.
+"""What a packed (padding-free) row is: its documents, and which labels have a predictor.
 
 Packed batches (transformers' ``DataCollatorWithFlattening``, TRL's ``padding_free=True`` /
-``packing=True``, ``XTFCollator(packing=True)``) put several examples in one row and restart
-``position_ids`` at 0 for each. A document starts at every position whose ``position_ids`` is
-0, and at the start of every row (flash-attention's rule; :mod:`xtf_kernels.attention` uses
-the same :func:`document_starts`).
+``packing=True``, ``XTFCollator(packing=True)``, ``score_dataset(..., pack=True)``) put
+several examples in one row and restart ``position_ids`` at 0 for each. A document starts at
+every position whose ``position_ids`` is 0, at every ``cu_seqlens`` offset, and at the start
+of every row (flash-attention's rule): :func:`document_starts`,
+:func:`starts_from_cu_seqlens`. :func:`document_bounds` turns the starts into each token's
+document ``[start, end)`` (:class:`Documents`); the attention scorer's visibility rule, the
+debiased RI of packed scoring and :func:`position_ids_from_cu_seqlens` all read them from
+here.
 
 With the causal shift, the label at position ``t`` is predicted from the hidden state at
 ``t - 1``; at a document start that hidden state belongs to the previous document, so that
@@ -18,6 +22,7 @@ This module is a leaf: it imports nothing from the package.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -112,6 +117,72 @@ def mask_unpredicted(labels: torch.Tensor, position_ids: torch.Tensor | None, ig
     return labels.masked_fill(document_starts(position_ids.to(labels.device)), ignore_index)
 
 
+def starts_from_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool ``[n]``: True at every offset below ``n`` and at position 0 (offsets ``>= n`` are ignored).
+
+    Args:
+        cu_seqlens: 1-D int offsets of documents in ``n`` flattened tokens (their order is the caller's check).
+        n: number of tokens.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
+        raise ValueError("cu_seqlens: expected a 1-D integer tensor of document offsets")
+    cu = cu_seqlens.to(torch.int64)
+    starts = torch.zeros(n, dtype=torch.bool, device=cu.device)
+    starts[cu[cu < n]] = True
+    starts[:1] = True
+    return starts
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Document layout of packed rows: for every token, its document's ``[start, end)`` in the row.
+
+    ``start`` and ``end`` are int64 ``[B, L]``; two tokens of a row share a document iff their
+    ``start`` values are equal. ``start`` is non-decreasing along a row.
+    """
+
+    start: torch.Tensor
+    end: torch.Tensor
+
+    def rows(self, sl: slice) -> Documents:
+        return Documents(self.start[sl], self.end[sl])
+
+
+def document_bounds(starts: torch.Tensor) -> Documents:
+    """Each token's document ``[start, end)`` from bool ``starts [B, L]`` (position 0 always starts one)."""
+    if not isinstance(starts, torch.Tensor) or starts.dtype != torch.bool or starts.dim() != 2:
+        raise ValueError(f"starts: expected a 2-D bool tensor [B, L], got {getattr(starts, 'shape', type(starts))}")
+    B, L = starts.shape
+    starts = starts.clone()
+    starts[:, :1] = True
+    idx = torch.arange(L, device=starts.device).expand(B, L)
+    start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    nxt = torch.full((B, L), L, dtype=torch.int64, device=starts.device)
+    nxt[:, :-1] = torch.where(starts[:, 1:], idx[:, 1:], torch.full_like(idx[:, 1:], L))
+    end = nxt.flip(1).cummin(dim=1).values.flip(1)
+    return Documents(start, end)
+
+
+def documents(position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, B: int, L: int,
+              device: torch.device) -> Documents | None:
+    """The :class:`Documents` of ``B`` rows of ``L`` tokens; None when every row is one document.
+
+    Args:
+        position_ids: ``[B, L]`` or ``[1, L]`` integers, or None.
+        cu_seqlens: 1-D offsets over the flattened ``B * L`` tokens (a document never crosses
+            a row), or None. At most one of the two (validated by the caller).
+    """
+    if position_ids is not None:
+        starts = document_starts(position_ids.to(device).expand(B, L))
+    elif cu_seqlens is not None:
+        starts = starts_from_cu_seqlens(cu_seqlens.to(device), B * L).view(B, L)
+    else:
+        return None
+    if not bool(starts[:, 1:].any()):
+        return None
+    return document_bounds(starts)
+
+
 def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
     """``[1, length]`` int64 position ids of documents given by flash-attention offsets.
 
@@ -126,18 +197,18 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch
     if cu.numel() == 0 or int(cu[0]) != 0 or bool((cu.diff() < 0).any()) or int(cu[-1]) > length:
         raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to at most {length}, got {cu.tolist()[:8]}")
     idx = torch.arange(length, dtype=torch.int64, device=cu.device)
-    starts = torch.zeros(length, dtype=torch.bool, device=cu.device)
-    starts[cu[cu < length]] = True
-    starts[0] = True
-    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(0).values
-    return (idx - first).unsqueeze(0)
+    return (idx - document_bounds(starts_from_cu_seqlens(cu, length)[None]).start[0]).unsqueeze(0)
 
 
 __all__ = [
+    "Documents",
     "check_position_ids",
     "counted_mask",
+    "document_bounds",
     "document_starts",
+    "documents",
     "mask_unpredicted",
     "position_ids_from_cu_seqlens",
     "predicted_mask",
+    "starts_from_cu_seqlens",
 ]

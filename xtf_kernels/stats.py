@@ -23,6 +23,10 @@ class TokenStats(NamedTuple):
         relevance: cosine(hidden row that predicts the token, task_vector) when
             ``task_vector`` was given, else None.
         keep: bool, the final keep mask (input keep AND select AND not ignored).
+        grad_skipped: with ``grad_filter``, the |d loss / d logit| mass (unit upstream
+            gradient) the backward skipped for each kept token, NaN elsewhere; filled during
+            the forward (scalar reductions) or when the backward has run (otherwise); None
+            without a filter.
     """
 
     logprob: torch.Tensor
@@ -32,3 +36,4 @@ class TokenStats(NamedTuple):
     logprob_delta: torch.Tensor | None
     relevance: torch.Tensor | None
     keep: torch.Tensor
+    grad_skipped: torch.Tensor | None = None

@@ -122,22 +122,24 @@ def test_forward_statistics_only_no_bias_fp16():
 def test_forward_gradient_paths_agree(monkeypatch, dtype):
     # gradient rows in one row chunk: Liger-style buffer path (3 GEMMs); more rows: fused
     # statistics + vocabulary-blocked gradient. Both must give the same result.
+    from xtf_kernels.backends import driver
+
     calls = []
-    for name in ("_grad_sweep", "_vocab_blocked_grad"):
-        orig = getattr(triton_backend.TritonBackend, name)
+    for name in ("_sweep", "_blocked_grad"):
+        orig = getattr(driver, name)
 
-        def spy(self, *a, _orig=orig, _name=name, **kw):
+        def spy(*a, _orig=orig, _name=name, **kw):
             calls.append(_name)
-            return _orig(self, *a, **kw)
+            return _orig(*a, **kw)
 
-        monkeypatch.setattr(triton_backend.TritonBackend, name, spy)
+        monkeypatch.setattr(driver, name, spy)
     x, w, b, y = problem(24, 40, 500, dtype, seed=11)
     big = CEConfig(softcap=5.0, label_smoothing=0.1, z_loss=1e-3, chunk_elems=1 << 16)
     small = CEConfig(softcap=5.0, label_smoothing=0.1, z_loss=1e-3, chunk_elems=1 << 11)
     a = TB.forward(x, w, b, y, big, 16)
-    assert calls == ["_grad_sweep"]
+    assert calls == ["_sweep"]
     c = TB.forward(x, w, b, y, small, 16)
-    assert calls[1:] == ["_vocab_blocked_grad"]
+    assert calls[1:] == ["_blocked_grad"]
     atol, rtol = TOL[dtype]
     for f in ("row_max", "lse", "gold", "entropy", "dx", "dw", "db"):
         torch.testing.assert_close(getattr(c, f).float(), getattr(a, f).float(), atol=atol, rtol=rtol)
@@ -264,7 +266,7 @@ def test_row_kernel_respects_buffer_row_stride():
     view = wide[:, :V]
     view.copy_(x @ w.t())
     stats = torch.empty(5, M, device=DEVICE)
-    kernels().rows_pass(view, b, y, softcap=None, z_loss=0.0, label_smoothing=0.0, stats_out=stats)
+    kernels().rows_stats_grad(view, b, y, softcap=None, z_loss=0.0, label_smoothing=0.0, stats_out=stats)
     ref = TORCH.forward(*as64(x, w, b), y.cpu(), CEConfig(), M)
     torch.testing.assert_close((stats[0] + stats[1]).cpu().double(), ref.row_max + ref.lse, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(view.cpu().double() @ w.cpu().double(), ref.dx, atol=1e-5, rtol=1e-5)
@@ -379,7 +381,7 @@ def test_cuda_int64_offsets_in_the_row_kernel():
     view.copy_(vals)
     y = torch.tensor([5, 4000], device="cuda")
     stats = torch.empty(5, 2, device="cuda")
-    kernels().rows_pass(view, None, y, softcap=None, z_loss=0.0, label_smoothing=0.0, stats_out=stats)
+    kernels().rows_stats_grad(view, None, y, softcap=None, z_loss=0.0, label_smoothing=0.0, stats_out=stats)
     ref = torch.logsumexp(vals.float(), dim=1)
     torch.testing.assert_close(stats[0] + stats[1], ref, atol=1e-4, rtol=1e-4)
     p = torch.softmax(vals.float(), dim=1)
@@ -418,16 +420,16 @@ cfg = k._FUSED_CONFIGS[0]
 src = ASTSource(fn=k._stats_kernel, signature=stats_sig,
                 constexprs=dict(HAS_BIAS=True, HAS_CAP=True, IEEE=False, **cfg.kwargs))
 triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-names = ["L", "stride_l", "OUT", "stride_o", "B", "Y", "ROWS", "MAX", "LSE", "SCALE", "STATS",
-         "stride_st", "n", "V", "v_off", "cap", "zl2", "gold_w", "smooth_v"]
+names = ["L", "stride_l", "OUT", "stride_o", "B", "Y", "MAX", "LSE", "SCALE", "STATS",
+         "stride_st", "n", "V", "v_off", "cap", "z_loss_x2", "gold_weight", "smooth_per_id"]
 br, bv, warps = 1, 8192, 16
-for logits, stats, rows in (("*bf16", True, False), ("*bf16", False, True), ("*fp32", True, False)):
-    rows_sig = {n: t for n, t in zip(names, [logits, "i32", "*bf16", "i32", "*bf16", "*i64", "*i64"]
+for logits, stats in (("*bf16", True), ("*bf16", False), ("*fp32", True)):
+    rows_sig = {n: t for n, t in zip(names, [logits, "i32", "*bf16", "i32", "*bf16", "*i64"]
                                      + ["*fp32"] * 4 + ["i32"] * 4 + ["fp32"] * 4)}
-    for c in ("HAS_ROWS", "HAS_BIAS", "HAS_CAP", "HAS_SCALE", "DO_STATS", "DO_GRAD", "BR", "BV"):
+    for c in ("HAS_BIAS", "HAS_CAP", "HAS_SCALE", "DO_STATS", "DO_GRAD", "BR", "BV"):
         rows_sig[c] = "constexpr"
     src = ASTSource(fn=k._rows_kernel, signature=rows_sig, constexprs=dict(
-        HAS_ROWS=rows, HAS_BIAS=True, HAS_CAP=True, HAS_SCALE=not stats, DO_STATS=stats,
+        HAS_BIAS=True, HAS_CAP=True, HAS_SCALE=not stats, DO_STATS=stats,
         DO_GRAD=True, BR=br, BV=bv))
     triton.compile(src, target=target, options={"num_warps": warps})
 print("compiled")
@@ -453,13 +455,13 @@ def test_vocab_blocks_are_aligned_for_cublas(monkeypatch):
     widths are multiples of 128 and every block, the last too, keeps the buffer's stride."""
     k = kernels()
     seen = []
-    real = k.rows_pass
+    real = k.rows_grad
 
     def spy(logits, *a, **kw):
         seen.append((logits.shape[1], logits.stride(0)))
         return real(logits, *a, **kw)
 
-    monkeypatch.setattr(k, "rows_pass", spy)
+    monkeypatch.setattr(k, "rows_grad", spy)
     M, D, V = 7, 16, 1000  # budget // M = 585: not a multiple of 128
     x, w, b, y = problem(M, D, V, torch.float32, seed=3)
     fo = TORCH.forward(x.cpu(), w.cpu(), b.cpu(), y.cpu(), CFGS["plain"], 0)

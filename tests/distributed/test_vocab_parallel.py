@@ -147,6 +147,32 @@ def _compiled(world: int, rank: int) -> dict:
     return res
 
 
+GRAD_FILTER = dict(threshold=0.05, max_skipped=0.2)
+FILTER_SCALE = 6.0  # peaked logits: columns below the threshold for every row exist
+
+
+def _filtered(world: int, start: int | None, stop: int | None, vp, filt=True) -> dict:
+    """A gradient filter with a mass bound on the shard (rows [start, stop)) or the whole head."""
+    from xtf_kernels.grad_filter import GradFilter
+
+    t = inputs(torch.float32, world)
+    h = (t["hidden"] * FILTER_SCALE).requires_grad_()
+    w = t["weight"][start:stop].clone().requires_grad_()
+    kw = {} if vp is None else {"vocab_parallel": vp}
+    loss, stats = masked_ce(
+        h,
+        w,
+        t["labels"],
+        keep=t["keep"],
+        grad_filter=GradFilter(**GRAD_FILTER) if filt else None,
+        return_stats=True,
+        backend="torch",
+        **kw,
+    )
+    loss.backward()
+    return dict(loss=loss.detach(), skipped=stats.grad_skipped, keep=stats.keep, dh=h.grad)
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -161,6 +187,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         res.update(_dtensor_runs(world))
         res["errors"] = _errors(world, rank)
         res["compile"] = _compiled(world, rank)
+        res["grad_filter"] = _filtered(world, start, stop, vp)
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
     finally:
@@ -323,3 +350,30 @@ def test_torch_compile_runs_it_eagerly(world_results) -> None:
         torch.testing.assert_close(lc, le)
         torch.testing.assert_close(hc, he)
         torch.testing.assert_close(wc, we)
+
+
+def test_gradient_filter_bounds_the_mass_over_the_whole_head(world_results) -> None:
+    """grad_filter on shards: the mass bound is split between the shards, grad_skipped reports
+    the mass skipped over the whole head (the same on every rank), and dX stays within the
+    filter's stated error bound of the exact gradient: |dx_i - exact_i| <= scale * skipped_i *
+    max|W_v|."""
+    world, per_rank = world_results
+    exact = _filtered(world, None, None, None, filt=False)
+    t = inputs(torch.float32, world)
+    n_kept = int(exact["keep"].sum())
+    wmax = t["weight"].abs().max()
+    assert exact["skipped"] is None
+    first = per_rank[0]["grad_filter"]
+    kept = first["keep"]
+    assert torch.equal(kept, exact["keep"])
+    assert torch.isnan(first["skipped"][~kept]).all()
+    sk = first["skipped"][kept]
+    assert (sk >= 0).all() and (sk <= GRAD_FILTER["max_skipped"] * (1 + 1e-5)).all()
+    assert sk.max() > 0, "the filter skipped nothing: the test shows nothing"
+    for r in per_rank:
+        got = r["grad_filter"]
+        torch.testing.assert_close(got["loss"], exact["loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["skipped"], first["skipped"], equal_nan=True)
+        err = (got["dh"] - exact["dh"]).abs().amax(-1)[kept]
+        bound = sk / n_kept * wmax + 1e-6
+        assert (err <= bound).all(), (err - bound).max()

@@ -222,6 +222,35 @@ def test_bad_inputs() -> None:
         apply_xtf(_model("llama"), keep_key="not an identifier")
 
 
+def test_apply_xtf_loss_options_reach_masked_ce() -> None:
+    """``label_smoothing`` / ``z_loss`` given to apply_xtf are those of every masked_ce call."""
+    from xtf_kernels import masked_ce
+
+    ids, att, labels, keep = _batch(seed=8)
+    m = apply_xtf(_model("llama"), label_smoothing=0.2, z_loss=1e-2)
+    out = m(input_ids=ids, attention_mask=att, labels=labels)
+    with torch.no_grad():
+        hidden = revert(m).model(input_ids=ids, attention_mask=att).last_hidden_state
+    want = masked_ce(hidden, m.lm_head.weight, labels, shift=True, label_smoothing=0.2, z_loss=1e-2)
+    plain = masked_ce(hidden, m.lm_head.weight, labels, shift=True)
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want, plain)
+
+
+@pytest.mark.parametrize("bad", [dict(z_loss=float("nan")), dict(z_loss=-1.0), dict(label_smoothing=1.0),
+                                 dict(label_smoothing=True), dict(select=3), dict(backend="cuda")])
+def test_apply_xtf_and_masked_ce_refuse_a_loss_option_alike(bad) -> None:
+    """The loss options ``apply_xtf`` takes are checked by masked_ce's own check, at patch time:
+    same error, same message (a NaN ``z_loss`` is refused by both, not accepted by one)."""
+    from xtf_kernels import masked_ce
+
+    with pytest.raises((TypeError, ValueError)) as direct:
+        masked_ce(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), **bad)
+    with pytest.raises(direct.type) as patched:
+        apply_xtf(_model("llama"), **bad)
+    assert str(patched.value) == str(direct.value)
+
+
 def test_signature_carries_keep_key_and_peft_is_unwrapped() -> None:
     import inspect
 

@@ -104,6 +104,20 @@ def test_hand_built_spec_resolves_options_in_the_forward(monkeypatch):
         spec.ce_config()
 
 
+
+def test_every_option_is_a_spec_field_resolved_from_the_options():
+    """Each ``Options`` field is a ``MaskedCESpec`` field left None by default, and ``resolved()``
+    fills every one of them from ``get_options()`` (one list: the ``Options`` dataclass)."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(Options)]
+    spec_defaults = {f.name: f.default for f in dataclasses.fields(MaskedCESpec)}
+    assert all(spec_defaults.get(n, "missing") is None for n in names), spec_defaults
+    with xtf_kernels.options(grad_in_forward=False, chunk_elems=4096, check_labels=False):
+        got = MaskedCESpec().resolved()
+        want = xtf_kernels.get_options()
+    assert {n: getattr(got, n) for n in names} == {n: getattr(want, n) for n in names}
+
 # ------------------------------------------------------------------ outputs
 def test_outputs_are_named_in_apply_order():
     h, w, y = _problem()

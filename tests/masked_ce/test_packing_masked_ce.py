@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from xtf_kernels import masked_ce
-from xtf_kernels.documents import document_starts, position_ids_from_cu_seqlens
+from xtf_kernels.documents import (
+    document_bounds,
+    document_starts,
+    documents,
+    position_ids_from_cu_seqlens,
+    starts_from_cu_seqlens,
+)
 from xtf_kernels.integrations.distributed import count_kept_tokens, global_num_items
 
 D, V = 16, 37
@@ -170,3 +176,24 @@ def test_position_ids_from_cu_seqlens():
     torch.testing.assert_close(position_ids_from_cu_seqlens(cu, 13), _packed()[5][:1])
     with pytest.raises(ValueError, match="cu_seqlens"):
         position_ids_from_cu_seqlens(torch.tensor([1, 4]), 13)
+
+
+def test_document_bounds_one_layout_from_position_ids_or_offsets():
+    """The loss, the attention scorer and packed scoring read documents from one place."""
+    pos = _packed()[5]  # documents (1, 5, 7) and (6, 7)
+    d = document_bounds(document_starts(pos))
+    assert d.start[0].tolist() == [0, 1, 1, 1, 1, 1, 6, 6, 6, 6, 6, 6, 6]
+    assert d.end[0].tolist() == [1] + [6] * 5 + [13] * 7
+    assert d.start[1].tolist() == [0] * 6 + [6] * 7 and d.end[1].tolist() == [6] * 6 + [13] * 7
+    cu = torch.tensor([0, 1, 6, 13, 19, 26])  # the same documents over the flattened 2 * 13 tokens
+    for got in (documents(pos, None, 2, 13, pos.device), documents(None, cu, 2, 13, pos.device)):
+        assert torch.equal(got.start, d.start) and torch.equal(got.end, d.end)
+    one = torch.tensor([0, 1, 6])  # a single row: position ids are the offsets from the start
+    assert torch.equal(
+        position_ids_from_cu_seqlens(one, 13)[0],
+        torch.arange(13) - document_bounds(starts_from_cu_seqlens(one, 13)[None]).start[0],
+    )
+    with pytest.raises(ValueError, match="starts"):
+        document_bounds(pos)  # positions, not starts
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        starts_from_cu_seqlens(cu.float(), 26)

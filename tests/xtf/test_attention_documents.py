@@ -19,7 +19,7 @@ from xtf_kernels.attention import (
     attention_with_received,
     collect_received_attention,
 )
-from xtf_kernels.attention._common import documents
+from xtf_kernels.documents import documents
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ATTN_BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])

@@ -14,10 +14,10 @@ pytest.importorskip("transformers")
 from tests._tiny import SAMPLE_TEXTS, make_tiny_model_dir  # noqa: E402
 from xtf_kernels.cli import main  # noqa: E402
 from xtf_kernels.xtf import load_token_table, score_dataset  # noqa: E402
-from xtf_kernels.xtf.packed_scoring import uniform_received_mass_packed  # noqa: E402
-from xtf_kernels.xtf.packing import make_packed_batch, packing_counts, plan_rows  # noqa: E402
 from xtf_kernels.xtf.rundir import RunExistsError  # noqa: E402
 from xtf_kernels.xtf.scorers import uniform_received_mass  # noqa: E402
+from xtf_kernels.xtf.scoring.packing import make_packed_batch, packing_counts, plan_rows  # noqa: E402
+from xtf_kernels.xtf.scoring.pass1_packed import uniform_received_mass_packed  # noqa: E402
 
 TOL = 1e-5
 

@@ -1,9 +1,8 @@
-"""Input validation, documents and the visibility rule shared by the torch and Triton code.
+"""Input validation and the visibility rule shared by the torch and Triton code.
 
 Visibility (the same rule as transformers' ``masking_utils``): query ``i`` sees key ``j`` when
-both are real tokens (``attention_mask`` 1), both lie in the same document (packed rows: a
-document starts at every position whose ``position_ids`` is 0, at every ``cu_seqlens``
-boundary, and at the start of every row), and
+both are real tokens (``attention_mask`` 1), both lie in the same document (packed rows: the
+:class:`~xtf_kernels.documents.Documents` of ``position_ids`` / ``cu_seqlens``), and
 
 * causal, no window: ``j <= i``;
 * causal, ``sliding_window = W``: ``0 <= i - j < W`` (``W`` keys per query, itself included);
@@ -14,12 +13,11 @@ boundary, and at the start of every row), and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..documents import document_starts
+from ..documents import Documents
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCES = ("mean_over_queries", "sum")
@@ -146,49 +144,6 @@ def validate_documents(position_ids: Any, cu_seqlens: Any, B: int, L: int, devic
         rows = torch.arange(1, B, dtype=torch.int64) * L
         if B > 1 and not bool(torch.isin(rows, cu).all()):
             raise ValueError(f"cu_seqlens: documents may not cross rows; every row start b * {L} must be an offset")
-
-
-@dataclass(frozen=True)
-class Documents:
-    """Document layout of packed rows: for every token, its document's [start, end) in the row.
-
-    ``start`` and ``end`` are int64 [B, L]; two tokens of a row share a document iff their
-    ``start`` values are equal. ``start`` is non-decreasing along a row.
-    """
-
-    start: torch.Tensor
-    end: torch.Tensor
-
-    def rows(self, sl: slice) -> Documents:
-        return Documents(self.start[sl], self.end[sl])
-
-
-def documents(
-    position_ids: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    B: int,
-    L: int,
-    device: torch.device,
-) -> Documents | None:
-    """The :class:`Documents` of validated ``position_ids`` / ``cu_seqlens``; None for one per row."""
-    if position_ids is not None:
-        starts = document_starts(position_ids.to(device).expand(B, L))
-    elif cu_seqlens is not None:
-        flat = torch.zeros(B * L + 1, dtype=torch.bool, device=device)
-        flat[cu_seqlens.to(device=device, dtype=torch.int64)] = True
-        starts = flat[: B * L].view(B, L)
-    else:
-        return None
-    starts = starts.clone()
-    starts[:, 0] = True
-    if not bool(starts[:, 1:].any()):
-        return None
-    idx = torch.arange(L, device=device).expand(B, L)
-    start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    nxt = torch.full((B, L), L, dtype=torch.int64, device=device)
-    nxt[:, :-1] = torch.where(starts[:, 1:], idx[:, 1:], torch.full_like(idx[:, 1:], L))
-    end = nxt.flip(1).cummin(dim=1).values.flip(1)
-    return Documents(start, end)
 
 
 def valid_mask(attention_mask: torch.Tensor | None, B: int, L: int, device: torch.device) -> torch.Tensor:

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from ._common import ATTN_BACKENDS, REDUCES, Documents, documents, validate_documents
+from ..documents import Documents, documents
+from ._common import ATTN_BACKENDS, REDUCES, validate_documents
 from .received import attention_with_documents
 
 #: Name under which the collecting attention function is registered in transformers.

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from ._common import Documents, documents, finish, valid_mask, validate_received_args
+from ..documents import Documents, documents
+from ._common import finish, valid_mask, validate_received_args
 from .backends import resolve_attend
 
 
@@ -167,7 +168,7 @@ def attention_with_documents(
     backend: str,
     block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`attention_with_received` with the documents already resolved (see ``_common.documents``).
+    """:func:`attention_with_received` with the documents already resolved (see :func:`xtf_kernels.documents.documents`).
 
     For callers that run many layers on one batch (the Hugging Face collector): the document
     layout is computed once per forward pass instead of once per layer.

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Documents
+from ..documents import Documents
 
 #: bytes of one fp32 score block ``[rows, H, T, Lk]`` that the default block size aims for.
 ROW_BLOCK_BYTES = 32 << 20

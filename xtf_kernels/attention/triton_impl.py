@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._env import triton_interpret
-from ._common import Documents
+from ..documents import Documents
 
 
 def interpreting() -> bool:

@@ -1,4 +1,4 @@
-"""GEMMs with an fp32 result for half-precision operands (shared by the torch and Triton backends).
+"""The GEMMs of the driver: :func:`acc_mm`, the one way a dX / dW partial sum is formed.
 
 A bf16 / fp16 GEMM accumulates in fp32 and normally rounds its result to the operands'
 dtype. Where an epilogue follows (bias, softcap) or partial sums are added up (dW, dx over
@@ -12,6 +12,8 @@ GEMM, so the CPU backends keep the rounded bf16 GEMM output; see ``docs/numerics
 from __future__ import annotations
 
 import torch
+
+from .._env import cpu_half_gemm
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -29,17 +31,6 @@ def fast_f32_gemm(device: torch.device) -> bool:
     """Whether a half-precision GEMM with an fp32 result runs at half-precision speed here
     (CUDA: cuBLAS; the CPU has none, ``docs/numerics.md``)."""
     return torch.device(device).type == "cuda"
-
-
-def add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for an accumulator ``acc`` (fp32, or ``a.dtype``) over chunks, the CPU
-    backends' way: one ``addmm_`` when the dtypes match, else the ``a.dtype`` GEMM (fp32
-    accumulation inside it, rounded once per chunk) added in ``acc.dtype`` (:func:`mm_f32`
-    keeps that chunk unrounded instead, at fp32-GEMM cost off CUDA)."""
-    if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc += (a @ b).to(acc.dtype)
 
 
 def mm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -74,3 +65,22 @@ def mm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool
         out.addmm_(a.float(), b.float())
     else:
         torch.mm(a.float(), b.float(), out=out)
+
+
+def acc_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b``: the one dX / dW / logits GEMM of the driver, ``out`` in ``a.dtype`` or a
+    wider accumulator (fp32, fp64).
+
+    Same dtypes: one ``mm`` / ``addmm_``. Half-precision ``a`` with an fp32 ``out``: on CUDA
+    the fp32-output GEMM (:func:`mm_f32`); on the CPU the half GEMM rounded to ``a.dtype``
+    and added when ``XTF_CPU_HALF_GEMM=half`` asked for speed, else exact fp32 products
+    (:func:`mm_f32`'s upcast).
+    """
+    if out.dtype != a.dtype and not a.is_cuda and a.dtype in HALF and cpu_half_gemm() == "half":
+        part = a @ b
+        if accumulate:
+            out += part.to(out.dtype)
+        else:
+            out.copy_(part)
+        return
+    mm_f32(out, a, b, accumulate)

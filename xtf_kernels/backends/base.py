@@ -1,39 +1,34 @@
-"""The contract every masked-CE backend implements.
+"""The contract between the masked-CE front end and the backends.
 
 The front end (:mod:`xtf_kernels.loss`) does everything that is the same for all backends:
 validation, flattening, the causal shift, ignore/keep/select handling, row compaction, the
 loss formula, reductions, scattering statistics back. A backend only sees *compacted* 2-D
-problems whose rows are all valid (labels in ``[0, V)``) and implements two primitives:
+problems whose rows are all valid (labels in ``[0, V)``) and answers three calls:
 
-``forward(x, w, b, y, cfg, n_grad)``
-    One sweep over the vocabulary for every row of ``x``. Returns per-row fp32 statistics
-    (:class:`RowStats`, ``ForwardOut.stats``: ``row_max``, and relative to it ``lse``, ``gold``
-    logit, ``sum_logits``; ``entropy``).
-    When ``n_grad > 0`` it also
-    returns the gradient of ``sum_i loss_i`` over the first ``n_grad`` rows (unit upstream
-    gradient): ``dx`` ``[n_grad, D]`` in ``x.dtype``, ``dw`` ``[V, D]`` fp32 and ``db`` ``[V]``
-    fp32 (or None without bias). This is the Liger-style "gradient during the forward"
-    path: three GEMMs per kept row in total. Rows past ``n_grad`` are scored only.
+``forward(x, w, b, y, cfg, n_grad) -> ForwardOut``
+    One sweep over the vocabulary for every row of ``x``: per-row fp32 statistics
+    (:class:`RowStats`: ``row_max``, and relative to it ``lse``, ``gold`` logit, ``entropy``,
+    ``sum_logits``) and, when ``n_grad > 0``, the gradient of ``sum_i loss_i`` over the first
+    ``n_grad`` rows (unit upstream gradient): ``dx`` ``[n_grad, D]`` in ``x.dtype``, ``dw``
+    ``[V, D]`` and ``db`` ``[V]`` (or None without bias). The Liger-style "gradient during the
+    forward": three GEMMs per kept row in total. Rows past ``n_grad`` are scored only.
 
-``backward(x, w, b, y, row_max, lse, row_scale, cfg, *, vocab_start=0, vocab=None)``
+``backward(x, w, b, y, row_max, lse, row_scale, cfg) -> GradOut``
     Recompute the logits of the given rows (``row_max`` and ``lse`` as the forward returned
-    them) and return ``dx`` (``x.dtype``), ``dw`` (fp32),
-    ``db`` (fp32 or None) of ``sum_i row_scale[i] * loss_i``. Used when the keep mask is only
-    known after the statistics (``select``) or when the upstream gradient is per token
-    (``reduction="none"``). On a vocabulary shard (tensor-parallel LM head) ``w`` / ``b``
-    hold ids ``[vocab_start, vocab_start + w.shape[0])`` of a vocabulary of ``vocab`` ids,
-    ``y`` holds global ids (a row's gold term applies only where its label is in the shard),
-    ``row_max`` / ``lse`` are the global ones and label smoothing uses ``1 / vocab``; ``dx``
-    is then this shard's part of the sum over shards.
+    them) and return the gradient of ``sum_i row_scale[i] * loss_i``. Used when the keep mask
+    is only known after the statistics (``select``) or the upstream gradient is per token
+    (``reduction="none"``).
 
 ``forward_rowwise(x, w, b, y, cfg, row_select) -> (ForwardOut, sel)``
-    Like ``forward`` but the gradient rows are chosen chunk by chunk by
-    ``row_select(start, end, row_max, lse, gold, entropy) -> bool [end - start]`` (a
-    :data:`RowSelect`) while the chunk's logits are in memory (a per-token ``select`` rule:
-    one logits GEMM for statistics, selection and gradient). ``dx`` holds the selected rows in
-    row order; ``sel`` is bool [M]. :class:`BackendBase` provides a default built on
-    ``forward`` (statistics) and ``backward`` (the selected rows recomputed), so every
-    backend has it; the bundled backends override it with the one-GEMM version.
+    Like ``forward`` but the gradient rows are chosen chunk by chunk by ``row_select(start,
+    end, row_max, lse, gold, entropy) -> bool [end - start]`` (a :data:`RowSelect`) while the
+    chunk's logits are in memory. ``dx`` holds the selected rows in row order; ``sel`` is bool
+    ``[M]``. :class:`BackendBase` has a default on top of the other two.
+
+The bundled backends implement all three once, in :mod:`.driver` (the chunk plan, vocabulary
+blocks, compaction, gradient-in-forward vs recompute, the rowwise selection, the dX / dW
+accumulation), and supply only per-row primitives (``row_stats``, ``row_grad_``, optionally
+fused forms): see :class:`.driver.DriverBackend`.
 
 The front end checks every argument once (:mod:`xtf_kernels.loss.validate`) and hands
 over consistent tensors: ``x`` ``[M, D]`` and ``w`` ``[V, D]`` of one float dtype with
@@ -136,6 +131,9 @@ class CEConfig:
     #: target number of fp32 logits elements held at once (rows x vocab); backends size
     #: their row chunks / vocab blocks from it (one default: the options')
     chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    #: gradient filtering, resolved: (threshold, max skipped mass per row or None), or None
+    #: (exact); see :mod:`xtf_kernels.grad_filter`
+    grad_filter: tuple[float, float | None] | None = None
 
 
 class ForwardOut(NamedTuple):
@@ -147,12 +145,14 @@ class ForwardOut(NamedTuple):
     dx: torch.Tensor | None  # [n_grad, D] x.dtype
     dw: torch.Tensor | None  # [V, D] fp32 (or w.dtype once accumulated in fp32)
     db: torch.Tensor | None  # [V] fp32
+    #: [n_grad] fp32 |gradient-logit| mass the filter skipped per gradient row (None: exact)
+    skipped: torch.Tensor | None = None
 
     @classmethod
     def of(cls, stats: RowStats, dx: torch.Tensor | None = None, dw: torch.Tensor | None = None,
-           db: torch.Tensor | None = None) -> ForwardOut:
+           db: torch.Tensor | None = None, skipped: torch.Tensor | None = None) -> ForwardOut:
         """The forward output of ``stats`` and the gradient (None without one)."""
-        return cls(*stats, dx, dw, db)
+        return cls(*stats, dx, dw, db, skipped)
 
     @property
     def stats(self) -> RowStats:
@@ -164,6 +164,7 @@ class GradOut(NamedTuple):
     dx: torch.Tensor  # [M, D] x.dtype
     dw: torch.Tensor  # [V, D] fp32 (or w.dtype once accumulated in fp32)
     db: torch.Tensor | None  # [V] fp32
+    skipped: torch.Tensor | None = None  # [M] fp32 mass the gradient filter skipped (None: exact)
 
 
 class BackendBase:
@@ -201,12 +202,8 @@ class BackendBase:
         lse: torch.Tensor,
         row_scale: torch.Tensor,
         cfg: CEConfig,
-        *,
-        vocab_start: int = 0,
-        vocab: int | None = None,
     ) -> GradOut:
-        """Gradient of ``sum_i row_scale[i] * loss_i`` by recomputing the rows' logits (on the
-        vocabulary shard ``vocab_start`` of ``vocab`` ids when given, see the module doc)."""
+        """Gradient of ``sum_i row_scale[i] * loss_i`` by recomputing the rows' logits."""
         raise NotImplementedError
 
     def forward_rowwise(
@@ -245,7 +242,8 @@ def cpu_fp32_call(method: _F) -> _F:
 
     @functools.wraps(method)
     def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *args, **kwargs):
-        if x.dtype not in _HALF or x.device.type != "cpu" or cpu_half_gemm() == "half":
+        if (x.dtype not in _HALF or x.device.type != "cpu" or not getattr(self, "cpu_fp32", True)
+                or cpu_half_gemm() == "half"):
             return method(self, x, w, b, *args, **kwargs)
         out = method(self, x.float(), w.float(), None if b is None else b.float(), *args, **kwargs)
         if isinstance(out, GradOut):

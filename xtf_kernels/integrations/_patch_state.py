@@ -76,11 +76,9 @@ class XTFPatch:
         keep_key: str,
         ref_key: str,
         select: Callable[[TokenStats], torch.Tensor] | None,
-        label_smoothing: float,
-        z_loss: float,
+        loss_options: dict[str, Any],
         return_logits: bool,
         return_stats: bool,
-        backend: str,
         had_prev: bool,
         prev_forward: Any,
         wrapper: Any,
@@ -90,11 +88,11 @@ class XTFPatch:
         self.keep_key = keep_key
         self.ref_key = ref_key
         self.select = select
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
+        #: keyword arguments of every masked_ce call, fixed at patch time (label_smoothing,
+        #: z_loss, backend: forwarded as they are)
+        self.loss_options = loss_options
         self.return_logits = return_logits
         self.return_stats = return_stats
-        self.backend = backend
         #: whether the instance had its own ``forward`` before (e.g. another wrapper)
         self.had_prev = had_prev
         self.prev_forward = prev_forward

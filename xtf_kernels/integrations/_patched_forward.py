@@ -263,15 +263,13 @@ def _loss(
         ignore_index=-100,
         reduction="mean",
         num_items=num_items,
-        label_smoothing=patch.label_smoothing,
-        z_loss=patch.z_loss,
         softcap=spec.softcap,
         shift=shift,
         ref_logprobs=ref,
         select=patch.select,
         return_stats=need_stats,
-        backend=patch.backend,
         position_ids=pos,
+        **patch.loss_options,
     )
     loss, stats = res if need_stats else (res, None)
     aux = getattr(out, "aux_loss", None)

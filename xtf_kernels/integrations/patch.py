@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..lm_head import text_config
+from ..loss.validate import check_loss_options
 from ..stats import TokenStats
 from ._patch_state import (
     KEEP_FIELDS,
@@ -44,22 +45,10 @@ def _check_options(keep_key: Any, ref_key: Any, select: Any, label_smoothing: An
                              ("ref_key", ref_key, KEEP_FIELDS + RESPONSE_FIELDS)):
         if val in taken:
             raise ValueError(f"{name}: {val!r} is the name of another XTF field ({', '.join(taken)}); pick another")
-    if select is not None and not callable(select):
-        raise TypeError(f"select: expected a callable(TokenStats) -> bool mask, got {type(select).__name__}")
-    for name, val in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
-        if isinstance(val, bool) or not isinstance(val, int | float):
-            raise TypeError(f"{name}: expected a float, got {type(val).__name__}")
-    if not 0.0 <= float(label_smoothing) < 1.0:
-        raise ValueError(f"label_smoothing: expected a value in [0, 1), got {label_smoothing}")
-    if float(z_loss) < 0:
-        raise ValueError(f"z_loss: expected >= 0, got {z_loss}")
+    check_loss_options(label_smoothing=label_smoothing, z_loss=z_loss, select=select, backend=backend)
     for name, val in (("return_logits", return_logits), ("return_stats", return_stats)):
         if not isinstance(val, bool):
             raise TypeError(f"{name}: expected a bool, got {type(val).__name__}")
-    from ..backends import BACKENDS
-
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
 def _signature_with(inner_sig: inspect.Signature, extras: tuple[str, ...]) -> inspect.Signature:
@@ -185,11 +174,9 @@ def apply_xtf(
         keep_key=keep_key,
         ref_key=ref_key,
         select=select,
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
+        loss_options=dict(label_smoothing=float(label_smoothing), z_loss=float(z_loss), backend=backend),
         return_logits=return_logits,
         return_stats=return_stats,
-        backend=backend,
         had_prev=had_prev,
         prev_forward=prev_forward,
         wrapper=bound,

@@ -3,10 +3,12 @@ Function (eager) or the custom op (inside ``torch.compile``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ..config import get_options
 from ..documents import check_position_ids, mask_unpredicted
+from ..grad_filter import GradFilter, as_grad_filter
 from ..stats import TokenStats
 from .autograd import MaskedCE
 from .context import autocast_operands, no_autocast
@@ -36,6 +38,7 @@ def masked_ce(
     return_stats: bool = False,
     backend: str = "auto",
     position_ids: torch.Tensor | None = None,
+    grad_filter: None | str | float | GradFilter = None,
     vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` over kept tokens, never materialising logits.
@@ -71,6 +74,12 @@ def masked_ce(
             at 0 for every document; needs ``shift=True``. A label at a document start is not
             predicted from the previous document's last hidden state: it is ignored (no loss,
             NaN statistics, not counted), as when each document runs alone.
+        grad_filter: skip negligible vocabulary columns in the dX / dW GEMMs of the backward
+            (the loss and every statistic stay exact): None (exact; default from
+            :func:`~xtf_kernels.options`), ``"auto"`` (``|d loss / d logit| < eps(dtype) / 32``,
+            cut-cross-entropy's rule), a float threshold, or a :class:`~xtf_kernels.GradFilter`
+            (e.g. with a bound on the mass skipped per row). ``return_stats`` reports the skipped
+            mass per token (``TokenStats.grad_skipped``). See :mod:`xtf_kernels.grad_filter`.
         vocab_parallel: a :class:`VocabParallel` when ``weight`` (and ``bias``) are this rank's
             rows ``[start, stop)`` of an LM head split over the vocabulary across a process
             group whose ranks all pass the same hidden states and labels. The loss, every
@@ -97,7 +106,8 @@ def masked_ce(
     kw = dict(bias=bias, keep=keep, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift,
               ref_logprobs=ref_logprobs, task_vector=task_vector, select=select,
-              return_stats=return_stats, backend=backend, position_ids=position_ids)
+              return_stats=return_stats, backend=backend, position_ids=position_ids,
+              grad_filter=grad_filter)
     if vocab_parallel is None and not is_dtensor(weight):
         return _masked_ce(hidden, weight, labels, shard=None, **kw)
     return _vocab_parallel_masked_ce(hidden, weight, labels, vocab_parallel, kw)
@@ -113,7 +123,7 @@ def _vocab_parallel_masked_ce(hidden, weight, labels, vocab_parallel, kw):
 
 def _masked_ce(hidden, weight, labels, *, shard, bias, keep, ignore_index, reduction, num_items,
                label_smoothing, z_loss, softcap, shift, ref_logprobs, task_vector, select, return_stats,
-               backend, position_ids):
+               backend, position_ids, grad_filter):
     """:func:`masked_ce` on plain tensors; ``shard``: the vocabulary layout or None."""
     hidden, weight, bias = autocast_operands(hidden, weight, bias)
     validate(
@@ -122,10 +132,10 @@ def _masked_ce(hidden, weight, labels, *, shard, bias, keep, ignore_index, reduc
         softcap=softcap, shift=shift, ref_logprobs=ref_logprobs, task_vector=task_vector,
         select=select, return_stats=return_stats, backend=backend, empty_vocab=shard is not None,
     )
+    as_grad_filter(grad_filter)  # the error names the argument
     if position_ids is not None:  # packed rows: document starts have no predictor
         labels = mask_unpredicted(labels, check_position_ids(position_ids, labels), ignore_index, shift)
-    opts = get_options()  # once per call; the backward reads the spec, never the options
-    spec = MaskedCESpec(
+    spec = MaskedCESpec(  # options read once per call: the backward reads the spec, never them
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=float(label_smoothing),
@@ -135,11 +145,14 @@ def _masked_ce(hidden, weight, labels, *, shard, bias, keep, ignore_index, reduc
         select=select,
         backend=backend,
         stats=return_stats,
-        grad_in_forward=opts.grad_in_forward,
-        chunk_elems=opts.chunk_elems,
-        check_labels=opts.check_labels,
+        grad_filter=grad_filter,
         vocab_shard=shard,
-    )
+    ).resolved().with_grad_filter(hidden.dtype)
+    report = None
+    if return_stats and spec.grad_filter_threshold is not None and not torch.compiler.is_compiling():
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        report = torch.full(labels.shape, float("nan"), dtype=acc, device=hidden.device)
+        spec = dataclasses.replace(spec, grad_skipped_out=report)
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.detach()
     if labels.dtype != torch.int64:  # any integer dtype, converted once for every backend
@@ -157,4 +170,4 @@ def _masked_ce(hidden, weight, labels, *, shard, bias, keep, ignore_index, reduc
     if not return_stats:
         return outs.loss
     return outs.loss, outs.token_stats(has_delta=ref_logprobs is not None,
-                                       has_relevance=task_vector is not None)
+                                       has_relevance=task_vector is not None, grad_skipped=report)

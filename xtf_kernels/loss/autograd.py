@@ -50,7 +50,7 @@ class MaskedCE(torch.autograd.Function):
         res = run_forward(
             hidden=hidden, weight=weight, labels=labels, bias=bias, keep=keep,
             ref_logprobs=ref_logprobs, task_vector=task_vector, num_items=num_items,
-            spec=spec.resolved(), need=need,
+            spec=spec.resolved().with_grad_filter(hidden.dtype), need=need,
         )
         ctx.device_type = hidden.device.type
         ctx.hidden_shape = tuple(hidden.shape)
@@ -67,6 +67,8 @@ class MaskedCE(torch.autograd.Function):
             ctx.save_for_backward(*g)
             ctx.backend, ctx.cfg, ctx.reduction = res.backend, res.cfg, spec.reduction
             ctx.shard = spec.vocab_shard
+            # the filter's report is known once the backward has run: it fills this output
+            ctx.grad_skipped = spec.grad_skipped_out
         outs = tuple(res.outputs)
         ctx.mark_non_differentiable(*outs[1:])
         return outs
@@ -89,5 +91,6 @@ class MaskedCE(torch.autograd.Function):
         else:
             dh, dw, db = recompute_grads(RecomputeGrad(*ctx.saved_tensors), backend=ctx.backend,
                                          cfg=ctx.cfg, reduction=ctx.reduction, grad_loss=grad_loss,
-                                         hidden_shape=ctx.hidden_shape, need=ctx.need, shard=ctx.shard)
+                                         hidden_shape=ctx.hidden_shape, need=ctx.need,
+                                         skipped_out=ctx.grad_skipped, shard=ctx.shard)
         return dh, dw, None, db, None, None, None, None, None

@@ -70,6 +70,7 @@ class _Sweep(NamedTuple):
     kept: torch.Tensor  # flat [N] keep mask
     kept_pos: torch.Tensor | None  # label positions of the gradient rows (None: select pending)
     fo_grad: tuple | None  # (dx, dw, db) formed in the forward, else None
+    skipped: torch.Tensor | None  # the gradient filter's mass per gradient row (formed now), else None
 
 
 def run_forward(
@@ -129,6 +130,8 @@ def run_forward(
         keep=kept.view(lead),
         lse_parts=torch.stack((st.row_max, st.lse)).view(2, *lead),
     )
+    if spec.grad_skipped_out is not None and sw.skipped is not None:  # formed now: report now
+        spec.grad_skipped_out.view(-1)[kept_pos] = sw.skipped.to(spec.grad_skipped_out.dtype)
     return ForwardResult(outputs=outputs, grad=grad, backend=be, cfg=cfg)
 
 
@@ -146,7 +149,8 @@ def _sweep(*, be, cfg, spec, h2, w, b, y, pos, need, ref_logprobs, task_vector, 
         st = shard_stats(be, x, w, b, ys, cfg, spec.vocab_shard)
         kept_pos = rows[:n_kept] if spec.select is None else None
         st = scatter_stats(st, rows=rows, n_tok=y.numel(), acc=acc)
-        return _Sweep(stats=st, relevance=rel, rows=rows, kept=kept, kept_pos=kept_pos, fo_grad=None)
+        return _Sweep(stats=st, relevance=rel, rows=rows, kept=kept, kept_pos=kept_pos, fo_grad=None,
+                      skipped=None)
     if scalar_grad and is_rowwise(spec.select):
         # a per-token select rule is applied chunk by chunk while the logits are in memory:
         # statistics, selection and gradient from one logits GEMM
@@ -163,7 +167,8 @@ def _sweep(*, be, cfg, spec, h2, w, b, y, pos, need, ref_logprobs, task_vector, 
         kept_pos = rows[:n_kept] if spec.select is None else None
     st = scatter_stats(fo.stats, rows=rows, n_tok=y.numel(), acc=acc)
     fo_grad = (fo.dx, fo.dw, fo.db) if grad_now else None
-    return _Sweep(stats=st, relevance=rel, rows=rows, kept=kept, kept_pos=kept_pos, fo_grad=fo_grad)
+    return _Sweep(stats=st, relevance=rel, rows=rows, kept=kept, kept_pos=kept_pos, fo_grad=fo_grad,
+                  skipped=fo.skipped if grad_now else None)
 
 
 def _grad_state(*, need, n_kept, fo_grad, src, kept_pos, h2, w, b, y, st, divisor) -> GradState:

@@ -14,18 +14,24 @@ from typing import Any, NamedTuple
 import torch
 
 from ..backends.base import CEConfig
-from ..config import get_options
+from ..config import Options, get_options
+from ..grad_filter import as_grad_filter
 from ..stats import TokenStats
 
 SelectFn = Callable[[TokenStats], torch.Tensor]
 
 #: the :class:`MaskedCESpec` fields that travel as ``xtf_kernels::masked_ce_fwd`` arguments, in
-#: its schema's order after the eight tensors (``select`` cannot live in a graph; the gradient
-#: is always recomputed there, so ``grad_in_forward`` and ``stats`` do not apply)
+#: the spec's order: the op's schema is generated from them and their types (``select`` cannot
+#: live in a graph; the gradient is always recomputed there, so ``grad_in_forward`` and ``stats``
+#: do not apply). A new option is a typed field here, listed below; ``custom_op.py`` follows.
 OP_FIELDS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "shift", "backend",
-             "chunk_elems", "check_labels")
+             "chunk_elems", "check_labels", "grad_filter_threshold", "grad_filter_max_skipped")
 #: those of them the backward op ``masked_ce_bwd`` takes
-BWD_OP_FIELDS = ("reduction", "label_smoothing", "z_loss", "softcap", "shift", "backend", "chunk_elems")
+BWD_OP_FIELDS = ("reduction", "label_smoothing", "z_loss", "softcap", "shift", "backend", "chunk_elems",
+                 "grad_filter_threshold", "grad_filter_max_skipped")
+
+#: the :class:`MaskedCESpec` fields that are :class:`~xtf_kernels.Options` (None: not resolved)
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(Options))
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,15 @@ class MaskedCESpec:
     grad_in_forward: bool | None = None
     chunk_elems: int | None = None
     check_labels: bool | None = None
+    grad_filter: object = None
+    #: the call's gradient filter as numbers (:meth:`with_grad_filter`: ``grad_filter`` resolved
+    #: for the inputs' dtype; None: exact)
+    grad_filter_threshold: float | None = None
+    grad_filter_max_skipped: float | None = None
+    #: where the gradient filter reports its skipped mass per kept token (fp32, the labels'
+    #: shape, NaN elsewhere; filled by the forward or, when the gradient is recomputed, by the
+    #: backward); None: not reported. Not an op argument: nothing is reported inside a graph.
+    grad_skipped_out: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
     #: the vocabulary layout of a vocabulary-parallel call
     #: (:class:`~xtf_kernels.loss.vocab_parallel.VocabShard`), None on one device
     vocab_shard: Any = None
@@ -62,26 +77,40 @@ class MaskedCESpec:
         return {f: getattr(self, f) for f in OP_FIELDS}
 
     def resolved(self) -> MaskedCESpec:
-        """This spec with every option field set (from :func:`~xtf_kernels.get_options`)."""
-        if None not in (self.grad_in_forward, self.chunk_elems, self.check_labels):
+        """This spec with every option field (those of :class:`~xtf_kernels.Options`) set: the
+        ones left None from :func:`~xtf_kernels.get_options`, read once."""
+        unset = [f for f in _OPTION_FIELDS if getattr(self, f) is None]
+        if not unset:
             return self
         opts = get_options()
-        return dataclasses.replace(
-            self,
-            grad_in_forward=opts.grad_in_forward if self.grad_in_forward is None else self.grad_in_forward,
-            chunk_elems=opts.chunk_elems if self.chunk_elems is None else self.chunk_elems,
-            check_labels=opts.check_labels if self.check_labels is None else self.check_labels,
-        )
+        # (an option whose own value is None, as grad_filter's default, leaves the spec as is)
+        fill = {f: getattr(opts, f) for f in unset if getattr(opts, f) is not None}
+        return dataclasses.replace(self, **fill) if fill else self
+
+    def with_grad_filter(self, dtype: torch.dtype) -> MaskedCESpec:
+        """This spec with ``grad_filter`` (None, ``"auto"``, a float or a GradFilter) resolved
+        to the numeric fields for inputs of ``dtype`` (unchanged when they are set already)."""
+        if self.grad_filter_threshold is not None or self.grad_filter is None:
+            return self
+        rule = as_grad_filter(self.grad_filter).resolve(dtype)
+        if rule is None:
+            return self
+        return dataclasses.replace(self, grad_filter_threshold=rule[0], grad_filter_max_skipped=rule[1])
 
     def ce_config(self) -> CEConfig:
         """The part of a resolved spec that the backends need."""
         if self.chunk_elems is None:
             raise ValueError("MaskedCESpec.ce_config: resolve the options first (spec.resolved())")
+        rule = None
+        if self.grad_filter_threshold is not None:
+            rule = (float(self.grad_filter_threshold),
+                    None if self.grad_filter_max_skipped is None else float(self.grad_filter_max_skipped))
         return CEConfig(
             softcap=self.softcap,
             label_smoothing=float(self.label_smoothing),
             z_loss=float(self.z_loss),
             chunk_elems=self.chunk_elems,
+            grad_filter=rule,
         )
 
 
@@ -104,7 +133,8 @@ class MaskedCEOutputs(NamedTuple):
     keep: torch.Tensor
     lse_parts: torch.Tensor
 
-    def token_stats(self, *, has_delta: bool, has_relevance: bool) -> TokenStats:
+    def token_stats(self, *, has_delta: bool, has_relevance: bool,
+                    grad_skipped: torch.Tensor | None = None) -> TokenStats:
         """The public :class:`TokenStats` view of these outputs."""
         return TokenStats(
             logprob=self.logprob,
@@ -114,4 +144,5 @@ class MaskedCEOutputs(NamedTuple):
             logprob_delta=self.logprob_delta if has_delta else None,
             relevance=self.relevance if has_relevance else None,
             keep=self.keep,
+            grad_skipped=grad_skipped,
         )

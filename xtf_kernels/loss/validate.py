@@ -140,13 +140,7 @@ def _check_scalars(*, ignore_index: Any, reduction: Any, num_items: Any, label_s
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if num_items is not None:
         check_num_items(num_items)
-    for name, val in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
-        if isinstance(val, bool) or not isinstance(val, int | float):
-            raise TypeError(f"{name}: expected a float, got {type(val).__name__}")
-    if not 0.0 <= float(label_smoothing) < 1.0:
-        raise ValueError(f"label_smoothing: expected a value in [0, 1), got {label_smoothing}")
-    if not float(z_loss) >= 0.0:
-        raise ValueError(f"z_loss: expected a value >= 0, got {z_loss}")
+    check_loss_options(label_smoothing=label_smoothing, z_loss=z_loss, select=select, backend=backend)
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, int | float):
             raise TypeError(f"softcap: expected a positive float or None, got {type(softcap).__name__}")
@@ -156,10 +150,21 @@ def _check_scalars(*, ignore_index: Any, reduction: Any, num_items: Any, label_s
         raise TypeError(f"shift: expected a bool, got {type(shift).__name__}")
     if shift and labels.dim() < 1:
         raise ValueError("shift: needs labels with a sequence dimension, got a 0-d tensor")
-    if select is not None and not callable(select):
-        raise TypeError(f"select: expected a callable(TokenStats) -> bool mask, got {type(select).__name__}")
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats: expected a bool, got {type(return_stats).__name__}")
+
+
+def check_loss_options(*, label_smoothing: Any, z_loss: Any, select: Any, backend: Any) -> None:
+    """The loss options that :func:`masked_ce` and ``apply_xtf`` both take (one check for both)."""
+    for name, val in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        if isinstance(val, bool) or not isinstance(val, int | float):
+            raise TypeError(f"{name}: expected a float, got {type(val).__name__}")
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing: expected a value in [0, 1), got {label_smoothing}")
+    if not float(z_loss) >= 0.0:
+        raise ValueError(f"z_loss: expected a value >= 0, got {z_loss}")
+    if select is not None and not callable(select):
+        raise TypeError(f"select: expected a callable(TokenStats) -> bool mask, got {type(select).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 

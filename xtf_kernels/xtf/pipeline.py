@@ -111,7 +111,7 @@ def score_dataset(
             RI ``"mean"`` over visible queries (default) or ``"debiased"`` against uniform
             causal attention; token ids never masked. All enter the fingerprint.
         pack: score rows packed with whole examples (rows of up to ``max_length`` tokens,
-            ``batch_size`` rows per forward; :mod:`.packed_scoring`): the records of an
+            ``batch_size`` rows per forward; :mod:`.scoring.pass1_packed`): the records of an
             unpacked run; ``summary["packing"]`` reports the padding saved and the tokens within
             1e-5 of a threshold; enters the fingerprint. Refused for a model whose attention
             does not honour packed ``position_ids``.

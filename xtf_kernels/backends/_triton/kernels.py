@@ -136,19 +136,16 @@ def _stats_kernel(
 
 @triton.jit
 def _rows_kernel(
-    L, stride_l, OUT, stride_o, B, Y, ROWS, MAX, LSE, SCALE, STATS, stride_st,
-    n, V, v_off, cap, zl2, gold_w, smooth_v,
-    HAS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+    L, stride_l, OUT, stride_o, B, Y, MAX, LSE, SCALE, STATS, stride_st,
+    n, V, v_off, cap, z_loss_x2, gold_weight, smooth_per_id,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
     HAS_SCALE: tl.constexpr, DO_STATS: tl.constexpr, DO_GRAD: tl.constexpr,
     BR: tl.constexpr, BV: tl.constexpr,
 ):
     # BR rows per program (1 on a GPU, a block in the interpreter whose cost is per operation)
     ridx = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = ridx < n
-    if HAS_ROWS:
-        row = tl.load(ROWS + ridx, mask=rmask, other=0)
-    else:
-        row = ridx
+    row = ridx
     base = L + row_offset(row, stride_l)
     y = tl.load(Y + row, mask=rmask, other=0)
     offs = tl.arange(0, BV)
@@ -177,7 +174,7 @@ def _rows_kernel(
     if DO_GRAD:
         # the buffer may hold a vocabulary block [v_off, v_off + V): gold column relative to it
         y_blk = (y - v_off)[:, None]
-        coef = (1.0 + zl2 * (m + lse))[:, None]
+        coef = (1.0 + z_loss_x2 * (m + lse))[:, None]
         m2 = m[:, None]
         lse2 = lse[:, None]
         out_base = OUT + row_offset(row, stride_o)
@@ -189,8 +186,8 @@ def _rows_kernel(
             mask2 = rmask[:, None] & cmask[None, :]
             z = tl.load(base[:, None] + cols[None, :], mask=mask2, other=0.0)
             z = _epilogue(z, B, cols[None, :], cmask[None, :], cap, HAS_BIAS, HAS_CAP)
-            g = tl.exp((z - m2) - lse2) * coef - smooth_v
-            g -= tl.where(cols[None, :] == y_blk, gold_w, 0.0)
+            g = tl.exp((z - m2) - lse2) * coef - smooth_per_id
+            g -= tl.where(cols[None, :] == y_blk, gold_weight, 0.0)
             if HAS_CAP:
                 zr = z / cap
                 g = g * (1.0 - zr * zr)
@@ -335,72 +332,60 @@ def _rows_block(n: int, V: int) -> tuple[int, int, int]:
     return 1, bv, (16 if bv >= 8192 else 8 if bv >= 2048 else 4)
 
 
-def rows_pass(
-    logits: torch.Tensor,
-    b: torch.Tensor | None,
-    y: torch.Tensor,
-    *,
-    softcap: float | None,
-    z_loss: float,
-    label_smoothing: float,
-    stats_out: torch.Tensor | None = None,
-    row_max: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
-    row_scale: torch.Tensor | None = None,
-    rows: torch.Tensor | None = None,
-    grad: bool = True,
-    v_off: int = 0,
-    vocab: int | None = None,
-    out: torch.Tensor | None = None,
-) -> None:
-    """Statistics and/or gradient of the rows of a ``[R, V]`` logits buffer.
+def rows_stats(logits: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, *, softcap: float | None,
+               stats_out: torch.Tensor) -> None:
+    """Statistics of the rows of a ``[R, V]`` logits buffer (``logits`` is not modified).
 
-    Args:
-        logits: ``[R, V]`` raw logits ``x @ w.T`` (fp32/fp16/bf16, unit stride along ``V``).
-        b: ``[V]`` bias or None (added in fp32).
-        y: ``[R]`` int64 gold ids.
-        softcap, z_loss, label_smoothing: as in :class:`~xtf_kernels.backends.base.CEConfig`.
-        stats_out: ``[5, R]`` fp32 view (unit stride along rows) receiving
-            (row_max, lse, gold, entropy, sum_logits), lse, gold and sum_logits relative to
-            row_max; None: the statistics sweep is skipped and ``row_max`` / ``lse`` are used.
-        row_max, lse: ``[R]`` fp32 row maximum and log-sum-exp relative to it, required
-            when ``stats_out`` is None.
-        row_scale: ``[R]`` fp32 per-row factor of the gradient, or None (1).
-        rows: ``[K]`` int64 subset of rows to process (None: all ``R``).
-        grad: run the gradient sweep.
-        v_off: first vocabulary id of the buffer's columns (a vocabulary block of the full
-            ``[R, vocab]`` logits; gradient sweep only, ``b`` is then the block's bias).
-        vocab: full vocabulary size (label smoothing's ``1 / V``); None: the buffer's width.
-        out: ``[R, V]`` receiving ``row_scale * d(loss)/d(raw logits)`` in its dtype (unit
-            stride along ``V``); None: ``logits`` itself, overwritten in place. An fp32
-            ``logits`` buffer with a half-precision ``out`` keeps the logits fp32 from the
-            GEMM through the bias / softcap epilogue.
+    ``logits``: raw ``x @ w.T`` (fp32/fp16/bf16, unit stride along ``V``); ``b``: ``[V]`` bias or
+    None (added in fp32); ``y``: ``[R]`` int64 gold ids; ``stats_out``: ``[5, R]`` fp32 (unit
+    stride along rows) receiving (row_max, lse, gold, entropy, sum_logits), the last four
+    relative to row_max.
     """
+    _launch_rows(logits, logits, b, y, stats_out=stats_out, softcap=softcap, grad=False)
+
+
+def rows_stats_grad(logits: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, *, softcap: float | None,
+                    z_loss: float, label_smoothing: float, stats_out: torch.Tensor,
+                    out: torch.Tensor | None = None) -> None:
+    """:func:`rows_stats`, and ``out`` (``[R, V]``, unit stride along ``V``; None: ``logits``
+    itself, in place) := ``d(loss)/d(raw logits)`` of whole rows with a unit upstream gradient.
+    An fp32 ``logits`` buffer with a half-precision ``out`` keeps the logits fp32 from the GEMM
+    through the bias / softcap epilogue."""
+    _launch_rows(logits, logits if out is None else out, b, y, stats_out=stats_out, softcap=softcap,
+                 z_loss=z_loss, label_smoothing=label_smoothing)
+
+
+def rows_grad(logits: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, *, row_max: torch.Tensor,
+              lse: torch.Tensor, row_scale: torch.Tensor | None, softcap: float | None, z_loss: float,
+              label_smoothing: float, v_off: int = 0, vocab: int | None = None,
+              out: torch.Tensor | None = None) -> None:
+    """``out`` := ``row_scale * d(loss)/d(raw logits)`` of the columns of a logits buffer that
+    holds the vocabulary ids ``[v_off, v_off + V)`` of a vocabulary of ``vocab`` (default ``V``)
+    ids, given each row's ``row_max`` and ``lse`` (``[R]`` fp32, relative to it); ``b`` is the
+    block's bias; ``row_scale`` ``[R]`` fp32 or None (1); ``out`` as in :func:`rows_stats_grad`."""
+    _launch_rows(logits, logits if out is None else out, b, y, row_max=row_max, lse=lse, row_scale=row_scale,
+                 softcap=softcap, z_loss=z_loss, label_smoothing=label_smoothing, v_off=v_off,
+                 vocab=logits.shape[1] if vocab is None else int(vocab))
+
+
+def _launch_rows(logits, out, b, y, *, softcap, stats_out=None, row_max=None, lse=None, row_scale=None,
+                 z_loss=0.0, label_smoothing=0.0, v_off=0, vocab=None, grad=True) -> None:
+    """One launch of ``_rows_kernel`` (the three launchers above name its modes)."""
     R, V = logits.shape
-    n = R if rows is None else rows.numel()
-    if n == 0 or V == 0:
+    if R == 0 or V == 0:
         return
-    if stats_out is None and (lse is None or row_max is None):
-        raise ValueError("row_max, lse: required when stats_out is None")
-    out = logits if out is None else out
     if out.shape != logits.shape or out.stride(-1) != 1:
         raise ValueError(f"out: expected shape {tuple(logits.shape)} with unit stride, got {tuple(out.shape)}")
-    if v_off and stats_out is not None:
-        raise ValueError("v_off: statistics need whole rows (v_off must be 0 with stats_out)")
-    vocab = V if vocab is None else int(vocab)
-    br, bv, warps = _rows_block(n, V)
+    vocab = V if vocab is None else vocab
+    br, bv, warps = _rows_block(R, V)
     dummy = logits
-    _rows_kernel[(math.ceil(n / br),)](
-        logits, logits.stride(0), out, out.stride(0), b if b is not None else dummy, y,
-        rows if rows is not None else dummy,
-        row_max if row_max is not None else dummy,
-        lse if lse is not None else dummy,
-        row_scale if row_scale is not None else dummy,
-        stats_out if stats_out is not None else dummy,
-        stats_out.stride(0) if stats_out is not None else 0,
-        n, V, int(v_off), float(softcap) if softcap is not None else 1.0, 2.0 * float(z_loss),
+    _rows_kernel[(math.ceil(R / br),)](
+        logits, logits.stride(0), out, out.stride(0), dummy if b is None else b, y,
+        dummy if row_max is None else row_max, dummy if lse is None else lse,
+        dummy if row_scale is None else row_scale, dummy if stats_out is None else stats_out,
+        0 if stats_out is None else stats_out.stride(0),
+        R, V, int(v_off), 1.0 if softcap is None else float(softcap), 2.0 * float(z_loss),
         1.0 - float(label_smoothing), float(label_smoothing) / vocab,
-        HAS_ROWS=rows is not None, HAS_BIAS=b is not None, HAS_CAP=softcap is not None,
-        HAS_SCALE=row_scale is not None, DO_STATS=stats_out is not None, DO_GRAD=grad,
-        BR=br, BV=bv, num_warps=warps,
+        HAS_BIAS=b is not None, HAS_CAP=softcap is not None, HAS_SCALE=row_scale is not None,
+        DO_STATS=stats_out is not None, DO_GRAD=grad, BR=br, BV=bv, num_warps=warps,
     )

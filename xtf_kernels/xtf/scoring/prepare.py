@@ -22,11 +22,11 @@ import torch
 from .. import rundir
 from .. import shards as sh
 from ..data import Example, TokenizeStats, tokenize_records
-from ..packed_scoring import PackedScoring
 from ..rules import PRESETS, RuleConfig
 from ..scorers import resolve_ri_fn
 from ..summary import PAPER, with_readings
 from .models import load_models, resolve_device, resolve_dtype
+from .pass1_packed import PackedScoring
 
 __all__ = ["ScoreOptions", "ScoreRun", "prepare_run"]
 
@@ -90,7 +90,7 @@ class ScoreRun:
     n_shards: int = 0
     mine: list[int] = field(default_factory=list)
     run_start: float | None = None
-    #: packed scoring (:class:`~xtf_kernels.xtf.packed_scoring.PackedScoring`) or None
+    #: packed scoring (:class:`~xtf_kernels.xtf.scoring.pass1_packed.PackedScoring`) or None
     packed: Any = None
 
     @property

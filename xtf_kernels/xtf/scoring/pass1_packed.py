@@ -25,9 +25,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import shards as sh
-from .contextual import hidden_sum_meta
-from .data import Example
+from ...documents import document_bounds, document_starts
+from ..contextual import hidden_sum_meta
+from ..data import Example
+from ..scorers import HiddenCapture, knowledge_novelty
+from ..shards import all_reduce_sum, read_shard
 from .packing import (
     PackedBatch,
     make_packed_batch,
@@ -36,7 +38,6 @@ from .packing import (
     packing_summary,
     plan_rows,
 )
-from .scorers import HiddenCapture, knowledge_novelty
 
 __all__ = ["PackedScoring", "check_packing_supported", "near_threshold_total", "packing_report", "progress_note",
            "score_shard_packed", "uniform_received_mass_packed"]
@@ -54,12 +55,8 @@ def uniform_received_mass_packed(attention_mask: torch.Tensor, position_ids: tor
     v = attention_mask.to(torch.float64)
     inv = torch.where(v > 0, 1.0 / (position_ids.to(torch.float64) + 1.0), torch.zeros_like(v))
     tail = torch.flip(torch.cumsum(torch.flip(inv, [1]), dim=1), [1])  # sum over i >= j in the row
-    # minus what lies past j's document: the row tail at the first document start after j
-    B, L = v.shape
-    idx = torch.arange(L, device=v.device).expand(B, L)
-    nxt = torch.where((position_ids == 0) & (idx > 0), idx, torch.full_like(idx, L))
-    first_from = torch.flip(torch.cummin(torch.flip(nxt, [1]), dim=1).values, [1])  # first start >= j
-    end = torch.cat([first_from[:, 1:], torch.full_like(idx[:, :1], L)], 1)  # first start > j
+    # minus what lies past j's document: the row tail from its end on (0 past the row)
+    end = document_bounds(document_starts(position_ids)).end
     pad_tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], 1)
     return (tail - pad_tail.gather(1, end)) * v
 
@@ -224,7 +221,7 @@ def near_threshold_total(paths: Sequence, rules, thresholds) -> int:
     cols = ("token_id", "is_response", "ri", "ri_fence", "kn", "tr")
     n = 0
     for p in paths:
-        t = sh.read_shard(p, list(cols))
+        t = read_shard(p, list(cols))
         n += near_threshold_count({c: t[c].to_numpy() for c in cols}, rules, thresholds)
     return n
 
@@ -270,5 +267,5 @@ class PackedScoring:
 
     def summary(self, paths: Sequence, rules, thresholds) -> dict:
         """``{"packing": packing_summary(...)}`` with the near-threshold count summed over ranks."""
-        near = sh.all_reduce_sum(np.array([near_threshold_total(paths, rules, thresholds)], dtype=np.int64))
+        near = all_reduce_sum(np.array([near_threshold_total(paths, rules, thresholds)], dtype=np.int64))
         return {"packing": packing_summary(self.counts, int(near[0]))}

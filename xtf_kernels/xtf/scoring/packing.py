@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .rules import RuleConfig
+from ..rules import RuleConfig
 
 __all__ = ["PackedBatch", "plan_rows", "make_packed_batch", "packing_counts", "packing_summary",
            "near_threshold_count", "NEAR_THRESHOLD_TOL"]
