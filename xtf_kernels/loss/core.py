@@ -204,9 +204,13 @@ def recompute_grads(g: RecomputeGrad, *, backend: Backend, cfg: CEConfig, reduct
             scale = scale / divisor
         row_scale = scale.expand(kept_pos.numel()).contiguous()
     x = hidden_rows.index_select(0, src_kept)
-    go = backend.backward(x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale, cfg)
-    if skipped_out is not None and go.skipped is not None:
-        skipped_out.view(-1)[kept_pos] = go.skipped.to(skipped_out.dtype)
+    report = {}
+    if skipped_out is not None and cfg.grad_filter is not None:
+        report["skipped_out"] = torch.zeros(kept_pos.numel(), dtype=torch.float32, device=x.device)
+    go = backend.backward(x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale, cfg,
+                          **report)
+    if report:
+        skipped_out.view(-1)[kept_pos] = report["skipped_out"].to(skipped_out.dtype)
     dh = scatter_rows(go.dx.to(dtype), src_kept, hidden_shape) if need.hidden else None
     dw = go.dw.to(dtype) if need.weight else None
     db = go.db.to(dtype) if (need.bias and go.db is not None) else None
