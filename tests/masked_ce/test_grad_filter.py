@@ -181,3 +181,14 @@ def test_rowwise_select_filters_the_rows_it_keeps(backend):
     s = (sk.nan_to_num() / int(kept.sum())).double()
     err = (got[2].double() - unf[2].double()).norm(dim=-1)
     assert (err <= s * w.double().norm(dim=1).max() + 1e-5).all()
+
+
+def test_a_nan_row_propagates_as_without_the_filter():
+    h, w, y, _ = peaked(seed=7)
+    h[3] = float("nan")
+    y[3] = 5
+    unf = _run(h, w, y, reduction="sum")
+    got = _run(h, w, y, reduction="sum", grad_filter=THR)
+    assert torch.isnan(unf[0]) and torch.isnan(got[0])
+    assert torch.equal(torch.isnan(got[2]), torch.isnan(unf[2]))
+    assert torch.equal(torch.isnan(got[3]), torch.isnan(unf[3]))

@@ -208,13 +208,17 @@ def recompute_grads(g: RecomputeGrad, *, backend: Backend, cfg: CEConfig, reduct
             scale = scale / divisor
         row_scale = scale.expand(kept_pos.numel()).contiguous()
     x = hidden_rows.index_select(0, src_kept)
+    report = {}
+    if skipped_out is not None and cfg.grad_filter is not None:
+        report["skipped_out"] = torch.zeros(kept_pos.numel(), dtype=torch.float32, device=x.device)
     if shard is None:
-        go = backend.backward(x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale, cfg)
+        go = backend.backward(x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale, cfg,
+                              **report)
     else:
         go = shard_grads(backend, x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale,
-                         cfg, shard, need_dx=need.hidden)
-    if skipped_out is not None and go.skipped is not None:
-        skipped_out.view(-1)[kept_pos] = go.skipped.to(skipped_out.dtype)
+                         cfg, shard, need_dx=need.hidden, **report)
+    if report:
+        skipped_out.view(-1)[kept_pos] = report["skipped_out"].to(skipped_out.dtype)
     dh = scatter_rows(go.dx.to(dtype), src_kept, hidden_shape) if need.hidden else None
     dw = go.dw.to(dtype) if need.weight else None
     db = go.db.to(dtype) if (need.bias and go.db is not None) else None

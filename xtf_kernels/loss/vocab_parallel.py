@@ -326,42 +326,33 @@ def shard_grads(
     shard: VocabShard,
     *,
     need_dx: bool,
+    skipped_out: torch.Tensor | None = None,
 ) -> GradOut:
     """The backend's recompute on this rank's rows with the global ``row_max`` / ``lse``: ``dw``
     / ``db`` of the rows, and (``need_dx``) ``dx`` summed over the group (every rank calls
     it with the same ``need_dx``, as the collective needs).
 
-    A gradient filter (``cfg.grad_filter``) runs on each shard with the call's threshold; its
-    bound on the skipped mass per row is split evenly between the group's shards, so the
-    mass skipped over the whole head stays within it, and the skipped mass is summed over
-    the group (what ``TokenStats.grad_skipped`` reports).
+    A gradient filter (``cfg.grad_filter``) runs on each shard with the call's threshold; the
+    driver gives every vocabulary block its share ``width / vocab`` of the bound on the mass
+    skipped per row, so the mass skipped over the whole head stays within it. With
+    ``skipped_out`` (fp32 ``[M]``, every rank) the skipped mass summed over the group is
+    written there (what ``TokenStats.grad_skipped`` reports).
     """
     dist = _dist()
-    rule = cfg.grad_filter
-    if rule is not None and rule[1] is not None:
-        cfg = dataclasses.replace(
-            cfg, grad_filter=(rule[0], rule[1] / dist.get_world_size(shard.group))
-        )
+    report = {} if skipped_out is None else {"skipped_out": torch.zeros_like(skipped_out)}
     if shard.width:
         go = be.backward(
-            x, w, b, y, row_max, lse, row_scale, cfg, vocab_start=shard.start, vocab=shard.vocab
+            x, w, b, y, row_max, lse, row_scale, cfg, vocab_start=shard.start, vocab=shard.vocab, **report
         )
     else:
-        skipped = (
-            None if rule is None else torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-        )
         go = GradOut(
             torch.zeros_like(x),
             torch.zeros_like(w),
             None if b is None else torch.zeros(0, dtype=torch.float32, device=x.device),
-            skipped,
         )
     if need_dx:
         go = go._replace(dx=reduce_dx(go.dx, shard))
-    if rule is not None:  # every rank: the collective needs all of them
-        total = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-        if go.skipped is not None:
-            total += go.skipped.float()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=shard.group)
-        go = go._replace(skipped=total)
+    if skipped_out is not None:  # every rank: the collective needs all of them
+        dist.all_reduce(report["skipped_out"], op=dist.ReduceOp.SUM, group=shard.group)
+        skipped_out.copy_(report["skipped_out"])
     return go
