@@ -19,6 +19,7 @@ _EXPORTS = {
     "MaskedCESpec": ".loss",
     "masked_ce": ".loss",
     "rowwise": ".loss",
+    "VocabParallel": ".loss",
     "Options": ".config",
     "get_options": ".config",
     "options": ".config",
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from .backends import backend_status
     from .config import Options, get_options, options, set_options
     from .grad_filter import GradFilter
-    from .loss import MaskedCE, MaskedCESpec, masked_ce, rowwise
+    from .loss import MaskedCE, MaskedCESpec, VocabParallel, masked_ce, rowwise
     from .stats import TokenStats
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "MaskedCESpec",
     "Options",
     "TokenStats",
+    "VocabParallel",
     "__version__",
     "backend_status",
     "get_options",

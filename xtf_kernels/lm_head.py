@@ -42,20 +42,24 @@ class LMHeadSpec:
     softcap: float | None
     text_config: Any
 
-    def operands(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def operands(self, hidden: torch.Tensor, *, gather: bool = True,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(h, weight, bias)`` with ``h @ weight.T + bias == scale * (hidden @ W.T + b)``.
 
         The weight and bias are cast to ``hidden``'s dtype (under autocast the head would run
-        in it) and gathered when they are DTensors (FSDP2 / TP parameters read outside their
-        module's forward); the logit scale multiplies the hidden states and the bias.
+        in it) and, with ``gather``, gathered when they are DTensors (FSDP2 parameters read
+        outside their module's forward); the logit scale multiplies the hidden states and the
+        bias. ``gather=False`` keeps a tensor-parallel head's shards (``masked_ce`` then runs
+        vocabulary-parallel on them).
 
         Args:
             hidden: ``[..., D]`` hidden states the head receives.
+            gather: gather DTensor parameters into whole tensors.
         """
         weight, bias = self.weight, self.bias
-        if hasattr(weight, "full_tensor"):
+        if gather and hasattr(weight, "full_tensor"):
             weight = weight.full_tensor()
-        if bias is not None and hasattr(bias, "full_tensor"):
+        if gather and bias is not None and hasattr(bias, "full_tensor"):
             bias = bias.full_tensor()
         if weight.dtype != hidden.dtype:
             weight = weight.to(hidden.dtype)

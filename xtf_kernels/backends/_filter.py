@@ -49,8 +49,8 @@ def plan_block(g: torch.Tensor, threshold: float, max_skipped: float | None) -> 
     a = g.abs()
     light = torch.arange(r, device=g.device)
     for _ in range(MAX_ROUNDS):
-        keep = a.index_select(0, light).amax(0) >= threshold if light.numel() < r else a.amax(0) >= threshold
-        keep |= torch.isnan(keep.to(g.dtype))  # (a NaN column compares False: keep it, it propagates)
+        colmax = (a.index_select(0, light) if light.numel() < r else a).amax(0)
+        keep = (colmax >= threshold) | torch.isnan(colmax)  # a NaN column is kept: it propagates
         mass = _skipped_mass(a, ~keep)
         ok = mass <= max_skipped if max_skipped is not None else torch.ones_like(mass, dtype=torch.bool)
         new_light = ok.nonzero().squeeze(1)

@@ -164,7 +164,6 @@ class GradOut(NamedTuple):
     dx: torch.Tensor  # [M, D] x.dtype
     dw: torch.Tensor  # [V, D] fp32 (or w.dtype once accumulated in fp32)
     db: torch.Tensor | None  # [V] fp32
-    skipped: torch.Tensor | None = None  # [M] fp32 mass the gradient filter skipped (None: exact)
 
 
 class BackendBase:

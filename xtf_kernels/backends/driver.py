@@ -101,9 +101,9 @@ class DriverBackend(BackendBase):
 
     @cpu_fp32_call
     def backward(self, x, w, b, y, row_max, lse, row_scale, cfg: CEConfig, *, vocab_start: int = 0,
-                 vocab: int | None = None) -> GradOut:
+                 vocab: int | None = None, skipped_out: torch.Tensor | None = None) -> GradOut:
         return backward(self, *_prep(x, w, b, y), row_max, lse, row_scale, cfg, vocab_start=vocab_start,
-                        vocab=vocab)
+                        vocab=vocab, skipped_out=skipped_out)
 
 
 def _prep(x, w, b, y):
@@ -152,18 +152,22 @@ def forward_rowwise(k: DriverBackend, x, w, b, y, cfg: CEConfig, row_select: Row
 
 
 def backward(k: DriverBackend, x, w, b, y, row_max, lse, row_scale, cfg: CEConfig, *, vocab_start: int = 0,
-             vocab: int | None = None) -> GradOut:
+             vocab: int | None = None, skipped_out: torch.Tensor | None = None) -> GradOut:
     """Gradient of ``sum_i row_scale[i] * loss_i`` by recomputing the rows' logits.
 
     ``w`` / ``b`` may be a vocabulary shard: rows ``[vocab_start, vocab_start + V)`` of a
     vocabulary of ``vocab`` ids (default: ``w`` is all of it), ``y`` holds global ids and
     ``row_max`` / ``lse`` the global statistics. Returns ``dx`` ``[M, D]`` x.dtype, ``dw``
-    ``[V, D]`` w.dtype, ``db`` ``[V]`` fp32 or None.
+    ``[V, D]`` w.dtype, ``db`` ``[V]`` fp32 or None. With ``cfg.grad_filter``, ``skipped_out``
+    (fp32 ``[M]``) receives the mass the filter skipped per row.
     """
     acc = acc_dtype(x.dtype)
     row_max, lse = row_max.to(acc).contiguous(), lse.to(acc).contiguous()
-    return GradOut(*_blocked_grad(k, x, w, b, y, row_max, lse, row_scale.to(acc).contiguous(), cfg,
-                                  vocab_start=vocab_start, vocab=vocab))
+    dx, dw, db, skipped = _blocked_grad(k, x, w, b, y, row_max, lse, row_scale.to(acc).contiguous(), cfg,
+                                        vocab_start=vocab_start, vocab=vocab)
+    if skipped_out is not None and skipped is not None:
+        skipped_out.copy_(skipped)
+    return GradOut(dx, dw, db)
 
 
 # ---------------------------------------------------------------- the plan

@@ -7,8 +7,8 @@
 3. :func:`_align_targets`: labels, keep mask and reference log-probs aligned to the captured
    hidden states (``shift_labels``, ``logits_to_keep``), the documents of packed rows
    (:mod:`.packed`), ``num_items_in_batch`` checked;
-4. :func:`_loss`: :func:`masked_ce` over the LM head as :func:`lm_head_spec` describes it,
-   plus the MoE load-balancing term;
+4. :func:`_loss`: :func:`masked_ce` over the LM head as :func:`lm_head_spec` describes it
+   (vocabulary-parallel on a tensor-parallel head), plus the MoE load-balancing term;
 5. :func:`_pack_output`: the model's own output class with the new ``loss``.
 """
 
@@ -25,6 +25,7 @@ from torch import nn
 from ..lm_head import LMHeadSpec, lm_head_spec
 from ..loss.api import masked_ce
 from ..loss.validate import check_num_items
+from ..loss.vocab_parallel import is_dtensor
 from ..stats import TokenStats
 from ._patch_state import MASK_LIKE, XTFPatch
 from .distributed import count_kept_tokens
@@ -246,7 +247,12 @@ def _loss(
 ) -> tuple[torch.Tensor, TokenStats | None]:
     """The loss (and statistics when wanted or a policy needs them) from the captured hidden states."""
     y, keep, ref, shift, num_items, pos = targets
-    h, weight, bias = spec.operands(hidden)
+    # a tensor-parallel head (parallelize_module with ColwiseParallel): its input arrives as a
+    # replicated DTensor and its weight is sharded over the vocabulary: masked_ce runs
+    # vocabulary-parallel on the shards (no gathered weight, no logits); FSDP2's sharded
+    # parameters (plain hidden states) are gathered
+    tp = is_dtensor(hidden) and is_dtensor(spec.weight)
+    h, weight, bias = spec.operands(hidden, gather=not tp)
     need_stats = want_stats or patch.select is not None
     res = masked_ce(
         h,

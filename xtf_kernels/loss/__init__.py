@@ -9,7 +9,9 @@
 * :mod:`.select` - ``select`` rules (:func:`rowwise`);
 * :mod:`.autograd` - :class:`MaskedCE`, the ``torch.autograd.Function``;
 * :mod:`.custom_op` - the ``torch.library`` ops used under ``torch.compile``;
-* :mod:`.context` - autocast and the refusal of second-order gradients.
+* :mod:`.context` - autocast and the refusal of second-order gradients;
+* :mod:`.vocab_parallel` - :class:`VocabParallel`: the LM head split over the vocabulary
+  across ranks (statistics all-reduced, ``dX`` all-reduced, ``dW`` local).
 
 :mod:`.autograd` and :mod:`.custom_op` do not import each other; both sit on :mod:`.forward`.
 The public function is :func:`xtf_kernels.masked_ce` (always the function: this package has a
@@ -21,5 +23,7 @@ from .api import masked_ce
 from .autograd import MaskedCE
 from .select import rowwise
 from .spec import MaskedCEOutputs, MaskedCESpec, SelectFn
+from .vocab_parallel import VocabParallel
 
-__all__ = ["MaskedCE", "MaskedCEOutputs", "MaskedCESpec", "SelectFn", "masked_ce", "rowwise"]
+__all__ = ["MaskedCE", "MaskedCEOutputs", "MaskedCESpec", "SelectFn", "VocabParallel", "masked_ce",
+           "rowwise"]

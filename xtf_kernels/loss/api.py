@@ -15,6 +15,7 @@ from .context import autocast_operands, no_autocast
 from .custom_op import compiled_masked_ce
 from .spec import MaskedCEOutputs, MaskedCESpec, SelectFn
 from .validate import validate
+from .vocab_parallel import VocabParallel, is_dtensor, unwrap_dtensors
 
 
 def masked_ce(
@@ -38,6 +39,7 @@ def masked_ce(
     backend: str = "auto",
     position_ids: torch.Tensor | None = None,
     grad_filter: None | str | float | GradFilter = None,
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` over kept tokens, never materialising logits.
 
@@ -78,6 +80,18 @@ def masked_ce(
             cut-cross-entropy's rule), a float threshold, or a :class:`~xtf_kernels.GradFilter`
             (e.g. with a bound on the mass skipped per row). ``return_stats`` reports the skipped
             mass per token (``TokenStats.grad_skipped``). See :mod:`xtf_kernels.grad_filter`.
+        vocab_parallel: a :class:`VocabParallel` when ``weight`` (and ``bias``) are this rank's
+            rows ``[start, stop)`` of an LM head split over the vocabulary across a process
+            group whose ranks all pass the same hidden states and labels. The loss, every
+            statistic and ``select`` are those of the whole head (two all-reduces of per-row
+            statistics in the forward); the gradient is recomputed in the backward on the
+            local rows (``Options.grad_in_forward`` does not apply), ``d_weight`` / ``d_bias``
+            are the local rows' and ``d_hidden`` is all-reduced over the group. A
+            ``torch.distributed.tensor.DTensor`` weight sharded on dim 0 of a 1-D mesh
+            (``Shard(0)``, e.g. a ``ColwiseParallel`` LM head) does the same by itself,
+            with its mesh's group (leave ``vocab_parallel`` None then). Under
+            ``torch.compile`` this call runs eagerly (a graph break). See
+            ``docs/training.md``, "Tensor-parallel LM head".
 
     Returns:
         ``loss`` (0-d fp32, or ``[...]`` for ``"none"``), or ``(loss, TokenStats)``.
@@ -89,12 +103,34 @@ def masked_ce(
     the parameters' dtype. First-order gradients only (``create_graph=True`` gives a
     gradient that refuses to be differentiated again). Details: ``docs/numerics.md``.
     """
+    kw = dict(bias=bias, keep=keep, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift,
+              ref_logprobs=ref_logprobs, task_vector=task_vector, select=select,
+              return_stats=return_stats, backend=backend, position_ids=position_ids,
+              grad_filter=grad_filter)
+    if vocab_parallel is None and not is_dtensor(weight):
+        return _masked_ce(hidden, weight, labels, shard=None, **kw)
+    return _vocab_parallel_masked_ce(hidden, weight, labels, vocab_parallel, kw)
+
+
+@torch.compiler.disable
+def _vocab_parallel_masked_ce(hidden, weight, labels, vocab_parallel, kw):
+    """:func:`masked_ce` on a vocabulary shard (eager: collectives and DTensors in one graph
+    break under ``torch.compile``)."""
+    hidden, weight, bias, shard = unwrap_dtensors(hidden, weight, kw.pop("bias"), vocab_parallel)
+    return _masked_ce(hidden, weight, labels, shard=shard, bias=bias, **kw)
+
+
+def _masked_ce(hidden, weight, labels, *, shard, bias, keep, ignore_index, reduction, num_items,
+               label_smoothing, z_loss, softcap, shift, ref_logprobs, task_vector, select, return_stats,
+               backend, position_ids, grad_filter):
+    """:func:`masked_ce` on plain tensors; ``shard``: the vocabulary layout or None."""
     hidden, weight, bias = autocast_operands(hidden, weight, bias)
     validate(
         hidden=hidden, weight=weight, labels=labels, bias=bias, keep=keep, ignore_index=ignore_index,
         reduction=reduction, num_items=num_items, label_smoothing=label_smoothing, z_loss=z_loss,
         softcap=softcap, shift=shift, ref_logprobs=ref_logprobs, task_vector=task_vector,
-        select=select, return_stats=return_stats, backend=backend,
+        select=select, return_stats=return_stats, backend=backend, empty_vocab=shard is not None,
     )
     as_grad_filter(grad_filter)  # the error names the argument
     if position_ids is not None:  # packed rows: document starts have no predictor
@@ -110,6 +146,7 @@ def masked_ce(
         backend=backend,
         stats=return_stats,
         grad_filter=grad_filter,
+        vocab_shard=shard,
     ).resolved().with_grad_filter(hidden.dtype)
     report = None
     if return_stats and spec.grad_filter_threshold is not None and not torch.compiler.is_compiling():
@@ -126,7 +163,7 @@ def masked_ce(
     tensors = dict(hidden=hidden, weight=weight, labels=labels, bias=bias, keep=keep,
                    ref_logprobs=ref_logprobs, task_vector=task_vector, num_items=num_items)
     with no_autocast(hidden.device.type):  # operands are cast already; the epilogue is fp32
-        if select is None and torch.compiler.is_compiling():
+        if select is None and shard is None and torch.compiler.is_compiling():
             outs = compiled_masked_ce(**tensors, spec=spec)
         else:
             outs = MaskedCEOutputs(*MaskedCE.apply(*tensors.values(), spec))

@@ -66,6 +66,7 @@ class MaskedCE(torch.autograd.Function):
         elif isinstance(g, RecomputeGrad):
             ctx.save_for_backward(*g)
             ctx.backend, ctx.cfg, ctx.reduction = res.backend, res.cfg, spec.reduction
+            ctx.shard = spec.vocab_shard
             # the filter's report is known once the backward has run: it fills this output
             ctx.grad_skipped = spec.grad_skipped_out
         outs = tuple(res.outputs)
@@ -91,5 +92,5 @@ class MaskedCE(torch.autograd.Function):
             dh, dw, db = recompute_grads(RecomputeGrad(*ctx.saved_tensors), backend=ctx.backend,
                                          cfg=ctx.cfg, reduction=ctx.reduction, grad_loss=grad_loss,
                                          hidden_shape=ctx.hidden_shape, need=ctx.need,
-                                         skipped_out=ctx.grad_skipped)
+                                         skipped_out=ctx.grad_skipped, shard=ctx.shard)
         return dh, dw, None, db, None, None, None, None, None

@@ -21,6 +21,7 @@ import torch
 from ..backends.base import Backend, CEConfig, RowStats
 from ..documents import counted_mask
 from ..stats import TokenStats
+from .vocab_parallel import shard_grads
 
 __all__ = ["RowStats"]  # re-exported: the statistics at label positions have the backends' type
 
@@ -185,13 +186,16 @@ class RecomputeGrad(NamedTuple):
 
 def recompute_grads(g: RecomputeGrad, *, backend: Backend, cfg: CEConfig, reduction: str,
                     grad_loss: torch.Tensor, hidden_shape: tuple[int, ...], need: Need,
-                    skipped_out: torch.Tensor | None = None,
+                    skipped_out: torch.Tensor | None = None, shard=None,
                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d_hidden, d_weight, d_bias) by recomputing the logits of the kept rows ``g``.
 
     ``grad_loss`` is per token (``"none"``, the labels' shape) or a scalar, divided by
     ``g.divisor`` for ``"mean"``. ``skipped_out`` (labels' shape, fp32): receives the gradient
-    filter's skipped mass at the kept positions.
+    filter's skipped mass at the kept positions. With ``shard`` (a vocabulary-parallel
+    :class:`~xtf_kernels.loss.vocab_parallel.VocabShard`) ``g.weight`` is this rank's rows:
+    ``d_weight`` / ``d_bias`` are theirs, ``d_hidden`` and the skipped mass are summed over
+    the group.
     """
     hidden_rows, kept_pos, src_kept, divisor = g.hidden_rows, g.kept_pos, g.src_kept, g.divisor
     dtype = hidden_rows.dtype
@@ -204,9 +208,17 @@ def recompute_grads(g: RecomputeGrad, *, backend: Backend, cfg: CEConfig, reduct
             scale = scale / divisor
         row_scale = scale.expand(kept_pos.numel()).contiguous()
     x = hidden_rows.index_select(0, src_kept)
-    go = backend.backward(x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale, cfg)
-    if skipped_out is not None and go.skipped is not None:
-        skipped_out.view(-1)[kept_pos] = go.skipped.to(skipped_out.dtype)
+    report = {}
+    if skipped_out is not None and cfg.grad_filter is not None:
+        report["skipped_out"] = torch.zeros(kept_pos.numel(), dtype=torch.float32, device=x.device)
+    if shard is None:
+        go = backend.backward(x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale, cfg,
+                              **report)
+    else:
+        go = shard_grads(backend, x, g.weight, g.bias, g.labels_kept, g.row_max_kept, g.lse_kept, row_scale,
+                         cfg, shard, need_dx=need.hidden, **report)
+    if report:
+        skipped_out.view(-1)[kept_pos] = report["skipped_out"].to(skipped_out.dtype)
     dh = scatter_rows(go.dx.to(dtype), src_kept, hidden_shape) if need.hidden else None
     dw = go.dw.to(dtype) if need.weight else None
     db = go.db.to(dtype) if (need.bias and go.db is not None) else None

@@ -30,6 +30,7 @@ from .core import (
 from .select import apply_select, chunk_selector, is_rowwise
 from .spec import MaskedCEOutputs, MaskedCESpec
 from .validate import check_labels_in_range
+from .vocab_parallel import shard_stats
 
 
 class ZeroGrad(NamedTuple):
@@ -91,31 +92,32 @@ def run_forward(
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     y = labels.reshape(-1)
     pos = positions(labels, keep, ignore_index=spec.ignore_index, shift=spec.shift)
+    shard = spec.vocab_shard
+    vocab = weight.shape[0] if shard is None else shard.vocab
     if spec.check_labels:
-        check_labels_in_range(y, pos.valid, weight.shape[0], spec.ignore_index)
-    be = resolve_backend(spec.backend, dev, hidden.dtype)
+        check_labels_in_range(y, pos.valid, vocab, spec.ignore_index)
+    backend = resolve_backend(spec.backend, dev, hidden.dtype)
     cfg = spec.ce_config()
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else None
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    sw = _sweep(be=be, cfg=cfg, spec=spec, h2=h2, w=w, b=b, y=y, pos=pos, need=need,
+    hidden_rows = hidden.reshape(-1, hidden.shape[-1])
+    sweep = _sweep(backend=backend, cfg=cfg, spec=spec, hidden_rows=hidden_rows, w=w, b=b, y=y, pos=pos, need=need,
                 ref_logprobs=ref_logprobs, task_vector=task_vector, acc=acc)
-    st, kept = sw.stats, sw.kept
-    rel = None if sw.relevance is None else at_positions(sw.relevance, rows=sw.rows, n_tok=y.numel(), acc=acc)
-    ts = token_stats(st, keep=kept, relevance=rel,
+    stats, kept = sweep.stats, sweep.kept
+    rel = None if sweep.relevance is None else at_positions(sweep.relevance, rows=sweep.rows, n_tok=y.numel(), acc=acc)
+    ts = token_stats(stats, keep=kept, relevance=rel,
                      ref_logprobs=None if ref_logprobs is None else ref_logprobs.reshape(-1).to(acc))
     ts = TokenStats(*(None if t is None else t.view(lead) for t in ts))
-    kept_pos = sw.kept_pos
+    kept_pos = sweep.kept_pos
     if kept_pos is None:  # a global select rule sees every token's statistics
         kept = apply_select(spec.select, ts._replace(keep=ts.keep.clone()), kept)
         kept_pos = kept.nonzero().squeeze(1)
     n_kept = kept_pos.numel()
-    tok = token_loss(st, kept, label_smoothing=spec.label_smoothing, z_loss=spec.z_loss,
-                     vocab=weight.shape[0])
+    tok = token_loss(stats, kept, label_smoothing=spec.label_smoothing, z_loss=spec.z_loss, vocab=vocab)
     loss, divisor = reduce_loss(tok, reduction=spec.reduction, num_items=num_items, n_kept=n_kept,
                                 shape=lead)
-    grad = _grad_state(need=need, n_kept=n_kept, fo_grad=sw.fo_grad, src=pos.src, kept_pos=kept_pos,
-                       h2=h2, w=w, b=b, y=y, st=st, divisor=divisor)
+    grad = _grad_state(need=need, n_kept=n_kept, fo_grad=sweep.fo_grad, src=pos.src, kept_pos=kept_pos,
+                       hidden_rows=hidden_rows, w=w, b=b, y=y, stats=stats, divisor=divisor)
     empty = torch.empty(0, device=dev)
     outputs = MaskedCEOutputs(
         loss=loss,
@@ -126,52 +128,60 @@ def run_forward(
         logprob_delta=empty if ts.logprob_delta is None else ts.logprob_delta,
         relevance=empty if ts.relevance is None else ts.relevance,
         keep=kept.view(lead),
-        lse_parts=torch.stack((st.row_max, st.lse)).view(2, *lead),
+        lse_parts=torch.stack((stats.row_max, stats.lse)).view(2, *lead),
     )
-    if spec.grad_skipped_out is not None and sw.skipped is not None:  # formed now: report now
-        spec.grad_skipped_out.view(-1)[kept_pos] = sw.skipped.to(spec.grad_skipped_out.dtype)
-    return ForwardResult(outputs=outputs, grad=grad, backend=be, cfg=cfg)
+    if spec.grad_skipped_out is not None and sweep.skipped is not None:  # formed now: report now
+        spec.grad_skipped_out.view(-1)[kept_pos] = sweep.skipped.to(spec.grad_skipped_out.dtype)
+    return ForwardResult(outputs=outputs, grad=grad, backend=backend, cfg=cfg)
 
 
-def _sweep(*, be, cfg, spec, h2, w, b, y, pos, need, ref_logprobs, task_vector, acc) -> _Sweep:
+def _sweep(*, backend, cfg, spec, hidden_rows, w, b, y, pos, need, ref_logprobs, task_vector, acc) -> _Sweep:
     """Compact the scored rows (kept first) and run the backend's forward over them."""
     rows, n_kept = row_order(pos, with_masked=spec.select is not None or spec.stats)
-    x = h2.index_select(0, pos.src.index_select(0, rows))
+    x = hidden_rows.index_select(0, pos.src.index_select(0, rows))
     ys = y.index_select(0, rows)
     scalar_grad = any(need) and spec.reduction != "none" and spec.grad_in_forward
     kept = pos.kept
     rel = None if task_vector is None else relevance(x, task_vector, acc=acc)
+    if spec.vocab_shard is not None:
+        # vocabulary-parallel: the global statistics need all ranks' sweeps, so the gradient is
+        # recomputed in the backward and every select rule sees the whole statistics
+        stats = shard_stats(backend, x, w, b, ys, cfg, spec.vocab_shard)
+        kept_pos = rows[:n_kept] if spec.select is None else None
+        stats = scatter_stats(stats, rows=rows, n_tok=y.numel(), acc=acc)
+        return _Sweep(stats=stats, relevance=rel, rows=rows, kept=kept, kept_pos=kept_pos, fo_grad=None,
+                      skipped=None)
     if scalar_grad and is_rowwise(spec.select):
         # a per-token select rule is applied chunk by chunk while the logits are in memory:
         # statistics, selection and gradient from one logits GEMM
         row_select = chunk_selector(spec.select, rows=rows, kept=kept, ref_logprobs=ref_logprobs,
                                     relevance=rel, acc=acc)
-        fo, sel = be.forward_rowwise(x, w, b, ys, cfg, row_select)
+        fwd_out, sel = backend.forward_rowwise(x, w, b, ys, cfg, row_select)
         kept_pos = rows[sel]
         kept = torch.zeros_like(kept)
         kept[kept_pos] = True
         grad_now = True
     else:
         grad_now = scalar_grad and spec.select is None
-        fo = be.forward(x, w, b, ys, cfg, n_kept if grad_now else 0)
+        fwd_out = backend.forward(x, w, b, ys, cfg, n_kept if grad_now else 0)
         kept_pos = rows[:n_kept] if spec.select is None else None
-    st = scatter_stats(fo.stats, rows=rows, n_tok=y.numel(), acc=acc)
-    fo_grad = (fo.dx, fo.dw, fo.db) if grad_now else None
-    return _Sweep(stats=st, relevance=rel, rows=rows, kept=kept, kept_pos=kept_pos, fo_grad=fo_grad,
-                  skipped=fo.skipped if grad_now else None)
+    stats = scatter_stats(fwd_out.stats, rows=rows, n_tok=y.numel(), acc=acc)
+    fo_grad = (fwd_out.dx, fwd_out.dw, fwd_out.db) if grad_now else None
+    return _Sweep(stats=stats, relevance=rel, rows=rows, kept=kept, kept_pos=kept_pos, fo_grad=fo_grad,
+                  skipped=fwd_out.skipped if grad_now else None)
 
 
-def _grad_state(*, need, n_kept, fo_grad, src, kept_pos, h2, w, b, y, st, divisor) -> GradState:
+def _grad_state(*, need, n_kept, fo_grad, src, kept_pos, hidden_rows, w, b, y, stats, divisor) -> GradState:
     if not any(need):
         return None
     if n_kept == 0:
-        return ZeroGrad(hidden_rows=h2[:0], weight=w, bias=b)
+        return ZeroGrad(hidden_rows=hidden_rows[:0], weight=w, bias=b)
     src_kept = src.index_select(0, kept_pos)
     if fo_grad is not None:
         dx, dw, db = fo_grad
         return FormedGrad(src_kept=src_kept, dx=dx, divisor=divisor, dw=dw, db=db)
     return RecomputeGrad(
-        src_kept=src_kept, hidden_rows=h2, weight=w, bias=b, labels_kept=y.index_select(0, kept_pos),
-        row_max_kept=st.row_max.index_select(0, kept_pos), lse_kept=st.lse.index_select(0, kept_pos),
+        src_kept=src_kept, hidden_rows=hidden_rows, weight=w, bias=b, labels_kept=y.index_select(0, kept_pos),
+        row_max_kept=stats.row_max.index_select(0, kept_pos), lse_kept=stats.lse.index_select(0, kept_pos),
         kept_pos=kept_pos, divisor=divisor,
     )

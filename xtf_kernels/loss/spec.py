@@ -38,7 +38,8 @@ _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(Options))
 class MaskedCESpec:
     """Non-tensor arguments of :class:`MaskedCE` (see :func:`masked_ce` for their meaning).
 
-    The last three fields are the :class:`~xtf_kernels.Options` of this call. ``None`` (the
+    ``grad_in_forward``, ``chunk_elems`` and ``check_labels`` are the
+    :class:`~xtf_kernels.Options` of this call. ``None`` (the
     default when a spec is built by hand) means "whatever ``get_options()`` says when the
     forward runs": :meth:`resolved` fills them in once per call, and everything after it
     (the backward included) reads them from the spec, never from the global options.
@@ -66,6 +67,9 @@ class MaskedCESpec:
     #: shape, NaN elsewhere; filled by the forward or, when the gradient is recomputed, by the
     #: backward); None: not reported. Not an op argument: nothing is reported inside a graph.
     grad_skipped_out: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
+    #: the vocabulary layout of a vocabulary-parallel call
+    #: (:class:`~xtf_kernels.loss.vocab_parallel.VocabShard`), None on one device
+    vocab_shard: Any = None
 
     def op_args(self) -> dict[str, Any]:
         """The fields that travel as arguments of the custom op ``masked_ce_fwd``

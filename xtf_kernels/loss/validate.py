@@ -42,9 +42,11 @@ def validate(
     select: Any,
     return_stats: Any,
     backend: Any,
+    empty_vocab: bool = False,
 ) -> None:
-    """Raise TypeError/ValueError naming the argument for anything masked_ce cannot take."""
-    hidden, weight, labels = _check_head(hidden, weight, labels)
+    """Raise TypeError/ValueError naming the argument for anything masked_ce cannot take
+    (``empty_vocab``: a weight of no rows is fine, an empty vocabulary-parallel shard)."""
+    hidden, weight, labels = _check_head(hidden, weight, labels, empty_vocab=empty_vocab)
     devices = _check_aligned(hidden=hidden, weight=weight, labels=labels, bias=bias, keep=keep,
                              ref_logprobs=ref_logprobs, task_vector=task_vector)
     if len(set(devices.values())) > 1:
@@ -55,7 +57,8 @@ def validate(
                    labels=labels, select=select, return_stats=return_stats, backend=backend)
 
 
-def _check_head(hidden: Any, weight: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _check_head(hidden: Any, weight: Any, labels: Any, *,
+                empty_vocab: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [..., D], weight [V, D], labels [...] integers: types, shapes, dtypes."""
     hidden = check_tensor("hidden", hidden)
     weight = check_tensor("weight", weight)
@@ -73,7 +76,7 @@ def _check_head(hidden: Any, weight: Any, labels: Any) -> tuple[torch.Tensor, to
             f"weight: expected D = hidden.shape[-1] = {hidden.shape[-1]} columns, "
             f"got shape {_shape(weight)}"
         )
-    if weight.shape[0] < 1:
+    if weight.shape[0] < 1 and not empty_vocab:
         raise ValueError(f"weight: expected at least one vocabulary row, got shape {_shape(weight)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected dtype {hidden.dtype} (hidden's), got {weight.dtype}")
