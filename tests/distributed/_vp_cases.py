@@ -33,37 +33,17 @@ def top_entropy(s):
     return ent >= cut
 
 
+#: every option that changes the per-row math, at once
+_ALL_OPTIONS = dict(keep=True, shift=True, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, bias=True)
+
 #: name -> (dtype, masked_ce keywords beyond hidden/weight/labels; True marks generated tensors)
 CASES: dict[str, tuple[torch.dtype, dict]] = {
     "mean": (torch.float32, dict(keep=True)),
     "sum": (torch.float32, dict(keep=True, reduction="sum")),
     "none": (torch.float32, dict(keep=True, reduction="none")),
     "num_items": (torch.float32, dict(keep=True, num_items=40)),
-    "everything": (
-        torch.float32,
-        dict(
-            keep=True,
-            shift=True,
-            label_smoothing=0.1,
-            z_loss=1e-3,
-            softcap=5.0,
-            bias=True,
-            ref_logprobs=True,
-            task_vector=True,
-        ),
-    ),
-    "everything_none": (
-        torch.float32,
-        dict(
-            keep=True,
-            shift=True,
-            label_smoothing=0.1,
-            z_loss=1e-3,
-            softcap=5.0,
-            bias=True,
-            reduction="none",
-        ),
-    ),
+    "everything": (torch.float32, dict(_ALL_OPTIONS, ref_logprobs=True, task_vector=True)),
+    "everything_none": (torch.float32, dict(_ALL_OPTIONS, reduction="none")),
     "select_rowwise": (torch.float32, dict(keep=True, select=confident, label_smoothing=0.05)),
     "select_global": (torch.float32, dict(keep=True, select=top_entropy, shift=True)),
     "position_ids": (torch.float32, dict(shift=True, position_ids=True, bias=True)),

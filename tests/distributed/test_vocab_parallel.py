@@ -28,6 +28,12 @@ BACKENDS = ("torch", "native")
 STATS = ("logprob", "prob", "entropy", "lse", "logprob_delta", "relevance")
 
 
+
+def _dtensor_case_loss(hidden, weight, bias, labels, keep):
+    """The masked_ce call of the DTensor cases (sharded on the ranks, whole in the reference)."""
+    return masked_ce(hidden, weight, labels, bias=bias, keep=keep, shift=True, label_smoothing=0.1,
+                     z_loss=1e-3, return_stats=True)
+
 def _grads(loss, leaves, upstream):
     loss.backward(upstream if loss.dim() else None)
     return [None if p is None else p.grad.detach().clone() for p in leaves]
@@ -66,17 +72,7 @@ def _dtensor_runs(world: int) -> dict:
         bd = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_()
         h = t["hidden"].clone().requires_grad_()
         hd = distribute_tensor(h.detach(), mesh, [Replicate()]).requires_grad_()
-        loss, stats = masked_ce(
-            hd,
-            wd,
-            labels,
-            bias=bd,
-            keep=t["keep"],
-            shift=True,
-            label_smoothing=0.1,
-            z_loss=1e-3,
-            return_stats=True,
-        )
+        loss, stats = _dtensor_case_loss(hd, wd, bd, labels, t["keep"])
         loss.backward()
         out[tag] = dict(
             loss=loss.detach(),
@@ -289,17 +285,7 @@ def test_dtensor_weight_is_vocabulary_parallel(world_results) -> None:
         h = t["hidden"].clone().requires_grad_()
         w = weight.clone().requires_grad_()
         b = bias.clone().requires_grad_()
-        loss, stats = masked_ce(
-            h,
-            w,
-            labels,
-            bias=b,
-            keep=t["keep"],
-            shift=True,
-            label_smoothing=0.1,
-            z_loss=1e-3,
-            return_stats=True,
-        )
+        loss, stats = _dtensor_case_loss(h, w, b, labels, t["keep"])
         loss.backward()
         rows = [r[tag]["local_rows"] for r in per_rank]
         assert sum(rows) == w.shape[0]
