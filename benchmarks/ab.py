@@ -3,7 +3,9 @@
 ``python -m benchmarks.ab --base REV --head REV --shapes S1,S2 --scenarios plain,xtf-step``
 checks both commits out (detached git worktrees under ``--workdir``), then for every round runs
 ``python -m benchmarks.masked_ce --interleave`` once per commit (the order alternates between
-rounds), each run timing its method beside the three-GEMM floor in one process. It reports, per
+rounds), each run timing its method beside the three-GEMM floor in one process. Both commits
+run the same harness (this checkout's ``benchmarks/masked_ce``, copied once), so only the
+package differs. It reports, per
 shape and scenario, the median time of each commit and the median of its per-run ratios to the
 floor (robust to a load change between runs), writes ``ab-<tag>.csv`` and a plot.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,14 +37,23 @@ def _tree(rev: str, workdir: Path) -> tuple[str, Path]:
     return sha, path
 
 
-def _run(tree: Path, args: argparse.Namespace, out: Path) -> list[dict]:
-    """One benchmark run of ``tree``: the rows of its CSV."""
+def _harness(workdir: Path) -> Path:
+    """A folder holding a copy of this checkout's ``benchmarks`` package (and nothing else)."""
+    dst = workdir / "xtf-ab-harness"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(ROOT / "benchmarks", dst / "benchmarks", ignore=shutil.ignore_patterns("results", "__pycache__"))
+    return dst
+
+
+def _run(tree: Path, args: argparse.Namespace, out: Path, harness: Path) -> list[dict]:
+    """One benchmark run of the package in ``tree`` (the harness from ``harness``): its CSV rows."""
     cmd = [sys.executable, "-m", "benchmarks.masked_ce", "--interleave", "--device", "cpu",
            "--reps", str(args.reps), "--shapes", args.shapes, "--scenarios", args.scenarios,
-           "--methods", f"gemm-floor,{args.method}", "--out", str(out), "--tag", "ab"]
+           "--methods", f"{args.floor},{args.method}", "--out", str(out), "--tag", "ab"]
     cmd += ["--quick"] if args.quick else []
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    res = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=args.timeout)
+    env = dict(os.environ, PYTHONPATH=f"{harness}{os.pathsep}{tree}")
+    res = subprocess.run(cmd, cwd=harness, env=env, capture_output=True, text=True, timeout=args.timeout)
     if res.returncode != 0:
         raise SystemExit(f"benchmark run in {tree} failed:\n{res.stderr[-3000:]}")
     (path,) = out.glob("*-ab.csv")
@@ -51,12 +63,12 @@ def _run(tree: Path, args: argparse.Namespace, out: Path) -> list[dict]:
     return rows
 
 
-def _summary(runs: dict[str, list[list[dict]]], method: str) -> list[dict]:
+def _summary(runs: dict[str, list[list[dict]]], method: str, floor_method: str) -> list[dict]:
     """Per (shape, scenario): each commit's median time and median ratio to the floor."""
     out: dict[tuple[str, str], dict] = {}
     for label, rounds in runs.items():
         for rows in rounds:
-            floor = {r["shape"]: float(r["total_s"]) for r in rows if r["method"] == "gemm-floor"}
+            floor = {r["shape"]: float(r["total_s"]) for r in rows if r["method"] == floor_method}
             for r in rows:
                 if r["method"] != method or not r["total_s"]:
                     continue
@@ -103,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default="S1,S2")
     ap.add_argument("--scenarios", default="plain,xtf-step")
     ap.add_argument("--method", default="xtf-native")
+    ap.add_argument("--floor", default="gemm-floor", help="the floor method the ratios are taken to")
     ap.add_argument("--rounds", type=int, default=2, help="runs per commit (alternating)")
     ap.add_argument("--reps", type=int, default=2, help="interleaved repeats inside each run")
     ap.add_argument("--quick", action="store_true", help="the benchmark's tiny shapes (Q1, Q2): a dry run")
@@ -115,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rounds / --reps: expected >= 1")
     trees = {label: _tree(rev, Path(args.workdir)) for label, rev in (("base", args.base), ("head", args.head))}
     runs: dict[str, list[list[dict]]] = {"base": [], "head": []}
+    harness = _harness(Path(args.workdir))
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.rounds):
             order = ("base", "head") if k % 2 == 0 else ("head", "base")
             for label in order:
                 print(f"round {k + 1}/{args.rounds}: {label} {trees[label][0][:10]}", file=sys.stderr, flush=True)
-                runs[label].append(_run(trees[label][1], args, Path(tmp)))
-    rows = _summary(runs, args.method)
+                runs[label].append(_run(trees[label][1], args, Path(tmp), harness))
+    rows = _summary(runs, args.method, args.floor)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"ab-{args.tag}.csv"
