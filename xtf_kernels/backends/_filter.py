@@ -117,3 +117,16 @@ def filtered_gemms(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dx: torch.
         _dx_rows(dx, gh, w, plan.heavy, True, row_scale)
         acc_mm(dw, gh.t(), xs.index_select(0, plan.heavy), accumulate=True)
     return plan.skipped
+
+
+def grad_gemms(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dx: torch.Tensor, dw: torch.Tensor, *,
+               acc_dx: bool, acc_dw: bool, rule: tuple[float, float | None] | None,
+               row_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The dX / dW GEMMs of a block of gradient logits ``g``: dense (``dx (+)= g @ w``, ``dw (+)=
+    g^T @ x``; ``rule`` None, any scale already in ``g``, returns None) or
+    :func:`filtered_gemms` (returns the mass skipped per row)."""
+    if rule is None:
+        acc_mm(dx, g, w, accumulate=acc_dx)
+        acc_mm(dw, g.t(), x, accumulate=acc_dw)
+        return None
+    return filtered_gemms(g, x, w, dx, dw, acc_dx=acc_dx, acc_dw=acc_dw, rule=rule, row_scale=row_scale)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from ._filter import filtered_gemms
+from ._filter import grad_gemms
 from ._gemm import HALF, acc_mm, f32_epilogue, fast_f32_gemm
 from ._plan import rows_per_chunk, spans, vocab_blocks
 from .base import (
@@ -259,12 +259,10 @@ def _sweep(k: DriverBackend, x, w, b, y, cfg: CEConfig, st: RowStats, rows: int,
             gs = _selected_grad(k, z, g, idx, y[s:e], cs, b, db, cfg, in_place=one)
             xs = x[s:e] if idx.numel() == e - s else x[s:e].index_select(0, idx)
             dxs = torch.empty(idx.numel(), D, dtype=x.dtype, device=dev)
-        if cfg.grad_filter is None:
-            acc_mm(dxs, gs, w, accumulate=False)
-            acc_mm(dw, gs.t(), xs, accumulate=not one)
-        else:
-            skips.append(filtered_gemms(gs, xs, w, dxs, dw, acc_dx=False, acc_dw=not one, rule=cfg.grad_filter))
-        parts.append(dxs)
+            parts.append(dxs)
+        sk = grad_gemms(gs, xs, w, dxs, dw, acc_dx=False, acc_dw=not one, rule=cfg.grad_filter)
+        if sk is not None:
+            skips.append(sk)
     if row_select is not None:
         dx = torch.cat(parts) if parts else x.new_empty(0, D)
         if one and not parts:
@@ -325,17 +323,15 @@ def _blocked_grad(k: DriverBackend, x, w, b, y, row_max, lse, scale, cfg: CEConf
             k.logits_(z, x[s:e], wb.t())
             g = z if gbuf is None else gbuf[: e - s, : v1 - v0]
             sc = None if scale is None else scale[s:e]
-            if filt is None:
-                k.row_grad_(z, y[s:e], row_max[s:e], lse[s:e], sc, b, db, v0, vocab_start, vocab, cfg, g)
-                acc_mm(dx[s:e], g, wb, accumulate=True)
-                acc_mm(dw[v0:v1], g.t(), x[s:e], accumulate=not one)
-                continue
             # filtered: the unit-upstream gradient decides what is skipped; the scale follows
-            k.row_grad_(z, y[s:e], row_max[s:e], lse[s:e], None, b, db if sc is None else None, v0,
+            late = filt is not None and sc is not None
+            k.row_grad_(z, y[s:e], row_max[s:e], lse[s:e], None if filt else sc, b, None if late else db, v0,
                         vocab_start, vocab, cfg, g)
-            if db is not None and sc is not None:  # the bias gradient stays exact
+            if late and db is not None:  # the bias gradient stays exact
                 db[v0:v1] += g.t().to(acc) @ sc.to(acc)
-            share = None if filt[1] is None else filt[1] * (v1 - v0) / vocab
-            skipped[s:e] += filtered_gemms(g, x[s:e], wb, dx[s:e], dw[v0:v1], acc_dx=True, acc_dw=not one,
-                                           rule=(filt[0], share), row_scale=sc)
+            rule = None if filt is None else (filt[0], None if filt[1] is None else filt[1] * (v1 - v0) / vocab)
+            sk = grad_gemms(g, x[s:e], wb, dx[s:e], dw[v0:v1], acc_dx=True, acc_dw=not one, rule=rule,
+                            row_scale=sc if filt else None)
+            if sk is not None:
+                skipped[s:e] += sk
     return dx.to(x.dtype), dw, db, skipped

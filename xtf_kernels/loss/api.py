@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from ..backends.driver import acc_dtype
 from ..documents import check_position_ids, mask_unpredicted
 from ..grad_filter import GradFilter, as_grad_filter
 from ..stats import TokenStats
@@ -150,8 +151,7 @@ def _masked_ce(hidden, weight, labels, *, shard, bias, keep, ignore_index, reduc
     ).resolved().with_grad_filter(hidden.dtype)
     report = None
     if return_stats and spec.grad_filter_threshold is not None and not torch.compiler.is_compiling():
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        report = torch.full(labels.shape, float("nan"), dtype=acc, device=hidden.device)
+        report = torch.full(labels.shape, float("nan"), dtype=acc_dtype(hidden.dtype), device=hidden.device)
         spec = dataclasses.replace(spec, grad_skipped_out=report)
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.detach()
