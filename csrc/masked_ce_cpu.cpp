@@ -202,14 +202,15 @@ XTF_INLINE void store1(T* p, int64_t i, float v) {
 }
 
 // exp(x) for x <= ~88: Cephes expf polynomial on x - n ln2, |r| <= ln2 / 2, ~1 ulp.
-// Underflows to exactly 0 below -87.3; NaN in gives NaN out.
+// Underflows to exactly 0 below -87.3; NaN in gives NaN out. The clamps are written as
+// max / min selects (one instruction each: a NaN lane becomes -87.3 there and is restored at
+// the end), and 2^n is built from the integer bits of the rounding sum 1.5 * 2^23 + n.
 XTF_INLINE vf vexp(vf x) {
-  const vi nan = x != x;
-  vf xc = nan ? splat<vf>(0.0f) : x;
-  xc = (xc < splat<vf>(-87.3f)) ? splat<vf>(-87.3f) : xc;
-  xc = (xc > splat<vf>(88.7f)) ? splat<vf>(88.7f) : xc;
+  vf xc = (x > splat<vf>(-87.3f)) ? x : splat<vf>(-87.3f);
+  xc = (xc < splat<vf>(88.7f)) ? xc : splat<vf>(88.7f);
   // round to nearest through the 1.5 * 2^23 magic constant
-  const vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vf nm = xc * 1.44269504088896341f + 12582912.0f;
+  const vf n = nm - 12582912.0f;
   vf r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   vf p = splat<vf>(1.9875691500e-4f);
@@ -219,10 +220,12 @@ XTF_INLINE vf vexp(vf x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const vi e = __builtin_convertvector(n, vi) + 127;
-  vf out = p * (vf)(e << 23);
-  out = (x < splat<vf>(-87.3f)) ? splat<vf>(0.0f) : out;
-  return nan ? x : out;
+  // the bits of nm are those of 1.5 * 2^23 plus n (|n| <= 128): shifted by 23, only n's
+  // remain (mod 2^32); adding 127 << 23 biases the exponent
+  const vi e = ((vi)nm << 23) + 0x3F800000;
+  vf out = p * (vf)e;
+  out = (x >= splat<vf>(-87.3f)) ? out : splat<vf>(0.0f);
+  return (x != x) ? x : out;
 }
 
 // c * tanh(raw / c). For |t| >= 0.625 through one exp, tanh|t| = 1 - 2 / (exp(2|t|) + 1)
@@ -299,8 +302,13 @@ float row_max_t(const T* row, const float* bias, int64_t C, const Params& P) {
 
 // Statistics of one full-vocabulary row (two sweeps: max, then exp-sums of z - max). Each
 // lane sums 16 columns in fp32 before its partial sums are folded into double lanes.
-template <typename T, bool CAP, bool BIAS>
-RowStats row_stats_t(const T* row, const float* bias, int64_t C, int64_t y, const Params& P) {
+// KEEP_EXP (fp32 rows without a softcap): the row is overwritten with exp(z - max), which
+// the gradient sweep then scales (row_grad_kept) instead of computing every exp again; the
+// gold logit is read before the overwrite.
+template <typename T, bool CAP, bool BIAS, bool KEEP_EXP = false>
+RowStats row_stats_t(T* row, const float* bias, int64_t C, int64_t y, const Params& P) {
+  static_assert(!KEEP_EXP || (std::is_same<T, float>::value && !CAP), "KEEP_EXP: fp32 rows, no softcap");
+  const double zy = zval_precise(row, bias, y, P);
   float m = row_max_t<T, BIAS>(row, bias, C, P);
   if constexpr (CAP) m = vsoftcap(splat<vf>(m), P.cap, P.inv_cap)[0];  // softcap is monotone
   const vf mv = splat<vf>(m), zero = splat<vf>(0.0f);
@@ -312,6 +320,7 @@ RowStats row_stats_t(const T* row, const float* bias, int64_t C, int64_t y, cons
     for (int64_t j = j0; j < j1; j += kLanes) {
       const vf zc = zgroup<T, CAP, BIAS>(row, bias, j, kLanes, 0.0f, P) - mv;
       const vf e = vexp(zc);
+      if constexpr (KEEP_EXP) vstore(row + j, e);
       bs += e;
       bt += (e > zero) ? e * zc : zero;  // 0 * log 0 = 0 (a -inf logit)
       bz += zc;
@@ -325,6 +334,7 @@ RowStats row_stats_t(const T* row, const float* bias, int64_t C, int64_t y, cons
     const vi valid = lane_iota() < splat<vf>(static_cast<float>(n));
     vf zc = zgroup<T, CAP, BIAS>(row, bias, full, n, 0.0f, P) - mv;
     const vf e = valid ? vexp(zc) : zero;
+    if constexpr (KEEP_EXP) vstore_part(row + full, n, e);
     zc = valid ? zc : zero;
     S.add(e);
     Tt.add((e > zero) ? e * zc : zero);
@@ -336,14 +346,14 @@ RowStats row_stats_t(const T* row, const float* bias, int64_t C, int64_t y, cons
   const double lse = std::log(s);
   r.max = m;
   r.lse = bad ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(lse);
-  r.gold = static_cast<float>(zval_precise(row, bias, y, P) - static_cast<double>(m));
+  r.gold = static_cast<float>(zy - static_cast<double>(m));
   r.entropy = static_cast<float>(lse - t / s);
   r.zsum = static_cast<float>(zs);
   return r;
 }
 
 template <typename T>
-RowStats row_stats(const T* row, const float* bias, int64_t C, int64_t y, const Params& P) {
+RowStats row_stats(T* row, const float* bias, int64_t C, int64_t y, const Params& P) {
   if (P.has_cap) {
     return bias ? row_stats_t<T, true, true>(row, bias, C, y, P)
                 : row_stats_t<T, true, false>(row, bias, C, y, P);
@@ -353,33 +363,39 @@ RowStats row_stats(const T* row, const float* bias, int64_t C, int64_t y, const 
 }
 
 // scale * d loss / d raw of one group, given the row's max m, a = scale * (1 + 2 zl lse) *
-// exp(-lse_rel) and sub = scale * ls / V
-template <typename T, bool CAP, bool BIAS>
+// exp(-lse_rel) and sub = scale * ls / V. KEPT: the row holds exp(z - m) already (row_stats_t
+// with KEEP_EXP), the same lane values this computes otherwise.
+template <typename T, bool CAP, bool BIAS, bool KEPT = false>
 XTF_INLINE vf grad_group(const T* row, const float* bias, int64_t j, int n, float m, float a,
                          float sub, const Params& P) {
-  const vf z = zgroup<T, CAP, BIAS>(row, bias, j, n, 0.0f, P);
-  vf g = vexp(z - m) * a - sub;
-  if constexpr (CAP) {
-    const vf q = z * P.inv_cap;
-    g *= 1.0f - q * q;
+  if constexpr (KEPT) {
+    const vf e = n == kLanes ? vload(row + j) : vload_part(row + j, n, 0.0f);
+    return e * a - sub;
+  } else {
+    const vf z = zgroup<T, CAP, BIAS>(row, bias, j, n, 0.0f, P);
+    vf g = vexp(z - m) * a - sub;
+    if constexpr (CAP) {
+      const vf q = z * P.inv_cap;
+      g *= 1.0f - q * q;
+    }
+    return g;
   }
-  return g;
 }
 
 // Overwrite columns [0, C) of a row with scale * d loss / d raw (the gold column is fixed up
 // by the caller); acc (optional, fp32 [C]) += the gradient before the rounding to T.
-template <typename T, bool CAP, bool BIAS>
+template <typename T, bool CAP, bool BIAS, bool KEPT = false>
 void row_grad_t(T* row, const float* bias, int64_t C, float m, float a, float sub,
                 const Params& P, float* acc) {
   const int64_t full = C - C % kLanes;
   for (int64_t j = 0; j < full; j += kLanes) {
-    const vf g = grad_group<T, CAP, BIAS>(row, bias, j, kLanes, m, a, sub, P);
+    const vf g = grad_group<T, CAP, BIAS, KEPT>(row, bias, j, kLanes, m, a, sub, P);
     if (acc) vstore(acc + j, vload(acc + j) + g);
     vstore(row + j, g);
   }
   if (full < C) {
     const int n = static_cast<int>(C - full);
-    const vf g = grad_group<T, CAP, BIAS>(row, bias, full, n, m, a, sub, P);
+    const vf g = grad_group<T, CAP, BIAS, KEPT>(row, bias, full, n, m, a, sub, P);
     if (acc) vstore_part(acc + full, n, vload_part(acc + full, n, 0.0f) + g);
     vstore_part(row + full, n, g);
   }
@@ -388,8 +404,9 @@ void row_grad_t(T* row, const float* bias, int64_t C, float m, float a, float su
 // what row_grad_t computes for the single column j (before rounding)
 template <typename T>
 float grad_at(const T* row, const float* bias, int64_t j, float m, float a, float sub,
-              const Params& P) {
+              const Params& P, bool kept) {
   const float* b = bias ? bias + j : nullptr;
+  if (kept) return grad_group<T, false, false, true>(row + j, b, 0, 1, m, a, sub, P)[0];
   if (P.has_cap) {
     return b ? grad_group<T, true, true>(row + j, b, 0, 1, m, a, sub, P)[0]
              : grad_group<T, true, false>(row + j, b, 0, 1, m, a, sub, P)[0];
@@ -398,29 +415,39 @@ float grad_at(const T* row, const float* bias, int64_t j, float m, float a, floa
            : grad_group<T, false, false>(row + j, b, 0, 1, m, a, sub, P)[0];
 }
 
-// acc (optional, fp32 [C]): += the row's gradient before rounding (the bias gradient)
+// scale * d loss / d raw at the gold column in double, from its precise z (bias, softcap applied)
+double gold_grad_at(double z, float m, float lse_rel, double lse, float scale, const Params& P) {
+  const double p = std::exp(z - static_cast<double>(m) - lse_rel);
+  double g = p * (1.0 + 2.0 * P.zl * lse) - P.ls / static_cast<double>(P.vocab) - (1.0 - P.ls);
+  if (P.has_cap) {
+    const double q = z / P.cap;
+    g *= 1.0 - q * q;
+  }
+  return g * scale;
+}
+
+// acc (optional, fp32 [C]): += the row's gradient before rounding (the bias gradient).
+// kept_gold (optional): the row holds exp(z - m) (row_stats_t with KEEP_EXP) and this is the
+// precise gold z that row_stats_t read before overwriting it.
 template <typename T>
 void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float m, float lse_rel,
-              float scale, const Params& P, float* acc) {
+              float scale, const Params& P, float* acc, const double* kept_gold = nullptr) {
   const double lse = static_cast<double>(m) + lse_rel;
   const float a = static_cast<float>(scale * (1.0 + 2.0 * P.zl * lse) * std::exp(-lse_rel));
   const float sub = scale * P.ls / static_cast<float>(P.vocab);
+  const bool kept = kept_gold != nullptr;
   // gold element from the precise z before the row is overwritten
   double gold_grad = 0.0;
   float gold_vec = 0.0f;  // what the vector loop will put there (replaced below)
   const bool hit = y_local >= 0 && y_local < C;
   if (hit) {
-    const double z = zval_precise(row, bias, y_local, P);
-    const double p = std::exp(z - static_cast<double>(m) - lse_rel);
-    double g = p * (1.0 + 2.0 * P.zl * lse) - P.ls / static_cast<double>(P.vocab) - (1.0 - P.ls);
-    if (P.has_cap) {
-      const double q = z / P.cap;
-      g *= 1.0 - q * q;
-    }
-    gold_grad = g * scale;
-    if (acc) gold_vec = grad_at(row, bias, y_local, m, a, sub, P);
+    const double z = kept ? *kept_gold : zval_precise(row, bias, y_local, P);
+    gold_grad = gold_grad_at(z, m, lse_rel, lse, scale, P);
+    if (acc) gold_vec = grad_at(row, bias, y_local, m, a, sub, P, kept);
   }
-  if (P.has_cap) {
+  if (kept) {  // fp32 rows only (row_stats_and_grad)
+    if constexpr (std::is_same<T, float>::value) row_grad_t<T, false, false, true>(row, bias, C, m, a, sub, P, acc);
+  } else if (P.has_cap) {
     if (bias) row_grad_t<T, true, true>(row, bias, C, m, a, sub, P, acc);
     else row_grad_t<T, true, false>(row, bias, C, m, a, sub, P, acc);
   } else {
@@ -431,6 +458,25 @@ void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float m, fl
     store1(row, y_local, static_cast<float>(gold_grad));
     if (acc) acc[y_local] += static_cast<float>(gold_grad) - gold_vec;
   }
+}
+
+// Statistics of one full-vocabulary row, then the row overwritten with its unit-upstream
+// gradient (acc as in row_grad). fp32 rows without a softcap keep exp(z - m) from the
+// statistics sweep, so each logit costs one exp; the others compute it again.
+template <typename T>
+RowStats row_stats_and_grad(T* row, const float* bias, int64_t C, int64_t y, const Params& P, float* acc) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (!P.has_cap) {
+      const double zy = zval_precise(row, bias, y, P);
+      const RowStats st = bias ? row_stats_t<T, false, true, true>(row, bias, C, y, P)
+                               : row_stats_t<T, false, false, true>(row, bias, C, y, P);
+      row_grad(row, bias, C, y, st.max, st.lse, 1.0f, P, acc, &zy);
+      return st;
+    }
+  }
+  const RowStats st = row_stats(row, bias, C, y, P);
+  row_grad(row, bias, C, y, st.max, st.lse, 1.0f, P, acc);
+  return st;
 }
 
 // Per-thread fp32 column sums of the gradient, reduced into db at the end.
@@ -544,13 +590,13 @@ std::vector<at::Tensor> stats_and_grad(at::Tensor z, at::Tensor y,
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = base + r * ld;
         TORCH_CHECK(yp[r] >= 0 && yp[r] < V, "y: expected labels in [0, ", V, ")");
-        const RowStats st = row_stats(row, b, V, yp[r], P);
+        const RowStats st = r < n_grad ? row_stats_and_grad(row, b, V, yp[r], P, acc)
+                                       : row_stats(row, b, V, yp[r], P);
         mp[r] = st.max;
         lp[r] = st.lse;
         gp[r] = st.gold;
         ep[r] = st.entropy;
         sp[r] = st.zsum;
-        if (r < n_grad) row_grad(row, b, V, yp[r], st.max, st.lse, 1.0f, P, acc);
       }
     });
   });

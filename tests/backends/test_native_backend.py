@@ -145,18 +145,22 @@ def test_memory_plans_agree(dtype, monkeypatch):
     M, D, V = 64, 16, 200
     x, w, b, y = _problem(M, D, V, dtype, bias=True)
     big = []
-    real_zeros = torch.zeros
 
-    def spy(*shape, **kw):
-        if tuple(shape) == (V, D) and kw.get("dtype") == torch.float32:
-            big.append(1)
-        return real_zeros(*shape, **kw)
+    def spying(real):
+        def spy(*shape, **kw):
+            if tuple(shape) == (V, D) and kw.get("dtype") == torch.float32:
+                big.append(1)
+            return real(*shape, **kw)
+        return spy
 
-    monkeypatch.setattr(torch, "zeros", spy)
+    real = {name: getattr(torch, name) for name in ("zeros", "empty")}  # either allocates the fp32 buffer
+    for name, fn in real.items():
+        monkeypatch.setattr(torch, name, spying(fn))
     one = be.forward(x, w, b, y, CEConfig(chunk_elems=1 << 22), M)
     n_big_one = len(big)
     many = be.forward(x, w, b, y, CEConfig(chunk_elems=V * 2), M)  # 4 (fp32) / 8 (bf16) rows a chunk
-    monkeypatch.setattr(torch, "zeros", real_zeros)
+    for name, fn in real.items():
+        monkeypatch.setattr(torch, name, fn)
     if dtype == torch.bfloat16:
         assert n_big_one == 0 and len(big) == 1  # keep-all plan: no fp32 [V, D] buffer
         assert one.dw.dtype == torch.bfloat16

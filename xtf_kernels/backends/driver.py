@@ -233,7 +233,8 @@ def _sweep(k: DriverBackend, x, w, b, y, cfg: CEConfig, st: RowStats, rows: int,
     V = w.shape[0]
     dev, acc = x.device, acc_dtype(x.dtype)
     one = rows >= n
-    dw = torch.empty(V, D, dtype=w.dtype, device=dev) if one else torch.zeros(V, D, dtype=acc, device=dev)
+    dw = torch.empty(V, D, dtype=w.dtype if one else acc, device=dev)
+    dw_written = False  # the first GEMM into dw writes it (no zero fill of the [V, D] buffer)
     db = torch.zeros(V, dtype=acc, device=dev) if b is not None else None
     sel = None if row_select is None else torch.zeros(n, dtype=torch.bool, device=dev)
     dx = torch.empty(n, D, dtype=x.dtype, device=dev) if row_select is None else None
@@ -260,13 +261,14 @@ def _sweep(k: DriverBackend, x, w, b, y, cfg: CEConfig, st: RowStats, rows: int,
             xs = x[s:e] if idx.numel() == e - s else x[s:e].index_select(0, idx)
             dxs = torch.empty(idx.numel(), D, dtype=x.dtype, device=dev)
             parts.append(dxs)
-        sk = grad_gemms(gs, xs, w, dxs, dw, acc_dx=False, acc_dw=not one, rule=cfg.grad_filter)
+        sk = grad_gemms(gs, xs, w, dxs, dw, acc_dx=False, acc_dw=dw_written, rule=cfg.grad_filter)
+        dw_written = True
         if sk is not None:
             skips.append(sk)
+    if not dw_written:
+        dw.zero_()
     if row_select is not None:
         dx = torch.cat(parts) if parts else x.new_empty(0, D)
-        if one and not parts:
-            dw.zero_()
     skipped = None
     if cfg.grad_filter is not None:
         skipped = torch.cat(skips) if skips else torch.zeros(0, dtype=torch.float32, device=dev)
@@ -313,8 +315,9 @@ def _blocked_grad(k: DriverBackend, x, w, b, y, row_max, lse, scale, cfg: CEConf
         return x.new_empty(0, D), torch.zeros(V, D, dtype=w.dtype, device=dev), db, skipped
     rc, vb = vocab_blocks(n, V, cfg, k.logits_dtype(x, b, cfg))
     one = rc >= n
-    dw = torch.empty(V, D, dtype=w.dtype, device=dev) if one else torch.zeros(V, D, dtype=acc, device=dev)
-    dx = torch.zeros(n, D, dtype=acc, device=dev)
+    # written by the first block / row chunk that reaches them: no zero fill
+    dw = torch.empty(V, D, dtype=w.dtype if one else acc, device=dev)
+    dx = torch.empty(n, D, dtype=acc, device=dev)
     buf, gbuf = _buffers(k, min(rc, n), vb, x, b, cfg)  # row stride vb (128-aligned) in every block
     for v0, v1 in spans(V, vb):
         wb = w[v0:v1]
@@ -330,7 +333,7 @@ def _blocked_grad(k: DriverBackend, x, w, b, y, row_max, lse, scale, cfg: CEConf
             if late and db is not None:  # the bias gradient stays exact
                 db[v0:v1] += g.t().to(acc) @ sc.to(acc)
             rule = None if filt is None else (filt[0], None if filt[1] is None else filt[1] * (v1 - v0) / vocab)
-            sk = grad_gemms(g, x[s:e], wb, dx[s:e], dw[v0:v1], acc_dx=True, acc_dw=not one, rule=rule,
+            sk = grad_gemms(g, x[s:e], wb, dx[s:e], dw[v0:v1], acc_dx=v0 > 0, acc_dw=s > 0, rule=rule,
                             row_scale=sc if filt else None)
             if sk is not None:
                 skipped[s:e] += sk
