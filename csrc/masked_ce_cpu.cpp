@@ -480,30 +480,41 @@ RowStats row_stats_and_grad(T* row, const float* bias, int64_t C, int64_t y, con
   return st;
 }
 
-// Per-thread fp32 column sums of the gradient, reduced into db at the end.
+// The rows [0, R) cut into `parts` contiguous parts, one per thread of ATen's pool, and fp32
+// column sums of the gradient (the bias gradient) kept per part, then added into db in part
+// order: the result does not depend on which thread ran which part (no thread ids).
+struct RowParts {
+  int64_t R, parts;
+  explicit RowParts(int64_t rows)
+      : R(rows), parts(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows))) {}
+  // f(part, r0, r1) for every part, in parallel
+  template <typename F>
+  void run(F&& f) const {
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) f(p, R * p / parts, R * (p + 1) / parts);
+    });
+  }
+};
+
 struct ColumnSums {
   float* out;
   int64_t C;
   std::vector<float> bufs;
-  ColumnSums(const c10::optional<at::Tensor>& db, int64_t cols) : out(nullptr), C(cols) {
+  ColumnSums(const c10::optional<at::Tensor>& db, int64_t cols, int64_t parts) : out(nullptr), C(cols) {
     if (!db.has_value() || !db->defined()) return;
     TORCH_CHECK(db->scalar_type() == at::kFloat && db->is_contiguous() && db->dim() == 1 &&
                     db->size(0) == cols,
                 "db: expected a contiguous 1-D float32 tensor of ", cols, " entries");
     out = db->data_ptr<float>();
-    bufs.assign(static_cast<size_t>(at::get_num_threads()) * C, 0.0f);
+    bufs.assign(static_cast<size_t>(parts) * C, 0.0f);
   }
-  float* local() {
-    if (!out) return nullptr;
-    const int64_t t = std::min<int64_t>(at::get_thread_num(), at::get_num_threads() - 1);
-    return bufs.data() + t * C;
-  }
+  float* part(int64_t p) { return out ? bufs.data() + p * C : nullptr; }
   void reduce() {
     if (!out) return;
-    const int64_t nt = static_cast<int64_t>(bufs.size()) / std::max<int64_t>(C, 1);
+    const int64_t np = static_cast<int64_t>(bufs.size()) / std::max<int64_t>(C, 1);
     at::parallel_for(0, C, 4096, [&](int64_t c0, int64_t c1) {
-      for (int64_t t = 0; t < nt; ++t) {
-        const float* b = bufs.data() + t * C;
+      for (int64_t p = 0; p < np; ++p) {
+        const float* b = bufs.data() + p * C;
         for (int64_t c = c0; c < c1; ++c) out[c] += b[c];
       }
     });
@@ -582,12 +593,13 @@ std::vector<at::Tensor> stats_and_grad(at::Tensor z, at::Tensor y,
   float *mp = mx.data_ptr<float>(), *lp = lse.data_ptr<float>(), *gp = gold.data_ptr<float>();
   float *ep = ent.data_ptr<float>(), *sp = zsum.data_ptr<float>();
   const int64_t ld = z.stride(0);
-  ColumnSums sums(db, V);
+  const RowParts parts(R);
+  ColumnSums sums(db, V, parts.parts);
   dispatch_logits(z.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* base = z.data_ptr<scalar_t>();
-    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-      float* acc = sums.local();
+    parts.run([&](int64_t p, int64_t r0, int64_t r1) {
+      float* acc = sums.part(p);
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = base + r * ld;
         TORCH_CHECK(yp[r] >= 0 && yp[r] < V, "y: expected labels in [0, ", V, ")");
@@ -631,12 +643,13 @@ void grad_block_(at::Tensor z, at::Tensor y, at::Tensor row_max, at::Tensor lse,
   const float* mp = row_max.data_ptr<float>();
   const float* lp = lse.data_ptr<float>();
   const int64_t ld = z.stride(0);
-  ColumnSums sums(db, C);
+  const RowParts parts(R);
+  ColumnSums sums(db, C, parts.parts);
   dispatch_logits(z.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* base = z.data_ptr<scalar_t>();
-    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-      float* acc = sums.local();
+    parts.run([&](int64_t p, int64_t r0, int64_t r1) {
+      float* acc = sums.part(p);
       for (int64_t r = r0; r < r1; ++r) {
         row_grad(base + r * ld, b, C, yp[r] - v0, mp[r], lp[r], sc ? sc[r] : 1.0f, P, acc);
       }

@@ -39,8 +39,13 @@ _SOURCES = ("masked_ce_cpu.cpp", "masked_ce_bindings.cpp")  # compiled in parall
 _HEADERS = ("masked_ce_cpu.h",)
 _FILES = (*_SOURCES, *_HEADERS)  # what must be present, and what enters the build key
 # -fvisibility=hidden: several ISA builds can live in one process; each keeps its own symbols
+# -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into
+# this library; without the flag the pragma is dropped and the row kernels run on one thread.
+# The library links libgomp.so.1 by soname, which resolves to the copy torch has loaded already
+# (one thread pool). Apple's compiler has no -fopenmp: there the kernels stay single-threaded.
+_OPENMP = () if sys.platform == "darwin" else ("-fopenmp",)
 _CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden",
-           "-Wno-unknown-pragmas", "-Wno-psabi")
+           "-Wno-unknown-pragmas", "-Wno-psabi", *_OPENMP)
 ISAS = ("native", "avx512", "avx2", "baseline")
 # x86 feature flags (/proc/cpuinfo names) each x86-64 level needs
 _X86_V3 = ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm")  # x86-64-v3
@@ -245,6 +250,7 @@ def _build(verbose: bool, isa: str = "native") -> ModuleType:
             name=name,
             sources=[str(src / s) for s in _SOURCES],
             extra_cflags=[*_CFLAGS, *isa_flags(isa)],
+            extra_ldflags=list(_OPENMP),
             build_directory=str(build_dir),
             verbose=verbose,
         )
