@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.masked_ce", description=DESCRIPTION)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, one subprocess (CI smoke)")
     ap.add_argument("--shapes", default=None, help="comma-separated shape names (default: all for the device)")
-    ap.add_argument("--methods", default=None, help="comma-separated methods to keep (default: all)")
+    ap.add_argument("--methods", default=None, help="comma-separated methods to keep, run in this order, plain scenario first (default: all, in plan order)")
     ap.add_argument("--scenarios", default=None, help="comma-separated scenarios to keep (default: all)")
     ap.add_argument("--reps", type=int, default=None, help="timed repeats per case (default 3, quick 2)")
     ap.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="time every case in this process, round-robin (--reps rounds): ratios to the "
                          "floor that a changing machine load cannot skew; no peak memory")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+    ap.add_argument("--case-timeout", type=float, default=None,
+                    help="seconds per case: a child that runs past it is killed, the case noted as "
+                         "timed out, and a new child runs the cases after it (default: no limit)")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child is not None:
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: no CUDA device here")
     if args.reps is not None and args.reps < 1:
         ap.error("--reps: expected >= 1")
+    for name in ("timeout", "case_timeout"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')}: expected seconds > 0")
     table = QUICK_SHAPES if args.quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     names = args.shapes.split(",") if args.shapes else list(table)
     bad = [n for n in names if n not in table]
@@ -53,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--shapes: unknown {bad}; expected names from {list(table)}")
     reps = args.reps or (2 if args.quick else 3)
     cases = plan([table[n] for n in names], device, reps, quick=args.quick)
-    if args.methods:
-        keep = set(args.methods.split(","))
-        cases = [c for c in cases if c.method in keep]
+    if args.methods:  # run in the listed order, the plain scenario first (what matters first)
+        order = {m: i for i, m in enumerate(args.methods.split(","))}
+        cases = sorted((c for c in cases if c.method in order),
+                       key=lambda c: (c.scenario != "plain", order[c.method]))
     if args.scenarios:
         keep = set(args.scenarios.split(","))
         cases = [c for c in cases if c.scenario in keep]
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.interleave:
         results = measure_interleaved(cases, device, reps)
     else:
-        results = run_cases(cases, device, isolate, args.timeout)
+        results = run_cases(cases, device, isolate, args.timeout, args.case_timeout)
     add_ratios(results)
     print_table(results)
     out = Path(args.out)
