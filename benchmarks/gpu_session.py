@@ -56,23 +56,47 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: seconds per step; a step must end by the sum of the budgets up to and including its own
-BUDGETS = {"wheels": 30, "env": 15, "tests": 130, "bench-llama3-8k": 130, "bench-gemma2-8k": 130,
-           "score": 85}
+BUDGETS = {
+    "wheels": 30,
+    "env": 15,
+    "tests": 130,
+    "bench-llama3-8k": 130,
+    "bench-gemma2-8k": 130,
+    "score": 85,
+}
 #: the device call returns at most 8 files from its output folder
 MAX_FILES = 8
 #: the masked-CE methods, in the order they run (the plain scenario first): ``{xtf}`` is
 #: ``xtf-triton`` on the GPU (the CPU's best backend in a dry run)
-METHODS = ("gemm-floor", "{xtf}", "{xtf}+gf-auto", "cce", "cce-exact", "liger", "eager", "torch-lce",
-           "compose-cce", "compose-cce-exact", "compose-liger", "compose-eager", "compose-torch-lce")
+METHODS = (
+    "gemm-floor",
+    "{xtf}",
+    "{xtf}+gf-auto",
+    "cce",
+    "cce-exact",
+    "liger",
+    "eager",
+    "torch-lce",
+    "compose-cce",
+    "compose-cce-exact",
+    "compose-liger",
+    "compose-eager",
+    "compose-torch-lce",
+)
 #: peers a dry run leaves out: torch.compile on a 2-core CPU (the quick benchmark test runs them)
 DRY_SKIP = ("cce-exact", "torch-lce", "compose-cce-exact", "compose-torch-lce")
-TEST_FILES = ("tests/backends/test_triton_backend.py", "tests/masked_ce/test_masked_ce.py",
-              "tests/xtf/test_attention_received.py")
+TEST_FILES = (
+    "tests/backends/test_triton_backend.py",
+    "tests/masked_ce/test_masked_ce.py",
+    "tests/xtf/test_attention_received.py",
+)
 #: the CUDA selection: every test of the Triton backend's module, the Triton cases elsewhere
 TEST_K = "test_triton_backend or triton or cuda"
 #: a dry run's few interpreter-mode tests (seconds each on the CPU)
-DRY_TEST_K = ("test_supports_messages or test_forward_statistics_only_no_bias_fp16 or "
-              "test_all_masked_gives_zero or test_padding_zero")
+DRY_TEST_K = (
+    "test_supports_messages or test_forward_statistics_only_no_bias_fp16 or "
+    "test_all_masked_gives_zero or test_padding_zero"
+)
 #: the GPU shape per benchmark step, and the quick shape a dry run uses in its place
 SHAPES = {"bench-llama3-8k": ("llama3-8k", "Q2"), "bench-gemma2-8k": ("gemma2-8k", "Q1")}
 
@@ -97,9 +121,17 @@ def device_slug(dry: bool) -> str:
         from benchmarks.masked_ce.report import device_name
 
         return device_name("cpu")
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                         capture_output=True, text=True, timeout=30)
-    return _slug(out.stdout.strip().splitlines()[0]) if out.returncode == 0 and out.stdout.strip() else "cuda"
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return (
+        _slug(out.stdout.strip().splitlines()[0])
+        if out.returncode == 0 and out.stdout.strip()
+        else "cuda"
+    )
 
 
 def _xtf_method(dry: bool) -> str:
@@ -116,34 +148,143 @@ def plan_steps(dry: bool, scratch: Path, site: Path) -> list[Step]:
     seconds left to its deadline less a margin (the benchmarks' own subprocess limit)."""
     py = sys.executable
     wheels = sorted(str(p) for p in (ROOT / ".whl").glob("*.whl"))
-    steps = [Step("wheels", [[py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                              "--no-cache-dir", "--upgrade", "--target", str(site), *wheels]] if wheels else [],
-                  note="" if wheels else "no .whl/*.whl here: peers not installed are reported as skipped")]
-    probe = ("import torch; from benchmarks.masked_ce.report import versions; "
-             "print('versions', versions(), 'cuda', torch.version.cuda, 'device', "
-             "torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")
+    steps = [
+        Step(
+            "wheels",
+            [
+                [
+                    py,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-index",
+                    "--no-deps",
+                    "--no-compile",
+                    "--no-cache-dir",
+                    "--upgrade",
+                    "--target",
+                    str(site),
+                    *wheels,
+                ]
+            ]
+            if wheels
+            else [],
+            note=""
+            if wheels
+            else "no .whl/*.whl here: peers not installed are reported as skipped",
+        )
+    ]
+    probe = (
+        "import torch; from benchmarks.masked_ce.report import versions; "
+        "print('versions', versions(), 'cuda', torch.version.cuda, 'device', "
+        "torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+    )
     env_cmds = [[py, "-c", probe]]
     if not dry:
-        env_cmds.insert(0, ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                            "--format=csv"])
+        env_cmds.insert(
+            0,
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                "--format=csv",
+            ],
+        )
     steps.append(Step("env", env_cmds))
     k = f"({TEST_K}) and ({DRY_TEST_K})" if dry else TEST_K
-    steps.append(Step("tests", [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
-                                 "-o", "faulthandler_timeout=60", *TEST_FILES, "-k", k]],
-                      env={"TRITON_INTERPRET": "1"} if dry else {}))
+    steps.append(
+        Step(
+            "tests",
+            [
+                [
+                    py,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-rfE",
+                    "-o",
+                    "faulthandler_timeout=60",
+                    *TEST_FILES,
+                    "-k",
+                    k,
+                ]
+            ],
+            env={"TRITON_INTERPRET": "1"} if dry else {},
+        )
+    )
     xtf = _xtf_method(dry)
     methods = [m.format(xtf=xtf) for m in METHODS if not (dry and m in DRY_SKIP)]
     for name, (gpu_shape, quick_shape) in SHAPES.items():
-        extra = ["--quick", "--device", "cpu", "--shapes", quick_shape] if dry else \
-                ["--device", "cuda", "--shapes", gpu_shape]
-        steps.append(Step(name, [[py, "-m", "benchmarks.masked_ce", *extra, "--scenarios", "plain,xtf-step",
-                                  "--methods", ",".join(methods), "--out", str(scratch / "bench"),
-                                  "--tag", gpu_shape, "--timeout", "{limit}", "--case-timeout", "75"]]))
-    extra = (["--device", "cpu", "--lengths", "64", "--tokens", "128", "--batch-tokens", "128", "--repeats", "1"]
-             if dry else ["--device", "cuda", "--lengths", "4096", "--tokens", "16384", "--repeats", "3"])
-    steps.append(Step("score", [[py, "-m", "benchmarks.score_throughput", *extra, "--methods", "floor", "ours",
-                                 "--no-mixed", "--no-packed-scoring", "--out", str(scratch / "score"),
-                                 "--timeout", "{limit}"]]))
+        extra = (
+            ["--quick", "--device", "cpu", "--shapes", quick_shape]
+            if dry
+            else ["--device", "cuda", "--shapes", gpu_shape]
+        )
+        steps.append(
+            Step(
+                name,
+                [
+                    [
+                        py,
+                        "-m",
+                        "benchmarks.masked_ce",
+                        *extra,
+                        "--scenarios",
+                        "plain,xtf-step",
+                        "--methods",
+                        ",".join(methods),
+                        "--out",
+                        str(scratch / "bench"),
+                        "--tag",
+                        gpu_shape,
+                        "--timeout",
+                        "{limit}",
+                        "--case-timeout",
+                        "75",
+                    ]
+                ],
+            )
+        )
+    extra = (
+        [
+            "--device",
+            "cpu",
+            "--lengths",
+            "64",
+            "--tokens",
+            "128",
+            "--batch-tokens",
+            "128",
+            "--repeats",
+            "1",
+        ]
+        if dry
+        else ["--device", "cuda", "--lengths", "4096", "--tokens", "16384", "--repeats", "3"]
+    )
+    steps.append(
+        Step(
+            "score",
+            [
+                [
+                    py,
+                    "-m",
+                    "benchmarks.score_throughput",
+                    *extra,
+                    "--methods",
+                    "floor",
+                    "ours",
+                    "--no-mixed",
+                    "--no-packed-scoring",
+                    "--out",
+                    str(scratch / "score"),
+                    "--timeout",
+                    "{limit}",
+                ]
+            ],
+        )
+    )
     return steps
 
 
@@ -162,11 +303,23 @@ def run_step(step: Step, deadline: float, log, env: dict) -> tuple[str, float]:
         cmd = [c.replace("{limit}", str(max(int(left) - 20, 5))) for c in cmd]
         _emit(log, "   $ " + " ".join(_quote(c) for c in cmd))
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env={**env, **step.env}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, timeout=left, errors="replace")
+            proc = subprocess.run(
+                cmd,
+                cwd=ROOT,
+                env={**env, **step.env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=left,
+                errors="replace",
+            )
             out, rc = proc.stdout, proc.returncode
         except subprocess.TimeoutExpired as exc:
-            out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            out = (
+                exc.stdout.decode(errors="replace")
+                if isinstance(exc.stdout, bytes)
+                else (exc.stdout or "")
+            )
             rc, status = None, f"timed out after {left:.0f} s"
         except OSError as exc:
             out, rc = f"{type(exc).__name__}: {exc}", 127
@@ -221,7 +374,9 @@ def run_session(out: Path, dry: bool, budgets: dict[str, float] | None = None) -
     scratch = Path(tempfile.mkdtemp(prefix="gpu_session_"))
     site = scratch / "site"
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(site), str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
+    )
     if dry:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a dry run never touches a GPU, even where one exists
     t_start = time.monotonic()
@@ -232,10 +387,16 @@ def run_session(out: Path, dry: bool, budgets: dict[str, float] | None = None) -
     steps = plan_steps(dry, scratch, site)
     summary = []
     with open(out / f"gpu_session_{dev}.log", "w") as log:
-        _emit(log, f"gpu_session: device {dev}, {'dry run (CPU)' if dry else 'GPU'}, "
-                   f"worst case {total:.0f} s, out {out}")
+        _emit(
+            log,
+            f"gpu_session: device {dev}, {'dry run (CPU)' if dry else 'GPU'}, "
+            f"worst case {total:.0f} s, out {out}",
+        )
         for step in steps:
-            _emit(log, f"== step {step.name} (must end within {ends[step.name] - time.monotonic():.0f} s)")
+            _emit(
+                log,
+                f"== step {step.name} (must end within {ends[step.name] - time.monotonic():.0f} s)",
+            )
             status, wall = run_step(step, ends[step.name], log, env)
             if step.name.startswith("bench-"):
                 n = merge_bench_csvs(scratch / "bench", out / f"{dev}.csv")
@@ -266,10 +427,19 @@ def plot_csv(path: Path, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session", description=__doc__.split("\n")[0])
-    ap.add_argument("out", type=Path, nargs="?", help="output folder (at most 8 files: CSVs and one log)")
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_session", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument(
+        "out", type=Path, nargs="?", help="output folder (at most 8 files: CSVs and one log)"
+    )
     ap.add_argument("--dry-run", action="store_true", help="every step on this CPU, tiny problems")
-    ap.add_argument("--plot", type=Path, default=None, help="only draw the PNGs of this masked-CE CSV into --out")
+    ap.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="only draw the PNGs of this masked-CE CSV into --out",
+    )
     args = ap.parse_args(argv)
     if args.out is None:
         ap.error("OUTDIR: required")

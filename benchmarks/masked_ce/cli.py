@@ -11,11 +11,25 @@ from .cases import plan
 from .measure import _child, measure_interleaved, run_cases
 from .plots import plot
 from .report import add_ratios, device_name, print_table, versions, write_csv
-from .shapes import CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES
+from .shapes import CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES, Case
 
 DESCRIPTION = "Fused masked cross-entropy, side by side with the tools users would pick instead."
 #: default output directory: benchmarks/results
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def select(cases: list[Case], methods: str | None, scenarios: str | None) -> list[Case]:
+    """The cases of the comma-separated ``methods`` and ``scenarios`` (None: all). With
+    ``methods``, in that order, the plain scenario first (what matters first when a time limit
+    cuts the run short); without, in plan order."""
+    if methods:
+        order = {m: i for i, m in enumerate(methods.split(","))}
+        cases = sorted((c for c in cases if c.method in order),
+                       key=lambda c: (c.scenario != "plain", order[c.method]))
+    if scenarios:
+        keep = set(scenarios.split(","))
+        cases = [c for c in cases if c.scenario in keep]
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,13 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--shapes: unknown {bad}; expected names from {list(table)}")
     reps = args.reps or (2 if args.quick else 3)
     cases = plan([table[n] for n in names], device, reps, quick=args.quick)
-    if args.methods:  # run in the listed order, the plain scenario first (what matters first)
-        order = {m: i for i, m in enumerate(args.methods.split(","))}
-        cases = sorted((c for c in cases if c.method in order),
-                       key=lambda c: (c.scenario != "plain", order[c.method]))
-    if args.scenarios:
-        keep = set(args.scenarios.split(","))
-        cases = [c for c in cases if c.scenario in keep]
+    cases = select(cases, args.methods, args.scenarios)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     dev = device_name(device) + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     vs = versions()
