@@ -18,14 +18,14 @@ in one call of well under 10 minutes,
 5. ``score``: ``python -m benchmarks.score_throughput`` at L = 4096, ``floor`` and ``ours``
    (``score_dataset``, default preset), plus one attention layer against SDPA.
 
-Each step has a budget (:data:`BUDGETS`, 520 s in all) and must end by the sum of its own and
+Each step has a budget (:data:`BUDGETS`, 530 s in all) and must end by the sum of its own and
 the earlier steps' budgets, so time an early step leaves goes to the later ones and the worst
 case stays under 9 minutes; each step's wall time is printed. ``OUTDIR`` gets at most
 :data:`MAX_FILES` files (the device returns 8): ``gpu_session_<device>.log``, ``<device>.csv``
 (the masked-CE rows, named after the device as the benchmark names them),
 ``score_throughput_cuda.csv`` and ``score_throughput_layer_cuda.csv`` (the names the scoring
-benchmark gives them); PNGs stay in a scratch folder (``python -m benchmarks.gpu_session
---plot CSV --out DIR`` draws the masked-CE ones from the CSV afterwards, on any machine).
+benchmark gives them); no PNGs (``python -m benchmarks.gpu_session DIR --plot
+<device>.csv`` draws the masked-CE ones from the CSV afterwards, on any machine).
 The results are not copied into ``benchmarks/results/``: whoever runs it copies them there
 and removes the GPU files they supersede.
 
@@ -57,12 +57,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 #: seconds per step; a step must end by the sum of the budgets up to and including its own
 BUDGETS = {
-    "wheels": 30,
+    "wheels": 20,
     "env": 15,
-    "tests": 130,
-    "bench-llama3-8k": 130,
-    "bench-gemma2-8k": 130,
-    "score": 85,
+    "tests": 120,
+    "bench-llama3-8k": 150,
+    "bench-gemma2-8k": 145,
+    "score": 80,
 }
 #: the device call returns at most 8 files from its output folder
 MAX_FILES = 8
@@ -200,10 +200,11 @@ def plan_steps(dry: bool, scratch: Path, site: Path) -> list[Step]:
                     py,
                     "-m",
                     "pytest",
-                    "-q",
+                    "-v",  # a line per test: the log says what passed even if the step is cut
                     "-p",
                     "no:cacheprovider",
                     "-rfE",
+                    "--durations=8",
                     "-o",
                     "faulthandler_timeout=60",
                     *TEST_FILES,

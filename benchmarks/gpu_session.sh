@@ -2,7 +2,7 @@
 # One GPU session's checks in one call (issue 21), well under 10 minutes on an H100 / H200:
 # environment, the CUDA tests of the Triton backend and the attention kernel, the masked-CE
 # benchmark at llama3-8k and gemma2-8k (every method), `xtf score` at L = 4096 against its floor;
-# every step under its own time limit (520 s in all), at most 8 files (CSVs + one log) in OUTDIR.
+# every step under its own time limit (530 s in all), at most 8 files (CSVs + one log) in OUTDIR.
 #   bash benchmarks/gpu_session.sh OUTDIR [--dry-run]
 # --dry-run: the same steps and command lines on this CPU with tiny problems (a test runs it).
 # The logic is in benchmarks/gpu_session.py (its docstring says what each step runs).
