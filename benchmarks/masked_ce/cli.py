@@ -24,8 +24,10 @@ def select(cases: list[Case], methods: str | None, scenarios: str | None) -> lis
     cuts the run short); without, in plan order."""
     if methods:
         order = {m: i for i, m in enumerate(methods.split(","))}
-        cases = sorted((c for c in cases if c.method in order),
-                       key=lambda c: (c.scenario != "plain", order[c.method]))
+        cases = sorted(
+            (c for c in cases if c.method in order),
+            key=lambda c: (c.scenario != "plain", order[c.method]),
+        )
     if scenarios:
         keep = set(scenarios.split(","))
         cases = [c for c in cases if c.scenario in keep]
@@ -35,22 +37,44 @@ def select(cases: list[Case], methods: str | None, scenarios: str | None) -> lis
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry (see the module docstring). Returns the exit code."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.masked_ce", description=DESCRIPTION)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, one subprocess (CI smoke)")
-    ap.add_argument("--shapes", default=None, help="comma-separated shape names (default: all for the device)")
-    ap.add_argument("--methods", default=None, help="comma-separated methods to keep, run in this order, plain scenario first (default: all, in plan order)")
-    ap.add_argument("--scenarios", default=None, help="comma-separated scenarios to keep (default: all)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repeats per case (default 3, quick 2)")
-    ap.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
-    ap.add_argument("--out", default=str(RESULTS),
-                    help="output directory for <device>.csv and the PNG plots")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny shapes, 2 repeats, one subprocess (CI smoke)"
+    )
+    ap.add_argument(
+        "--shapes", default=None, help="comma-separated shape names (default: all for the device)"
+    )
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated methods to keep, run in this order, plain scenario first (default: all, in plan order)",
+    )
+    ap.add_argument(
+        "--scenarios", default=None, help="comma-separated scenarios to keep (default: all)"
+    )
+    ap.add_argument(
+        "--reps", type=int, default=None, help="timed repeats per case (default 3, quick 2)"
+    )
+    ap.add_argument(
+        "--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available"
+    )
+    ap.add_argument(
+        "--out", default=str(RESULTS), help="output directory for <device>.csv and the PNG plots"
+    )
     ap.add_argument("--tag", default="", help="suffix of the output file names (a partial re-run)")
-    ap.add_argument("--interleave", action="store_true",
-                    help="time every case in this process, round-robin (--reps rounds): ratios to the "
-                         "floor that a changing machine load cannot skew; no peak memory")
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time every case in this process, round-robin (--reps rounds): ratios to the "
+        "floor that a changing machine load cannot skew; no peak memory",
+    )
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
-    ap.add_argument("--case-timeout", type=float, default=None,
-                    help="seconds per case: a child that runs past it is killed, the case noted as "
-                         "timed out, and a new child runs the cases after it (default: no limit)")
+    ap.add_argument(
+        "--case-timeout",
+        type=float,
+        default=None,
+        help="seconds per case: a child that runs past it is killed, the case noted as "
+        "timed out, and a new child runs the cases after it (default: no limit)",
+    )
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child is not None:
@@ -75,11 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     cases = plan([table[n] for n in names], device, reps, quick=args.quick)
     cases = select(cases, args.methods, args.scenarios)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    dev = device_name(device) + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    dev = (
+        device_name(device)
+        + ("-quick" if args.quick else "")
+        + (f"-{args.tag}" if args.tag else "")
+    )
     vs = versions()
-    meta = {"device": dev, "torch": vs["torch"], "xtf_kernels": vs["xtf-kernels"],
-            "cut_cross_entropy": vs["cut-cross-entropy"], "liger_kernel": vs["liger-kernel"],
-            "threads": torch.get_num_threads(), "loadavg_start": f"{load:.2f}"}
+    meta = {
+        "device": dev,
+        "torch": vs["torch"],
+        "xtf_kernels": vs["xtf-kernels"],
+        "cut_cross_entropy": vs["cut-cross-entropy"],
+        "liger_kernel": vs["liger-kernel"],
+        "threads": torch.get_num_threads(),
+        "loadavg_start": f"{load:.2f}",
+    }
     print(f"device {dev}; load average at start {load:.2f}; versions {vs}", file=sys.stderr)
     # isolate every case on CPU (peak RSS per process); on GPU memory is measured per case anyway
     isolate = device == "cpu" and not args.quick
@@ -94,4 +128,3 @@ def main(argv: list[str] | None = None) -> int:
     paths = plot(results, out, dev)
     print(f"wrote {out / (dev + '.csv')} and {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0
-

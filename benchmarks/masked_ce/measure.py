@@ -91,7 +91,9 @@ def measure_interleaved(cases: list[Case], device: str, rounds: int) -> list[Res
     runs, results, refs = [], [], {}
     for case in cases:
         sh = case.shape
-        res = Result(sh.name, sh.N, sh.D, sh.V, sh.dtype, case.scenario, case.method, note="interleaved")
+        res = Result(
+            sh.name, sh.N, sh.D, sh.V, sh.dtype, case.scenario, case.method, note="interleaved"
+        )
         try:
             inputs, fwd, res.kept_rows = build(case, device)
             _step(fwd, inputs["h"], inputs["w"], device == "cuda")  # warm-up
@@ -111,7 +113,8 @@ def measure_interleaved(cases: list[Case], device: str, rounds: int) -> list[Res
         fl = floors.get(res.shape)
         if fl:
             res.extra["ratio_rounds"] = statistics.median(
-                (a[0] + a[1]) / (b[0] + b[1]) for a, b in zip(ts, fl))
+                (a[0] + a[1]) / (b[0] + b[1]) for a, b in zip(ts, fl)
+            )
     return results
 
 
@@ -187,8 +190,9 @@ def _child(payload: str) -> None:
         print("@@RESULT " + json.dumps(asdict(res)), flush=True)
 
 
-def run_cases(cases: list[Case], device: str, isolate: bool, timeout: float,
-              case_timeout: float | None = None) -> list[Result]:
+def run_cases(
+    cases: list[Case], device: str, isolate: bool, timeout: float, case_timeout: float | None = None
+) -> list[Result]:
     """Run cases in subprocesses: one per case (``isolate``) or one for all of them, each under
     ``timeout`` seconds; ``case_timeout``: also at most that long per case (a child that runs
     past it is killed, the case noted as timed out, and a new child runs the cases after it)."""
@@ -207,8 +211,16 @@ def run_cases(cases: list[Case], device: str, isolate: bool, timeout: float,
             peer = _peer_of(c.method)
             ok, why = peer_available(peer, device) if peer else (True, "")
             if not ok:
-                r = Result(c.shape.name, c.shape.N, c.shape.D, c.shape.V, c.shape.dtype, c.scenario,
-                           c.method, note=f"skipped: {why}")
+                r = Result(
+                    c.shape.name,
+                    c.shape.N,
+                    c.shape.D,
+                    c.shape.V,
+                    c.shape.dtype,
+                    c.scenario,
+                    c.method,
+                    note=f"skipped: {why}",
+                )
                 skip.append(r)
             else:
                 run.append(c)
@@ -220,8 +232,16 @@ def run_cases(cases: list[Case], device: str, isolate: bool, timeout: float,
         for c in run:
             r = got.get(_key(c))
             if r is None:
-                r = Result(c.shape.name, c.shape.N, c.shape.D, c.shape.V, c.shape.dtype, c.scenario,
-                           c.method, note=notes.get(_key(c), "failed: no result"))
+                r = Result(
+                    c.shape.name,
+                    c.shape.N,
+                    c.shape.D,
+                    c.shape.V,
+                    c.shape.dtype,
+                    c.scenario,
+                    c.method,
+                    note=notes.get(_key(c), "failed: no result"),
+                )
             results.append(r)
             bar.update(1)
     bar.close()
@@ -239,8 +259,14 @@ def _pump(stream, tag: str, q: queue.Queue) -> None:
     q.put((tag, None))
 
 
-def run_group(run: list[Case], device: str, env: dict, timeout: float, case_timeout: float | None,
-              argv: list[str] | None = None) -> tuple[dict, dict]:
+def run_group(
+    run: list[Case],
+    device: str,
+    env: dict,
+    timeout: float,
+    case_timeout: float | None,
+    argv: list[str] | None = None,
+) -> tuple[dict, dict]:
     """Run ``run`` in order in child processes (``argv`` + the JSON payload; default
     ``python -m benchmarks.masked_ce --_child``), all within ``timeout`` seconds and each case
     within ``case_timeout`` (None: no per-case limit). Returns ``({key: Result},
@@ -251,20 +277,38 @@ def run_group(run: list[Case], device: str, env: dict, timeout: float, case_time
     deadline = time.monotonic() + timeout
     todo = list(run)
     while todo:
-        payload = json.dumps({
-            "device": device,
-            "cases": [{"shape": asdict(c.shape), "scenario": c.scenario, "method": c.method,
-                       "reps": c.reps, "warmup": c.warmup} for c in todo],
-        })
-        proc = subprocess.Popen([*argv, payload], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env, cwd=str(REPO))
+        payload = json.dumps(
+            {
+                "device": device,
+                "cases": [
+                    {
+                        "shape": asdict(c.shape),
+                        "scenario": c.scenario,
+                        "method": c.method,
+                        "reps": c.reps,
+                        "warmup": c.warmup,
+                    }
+                    for c in todo
+                ],
+            }
+        )
+        proc = subprocess.Popen(
+            [*argv, payload],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(REPO),
+        )
         q: queue.Queue = queue.Queue()
         for stream, tag in ((proc.stdout, "out"), (proc.stderr, "err")):
             threading.Thread(target=_pump, args=(stream, tag, q), daemon=True).start()
         tail: list[str] = []
         open_streams, case_start, hit = 2, time.monotonic(), None
         while open_streams:
-            case_end = deadline if case_timeout is None else min(deadline, case_start + case_timeout)
+            case_end = (
+                deadline if case_timeout is None else min(deadline, case_start + case_timeout)
+            )
             try:
                 tag, line = q.get(timeout=max(case_end - time.monotonic(), 0.01))
             except queue.Empty:
@@ -276,7 +320,7 @@ def run_group(run: list[Case], device: str, env: dict, timeout: float, case_time
             elif tag == "err" and line.strip():
                 tail = [line.strip()]
             elif tag == "out" and line.startswith("@@RESULT "):
-                r = Result(**json.loads(line[len("@@RESULT "):]))
+                r = Result(**json.loads(line[len("@@RESULT ") :]))
                 got[_key(r)] = r
                 todo = [c for c in todo if _key(c) != _key(r)]
                 case_start = time.monotonic()
@@ -288,10 +332,19 @@ def run_group(run: list[Case], device: str, env: dict, timeout: float, case_time
         if not todo:
             break
         if hit == "case":
-            notes[_key(todo[0])] = f"failed: timed out after {case_timeout:.0f} s (the per-case limit)"
+            notes[_key(todo[0])] = (
+                f"failed: timed out after {case_timeout:.0f} s (the per-case limit)"
+            )
             todo = todo[1:]
             continue
-        notes[_key(todo[0])] = f"failed: timed out after {timeout:.0f} s (the subprocess limit, during this case)"
-        notes.update({_key(c): f"not run: the subprocess limit of {timeout:.0f} s came first" for c in todo[1:]})
+        notes[_key(todo[0])] = (
+            f"failed: timed out after {timeout:.0f} s (the subprocess limit, during this case)"
+        )
+        notes.update(
+            {
+                _key(c): f"not run: the subprocess limit of {timeout:.0f} s came first"
+                for c in todo[1:]
+            }
+        )
         break
     return got, notes

@@ -25,8 +25,9 @@ CPU_SHAPES = {
     "S1": Shape("S1", 4096, 1024, 32000, "float32", logits="random"),
     "S2": Shape("S2", 2048, 2048, 128256, "bfloat16", logits="random"),
     # the bf16 epilogue row (issue 10, item 4): S2 with an LM-head bias and a Gemma-2 softcap
-    "S2-bias-cap": Shape("S2-bias-cap", 2048, 2048, 128256, "bfloat16", softcap=30.0, logits="random",
-                         bias=True),
+    "S2-bias-cap": Shape(
+        "S2-bias-cap", 2048, 2048, 128256, "bfloat16", softcap=30.0, logits="random", bias=True
+    ),
     # gradient filtering (issue 20): trained-model-scale logits, where most |d loss / d logit|
     # are negligible (see make_inputs); the filtered methods run on peaked shapes only
     "S1-peaked": Shape("S1-peaked", 4096, 1024, 32000, "float32"),
@@ -77,7 +78,9 @@ def grad_filter_of(variant: str):
             return GradFilter(max_skipped=float(variant[3:]))
         except ValueError:
             pass
-    raise ValueError(f"method: unknown gradient-filter variant {variant!r} (expected gf-auto or gf-<float>)")
+    raise ValueError(
+        f"method: unknown gradient-filter variant {variant!r} (expected gf-auto or gf-<float>)"
+    )
 
 
 @dataclass
@@ -175,4 +178,3 @@ def mask_share(y, share: float, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(y.shape, generator=g) >= share
     return keep.to(y.device)
-
