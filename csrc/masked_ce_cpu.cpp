@@ -5,11 +5,12 @@
 // maximum, log-sum-exp, gold logit, entropy, sum of logits) and, for rows that need a gradient,
 // overwrites the logits in place with d loss / d raw-logits (softmax - smoothed one-hot,
 // z-loss and softcap chain rule, optional per-row scale; optionally its fp32 column sums,
-// i.e. the bias gradient, taken before the rounding to bf16 / fp16). Rows are spread over ATen's
-// OpenMP pool (at::parallel_for); the inner loops are written lane-wise in GCC / Clang vector
-// extensions, one native register of fp32 lanes at a time (16 on AVX-512, 8 on AVX2, 4 on
-// SSE2 / NEON), so they are vectorised on every ISA the build can target
-// (_native_build.py: XTF_NATIVE_ISA): a Cephes-style exp in plain lane arithmetic,
+// i.e. the bias gradient, taken before the rounding to bf16 / fp16). An fp32 row without a
+// softcap keeps exp(z - max) from its statistics sweep, so its gradient costs no second exp.
+// Rows are spread over ATen's OpenMP pool (at::parallel_for); the inner loops are written
+// lane-wise in GCC / Clang vector extensions, one native register of fp32 lanes at a time
+// (16 on AVX-512, 8 on AVX2, 4 on SSE2 / NEON), so they are vectorised on every ISA the build
+// can target (_native_build.py: XTF_NATIVE_ISA): a Cephes-style exp in plain lane arithmetic,
 // bf16 / fp16 <-> fp32 by bit manipulation (round-to-nearest-even), and every sum taken in
 // fp32 lanes over 16 columns per lane, then folded into fp64 lanes (the row sums keep the
 // precision of a float64 reference on every path).

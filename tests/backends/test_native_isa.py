@@ -116,6 +116,38 @@ def test_extreme_logits(ext):
     assert lse_r[3].item() == 0.0 and ent[3].item() == 0.0 and gold_r[3].item() == 0.0
 
 
+@pytest.mark.parametrize("bias,ls,zl", [(False, 0.0, 0.0), (True, 0.1, 1e-3)])
+def test_kept_exp_gradient_equals_the_recomputed_one(ext, bias, ls, zl):
+    """fp32 rows without a softcap keep exp(z - max) from the statistics sweep for their
+    gradient (one exp per logit): bit for bit what the vocabulary-block recompute
+    (``grad_block_``, which takes every exp again) writes, bias gradient included, also with
+    -inf logits, a huge offset and partial lane groups; and within fp32 of float64."""
+    V = 1003
+    g = torch.Generator().manual_seed(11)
+    raw = torch.randn(6, V, generator=g) * 5
+    raw[1, :500] = float("-inf")
+    raw[2] += 1e4
+    raw[3, -1] = 40.0  # the maximum in the last, partial lane group
+    y = torch.tensor([0, 700, 5, V - 1, 17, 999])
+    b = torch.randn(V, generator=g) if bias else None
+    kept, db_kept = raw.clone(), torch.zeros(V)
+    mx, lse_r = ext.stats_and_grad(kept, y, b, None, ls, zl, 6, db_kept)[:2]
+    again, db_again = raw.clone(), torch.zeros(V)
+    ext.grad_block_(again, y, mx, lse_r, None, b, 0, V, None, ls, zl, db_again)
+    assert torch.equal(kept, again) and torch.equal(db_kept, db_again)
+    grad = _ref(raw, y, b, None, ls, zl)[4]
+    # the peers' criterion: no further from float64 than PyTorch's own fp32 (raw + bias in
+    # fp32 loses ~1e-3 at the 1e4 offset), plus 2e-6 (the gold column takes its z = raw + bias
+    # in double, the log-sum-exp the fp32 sums: ~1e-6 apart at z = 40)
+    z32 = raw if b is None else raw + b
+    lse32 = torch.logsumexp(z32, 1, keepdim=True)
+    torch32 = torch.softmax(z32, 1) * (1 + 2 * zl * lse32) - ls / V
+    torch32[torch.arange(6), y] -= 1 - ls
+    assert ((kept.double() - grad).abs() <= (torch32.double() - grad).abs() + 2e-6).all()
+    # a masked logit has exactly no softmax gradient: only label smoothing's -ls / V
+    assert (kept[1, :500] == -(torch.tensor(ls, dtype=torch.float32) / V)).all()
+
+
 def test_half_inputs_convert_exactly(ext):
     """fp16 subnormals, normals, the largest finite values and infinities load exactly (bit
     tricks): one value per row, whose maximum is the value itself."""
