@@ -12,9 +12,11 @@ from __future__ import annotations
 import gc
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -89,7 +91,9 @@ def measure_interleaved(cases: list[Case], device: str, rounds: int) -> list[Res
     runs, results, refs = [], [], {}
     for case in cases:
         sh = case.shape
-        res = Result(sh.name, sh.N, sh.D, sh.V, sh.dtype, case.scenario, case.method, note="interleaved")
+        res = Result(
+            sh.name, sh.N, sh.D, sh.V, sh.dtype, case.scenario, case.method, note="interleaved"
+        )
         try:
             inputs, fwd, res.kept_rows = build(case, device)
             _step(fwd, inputs["h"], inputs["w"], device == "cuda")  # warm-up
@@ -109,7 +113,8 @@ def measure_interleaved(cases: list[Case], device: str, rounds: int) -> list[Res
         fl = floors.get(res.shape)
         if fl:
             res.extra["ratio_rounds"] = statistics.median(
-                (a[0] + a[1]) / (b[0] + b[1]) for a, b in zip(ts, fl))
+                (a[0] + a[1]) / (b[0] + b[1]) for a, b in zip(ts, fl)
+            )
     return results
 
 
@@ -185,8 +190,12 @@ def _child(payload: str) -> None:
         print("@@RESULT " + json.dumps(asdict(res)), flush=True)
 
 
-def run_cases(cases: list[Case], device: str, isolate: bool, timeout: float) -> list[Result]:
-    """Run cases in subprocesses: one per case (``isolate``) or one for all of them."""
+def run_cases(
+    cases: list[Case], device: str, isolate: bool, timeout: float, case_timeout: float | None = None
+) -> list[Result]:
+    """Run cases in subprocesses: one per case (``isolate``) or one for all of them, each under
+    ``timeout`` seconds; ``case_timeout``: also at most that long per case (a child that runs
+    past it is killed, the case noted as timed out, and a new child runs the cases after it)."""
     from tqdm import tqdm
 
     env = dict(os.environ)
@@ -202,8 +211,16 @@ def run_cases(cases: list[Case], device: str, isolate: bool, timeout: float) -> 
             peer = _peer_of(c.method)
             ok, why = peer_available(peer, device) if peer else (True, "")
             if not ok:
-                r = Result(c.shape.name, c.shape.N, c.shape.D, c.shape.V, c.shape.dtype, c.scenario,
-                           c.method, note=f"skipped: {why}")
+                r = Result(
+                    c.shape.name,
+                    c.shape.N,
+                    c.shape.D,
+                    c.shape.V,
+                    c.shape.dtype,
+                    c.scenario,
+                    c.method,
+                    note=f"skipped: {why}",
+                )
                 skip.append(r)
             else:
                 run.append(c)
@@ -211,34 +228,123 @@ def run_cases(cases: list[Case], device: str, isolate: bool, timeout: float) -> 
         bar.update(len(skip))
         if not run:
             continue
-        payload = json.dumps({
-            "device": device,
-            "cases": [{"shape": asdict(c.shape), "scenario": c.scenario, "method": c.method,
-                       "reps": c.reps, "warmup": c.warmup} for c in run],
-        })
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.masked_ce", "--_child", payload],
-                capture_output=True, text=True, env=env, timeout=timeout,
-                cwd=str(REPO),
-            )
-            out, err, rc = proc.stdout, proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as exc:
-            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            err, rc = f"timed out after {timeout:.0f} s", -1
-        got = {}
-        for line in out.splitlines():
-            if line.startswith("@@RESULT "):
-                r = Result(**json.loads(line[len("@@RESULT "):]))
-                got[(r.shape, r.scenario, r.method)] = r
+        got, notes = run_group(run, device, env, timeout, case_timeout)
         for c in run:
-            r = got.get((c.shape.name, c.scenario, c.method))
+            r = got.get(_key(c))
             if r is None:
-                tail = (err or "").strip().splitlines()[-1:] or [f"exit code {rc}"]
-                r = Result(c.shape.name, c.shape.N, c.shape.D, c.shape.V, c.shape.dtype, c.scenario,
-                           c.method, note=f"failed: {tail[0][:250]}")
+                r = Result(
+                    c.shape.name,
+                    c.shape.N,
+                    c.shape.D,
+                    c.shape.V,
+                    c.shape.dtype,
+                    c.scenario,
+                    c.method,
+                    note=notes.get(_key(c), "failed: no result"),
+                )
             results.append(r)
             bar.update(1)
     bar.close()
     return results
 
+
+def _key(c: Case | Result) -> tuple[str, str, str]:
+    name = c.shape.name if isinstance(c, Case) else c.shape
+    return (name, c.scenario, c.method)
+
+
+def _pump(stream, tag: str, q: queue.Queue) -> None:
+    for line in stream:
+        q.put((tag, line))
+    q.put((tag, None))
+
+
+def run_group(
+    run: list[Case],
+    device: str,
+    env: dict,
+    timeout: float,
+    case_timeout: float | None,
+    argv: list[str] | None = None,
+) -> tuple[dict, dict]:
+    """Run ``run`` in order in child processes (``argv`` + the JSON payload; default
+    ``python -m benchmarks.masked_ce --_child``), all within ``timeout`` seconds and each case
+    within ``case_timeout`` (None: no per-case limit). Returns ``({key: Result},
+    {key: note})`` for the cases with a result and those without one."""
+    argv = argv or [sys.executable, "-m", "benchmarks.masked_ce", "--_child"]
+    got: dict = {}
+    notes: dict = {}
+    deadline = time.monotonic() + timeout
+    todo = list(run)
+    while todo:
+        payload = json.dumps(
+            {
+                "device": device,
+                "cases": [
+                    {
+                        "shape": asdict(c.shape),
+                        "scenario": c.scenario,
+                        "method": c.method,
+                        "reps": c.reps,
+                        "warmup": c.warmup,
+                    }
+                    for c in todo
+                ],
+            }
+        )
+        proc = subprocess.Popen(
+            [*argv, payload],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(REPO),
+        )
+        q: queue.Queue = queue.Queue()
+        for stream, tag in ((proc.stdout, "out"), (proc.stderr, "err")):
+            threading.Thread(target=_pump, args=(stream, tag, q), daemon=True).start()
+        tail: list[str] = []
+        open_streams, case_start, hit = 2, time.monotonic(), None
+        while open_streams:
+            case_end = (
+                deadline if case_timeout is None else min(deadline, case_start + case_timeout)
+            )
+            try:
+                tag, line = q.get(timeout=max(case_end - time.monotonic(), 0.01))
+            except queue.Empty:
+                hit = "case" if case_end < deadline else "group"
+                proc.kill()
+                break
+            if line is None:
+                open_streams -= 1
+            elif tag == "err" and line.strip():
+                tail = [line.strip()]
+            elif tag == "out" and line.startswith("@@RESULT "):
+                r = Result(**json.loads(line[len("@@RESULT ") :]))
+                got[_key(r)] = r
+                todo = [c for c in todo if _key(c) != _key(r)]
+                case_start = time.monotonic()
+        rc = proc.wait()
+        if hit is None:  # the child ended: what it did not report failed
+            why = tail[0][:250] if tail else f"exit code {rc}"
+            notes.update({_key(c): f"failed: {why}" for c in todo})
+            break
+        if not todo:
+            break
+        if hit == "case":
+            notes[_key(todo[0])] = (
+                f"failed: timed out after {case_timeout:.0f} s (the per-case limit)"
+            )
+            todo = todo[1:]
+            continue
+        notes[_key(todo[0])] = (
+            f"failed: timed out after {timeout:.0f} s (the subprocess limit, during this case)"
+        )
+        notes.update(
+            {
+                _key(c): f"not run: the subprocess limit of {timeout:.0f} s came first"
+                for c in todo[1:]
+            }
+        )
+        break
+    return got, notes

@@ -64,10 +64,33 @@ def add_ratios(results: list[Result]) -> None:
 def write_csv(results: list[Result], path: Path, meta: dict) -> None:
     """One row per result, with the device / versions / load average columns repeated."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["device", "torch", "xtf_kernels", "cut_cross_entropy", "liger_kernel", "threads",
-            "loadavg_start", "shape", "N", "D", "V", "dtype", "scenario", "method", "kept_rows",
-            "fwd_s", "bwd_s", "total_s", "floor_s", "ratio_floor", "peak_mb", "reps", "note", "inputs",
-            "grad_filter"]
+    cols = [
+        "device",
+        "torch",
+        "xtf_kernels",
+        "cut_cross_entropy",
+        "liger_kernel",
+        "threads",
+        "loadavg_start",
+        "shape",
+        "N",
+        "D",
+        "V",
+        "dtype",
+        "scenario",
+        "method",
+        "kept_rows",
+        "fwd_s",
+        "bwd_s",
+        "total_s",
+        "floor_s",
+        "ratio_floor",
+        "peak_mb",
+        "reps",
+        "note",
+        "inputs",
+        "grad_filter",
+    ]
     with open(path, "w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=cols)
         wr.writeheader()
@@ -99,3 +122,38 @@ def print_table(results: list[Result]) -> str:
     print(text)
     return text
 
+
+def read_csv(path: Path) -> list[Result]:
+    """The results of a CSV :func:`write_csv` wrote (times, memory, notes; the ratio to the
+    floor and the gradient-filter line back in ``extra``), e.g. to plot them elsewhere."""
+    out = []
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+
+            def num(k, row=row):
+                return float(row[k]) if row.get(k) not in (None, "") else None
+
+            r = Result(
+                row["shape"],
+                int(row["N"]),
+                int(row["D"]),
+                int(row["V"]),
+                row["dtype"],
+                row["scenario"],
+                row["method"],
+                kept_rows=int(row["kept_rows"] or 0),
+                fwd_s=num("fwd_s"),
+                bwd_s=num("bwd_s"),
+                total_s=num("total_s"),
+                peak_mb=num("peak_mb"),
+                reps=int(row["reps"] or 0),
+                note=row["note"],
+            )
+            for k in ("floor_s", "ratio_floor"):
+                if num(k) is not None:
+                    r.extra[k] = num(k)
+            for k in ("inputs", "grad_filter"):
+                if row.get(k):
+                    r.extra[k] = row[k]
+            out.append(r)
+    return out

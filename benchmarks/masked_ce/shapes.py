@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 
@@ -24,8 +25,9 @@ CPU_SHAPES = {
     "S1": Shape("S1", 4096, 1024, 32000, "float32", logits="random"),
     "S2": Shape("S2", 2048, 2048, 128256, "bfloat16", logits="random"),
     # the bf16 epilogue row (issue 10, item 4): S2 with an LM-head bias and a Gemma-2 softcap
-    "S2-bias-cap": Shape("S2-bias-cap", 2048, 2048, 128256, "bfloat16", softcap=30.0, logits="random",
-                         bias=True),
+    "S2-bias-cap": Shape(
+        "S2-bias-cap", 2048, 2048, 128256, "bfloat16", softcap=30.0, logits="random", bias=True
+    ),
     # gradient filtering (issue 20): trained-model-scale logits, where most |d loss / d logit|
     # are negligible (see make_inputs); the filtered methods run on peaked shapes only
     "S1-peaked": Shape("S1-peaked", 4096, 1024, 32000, "float32"),
@@ -76,7 +78,9 @@ def grad_filter_of(variant: str):
             return GradFilter(max_skipped=float(variant[3:]))
         except ValueError:
             pass
-    raise ValueError(f"method: unknown gradient-filter variant {variant!r} (expected gf-auto or gf-<float>)")
+    raise ValueError(
+        f"method: unknown gradient-filter variant {variant!r} (expected gf-auto or gf-<float>)"
+    )
 
 
 @dataclass
@@ -114,6 +118,11 @@ class Result:
 def make_inputs(shape: Shape, device: str, seed: int = 0):
     """hidden [N, D], weight [V, D] (shape.dtype), labels [N] int64 with ``ignore`` at -100.
 
+    The tensors are generated on the CPU once per (shape, seed) and cached (the last one only):
+    every case of a shape in one process gets fresh copies on ``device`` without generating
+    them again (at gemma2-8k that is ~600M random numbers, seconds per case on a GPU machine's
+    CPU, which had run one shape past its time limit).
+
     ``shape.logits == "random"``: N(0, 0.25) hidden states and a N(0, 1/D) head, so the logits
     are near-uniform over the vocabulary (every softmax entry ~1/V).
     ``"peaked"`` (the default): the scale of a trained model, which is what gradient filtering
@@ -123,6 +132,15 @@ def make_inputs(shape: Shape, device: str, seed: int = 0):
     ``U(2, 12)`` along its label's row plus N(0, 0.3^2) noise: most of the softmax mass sits on
     the gold and the frequent tokens, and the mean loss is a few nats (printed by the harness).
     """
+    h, w, y = _generate(shape, seed)
+    if device == "cpu":  # fresh tensors, as on a device: no case sees another's in-place change
+        return h.clone(), w.clone(), y.clone()
+    return h.to(device), w.to(device), y.to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def _generate(shape: Shape, seed: int):
+    """The CPU tensors of :func:`make_inputs` (cached: the last (shape, seed) only)."""
     import torch
 
     dt = getattr(torch, shape.dtype)
@@ -150,7 +168,7 @@ def make_inputs(shape: Shape, device: str, seed: int = 0):
     else:
         raise ValueError(f"shape.logits: expected 'peaked' or 'random', got {shape.logits!r}")
     y[torch.rand(N, generator=g) < shape.ignore] = -100
-    return h.to(dt).to(device), w.to(dt).to(device), y.to(device)
+    return h.to(dt), w.to(dt), y
 
 
 def mask_share(y, share: float, seed: int = 1):
@@ -160,4 +178,3 @@ def mask_share(y, share: float, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(y.shape, generator=g) >= share
     return keep.to(y.device)
-
