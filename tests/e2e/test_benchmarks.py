@@ -142,3 +142,24 @@ def test_interleaved_ratios_are_medians_of_same_round_ratios(monkeypatch):
     assert [r.reps for r in res] == [3, 3] and res[1].note == "interleaved"
     assert res[1].extra["ratio_floor"] == pytest.approx(2.0)  # per round 3.0, 2.0, 1.1
     assert res[0].total_s == pytest.approx(3.0) and res[1].total_s == pytest.approx(3.3)
+
+
+def test_row_kernel_benchmark_writes_every_path(tmp_path):
+    """``benchmarks.row_kernel_cpu`` on a tiny chunk: one CSV row per code path, thread count and
+    mode, positive times, and the plot; a bad size is refused by name."""
+    import xtf_kernels
+
+    if not xtf_kernels.backend_status().get("native", (False, ""))[0]:
+        pytest.skip("native backend unavailable")
+    from benchmarks import row_kernel_cpu
+    from xtf_kernels._native_build import available_isas
+
+    assert row_kernel_cpu.main(["--rows", "8", "--vocab", "301", "--reps", "2", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("row-kernel-*.csv")
+    rows = list(csv.DictReader(open(path)))
+    assert {r["isa"] for r in rows} == set(available_isas())
+    assert {r["mode"] for r in rows} == {"stats", "stats+grad"}
+    assert all(float(r["ns_per_logit"]) > 0 for r in rows)
+    assert path.with_suffix(".png").is_file()
+    with pytest.raises(SystemExit):
+        row_kernel_cpu.main(["--vocab", "0"])

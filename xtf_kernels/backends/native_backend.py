@@ -2,9 +2,11 @@
 per-row primitives.
 
 Division of labour: every GEMM is ATen's (oneDNN / MKL, through the driver); everything between
-the GEMMs is one call into the compiled extension (:mod:`xtf_kernels._native_build`): a single
-threaded, vectorised pass over each row of a logits chunk for the statistics and, in place,
-the gradient (``stats_and_grad``), or the gradient of a vocabulary block (``grad_block_``).
+the GEMMs is one call into the compiled extension (:mod:`xtf_kernels._native_build`): one
+vectorised pass over each row of a logits chunk (the rows spread over ATen's OpenMP threads) for
+the statistics and, in place, the gradient (``stats_and_grad``; fp32 rows keep ``exp(z - max)``
+from the statistics, so each logit costs one exp), or the gradient of a vocabulary block
+(``grad_block_``).
 
 Plan policy (:mod:`.driver`): a gradient over several row chunks sums dW in fp32
 (``chunked_grad="accumulate"``); half-precision inputs (``XTF_CPU_HALF_GEMM=half``) keep every
