@@ -211,17 +211,7 @@ def run_cases(
             peer = _peer_of(c.method)
             ok, why = peer_available(peer, device) if peer else (True, "")
             if not ok:
-                r = Result(
-                    c.shape.name,
-                    c.shape.N,
-                    c.shape.D,
-                    c.shape.V,
-                    c.shape.dtype,
-                    c.scenario,
-                    c.method,
-                    note=f"skipped: {why}",
-                )
-                skip.append(r)
+                skip.append(_noted(c, f"skipped: {why}"))
             else:
                 run.append(c)
         results += skip
@@ -231,21 +221,16 @@ def run_cases(
         got, notes = run_group(run, device, env, timeout, case_timeout)
         for c in run:
             r = got.get(_key(c))
-            if r is None:
-                r = Result(
-                    c.shape.name,
-                    c.shape.N,
-                    c.shape.D,
-                    c.shape.V,
-                    c.shape.dtype,
-                    c.scenario,
-                    c.method,
-                    note=notes.get(_key(c), "failed: no result"),
-                )
-            results.append(r)
+            results.append(r if r is not None else _noted(c, notes.get(_key(c), "failed: no result")))
             bar.update(1)
     bar.close()
     return results
+
+
+def _noted(c: Case, note: str) -> Result:
+    """A result with no timings for case ``c``: only ``note`` (skipped, timed out, failed)."""
+    sh = c.shape
+    return Result(sh.name, sh.N, sh.D, sh.V, sh.dtype, c.scenario, c.method, note=note)
 
 
 def _key(c: Case | Result) -> tuple[str, str, str]:
