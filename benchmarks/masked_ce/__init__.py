@@ -47,6 +47,7 @@ from .peers import peer_available, peer_loss_fn
 from .plots import plot
 from .report import add_ratios, device_name, print_table, versions, write_csv
 from .shapes import (
+    CHUNK_VARIANTS,
     CPU_SHAPES,
     GPU_SHAPES,
     GRAD_FILTERS,
@@ -57,12 +58,14 @@ from .shapes import (
     Case,
     Result,
     Shape,
+    chunk_elems_of,
     grad_filter_of,
     make_inputs,
     mask_share,
 )
 
 __all__ = [
+    "CHUNK_VARIANTS",
     "CPU_SHAPES",
     "Case",
     "GPU_SHAPES",
@@ -76,6 +79,7 @@ __all__ = [
     "add_ratios",
     "build",
     "device_name",
+    "chunk_elems_of",
     "grad_filter_of",
     "input_summary",
     "main",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from .peers import PLAIN_PEERS, peer_loss_fn
 from .shapes import (
+    CHUNK_VARIANTS,
     FLOORS,
     GRAD_FILTERS,
     SCENARIOS_GRAD_FILTER,
     SCENARIOS_XTF,
     Case,
     Shape,
+    chunk_elems_of,
     grad_filter_of,
     make_inputs,
     mask_share,
@@ -57,7 +59,10 @@ def build(case: Case, device: str):
     if m.startswith("xtf-"):
         be, _, variant = m[4:].partition("+")
         kw: dict = {"backend": be, "softcap": shape.softcap, "bias": b}
-        if variant:
+        chunk = None
+        if variant.startswith("ce-"):
+            chunk = chunk_elems_of(variant, shape)
+        elif variant:
             kw["grad_filter"] = grad_filter_of(variant)
         if case.scenario == "stats":
             kw["return_stats"] = True
@@ -72,7 +77,9 @@ def build(case: Case, device: str):
             kw["select"] = xtf_kernels.rowwise(lambda s: s.logprob < thr)
 
         def fwd(hh, ww):
-            out = masked_ce(hh, ww, y, **kw)
+            # the op records chunk_elems in the forward: the backward runs with it too
+            with xtf_kernels.options(**({} if chunk is None else {"chunk_elems": chunk})):
+                out = masked_ce(hh, ww, y, **kw)
             return out[0] if isinstance(out, tuple) else out
         inputs["kw"] = kw  # the call's options (the gradient-filter report reruns it)
         return inputs, fwd, kept_rows
@@ -173,6 +180,8 @@ def plan(shapes: list[Shape], device: str, reps: int, quick: bool = False) -> li
             cases.append(Case(sh, sc, best, reps))
         for p in peers:
             cases.append(Case(sh, "xtf-step", f"compose-{p}", reps))
+        if device == "cpu" and sh.dtype == "float32":
+            cases += [Case(sh, "plain", f"{best}+{cv}", reps) for cv in CHUNK_VARIANTS]
         if sh.logits == "peaked":
             for sc in SCENARIOS_GRAD_FILTER:
                 cases += [Case(sh, sc, f"{best}+{gf}", reps) for gf in GRAD_FILTERS]

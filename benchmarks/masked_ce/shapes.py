@@ -83,6 +83,22 @@ def grad_filter_of(variant: str):
     )
 
 
+#: chunk-size variants, appended to an xtf method as ``xtf-<backend>+<variant>`` (CPU fp32 shapes,
+#: plain scenario): ``ce-vd`` runs with ``chunk_elems = V * D``, a logits buffer as large as the
+#: fp32 dW accumulator the chunked plan holds (fewer chunks: each re-packs the head for its
+#: GEMMs); ``ce-<int>`` with that many elements. The default is ``DEFAULT_CHUNK_ELEMS``.
+CHUNK_VARIANTS = ("ce-vd",)
+
+
+def chunk_elems_of(variant: str, shape: Shape) -> int:
+    """The ``chunk_elems`` a method suffix means (``ce-vd`` or ``ce-<int>``) for ``shape``."""
+    if variant == "ce-vd":
+        return shape.V * shape.D
+    if variant.startswith("ce-") and variant[3:].isdigit() and int(variant[3:]) > 0:
+        return int(variant[3:])
+    raise ValueError(f"method: unknown chunk variant {variant!r} (expected ce-vd or ce-<positive int>)")
+
+
 @dataclass
 class Case:
     """One measurement: a shape, a scenario and a method."""

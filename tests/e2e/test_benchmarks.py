@@ -70,7 +70,7 @@ def test_plan_covers_every_scenario():
 
 def test_grad_filter_methods_on_peaked_shapes_only():
     cases = bm.plan([bm.QUICK_SHAPES["Q1"], bm.QUICK_SHAPES["Q2"]], "cpu", 2)
-    gf = {(c.shape.name, c.scenario, c.method.split("+")[1]) for c in cases if "+" in c.method}
+    gf = {(c.shape.name, c.scenario, c.method.split("+")[1]) for c in cases if "+gf-" in c.method}
     assert gf == {("Q2", s, v) for s in bm.SCENARIOS_GRAD_FILTER for v in bm.GRAD_FILTERS}
     assert bm.grad_filter_of("gf-auto") == "auto"
     assert bm.grad_filter_of("gf-1e-2").max_skipped == pytest.approx(1e-2)
@@ -163,3 +163,16 @@ def test_row_kernel_benchmark_writes_every_path(tmp_path):
     assert path.with_suffix(".png").is_file()
     with pytest.raises(SystemExit):
         row_kernel_cpu.main(["--vocab", "0"])
+
+
+def test_chunk_variant_on_cpu_fp32_shapes_only():
+    """``+ce-vd`` (chunk_elems = V * D) is planned for the CPU's fp32 shapes, plain scenario,
+    and means what it says; a bad variant is refused by name."""
+    cases = bm.plan([bm.QUICK_SHAPES["Q1"], bm.QUICK_SHAPES["Q2"]], "cpu", 2)
+    ce = {(c.shape.name, c.scenario, c.method.split("+")[1]) for c in cases if "+ce-" in c.method}
+    assert ce == {("Q1", "plain", v) for v in bm.CHUNK_VARIANTS}
+    q1 = bm.QUICK_SHAPES["Q1"]
+    assert bm.chunk_elems_of("ce-vd", q1) == q1.V * q1.D and bm.chunk_elems_of("ce-4096", q1) == 4096
+    for bad in ("ce-0", "ce-x", "ce--5"):
+        with pytest.raises(ValueError, match="chunk variant"):
+            bm.chunk_elems_of(bad, q1)
