@@ -223,7 +223,7 @@ XTF_INLINE vf vexp(vf x) {
   p = p * r * r + r + 1.0f;
   // the bits of nm are those of 1.5 * 2^23 plus n (|n| <= 128): shifted by 23, only n's
   // remain (mod 2^32); adding 127 << 23 biases the exponent
-  const vi e = ((vi)nm << 23) + 0x3F800000;
+  const vi e = (vi)((vu)nm << 23) + 0x3F800000;  // unsigned shift: no signed overflow
   vf out = p * (vf)e;
   out = (x >= splat<vf>(-87.3f)) ? out : splat<vf>(0.0f);
   return (x != x) ? x : out;
@@ -303,9 +303,9 @@ float row_max_t(const T* row, const float* bias, int64_t C, const Params& P) {
 
 // Statistics of one full-vocabulary row (two sweeps: max, then exp-sums of z - max). Each
 // lane sums 16 columns in fp32 before its partial sums are folded into double lanes.
-// KEEP_EXP (fp32 rows without a softcap): the row is overwritten with exp(z - max), which
-// the gradient sweep then scales (row_grad_kept) instead of computing every exp again; the
-// gold logit is read before the overwrite.
+// KEEP_EXP (fp32 rows without a softcap): the row is overwritten with exp(z - max), which the
+// gradient sweep then scales (row_grad with kept_gold) instead of computing every exp again;
+// the gold logit is read before the overwrite.
 template <typename T, bool CAP, bool BIAS, bool KEEP_EXP = false>
 RowStats row_stats_t(T* row, const float* bias, int64_t C, int64_t y, const Params& P) {
   static_assert(!KEEP_EXP || (std::is_same<T, float>::value && !CAP), "KEEP_EXP: fp32 rows, no softcap");
@@ -437,6 +437,7 @@ void row_grad(T* row, const float* bias, int64_t C, int64_t y_local, float m, fl
   const float a = static_cast<float>(scale * (1.0 + 2.0 * P.zl * lse) * std::exp(-lse_rel));
   const float sub = scale * P.ls / static_cast<float>(P.vocab);
   const bool kept = kept_gold != nullptr;
+  TORCH_CHECK(!kept || (std::is_same<T, float>::value), "row_grad: kept exp values need fp32 rows");
   // gold element from the precise z before the row is overwritten
   double gold_grad = 0.0;
   float gold_vec = 0.0f;  // what the vector loop will put there (replaced below)

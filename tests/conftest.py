@@ -71,6 +71,7 @@ SLOW_MODULES = {
 SLOW_TESTS = {
     "tests/backends/test_native_backend.py::test_info_reports_every_backend",
     "tests/backends/test_native_backend.py::test_unavailable_native_falls_back_with_one_warning",
+    "tests/backends/test_native_backend.py::test_a_compiler_without_openmp_gets_a_single_threaded_build",
     "tests/integrations/test_integrations_units.py::test_example_train_loop_runs_and_learns",
     "tests/masked_ce/test_masked_ce_api.py::test_no_full_logits_tensor_is_allocated",
     "tests/masked_ce/test_masked_ce_core.py::test_backward_uses_the_options_of_its_forward",

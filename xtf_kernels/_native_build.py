@@ -41,8 +41,10 @@ _FILES = (*_SOURCES, *_HEADERS)  # what must be present, and what enters the bui
 # -fvisibility=hidden: several ISA builds can live in one process; each keeps its own symbols
 # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into
 # this library; without the flag the pragma is dropped and the row kernels run on one thread.
-# The library links libgomp.so.1 by soname, which resolves to the copy torch has loaded already
-# (one thread pool). Apple's compiler has no -fopenmp: there the kernels stay single-threaded.
+# With GCC the library links libgomp.so.1 by soname, which resolves to the copy torch has loaded
+# already (one thread pool). Apple's compiler has no -fopenmp: there the kernels stay
+# single-threaded; a compiler that refuses the flag elsewhere (clang++ without libomp) gets a
+# second build without it (_compile).
 _OPENMP = () if sys.platform == "darwin" else ("-fopenmp",)
 _CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden",
            "-Wno-unknown-pragmas", "-Wno-psabi", *_OPENMP)
@@ -246,17 +248,30 @@ def _build(verbose: bool, isa: str = "native") -> ModuleType:
         what = "" if isa == "native" else f" ({isa} code path)"
         _say(f"compiling the native CPU kernels{what} (first use on this machine, 30-60 s) into {build_dir} ...")
         t0 = time.perf_counter()
-        mod = cpp_extension.load(
-            name=name,
-            sources=[str(src / s) for s in _SOURCES],
-            extra_cflags=[*_CFLAGS, *isa_flags(isa)],
-            extra_ldflags=list(_OPENMP),
-            build_directory=str(build_dir),
-            verbose=verbose,
-        )
+        mod = _compile(name, src, build_dir, isa, verbose)
         done.write_text(f"{key}\n")
         _say(f"native CPU kernels compiled in {time.perf_counter() - t0:.0f} s (cached for later runs)")
         return mod
+
+
+def _compile(name: str, src: Path, build_dir: Path, isa: str, verbose: bool) -> ModuleType:
+    """The extension built with OpenMP; where the compiler cannot (e.g. clang++ without libomp),
+    built again without it, its row kernels then on one thread."""
+    from torch.utils import cpp_extension
+
+    flags = [f for f in _CFLAGS if f not in _OPENMP]
+    for omp in (_OPENMP, ()) if _OPENMP else ((),):
+        try:  # (load appends to the lists it is given: fresh ones each time)
+            return cpp_extension.load(name=name, sources=[str(src / s) for s in _SOURCES],
+                                      extra_cflags=[*flags, *omp, *isa_flags(isa)], extra_ldflags=list(omp),
+                                      build_directory=str(build_dir), verbose=verbose)
+        except Exception as exc:  # noqa: BLE001 (the build's own error, re-raised without OpenMP)
+            if not omp:
+                raise
+            first = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
+            _say(f"the build with {' '.join(omp)} failed ({first[0][:200]}); building without OpenMP "
+                 "(the row kernels will run on one thread)")
+    raise AssertionError("unreachable")
 
 
 def native_status() -> tuple[bool, str]:

@@ -315,3 +315,24 @@ def test_masked_ce_native_bf16_end_to_end_vs_torch_backend():
     torch.testing.assert_close(e1, e2, rtol=2e-2, atol=2e-2, equal_nan=True)
     torch.testing.assert_close(h1, h2, rtol=2e-2, atol=1e-4)
     torch.testing.assert_close(w1, w2, rtol=2e-2, atol=1e-5)
+
+
+NO_OPENMP = """
+import xtf_kernels._native_build as nb
+nb._CFLAGS = tuple(f for f in nb._CFLAGS if f not in nb._OPENMP) + ("-fno-such-openmp-flag",)
+nb._OPENMP = ("-fno-such-openmp-flag",)  # a compiler that refuses the OpenMP flag
+mod = nb.load_native()
+import torch
+z = torch.randn(3, 37); y = torch.tensor([0, 5, 36])
+mx = mod.stats_and_grad(z.clone(), y, None, None, 0.0, 0.0, 3)[0]
+print("@@" + str(tuple(mx.shape) == (3,) and bool(torch.equal(mx, z.max(1).values))))
+"""
+
+
+def test_a_compiler_without_openmp_gets_a_single_threaded_build(tmp_path):
+    """Where the OpenMP flag fails (clang++ without libomp), the kernels are built again without
+    it, and the build says so, instead of the native backend becoming unavailable."""
+    p = _run(NO_OPENMP, {"XTF_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "@@True" in p.stdout
+    assert "-fno-such-openmp-flag failed" in p.stderr and "building without OpenMP" in p.stderr
