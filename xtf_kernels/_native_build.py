@@ -47,7 +47,7 @@ _FILES = (*_SOURCES, *_HEADERS)  # what must be present, and what enters the bui
 # second build without it (_compile).
 _OPENMP = () if sys.platform == "darwin" else ("-fopenmp",)
 _CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden",
-           "-Wno-unknown-pragmas", "-Wno-psabi", *_OPENMP)
+           "-Wno-unknown-pragmas", "-Wno-psabi")
 ISAS = ("native", "avx512", "avx2", "baseline")
 # x86 feature flags (/proc/cpuinfo names) each x86-64 level needs
 _X86_V3 = ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm")  # x86-64-v3
@@ -131,7 +131,7 @@ def build_key(src: Path, isa: str = "native") -> str:
         h.update((src / s).read_bytes())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
-    h.update(" ".join((*_CFLAGS, *isa_flags(isa))).encode())
+    h.update(" ".join((*_CFLAGS, *_OPENMP, *isa_flags(isa))).encode())
     h.update(_cpu_flags().encode())
     h.update(platform.machine().encode())
     return h.hexdigest()[:16]
@@ -259,11 +259,10 @@ def _compile(name: str, src: Path, build_dir: Path, isa: str, verbose: bool) -> 
     built again without it, its row kernels then on one thread."""
     from torch.utils import cpp_extension
 
-    flags = [f for f in _CFLAGS if f not in _OPENMP]
     for omp in (_OPENMP, ()) if _OPENMP else ((),):
         try:  # (load appends to the lists it is given: fresh ones each time)
             return cpp_extension.load(name=name, sources=[str(src / s) for s in _SOURCES],
-                                      extra_cflags=[*flags, *omp, *isa_flags(isa)], extra_ldflags=list(omp),
+                                      extra_cflags=[*_CFLAGS, *omp, *isa_flags(isa)], extra_ldflags=list(omp),
                                       build_directory=str(build_dir), verbose=verbose)
         except Exception as exc:  # noqa: BLE001 (the build's own error, re-raised without OpenMP)
             if not omp:
