@@ -10,7 +10,7 @@ from pathlib import Path
 from .cases import plan
 from .measure import _child, measure_interleaved, run_cases
 from .plots import plot
-from .report import add_ratios, device_name, print_table, versions, write_csv
+from .report import add_ratios, device_name, print_table, versions, write_csv, write_rounds_csv
 from .shapes import CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES, Case
 
 DESCRIPTION = "Fused masked cross-entropy, side by side with the tools users would pick instead."
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     out = Path(args.out)
     write_csv(results, out / f"{dev}.csv", meta)
+    if args.interleave:  # every round too, to pool runs (python -m benchmarks.pool_rounds)
+        write_rounds_csv(results, out / f"{dev}-rounds.csv", meta)
     paths = plot(results, out, dev)
     print(f"wrote {out / (dev + '.csv')} and {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0

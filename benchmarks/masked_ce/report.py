@@ -107,6 +107,38 @@ def write_csv(results: list[Result], path: Path, meta: dict) -> None:
             wr.writerow(row)
 
 
+#: columns of the per-round CSV of an interleaved run (:func:`write_rounds_csv`)
+ROUND_COLS = ["device", "torch", "xtf_kernels", "threads", "shape", "dtype", "scenario", "method",
+              "kept_rows", "round", "fwd_s", "bwd_s", "total_s", "floor_s", "ratio_floor"]
+
+
+def write_rounds_csv(results: list[Result], path: Path, meta: dict) -> int:
+    """An interleaved run's every round, a row each: the case's forward / backward / total
+    seconds, the same round's floor scaled to the case's kept rows, and their ratio (what
+    ``python -m benchmarks.pool_rounds`` pools over runs). Returns the number of rows written."""
+    floors = {}
+    for m in reversed(FLOORS):
+        floors.update({r.shape: r for r in results if r.method == m and r.extra.get("rounds")})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=ROUND_COLS, extrasaction="ignore")
+        wr.writeheader()
+        for r in results:
+            f = floors.get(r.shape)
+            fl = r.extra.get("floor_rounds") or []
+            for i, (a, b) in enumerate(r.extra.get("rounds") or []):
+                row = {**meta, "shape": r.shape, "dtype": r.dtype, "scenario": r.scenario, "method": r.method,
+                       "kept_rows": r.kept_rows, "round": i, "fwd_s": f"{a:.5g}", "bwd_s": f"{b:.5g}",
+                       "total_s": f"{a + b:.5g}", "floor_s": "", "ratio_floor": ""}
+                if f is not None and f.kept_rows and i < len(fl):
+                    floor_s = fl[i] * max(r.kept_rows, 1) / f.kept_rows
+                    row["floor_s"], row["ratio_floor"] = f"{floor_s:.5g}", f"{(a + b) / floor_s:.5g}"
+                wr.writerow(row)
+                n += 1
+    return n
+
+
 def print_table(results: list[Result]) -> str:
     """The results as an aligned text table (also returned)."""
     head = f"{'shape':<11}{'scenario':<10}{'method':<20}{'kept':>6}{'fwd s':>9}{'bwd s':>9}{'total s':>9}{'x floor':>9}{'peak MB':>9}  note"

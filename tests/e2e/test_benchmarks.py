@@ -176,3 +176,63 @@ def test_chunk_variant_on_cpu_fp32_shapes_only():
     for bad in ("ce-0", "ce-x", "ce--5"):
         with pytest.raises(ValueError, match="chunk variant"):
             bm.chunk_elems_of(bad, q1)
+
+
+def _interleaved_rounds(monkeypatch, clock_values, kept):
+    """measure_interleaved on stub cases ``gemm-floor`` and ``a`` (``kept`` rows each), the
+    stub clock giving each (case, round) its seconds."""
+    import importlib
+
+    ms = importlib.import_module("benchmarks.masked_ce.measure")
+    shape = bm.Shape("T", 10, 4, 8, "float32")
+    cases = [bm.Case(shape, "plain", m, 3) for m in ("gemm-floor", "a")]
+    monkeypatch.setattr(ms, "build", lambda case, device: ({"h": None, "w": None}, case.method, kept[case.method]))
+    clock = iter(clock_values)
+    monkeypatch.setattr(ms, "_step", lambda fwd, h, w, cuda: (next(clock), 0.0))
+    res = ms.measure_interleaved(cases, "cpu", rounds=3)
+    bm.add_ratios(res)
+    return res
+
+
+def test_rounds_csv_and_pooling_over_runs(monkeypatch, tmp_path, capsys):
+    """An interleaved run writes every round (the same round's floor scaled to the case's kept
+    rows); ``benchmarks.pool_rounds`` pools the ratios of several runs into one median with a
+    bootstrap interval and each run's own median; bad files are refused by name."""
+    import csv as _csv
+
+    from benchmarks import pool_rounds
+    from benchmarks.masked_ce.report import write_rounds_csv
+
+    meta = {"device": "t", "torch": "x", "xtf_kernels": "y", "threads": 2}
+    # run 1: 'a' keeps half the floor's rows; per round ratios 3.0/0.5, 2.0/0.5, 1.1/0.5
+    r1 = _interleaved_rounds(monkeypatch, [1.0, 1.0, 1.0, 1.5, 4.0, 4.0, 3.0, 1.65], {"gemm-floor": 10, "a": 5})
+    assert write_rounds_csv(r1, tmp_path / "r1-rounds.csv", meta) == 6
+    rows = list(_csv.DictReader(open(tmp_path / "r1-rounds.csv")))
+    a = [r for r in rows if r["method"] == "a"]
+    assert [float(r["floor_s"]) for r in a] == pytest.approx([0.5, 2.0, 1.5])
+    assert [float(r["ratio_floor"]) for r in a] == pytest.approx([3.0, 2.0, 1.1])
+    assert r1[1].extra["ratio_floor"] == pytest.approx(2.0)  # the run's own median agrees
+    # run 2: ratios 1.0, 1.0, 1.0
+    r2 = _interleaved_rounds(monkeypatch, [1.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0], {"gemm-floor": 10, "a": 5})
+    write_rounds_csv(r2, tmp_path / "r2-rounds.csv", meta)
+
+    out = tmp_path / "pooled"
+    assert pool_rounds.main([str(tmp_path / "r1-rounds.csv"), str(tmp_path / "r2-rounds.csv"),
+                             "--out", str(out), "--name", "p", "--target", "1.5"]) == 0
+    (row,) = list(_csv.DictReader(open(out / "p.csv")))  # the reference floor is left out
+    assert row["method"] == "a" and int(row["rounds"]) == 6 and int(row["runs"]) == 2
+    assert float(row["median"]) == pytest.approx(1.05)  # median of 1, 1, 1, 1.1, 2.0, 3.0
+    assert float(row["ci_lo"]) <= float(row["median"]) <= float(row["ci_hi"])
+    assert row["run_medians"] == "2.000 1.000"
+    assert row["meets_target"] == str(float(row["ci_hi"]) <= 1.5)
+    assert (out / "p.png").is_file()
+
+    (tmp_path / "plain.csv").write_text("shape,method\nS1,x\n")
+    for bad, msg in ([str(tmp_path / "nope.csv")], "no such file"), \
+                    ([str(tmp_path / "plain.csv")], "not a rounds CSV"), \
+                    ([str(tmp_path / "r1-rounds.csv")] * 2, "more than once"), \
+                    ([str(tmp_path / "r1-rounds.csv"), "--target", "0"], "--target"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            pool_rounds.main([*bad, "--out", str(out)])
+        assert msg in capsys.readouterr().err
