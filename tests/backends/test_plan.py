@@ -26,7 +26,7 @@ def test_the_budget_is_the_bytes_of_chunk_elems_fp32_logits():
     assert budget_elems(cfg, torch.float32) == 1000
     assert budget_elems(cfg, torch.bfloat16) == budget_elems(cfg, torch.float16) == 2000
     assert budget_elems(cfg, torch.float64) == 500
-    assert rows_per_chunk(50, 64, cfg, torch.float32) == 15
+    assert rows_per_chunk(50, 64, cfg, torch.float32) == 13  # 4 chunks (15 fit): 13, 13, 13, 11
     assert rows_per_chunk(5, 64, cfg, torch.float32) == 5
     assert rows_per_chunk(0, 64, cfg, torch.float32) == 1
     assert rows_per_chunk(50, 10**6, cfg, torch.float32) == 1
@@ -62,3 +62,39 @@ def test_backends_chunk_through_the_plan(module):
     ]
     assert not loops, f"{module}: hand-written chunk loops at lines {loops}; use _plan.spans"
     assert "chunk_elems //" not in (BACKENDS / module).read_text()
+
+
+@pytest.mark.parametrize("n,cap", [(3277, 524), (50, 15), (7, 3), (100, 16), (5, 5), (1, 1)])
+def test_row_chunks_are_the_fewest_and_nearly_equal(n, cap):
+    """As many chunks as the budget needs, none fuller than the budget, the last the smallest."""
+    cfg = CEConfig(chunk_elems=cap * 64)
+    rows = rows_per_chunk(n, 64, cfg, torch.float32)
+    sizes = [e - s for s, e in spans(n, rows)]
+    assert len(sizes) == -(-n // cap) and max(sizes) <= cap
+    assert max(sizes) - min(sizes) < len(sizes)
+
+
+@pytest.mark.parametrize("backend,up_to_dw", [("torch", False), ("native", True)])
+def test_the_native_sweep_holds_up_to_the_dw_accumulator(backend, up_to_dw, monkeypatch):
+    """``chunk_up_to_dw``: the native backend's gradient sweep takes chunks of up to V * D
+    logits (the fp32 [V, D] dW it sums into) when ``chunk_elems`` is smaller; the torch
+    backend keeps the budget. Both give the same gradient."""
+    from xtf_kernels.backends import load_backend
+
+    try:
+        be = load_backend(backend)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    M, D, V = 100, 16, 200
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(M, D, generator=g), torch.randn(V, D, generator=g) * 0.25
+    y = torch.randint(0, V, (M,), generator=g)
+    seen = []
+    real = type(be).logits_
+    monkeypatch.setattr(type(be), "logits_", lambda self, out, *a: (seen.append(out.shape[0]), real(self, out, *a)))
+    out = be.forward(x, w, None, y, CEConfig(chunk_elems=2 * V), M)  # a budget of 2 rows
+    assert len(seen) == (7 if up_to_dw else 50) and max(seen) == (15 if up_to_dw else 2)
+    z = (x.double() @ w.double().t()).softmax(1)
+    z[torch.arange(M), y] -= 1
+    torch.testing.assert_close(out.dx.double(), z @ w.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.dw.double(), z.t() @ x.double(), rtol=1e-5, atol=1e-5)

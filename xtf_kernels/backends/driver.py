@@ -23,7 +23,10 @@ and two plan policies: ``chunked_grad`` (``"accumulate"``: a gradient that needs
 chunks sums dW in an fp32 ``[V, D]`` buffer; ``"recompute"``: statistics first, then the
 vocabulary-blocked recompute, cheaper than that read-modify-write on a GPU) and
 ``keep_all_half`` (half-precision gradient logits of every row are held at once when they cost
-no more than the fp32 dW accumulator they replace: dW is then one GEMM).
+no more than the fp32 dW accumulator they replace: dW is then one GEMM), and ``chunk_up_to_dw``
+(a gradient sweep of several row chunks may hold as many fp32 logits as its fp32 dW accumulator:
+``max(chunk_elems, V * D)``; on the CPU each chunk costs a pass over the head in its logits and
+dX GEMMs and one over dW in its dW GEMM, so fewer chunks are faster).
 
 The driver owns the rest, once for every backend: the chunk plan (:mod:`._plan`), vocabulary
 blocks, row compaction, the gradient-in-forward vs recompute choice, the rowwise ``select``,
@@ -31,6 +34,8 @@ and every dX / dW accumulation (:func:`._gemm.acc_mm`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -62,6 +67,9 @@ class DriverBackend(BackendBase):
     chunked_grad = "accumulate"
     #: hold every row's half-precision gradient logits when they cost <= the fp32 dW buffer
     keep_all_half = False
+    #: a row sweep that sums dW over chunks may hold as many logits as that fp32 ``[V, D]``
+    #: buffer (fewer chunks: each one re-reads the head in two GEMMs and dW in a third)
+    chunk_up_to_dw = False
     #: bf16 / fp16 CPU inputs run in fp32 (:func:`~.base.cpu_fp32_call`)
     cpu_fp32 = True
 
@@ -181,6 +189,8 @@ def _grad_chunk_rows(k: DriverBackend, x, w, b, cfg: CEConfig) -> int | None:
     if k.keep_all_half and x.dtype in HALF and n * V * ldt.itemsize <= max(cfg.chunk_elems * 4, V * D * 4):
         return max(n, 1)
     rows = rows_per_chunk(n, V, cfg, ldt)
+    if rows < n and k.chunk_up_to_dw and V * D > cfg.chunk_elems:
+        rows = rows_per_chunk(n, V, dataclasses.replace(cfg, chunk_elems=V * D), ldt)
     if rows < n and k.chunked_grad == "recompute":
         return None
     return rows
