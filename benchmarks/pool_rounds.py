@@ -7,11 +7,14 @@ An interleaved run (``python -m benchmarks.masked_ce --interleave``) times every
 round beside the GEMM floor and writes each round to ``<device>[-<tag>]-rounds.csv``. On a
 machine whose speed drifts, one run's median can move by more than the differences that matter
 (5 % here), so a claim needs many rounds: this script pools the same-round ratios of any number
-of runs and reports, per (shape, scenario, method),
+of runs and reports, per (device, shape, dtype, scenario, method) (runs of different code need
+different method names: the files keep whatever the run wrote),
 
 * ``rounds`` and ``runs``: how many ratios were pooled, from how many files;
 * ``median``: the pooled median of the same-round ratios ``total_s / floor_s``;
-* ``ci_lo`` / ``ci_hi``: a 95 % bootstrap interval of that median (rounds resampled, fixed seed);
+* ``ci_lo`` / ``ci_hi``: a 95 % bootstrap interval of that median, resampling runs and then the
+  rounds within each (a run's drift moves all its rounds, so rounds are not independent across
+  runs; with one file, the rounds alone; fixed seed);
 * ``q25`` / ``q75``: the quartiles of the ratios (the round-to-round spread);
 * ``run_medians``: each file's own median, to see how far single runs disagree;
 * ``meets_target``: whether the upper end of the interval is at most ``--target`` (with
@@ -32,8 +35,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 #: columns a rounds CSV must have
-NEEDED = ("shape", "scenario", "method", "round", "ratio_floor")
-OUT_COLS = ["shape", "scenario", "method", "rounds", "runs", "median", "ci_lo", "ci_hi", "q25", "q75",
+NEEDED = ("device", "shape", "dtype", "scenario", "method", "round", "ratio_floor")
+#: the floors' own rows (ratio 1 by definition) are not summarised
+FLOORS = ("gemm-floor", "gemm-floor-fp32")
+Key = tuple[str, str, str, str, str]
+OUT_COLS = ["device", "shape", "dtype", "scenario", "method", "rounds", "runs", "median", "ci_lo", "ci_hi", "q25", "q75",
             "run_medians", "target", "meets_target"]
 
 
@@ -41,10 +47,10 @@ class PoolError(ValueError):
     """A rounds file that cannot be pooled (missing, not a rounds CSV, no ratios)."""
 
 
-def read_rounds(paths: list[Path]) -> dict[tuple[str, str, str], list[tuple[int, float]]]:
-    """``{(shape, scenario, method): [(file index, ratio), ...]}`` over the files (rows without a
-    ratio, e.g. the floor of a shape that has none, are left out)."""
-    out: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
+def read_rounds(paths: list[Path]) -> dict[Key, list[tuple[int, float]]]:
+    """``{(device, shape, dtype, scenario, method): [(file index, ratio), ...]}`` over the files
+    (rows without a ratio, e.g. of a shape whose floor was not run, are left out)."""
+    out: dict[Key, list[tuple[int, float]]] = {}
     seen = [p.resolve() for p in paths]
     dup = sorted({str(p) for p in seen if seen.count(p) > 1})
     if dup:
@@ -60,9 +66,9 @@ def read_rounds(paths: list[Path]) -> dict[tuple[str, str, str], list[tuple[int,
                                 f"(missing columns {missing})")
             for row in rd:
                 if row["ratio_floor"]:
-                    key = (row["shape"], row["scenario"], row["method"])
+                    key = (row["device"], row["shape"], row["dtype"], row["scenario"], row["method"])
                     out.setdefault(key, []).append((i, float(row["ratio_floor"])))
-    if not out:
+    if not any(k[4] not in FLOORS for k in out):
         raise PoolError("no ratios to the floor in the given files (was a floor method in the runs?)")
     return out
 
@@ -76,28 +82,35 @@ def _quantile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def bootstrap_median_ci(xs: list[float], *, reps: int = 4000, level: float = 0.95, seed: int = 0
+def bootstrap_median_ci(runs: list[list[float]], *, reps: int = 4000, level: float = 0.95, seed: int = 0
                         ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the median of ``xs`` (``reps`` resamples, seeded)."""
+    """Percentile bootstrap interval of the pooled median of the ``runs`` (lists of ratios):
+    each resample draws as many runs with replacement, then each drawn run's rounds with
+    replacement (one run: its rounds alone). ``reps`` resamples, seeded."""
     rng = random.Random(seed)
-    n = len(xs)
-    meds = [statistics.median(rng.choices(xs, k=n)) for _ in range(reps)]
+    meds = []
+    for _ in range(reps):
+        drawn = rng.choices(runs, k=len(runs)) if len(runs) > 1 else runs
+        meds.append(statistics.median(x for r in drawn for x in rng.choices(r, k=len(r))))
     a = (1.0 - level) / 2.0
     return _quantile(meds, a), _quantile(meds, 1.0 - a)
 
 
-def pool(data: dict[tuple[str, str, str], list[tuple[int, float]]], target: float | None) -> list[dict]:
-    """One summary row per (shape, scenario, method) (see the module docstring)."""
+def pool(data: dict[Key, list[tuple[int, float]]], target: float | None) -> list[dict]:
+    """One summary row per (device, shape, dtype, scenario, method) but the floors' (see the
+    module docstring)."""
     rows = []
-    for (shape, scenario, method), pairs in data.items():
-        xs = [r for _, r in pairs]
-        if all(x == 1.0 for x in xs):  # the reference floor itself
+    for (device, shape, dtype, scenario, method), pairs in data.items():
+        if method in FLOORS:
             continue
+        xs = [r for _, r in pairs]
         files = sorted({i for i, _ in pairs})
-        lo, hi = bootstrap_median_ci(xs)
-        per_run = [statistics.median(r for i, r in pairs if i == f) for f in files]
+        runs = [[r for i, r in pairs if i == f] for f in files]
+        lo, hi = bootstrap_median_ci(runs)
+        per_run = [statistics.median(r) for r in runs]
         rows.append({
-            "shape": shape, "scenario": scenario, "method": method, "rounds": len(xs), "runs": len(files),
+            "device": device, "shape": shape, "dtype": dtype, "scenario": scenario, "method": method,
+            "rounds": len(xs), "runs": len(files),
             "median": statistics.median(xs), "ci_lo": lo, "ci_hi": hi,
             "q25": _quantile(xs, 0.25), "q75": _quantile(xs, 0.75),
             "run_medians": " ".join(f"{m:.3f}" for m in per_run),
@@ -123,7 +136,7 @@ def write(rows: list[dict], data, out: Path, name: str, target: float | None) ->
 
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 4.2))
     for j, r in enumerate(rows):
-        xs = [x for _, x in data[(r["shape"], r["scenario"], r["method"])]]
+        xs = [x for _, x in data[(r["device"], r["shape"], r["dtype"], r["scenario"], r["method"])]]
         jit = [j + 0.25 * ((k * 0.618) % 1.0 - 0.5) for k in range(len(xs))]
         ax.scatter(jit, xs, s=8, alpha=0.45, color="0.4")
         ax.errorbar([j], [r["median"]], yerr=[[r["median"] - r["ci_lo"]], [r["ci_hi"] - r["median"]]],

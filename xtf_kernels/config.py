@@ -38,7 +38,7 @@ class Options:
             (its forward op returns no gradient state, by design).
         chunk_elems: fp32 logits elements held at once (rows x vocab) by the chunked backends
             (default :data:`DEFAULT_CHUNK_ELEMS`); the native CPU backend's gradient sweep holds
-            up to ``max(chunk_elems, V * D)``, the size of the fp32 dW it sums into.
+            up to twice as many when the fp32 dW it sums into (``V * D``) is that large.
         check_labels: check on the device that labels lie in [0, V) (an async device
             assert on GPU, a plain check on CPU). None (the default): read the environment
             variable ``XTF_CHECK_LABELS`` when :func:`get_options` is called (``0``, ``false``,

@@ -158,7 +158,7 @@ def test_memory_plans_agree(dtype, monkeypatch):
         monkeypatch.setattr(torch, name, spying(fn))
     one = be.forward(x, w, b, y, CEConfig(chunk_elems=1 << 22), M)
     n_big_one = len(big)
-    # chunk_up_to_dw raises the budget to V * D: 16 (fp32) / 32 (bf16) rows a chunk
+    # chunk_up_to_dw doubles the budget (V * D is larger): 4 (fp32) / 8 (bf16) rows a chunk
     many = be.forward(x, w, b, y, CEConfig(chunk_elems=V * 2), M)
     for name, fn in real.items():
         monkeypatch.setattr(torch, name, fn)
@@ -166,8 +166,7 @@ def test_memory_plans_agree(dtype, monkeypatch):
         assert n_big_one == 0 and len(big) == 1  # keep-all plan: no fp32 [V, D] buffer
         assert one.dw.dtype == torch.bfloat16
     ref = load_backend("torch").forward(x, w, b, y, CEConfig(chunk_elems=1 << 22), M)
-    # bf16: each chunk's dW partial is a bf16 GEMM output (rounding 2^-9 of partials up to ~0.5)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=4e-3)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     ref_st = absolute_stats(ref, V)
     for out in (one, many):
         st = absolute_stats(out, V)

@@ -74,26 +74,27 @@ def test_row_chunks_are_the_fewest_and_nearly_equal(n, cap):
     assert max(sizes) - min(sizes) < len(sizes)
 
 
-@pytest.mark.parametrize("backend,up_to_dw", [("torch", False), ("native", True)])
-def test_the_native_sweep_holds_up_to_the_dw_accumulator(backend, up_to_dw, monkeypatch):
-    """``chunk_up_to_dw``: the native backend's gradient sweep takes chunks of up to V * D
-    logits (the fp32 [V, D] dW it sums into) when ``chunk_elems`` is smaller; the torch
-    backend keeps the budget. Both give the same gradient."""
+@pytest.mark.parametrize("budget_rows,native,torch_plan", [(2, (25, 4), (50, 2)), (10, (7, 15), (10, 10))])
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_the_native_sweep_holds_up_to_the_dw_accumulator(backend, budget_rows, native, torch_plan, monkeypatch):
+    """``chunk_up_to_dw``: the native backend's gradient sweep takes chunks of up to twice
+    ``chunk_elems`` logits, no more than V * D (the fp32 [V, D] dW it sums into); the torch
+    backend keeps the budget. (chunks, largest chunk) as planned, and the gradient of float64."""
     from xtf_kernels.backends import load_backend
 
     try:
         be = load_backend(backend)
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    M, D, V = 100, 16, 200
+    M, D, V = 100, 16, 200  # V * D holds 16 rows
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(M, D, generator=g), torch.randn(V, D, generator=g) * 0.25
     y = torch.randint(0, V, (M,), generator=g)
     seen = []
     real = type(be).logits_
     monkeypatch.setattr(type(be), "logits_", lambda self, out, *a: (seen.append(out.shape[0]), real(self, out, *a)))
-    out = be.forward(x, w, None, y, CEConfig(chunk_elems=2 * V), M)  # a budget of 2 rows
-    assert len(seen) == (7 if up_to_dw else 50) and max(seen) == (15 if up_to_dw else 2)
+    out = be.forward(x, w, None, y, CEConfig(chunk_elems=budget_rows * V), M)
+    assert (len(seen), max(seen)) == (native if backend == "native" else torch_plan)
     z = (x.double() @ w.double().t()).softmax(1)
     z[torch.arange(M), y] -= 1
     torch.testing.assert_close(out.dx.double(), z @ w.double(), rtol=1e-5, atol=1e-5)

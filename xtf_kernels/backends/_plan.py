@@ -31,8 +31,9 @@ def budget_elems(cfg: CEConfig, dtype: torch.dtype) -> int:
 
 def rows_per_chunk(n: int, cols: int, cfg: CEConfig, dtype: torch.dtype) -> int:
     """Rows of ``cols`` logits in ``dtype`` per chunk, in ``[1, max(n, 1)]``: the fewest chunks
-    the budget allows, as equal as they can be (the buffer is no larger than those chunks need:
-    3277 rows under a 524-row budget are 7 chunks of 469, not 6 of 524 and one of 133)."""
+    the budget allows, all of this size but the last, which is smaller by less than the number
+    of chunks (3277 rows under a 524-row budget: 6 chunks of 469 and one of 463, not 6 of 524 and
+    one of 133; the buffer is no larger than the chunks need)."""
     cap = max(1, min(n, budget_elems(cfg, dtype) // max(cols, 1)))
     if n <= cap:
         return max(n, 1)

@@ -24,9 +24,10 @@ chunks sums dW in an fp32 ``[V, D]`` buffer; ``"recompute"``: statistics first, 
 vocabulary-blocked recompute, cheaper than that read-modify-write on a GPU) and
 ``keep_all_half`` (half-precision gradient logits of every row are held at once when they cost
 no more than the fp32 dW accumulator they replace: dW is then one GEMM), and ``chunk_up_to_dw``
-(a gradient sweep of several row chunks may hold as many fp32 logits as its fp32 dW accumulator:
-``max(chunk_elems, V * D)``; on the CPU each chunk costs a pass over the head in its logits and
-dX GEMMs and one over dW in its dW GEMM, so fewer chunks are faster).
+(a gradient sweep of several row chunks may hold up to ``2 * chunk_elems`` logits, no more than
+its fp32 ``[V, D]`` dW accumulator: ``min(2 * chunk_elems, max(chunk_elems, V * D))``; on the CPU
+each chunk costs a pass over the head in its logits and dX GEMMs and one over dW in its dW GEMM,
+so fewer chunks are faster).
 
 The driver owns the rest, once for every backend: the chunk plan (:mod:`._plan`), vocabulary
 blocks, row compaction, the gradient-in-forward vs recompute choice, the rowwise ``select``,
@@ -67,8 +68,8 @@ class DriverBackend(BackendBase):
     chunked_grad = "accumulate"
     #: hold every row's half-precision gradient logits when they cost <= the fp32 dW buffer
     keep_all_half = False
-    #: a row sweep that sums dW over chunks may hold as many logits as that fp32 ``[V, D]``
-    #: buffer (fewer chunks: each one re-reads the head in two GEMMs and dW in a third)
+    #: a row sweep that sums dW over chunks may hold up to twice ``chunk_elems`` logits, no more
+    #: than that fp32 ``[V, D]`` buffer (fewer chunks: each re-reads the head in two GEMMs, dW in a third)
     chunk_up_to_dw = False
     #: bf16 / fp16 CPU inputs run in fp32 (:func:`~.base.cpu_fp32_call`)
     cpu_fp32 = True
@@ -190,7 +191,8 @@ def _grad_chunk_rows(k: DriverBackend, x, w, b, cfg: CEConfig) -> int | None:
         return max(n, 1)
     rows = rows_per_chunk(n, V, cfg, ldt)
     if rows < n and k.chunk_up_to_dw and V * D > cfg.chunk_elems:
-        rows = rows_per_chunk(n, V, dataclasses.replace(cfg, chunk_elems=V * D), ldt)
+        wide = min(V * D, 2 * cfg.chunk_elems)
+        rows = rows_per_chunk(n, V, dataclasses.replace(cfg, chunk_elems=wide), ldt)
     if rows < n and k.chunked_grad == "recompute":
         return None
     return rows

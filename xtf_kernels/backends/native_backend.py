@@ -9,9 +9,10 @@ from the statistics, so each logit costs one exp), or the gradient of a vocabula
 (``grad_block_``).
 
 Plan policy (:mod:`.driver`): a gradient over several row chunks sums dW in fp32
-(``chunked_grad="accumulate"``), in chunks of up to ``max(chunk_elems, V * D)`` logits
-(``chunk_up_to_dw``: as large as that accumulator; at S1 4 chunks of 820 rows, 105 MB, instead of
-7 of 469, 60 MB; each chunk re-reads the head twice and dW once, about 1 % of the step each);
+(``chunked_grad="accumulate"``), in chunks of up to twice ``chunk_elems`` logits when that
+accumulator is at least as large (``chunk_up_to_dw``; at S1 4 chunks of 820 rows, 105 MB,
+instead of 7 of 469, 60 MB; each chunk re-reads the head twice and dW once, about 1 % of the
+step each);
 half-precision inputs (``XTF_CPU_HALF_GEMM=half``) keep every
 row's gradient logits when that costs no more than the fp32 ``[V, D]`` accumulator it replaces
 (``keep_all_half``, e.g. S2: 420 MB instead of 1.05 GB), so dW is one GEMM accumulated in fp32
