@@ -33,11 +33,11 @@ import statistics
 import sys
 from pathlib import Path
 
+from .masked_ce.shapes import FLOORS
+
 HERE = Path(__file__).resolve().parent
 #: columns a rounds CSV must have
 NEEDED = ("device", "shape", "dtype", "scenario", "method", "round", "ratio_floor")
-#: the floors' own rows (ratio 1 by definition) are not summarised
-FLOORS = ("gemm-floor", "gemm-floor-fp32")
 Key = tuple[str, str, str, str, str]
 OUT_COLS = ["device", "shape", "dtype", "scenario", "method", "rounds", "runs", "median", "ci_lo", "ci_hi", "q25", "q75",
             "run_medians", "target", "meets_target"]
@@ -101,7 +101,7 @@ def pool(data: dict[Key, list[tuple[int, float]]], target: float | None) -> list
     module docstring)."""
     rows = []
     for (device, shape, dtype, scenario, method), pairs in data.items():
-        if method in FLOORS:
+        if method in FLOORS:  # the floors' own rows: ratio 1 by definition
             continue
         xs = [r for _, r in pairs]
         files = sorted({i for i, _ in pairs})

@@ -113,7 +113,6 @@ def measure_interleaved(cases: list[Case], device: str, rounds: int) -> list[Res
         res.extra["rounds"] = [(a, b) for a, b in ts]  # per round (fwd s, bwd s): runs can be pooled
         fl = floors.get(res.shape)
         if fl:
-            res.extra["floor_rounds"] = [a + b for a, b in fl]
             res.extra["ratio_rounds"] = statistics.median(
                 (a[0] + a[1]) / (b[0] + b[1]) for a, b in zip(ts, fl)
             )

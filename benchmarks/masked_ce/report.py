@@ -45,16 +45,27 @@ def versions() -> dict[str, str]:
     return out
 
 
+def reference_floors(results: list[Result]) -> dict[str, Result]:
+    """``{shape: the floor result its ratios are taken to}``: the first of FLOORS measured for
+    the shape (and timed)."""
+    floors = {}
+    for m in reversed(FLOORS):
+        floors.update({r.shape: r for r in results if r.method == m and r.total_s})
+    return floors
+
+
+def scaled_floor(floor_s: float, r: Result, floor: Result) -> float:
+    """The floor's seconds scaled to ``r``'s kept rows (the floor is linear in them)."""
+    return floor_s * max(r.kept_rows, 1) / floor.kept_rows
+
+
 def add_ratios(results: list[Result]) -> None:
     """Ratio of every method's fwd+bwd time to the GEMM floor of its shape (scaled to its kept rows)."""
-    floors = {}
-    for m in reversed(FLOORS):  # the first of FLOORS measured for a shape is its reference
-        floors.update({r.shape: r for r in results if r.method == m and r.total_s})
+    floors = reference_floors(results)
     for r in results:
         f = floors.get(r.shape)
         if f and r.total_s and f.kept_rows:
-            # the floor is linear in the kept rows: scale it to this case's kept rows
-            fl = f.total_s * max(r.kept_rows, 1) / f.kept_rows
+            fl = scaled_floor(f.total_s, r, f)
             r.extra["floor_s"] = fl
             r.extra["ratio_floor"] = r.total_s / fl
             if "ratio_rounds" in r.extra:  # interleaved: the median of same-round ratios
@@ -116,9 +127,7 @@ def write_rounds_csv(results: list[Result], path: Path, meta: dict) -> int:
     """An interleaved run's every round, a row each: the case's forward / backward / total
     seconds, the same round's floor scaled to the case's kept rows, and their ratio (what
     ``python -m benchmarks.pool_rounds`` pools over runs). Returns the number of rows written."""
-    floors = {}
-    for m in reversed(FLOORS):
-        floors.update({r.shape: r for r in results if r.method == m and r.extra.get("rounds")})
+    floors = reference_floors(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(path, "w", newline="") as fh:
@@ -126,13 +135,13 @@ def write_rounds_csv(results: list[Result], path: Path, meta: dict) -> int:
         wr.writeheader()
         for r in results:
             f = floors.get(r.shape)
-            fl = r.extra.get("floor_rounds") or []
+            fl = [a + b for a, b in f.extra.get("rounds") or []] if f is not None else []
             for i, (a, b) in enumerate(r.extra.get("rounds") or []):
                 row = {**meta, "shape": r.shape, "dtype": r.dtype, "scenario": r.scenario, "method": r.method,
                        "kept_rows": r.kept_rows, "round": i, "fwd_s": f"{a:.5g}", "bwd_s": f"{b:.5g}",
                        "total_s": f"{a + b:.5g}", "floor_s": "", "ratio_floor": ""}
                 if f is not None and f.kept_rows and i < len(fl):
-                    floor_s = fl[i] * max(r.kept_rows, 1) / f.kept_rows
+                    floor_s = scaled_floor(fl[i], r, f)
                     row["floor_s"], row["ratio_floor"] = f"{floor_s:.5g}", f"{(a + b) / floor_s:.5g}"
                 wr.writerow(row)
                 n += 1

@@ -86,7 +86,9 @@ def grad_filter_of(variant: str):
 #: chunk-size variants, appended to an xtf method as ``xtf-<backend>+<variant>`` (CPU fp32 shapes,
 #: plain scenario): ``ce-vd`` runs with ``chunk_elems = V * D``, a logits buffer as large as the
 #: fp32 dW accumulator the chunked plan holds (fewer chunks: each re-packs the head for its
-#: GEMMs); ``ce-<int>`` with that many elements. The default is ``DEFAULT_CHUNK_ELEMS``.
+#: GEMMs); ``ce-<int>`` with that many elements. The default is ``DEFAULT_CHUNK_ELEMS``, which the
+#: native backend's gradient sweep widens to ``min(2 * chunk_elems, V * D)`` (``chunk_up_to_dw``):
+#: where ``V * D`` is within twice the default (S1), ``xtf-native+ce-vd`` runs the default plan.
 CHUNK_VARIANTS = ("ce-vd",)
 
 

@@ -189,10 +189,9 @@ def _grad_chunk_rows(k: DriverBackend, x, w, b, cfg: CEConfig) -> int | None:
     ldt = k.logits_dtype(x, b, cfg)
     if k.keep_all_half and x.dtype in HALF and n * V * ldt.itemsize <= max(cfg.chunk_elems * 4, V * D * 4):
         return max(n, 1)
+    if k.chunk_up_to_dw and V * D > cfg.chunk_elems:
+        cfg = dataclasses.replace(cfg, chunk_elems=min(V * D, 2 * cfg.chunk_elems))
     rows = rows_per_chunk(n, V, cfg, ldt)
-    if rows < n and k.chunk_up_to_dw and V * D > cfg.chunk_elems:
-        wide = min(V * D, 2 * cfg.chunk_elems)
-        rows = rows_per_chunk(n, V, dataclasses.replace(cfg, chunk_elems=wide), ldt)
     if rows < n and k.chunked_grad == "recompute":
         return None
     return rows
